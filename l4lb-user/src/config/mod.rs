@@ -1,0 +1,641 @@
+//! Configuration: the TOML schema, nginx-style units, and validation that reports every
+//! error with file, line, column and the key at fault.
+
+mod schema;
+pub mod units;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+use toml::Spanned;
+
+pub use schema::{BalanceKind, Consistency, Protocol, ProxyProtocol, SpliceMode, UpsyncKind};
+use schema::{RawAdmin, RawGlobal, RawPeer, RawServer, RawUpstream, RawUpsync};
+
+/// nginx's defaults for `server` parameters inside `upstream`.
+pub const DEFAULT_WEIGHT: u32 = 1;
+pub const DEFAULT_MAX_FAILS: u32 = 1;
+pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub global: Global,
+    pub admin: Option<AdminConfig>,
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    pub servers: Vec<ServerConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Global {
+    /// Tokio worker threads; `None` means one per core.
+    pub worker_threads: Option<usize>,
+    /// Open client connections at once, like nginx's `worker_connections`.
+    pub max_connections: usize,
+    pub log_level: String,
+    pub access_log: bool,
+    pub splice: SpliceMode,
+    /// How long SIGTERM waits for sessions to finish.
+    pub worker_shutdown_timeout: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub balance: Balance,
+    pub servers: Vec<ServerSpec>,
+    pub upsync: Option<UpsyncConfig>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    LeastConn,
+    Hash { consistent: bool },
+    Random { two: bool },
+}
+
+/// One backend as configured (or discovered): its identity is `addr`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerSpec {
+    /// As written (`host:port`), for logs and `upstream_show`.
+    pub name: String,
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+    pub backup: bool,
+    pub down: bool,
+    /// 0 = unlimited.
+    pub max_conns: u32,
+}
+
+impl ServerSpec {
+    pub fn new(addr: SocketAddr) -> Self {
+        ServerSpec {
+            name: addr.to_string(),
+            addr,
+            weight: DEFAULT_WEIGHT,
+            max_fails: DEFAULT_MAX_FAILS,
+            fail_timeout: DEFAULT_FAIL_TIMEOUT,
+            backup: false,
+            down: false,
+            max_conns: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpsyncConfig {
+    pub kind: UpsyncKind,
+    pub url: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub strong_dependency: bool,
+    pub dump_path: Option<PathBuf>,
+    pub token: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub consistency: Consistency,
+}
+
+/// One `[[server]]` block: a listener.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub protocol: Protocol,
+    pub proxy_pass: Option<String>,
+    pub proxy_connect_timeout: Duration,
+    pub proxy_timeout: Duration,
+    pub proxy_next_upstream: bool,
+    /// 0 = unlimited.
+    pub proxy_next_upstream_tries: u32,
+    /// Zero = unlimited.
+    pub proxy_next_upstream_timeout: Duration,
+    /// Bytes per second per connection, 0 = unlimited.
+    pub proxy_upload_rate: u64,
+    pub proxy_download_rate: u64,
+    pub proxy_responses: Option<u64>,
+    pub proxy_protocol: ProxyProtocol,
+    pub splice: SpliceMode,
+    pub upstream_show: bool,
+}
+
+impl ServerConfig {
+    /// Identity of a listener across reloads.
+    pub fn key(&self) -> (Protocol, SocketAddr) {
+        (self.protocol, self.listen)
+    }
+}
+
+/// One problem found in a configuration file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub line: usize,
+    pub column: usize,
+    /// Dotted path of the key at fault, e.g. `upstream.db.servers[1].weight`.
+    pub key: String,
+    pub message: String,
+}
+
+/// Every problem found in one file.
+#[derive(Debug)]
+pub struct ConfigErrors {
+    pub file: PathBuf,
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(
+                f,
+                "{}:{}:{}: {}: {}",
+                self.file.display(),
+                e.line,
+                e.column,
+                e.key,
+                e.message
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+        file: path.to_path_buf(),
+        errors: vec![ConfigError {
+            line: 0,
+            column: 0,
+            key: "(file)".into(),
+            message: format!("cannot read: {e}"),
+        }],
+    })?;
+    parse(&text).map_err(|errors| ConfigErrors {
+        file: path.to_path_buf(),
+        errors,
+    })
+}
+
+/// Validates configuration text; on failure returns every error found.
+pub fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
+    let mut v = Validator {
+        text,
+        errors: Vec::new(),
+    };
+    let root = match DeTable::parse(text) {
+        Ok(root) => root,
+        Err(e) => {
+            v.push_span(e.span(), "(syntax)", e.message());
+            return Err(v.errors);
+        }
+    };
+    let config = v.config(root.get_ref());
+    v.errors.sort_by_key(|e| (e.line, e.column));
+    match config {
+        Some(c) if v.errors.is_empty() => Ok(c),
+        _ => Err(v.errors),
+    }
+}
+
+struct Validator<'t> {
+    text: &'t str,
+    errors: Vec<ConfigError>,
+}
+
+type Node<'i> = Spanned<DeValue<'i>>;
+
+impl Validator<'_> {
+    fn push_span(&mut self, span: Option<Range<usize>>, key: &str, message: impl Into<String>) {
+        let (line, column) = span.map_or((0, 0), |s| line_col(self.text, s.start));
+        self.errors.push(ConfigError {
+            line,
+            column,
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    /// Deserializes one section; on error records it, naming the innermost key at fault.
+    fn section<T: DeserializeOwned>(&mut self, node: &Node<'_>, path: &str) -> Option<T> {
+        match T::deserialize(ValueDeserializer::from(node.clone())) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let span = e.span().unwrap_or_else(|| node.span());
+                let key = key_at(node, span.start, path);
+                let msg = e.message().to_string();
+                self.push_span(Some(span), &key, msg);
+                None
+            }
+        }
+    }
+
+    /// Records an error at the value of `key` inside `node` (or at `node` itself).
+    fn at(&mut self, node: &Node<'_>, path: &str, key: &str, message: impl Into<String>) {
+        let span = node
+            .get_ref()
+            .as_table()
+            .and_then(|t| t.get(key))
+            .map_or_else(|| node.span(), |v| v.span());
+        let full = if key.is_empty() {
+            path.to_string()
+        } else {
+            format!("{path}.{key}")
+        };
+        self.push_span(Some(span), &full, message);
+    }
+
+    fn config(&mut self, root: &DeTable<'_>) -> Option<Config> {
+        let mut global = None;
+        let mut admin = None;
+        let mut upstreams = BTreeMap::new();
+        // Names declared, valid or not, so proxy_pass to a broken upstream is not
+        // reported a second time as undefined.
+        let mut declared = HashSet::new();
+        let mut servers = Vec::new();
+        let mut server_nodes = Vec::new();
+        for (key, node) in root.iter() {
+            match key.get_ref().as_ref() {
+                "global" => global = self.section::<RawGlobal>(node, "global"),
+                "admin" => {
+                    if let Some(raw) = self.section::<RawAdmin>(node, "admin") {
+                        admin = self.admin(node, raw);
+                    }
+                }
+                "upstream" => {
+                    let Some(table) = node.get_ref().as_table() else {
+                        self.push_span(Some(node.span()), "upstream", "expected [upstream.NAME] tables");
+                        continue;
+                    };
+                    for (name, unode) in table.iter() {
+                        declared.insert(name.get_ref().to_string());
+                        let path = format!("upstream.{}", name.get_ref());
+                        if let Some(raw) = self.section::<RawUpstream>(unode, &path) {
+                            if let Some(u) = self.upstream(unode, &path, name.get_ref(), raw) {
+                                upstreams.insert(u.name.clone(), u);
+                            }
+                        }
+                    }
+                }
+                "server" => {
+                    let Some(array) = node.get_ref().as_array() else {
+                        self.push_span(Some(node.span()), "server", "expected [[server]] blocks");
+                        continue;
+                    };
+                    for (i, snode) in array.iter().enumerate() {
+                        let path = format!("server[{i}]");
+                        if let Some(raw) = self.section::<RawServer>(snode, &path) {
+                            servers.push((path, raw));
+                            server_nodes.push(snode.clone());
+                        }
+                    }
+                }
+                other => self.push_span(
+                    Some(key.span()),
+                    other,
+                    "unknown section (expected global, admin, upstream or server)",
+                ),
+            }
+        }
+        let global = self.global(global.unwrap_or_default());
+        let mut listeners = Vec::new();
+        let mut seen = HashSet::new();
+        for ((path, raw), node) in servers.into_iter().zip(&server_nodes) {
+            if let Some(s) = self.server(node, &path, raw, &global, &declared) {
+                if !seen.insert(s.key()) {
+                    self.at(node, &path, "listen", format!("{} is already used by another [[server]] block", s.listen));
+                } else {
+                    listeners.push(s);
+                }
+            }
+        }
+        Some(Config {
+            global,
+            admin,
+            upstreams,
+            servers: listeners,
+        })
+    }
+
+    fn global(&mut self, raw: RawGlobal) -> Global {
+        Global {
+            worker_threads: raw.worker_threads.filter(|&n| n > 0),
+            max_connections: raw.max_connections.unwrap_or(10_240),
+            log_level: raw.log_level.unwrap_or_else(|| "info".into()),
+            access_log: raw.access_log.unwrap_or(true),
+            splice: raw.splice.unwrap_or_default(),
+            worker_shutdown_timeout: raw
+                .worker_shutdown_timeout
+                .map_or(Duration::from_secs(30), |d| d.0),
+        }
+    }
+
+    fn admin(&mut self, node: &Node<'_>, raw: RawAdmin) -> Option<AdminConfig> {
+        let listen_text = raw.listen.unwrap_or_else(|| "127.0.0.1:9180".into());
+        let listen = match listen_text.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                self.at(node, "admin", "listen", format!("{listen_text:?} is not an ip:port address"));
+                return None;
+            }
+        };
+        let token = self.secret(node, "admin", raw.token_env.as_deref(), raw.token_file.as_deref())?;
+        Some(AdminConfig { listen, token })
+    }
+
+    /// Reads a secret from an environment variable or a file; never logs its value.
+    fn secret(
+        &mut self,
+        node: &Node<'_>,
+        path: &str,
+        env: Option<&str>,
+        file: Option<&str>,
+    ) -> Option<Option<String>> {
+        match (env, file) {
+            (Some(_), Some(_)) => {
+                self.at(node, path, "token_env", "set token_env or token_file, not both");
+                None
+            }
+            (Some(var), None) => match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => Some(Some(v.trim().to_string())),
+                _ => {
+                    self.at(node, path, "token_env", format!("environment variable {var} is not set"));
+                    None
+                }
+            },
+            (None, Some(f)) => match std::fs::read_to_string(f) {
+                Ok(v) if !v.trim().is_empty() => Some(Some(v.trim().to_string())),
+                Ok(_) => {
+                    self.at(node, path, "token_file", format!("{f} is empty"));
+                    None
+                }
+                Err(e) => {
+                    self.at(node, path, "token_file", format!("cannot read {f}: {e}"));
+                    None
+                }
+            },
+            (None, None) => Some(None),
+        }
+    }
+
+    fn upstream(
+        &mut self,
+        node: &Node<'_>,
+        path: &str,
+        name: &str,
+        raw: RawUpstream,
+    ) -> Option<UpstreamConfig> {
+        let errors_before = self.errors.len();
+        let kind = raw.balance.unwrap_or(BalanceKind::RoundRobin);
+        if raw.consistent.is_some() && kind != BalanceKind::Hash {
+            self.at(node, path, "consistent", "only valid with balance = \"hash\"");
+        }
+        if raw.two.is_some() && kind != BalanceKind::Random {
+            self.at(node, path, "two", "only valid with balance = \"random\"");
+        }
+        let balance = match kind {
+            BalanceKind::RoundRobin => Balance::RoundRobin,
+            BalanceKind::LeastConn => Balance::LeastConn,
+            BalanceKind::Hash => Balance::Hash {
+                consistent: raw.consistent.unwrap_or(false),
+            },
+            BalanceKind::Random => Balance::Random {
+                two: raw.two.unwrap_or(false),
+            },
+        };
+        let servers_node = node.get_ref().as_table().and_then(|t| t.get("servers"));
+        let mut servers = Vec::new();
+        for (i, peer) in raw.servers.into_iter().enumerate() {
+            let pnode = servers_node
+                .and_then(|s| s.get_ref().as_array())
+                .and_then(|a| a.get(i))
+                .unwrap_or(node);
+            let ppath = format!("{path}.servers[{i}]");
+            servers.extend(self.peer(pnode, &ppath, peer));
+        }
+        let mut addrs = HashSet::new();
+        for s in &servers {
+            if !addrs.insert(s.addr) {
+                self.at(node, path, "servers", format!("server {} is listed twice", s.addr));
+            }
+        }
+        let upsync = raw.upsync.and_then(|u| {
+            let unode = node
+                .get_ref()
+                .as_table()
+                .and_then(|t| t.get("upsync"))
+                .unwrap_or(node);
+            self.upsync(unode, &format!("{path}.upsync"), u)
+        });
+        if servers.is_empty() && upsync.is_none() {
+            self.at(node, path, "servers", "an upstream needs servers or an upsync source");
+        }
+        if self.errors.len() > errors_before {
+            return None;
+        }
+        Some(UpstreamConfig {
+            name: name.to_string(),
+            balance,
+            servers,
+            upsync,
+        })
+    }
+
+    /// One `servers` entry; a host name resolving to several addresses yields one server
+    /// per address, as nginx does.
+    fn peer(&mut self, node: &Node<'_>, path: &str, raw: RawPeer) -> Vec<ServerSpec> {
+        let weight = raw.weight.unwrap_or(DEFAULT_WEIGHT);
+        if weight == 0 {
+            self.at(node, path, "weight", "weight must be at least 1");
+            return Vec::new();
+        }
+        let addrs = match resolve(&raw.address) {
+            Ok(a) => a,
+            Err(msg) => {
+                self.at(node, path, "address", msg);
+                return Vec::new();
+            }
+        };
+        addrs
+            .into_iter()
+            .map(|addr| ServerSpec {
+                name: raw.address.clone(),
+                addr,
+                weight,
+                max_fails: raw.max_fails.unwrap_or(DEFAULT_MAX_FAILS),
+                fail_timeout: raw.fail_timeout.map_or(DEFAULT_FAIL_TIMEOUT, |d| d.0),
+                backup: raw.backup.unwrap_or(false),
+                down: raw.down.unwrap_or(false),
+                max_conns: raw.max_conns.unwrap_or(0),
+            })
+            .collect()
+    }
+
+    fn upsync(&mut self, node: &Node<'_>, path: &str, raw: RawUpsync) -> Option<UpsyncConfig> {
+        if !(raw.url.starts_with("http://") || raw.url.starts_with("https://")) {
+            self.at(node, path, "url", format!("{:?} must start with http:// or https://", raw.url));
+            return None;
+        }
+        let interval = raw.interval.map_or(Duration::from_secs(5), |d| d.0);
+        if interval.is_zero() {
+            self.at(node, path, "interval", "interval must be greater than zero");
+            return None;
+        }
+        let token = self.secret(node, path, raw.token_env.as_deref(), raw.token_file.as_deref())?;
+        if raw.client_key.is_some() && raw.client_cert.is_none() {
+            self.at(node, path, "client_key", "client_key needs client_cert");
+            return None;
+        }
+        Some(UpsyncConfig {
+            kind: raw.kind,
+            url: raw.url,
+            interval,
+            timeout: raw.timeout.map_or(Duration::from_secs(360), |d| d.0),
+            strong_dependency: raw.strong_dependency.unwrap_or(false),
+            dump_path: raw.dump_path.map(PathBuf::from),
+            token,
+            ca_file: raw.ca_file.map(PathBuf::from),
+            client_cert: raw.client_cert.map(PathBuf::from),
+            client_key: raw.client_key.map(PathBuf::from),
+            consistency: raw.consistency.unwrap_or_default(),
+        })
+    }
+
+    fn server(
+        &mut self,
+        node: &Node<'_>,
+        path: &str,
+        raw: RawServer,
+        global: &Global,
+        upstreams: &HashSet<String>,
+    ) -> Option<ServerConfig> {
+        let errors_before = self.errors.len();
+        let listen = match raw.listen.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.at(node, path, "listen", format!("{:?} is not an ip:port address", raw.listen));
+                None
+            }
+        };
+        let protocol = raw.protocol.unwrap_or_default();
+        let upstream_show = raw.upstream_show.unwrap_or(false);
+        match (&raw.proxy_pass, upstream_show) {
+            (Some(name), _) if !upstreams.contains(name) => {
+                self.at(node, path, "proxy_pass", format!("no [upstream.{name}] is defined"));
+            }
+            (Some(_), true) => {
+                self.at(node, path, "upstream_show", "a server block either proxies (proxy_pass) or shows upstreams, not both");
+            }
+            (None, false) => self.at(node, path, "proxy_pass", "missing proxy_pass (or upstream_show = true)"),
+            _ => {}
+        }
+        if upstream_show && protocol == Protocol::Udp {
+            self.at(node, path, "upstream_show", "upstream_show needs protocol = \"tcp\"");
+        }
+        if raw.proxy_responses.is_some() && protocol != Protocol::Udp {
+            self.at(node, path, "proxy_responses", "only valid with protocol = \"udp\"");
+        }
+        let connect_timeout = raw.proxy_connect_timeout.map_or(Duration::from_secs(60), |d| d.0);
+        if connect_timeout.is_zero() {
+            self.at(node, path, "proxy_connect_timeout", "must be greater than zero");
+        }
+        let proxy_timeout = raw.proxy_timeout.map_or(Duration::from_secs(600), |d| d.0);
+        if proxy_timeout.is_zero() {
+            self.at(node, path, "proxy_timeout", "must be greater than zero");
+        }
+        if self.errors.len() > errors_before {
+            return None;
+        }
+        Some(ServerConfig {
+            listen: listen?,
+            protocol,
+            proxy_pass: raw.proxy_pass,
+            proxy_connect_timeout: connect_timeout,
+            proxy_timeout,
+            proxy_next_upstream: raw.proxy_next_upstream.unwrap_or(true),
+            proxy_next_upstream_tries: raw.proxy_next_upstream_tries.unwrap_or(0),
+            proxy_next_upstream_timeout: raw.proxy_next_upstream_timeout.map_or(Duration::ZERO, |d| d.0),
+            proxy_upload_rate: raw.proxy_upload_rate.map_or(0, |s| s.0),
+            proxy_download_rate: raw.proxy_download_rate.map_or(0, |s| s.0),
+            proxy_responses: raw.proxy_responses,
+            proxy_protocol: raw.proxy_protocol.unwrap_or_default(),
+            splice: raw.splice.unwrap_or(global.splice),
+            upstream_show,
+        })
+    }
+}
+
+/// Resolves `ip:port` or `host:port`, sorted so every instance orders them alike.
+pub fn resolve(address: &str) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(a) = address.parse::<SocketAddr>() {
+        return Ok(vec![a]);
+    }
+    if address.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()) {
+        return Err(format!("{address:?} is not host:port"));
+    }
+    let mut addrs: Vec<SocketAddr> = address
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {address:?}: {e}"))?
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    if addrs.is_empty() {
+        return Err(format!("{address:?} resolved to no address"));
+    }
+    Ok(addrs)
+}
+
+/// Names the innermost key whose key or value span contains `offset`.
+fn key_at(node: &Node<'_>, offset: usize, path: &str) -> String {
+    match node.get_ref() {
+        DeValue::Table(t) => {
+            for (k, v) in t.iter() {
+                if k.span().contains(&offset) {
+                    return format!("{path}.{}", k.get_ref());
+                }
+                if v.span().contains(&offset) {
+                    return key_at(v, offset, &format!("{path}.{}", k.get_ref()));
+                }
+            }
+            path.to_string()
+        }
+        DeValue::Array(a) => {
+            for (i, v) in a.iter().enumerate() {
+                if v.span().contains(&offset) {
+                    return key_at(v, offset, &format!("{path}[{i}]"));
+                }
+            }
+            path.to_string()
+        }
+        _ => path.to_string(),
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,141 @@
+//! The TOML file as written: one struct per section, unknown keys rejected.
+//! Names follow nginx's stream directives so an nginx user finds their way.
+
+use serde::Deserialize;
+
+use super::units::{NgxDuration, NgxSize};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGlobal {
+    pub worker_threads: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub log_level: Option<String>,
+    pub access_log: Option<bool>,
+    pub splice: Option<SpliceMode>,
+    pub worker_shutdown_timeout: Option<NgxDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+    pub token_env: Option<String>,
+    pub token_file: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub balance: Option<BalanceKind>,
+    /// `hash` only: ketama-style consistent hashing (nginx `hash ... consistent`).
+    pub consistent: Option<bool>,
+    /// `random` only: pick two, take the one with fewer connections (nginx `random two`).
+    pub two: Option<bool>,
+    #[serde(default)]
+    pub servers: Vec<RawPeer>,
+    pub upsync: Option<RawUpsync>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPeer {
+    pub address: String,
+    pub weight: Option<u32>,
+    pub max_fails: Option<u32>,
+    pub fail_timeout: Option<NgxDuration>,
+    pub backup: Option<bool>,
+    pub down: Option<bool>,
+    pub max_conns: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpsync {
+    #[serde(rename = "type")]
+    pub kind: UpsyncKind,
+    pub url: String,
+    pub interval: Option<NgxDuration>,
+    pub timeout: Option<NgxDuration>,
+    pub strong_dependency: Option<bool>,
+    pub dump_path: Option<String>,
+    pub token_env: Option<String>,
+    pub token_file: Option<String>,
+    pub ca_file: Option<String>,
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
+    pub consistency: Option<Consistency>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: String,
+    pub protocol: Option<Protocol>,
+    pub proxy_pass: Option<String>,
+    pub proxy_connect_timeout: Option<NgxDuration>,
+    pub proxy_timeout: Option<NgxDuration>,
+    pub proxy_next_upstream: Option<bool>,
+    pub proxy_next_upstream_tries: Option<u32>,
+    pub proxy_next_upstream_timeout: Option<NgxDuration>,
+    pub proxy_upload_rate: Option<NgxSize>,
+    pub proxy_download_rate: Option<NgxSize>,
+    pub proxy_responses: Option<u64>,
+    pub proxy_protocol: Option<ProxyProtocol>,
+    pub splice: Option<SpliceMode>,
+    pub upstream_show: Option<bool>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpliceMode {
+    /// Kernel path when it loads, else userspace copy with one warning.
+    #[default]
+    Auto,
+    Off,
+    /// Refuse to start when the kernel path cannot load.
+    Required,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalanceKind {
+    RoundRobin,
+    LeastConn,
+    Hash,
+    Random,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+    V1,
+    V2,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpsyncKind {
+    Consul,
+    ConsulHealth,
+    Etcd,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Consistency {
+    #[default]
+    Default,
+    Stale,
+    Consistent,
+}

@@ -1,0 +1,210 @@
+//! The running process: binds listeners, applies reloads as diffs (SIGHUP), drains on
+//! SIGTERM. Established sessions are separate tasks that hold their own snapshot of
+//! their listener's settings, so neither a reload nor a removed listener drops them.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, TcpSocket, UdpSocket};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::{self, Config, Protocol, ServerConfig, SpliceMode};
+use crate::proxy::{tcp, udp, ListenerCtx, SharedCtx};
+use crate::runtime::DataPath;
+use crate::splice::Splicer;
+use crate::upstream::Upstreams;
+
+/// Pending connections the kernel queues per listener (nginx's default on Linux is 511).
+const LISTEN_BACKLOG: u32 = 4096;
+
+struct Listener {
+    ctx: SharedCtx,
+    stop: CancellationToken,
+}
+
+pub struct Daemon {
+    config_path: PathBuf,
+    config: Config,
+    upstreams: Arc<Upstreams>,
+    dp: Arc<DataPath>,
+    listeners: HashMap<(Protocol, SocketAddr), Listener>,
+}
+
+/// Loads the kernel path if any TCP server block may use it.
+fn load_splicer(config: &Config) -> anyhow::Result<Option<Arc<Splicer>>> {
+    let wants = |m: SpliceMode| config.servers.iter().any(|s| s.protocol == Protocol::Tcp && s.splice == m);
+    if !wants(SpliceMode::Auto) && !wants(SpliceMode::Required) {
+        return Ok(None);
+    }
+    match Splicer::load() {
+        Ok(s) => {
+            info!("kernel splice path loaded");
+            Ok(Some(Arc::new(s)))
+        }
+        Err(e) if wants(SpliceMode::Required) => {
+            Err(e.context("splice = \"required\" but the kernel path cannot be loaded"))
+        }
+        Err(e) => {
+            warn!(reason = %format!("{e:#}"), "kernel splice path unavailable; all TCP sessions use the userspace copy path");
+            Ok(None)
+        }
+    }
+}
+
+impl Daemon {
+    pub async fn start(config_path: &Path, config: Config) -> anyhow::Result<Daemon> {
+        let splicer = load_splicer(&config)?;
+        let dp = Arc::new(DataPath {
+            splicer,
+            conn_limit: Arc::new(Semaphore::new(config.global.max_connections)),
+            sessions: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            access_log: AtomicBool::new(config.global.access_log),
+        });
+        let upstreams = Arc::new(Upstreams::default());
+        upstreams.apply(&config.upstreams);
+        let mut daemon = Daemon {
+            config_path: config_path.to_path_buf(),
+            config: config.clone(),
+            upstreams,
+            dp,
+            listeners: HashMap::new(),
+        };
+        for server in &config.servers {
+            daemon
+                .open_listener(server)
+                .await
+                .with_context(|| format!("cannot listen on {} ({:?})", server.listen, server.protocol))?;
+        }
+        info!(
+            config = %config_path.display(),
+            listeners = daemon.listeners.len(),
+            upstreams = config.upstreams.len(),
+            "l4lb started"
+        );
+        Ok(daemon)
+    }
+
+    fn ctx_for(&self, server: &ServerConfig) -> ListenerCtx {
+        ListenerCtx {
+            server: server.clone(),
+            upstream: server.proxy_pass.as_deref().and_then(|n| self.upstreams.get(n)),
+        }
+    }
+
+    async fn open_listener(&mut self, server: &ServerConfig) -> anyhow::Result<()> {
+        let ctx: SharedCtx = Arc::new(ArcSwap::from_pointee(self.ctx_for(server)));
+        let stop = CancellationToken::new();
+        match server.protocol {
+            Protocol::Tcp => {
+                let socket = if server.listen.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+                socket.set_reuseaddr(true)?;
+                socket.bind(server.listen)?;
+                let listener: TcpListener = socket.listen(LISTEN_BACKLOG)?;
+                if server.upstream_show {
+                    tokio::spawn(crate::admin::serve_upstream_show(listener, Arc::clone(&self.upstreams), stop.clone()));
+                } else {
+                    tokio::spawn(tcp::serve(listener, Arc::clone(&ctx), Arc::clone(&self.dp), stop.clone()));
+                }
+            }
+            Protocol::Udp => {
+                let socket = UdpSocket::bind(server.listen).await?;
+                tokio::spawn(udp::serve(socket, Arc::clone(&ctx), Arc::clone(&self.dp), stop.clone()));
+            }
+        }
+        self.listeners.insert(server.key(), Listener { ctx, stop });
+        Ok(())
+    }
+
+    /// Runs until SIGTERM or SIGINT, reloading on SIGHUP.
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                _ = hup.recv() => self.reload().await,
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        self.drain().await;
+        Ok(())
+    }
+
+    /// Re-reads the file and applies the difference; on any error keeps running as is.
+    async fn reload(&mut self) {
+        info!(config = %self.config_path.display(), "reloading configuration");
+        let config = match config::load(&self.config_path) {
+            Ok(c) => c,
+            Err(errors) => {
+                for line in errors.to_string().lines() {
+                    error!("{line}");
+                }
+                error!("reload rejected; the running configuration stays in force");
+                return;
+            }
+        };
+        if config.global.max_connections != self.config.global.max_connections
+            || config.global.worker_threads != self.config.global.worker_threads
+            || config.global.log_level != self.config.global.log_level
+            || config.global.splice != self.config.global.splice
+        {
+            warn!("changes to global max_connections, worker_threads, log_level or splice take effect at restart");
+        }
+        self.dp.access_log.store(config.global.access_log, Ordering::Relaxed);
+        self.upstreams.apply(&config.upstreams);
+
+        let wanted: HashMap<_, _> = config.servers.iter().map(|s| (s.key(), s)).collect();
+        let removed: Vec<_> = self.listeners.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        for key in removed {
+            if let Some(l) = self.listeners.remove(&key) {
+                l.stop.cancel();
+                info!(listen = %key.1, protocol = ?key.0, "listener closed; its sessions continue");
+            }
+        }
+        let mut failed = 0;
+        for server in &config.servers {
+            match self.listeners.get(&server.key()) {
+                Some(l) if l.ctx.load().server.upstream_show == server.upstream_show => {
+                    l.ctx.store(Arc::new(self.ctx_for(server)));
+                }
+                _ => {
+                    if let Some(old) = self.listeners.remove(&server.key()) {
+                        old.stop.cancel();
+                    }
+                    if let Err(e) = self.open_listener(server).await {
+                        failed += 1;
+                        error!(listen = %server.listen, error = %e, "cannot open listener");
+                    }
+                }
+            }
+        }
+        self.config = config;
+        info!(listeners = self.listeners.len(), failed, "configuration reloaded");
+    }
+
+    async fn drain(self) {
+        let grace = self.config.global.worker_shutdown_timeout;
+        for l in self.listeners.values() {
+            l.stop.cancel();
+        }
+        self.dp.sessions.close();
+        info!(sessions = self.dp.sessions.len(), grace = ?grace, "stopping: no new connections, draining sessions");
+        if tokio::time::timeout(grace, self.dp.sessions.wait()).await.is_err() {
+            warn!(sessions = self.dp.sessions.len(), "grace period over; closing remaining sessions");
+            self.dp.shutdown.cancel();
+            self.dp.sessions.wait().await;
+        }
+        info!("stopped");
+    }
+}

@@ -1,0 +1,94 @@
+//! l4lb: a layer-4 (TCP/UDP) load balancer with nginx stream semantics whose
+//! established TCP sessions are spliced in the kernel by eBPF.
+
+mod admin;
+mod config;
+mod daemon;
+mod health;
+mod metrics;
+mod proxy;
+mod runtime;
+mod splice;
+mod upstream;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "l4lb", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the load balancer.
+    Run {
+        /// Configuration file.
+        #[arg(short, long, default_value = "config/l4lb.toml")]
+        config: PathBuf,
+    },
+    /// Check a configuration file and exit (like `nginx -t`).
+    Check {
+        #[arg(short, long, default_value = "config/l4lb.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match config::load(&config) {
+            Ok(_) => {
+                println!("l4lb: configuration file {} syntax is ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                eprintln!("l4lb: configuration file {} test failed ({} errors)", config.display(), errors.errors.len());
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config: path } => {
+            let config = match config::load(&path) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let filter = std::env::var("L4LB_LOG")
+                .ok()
+                .and_then(|f| EnvFilter::try_new(f).ok())
+                .unwrap_or_else(|| EnvFilter::new(&config.global.log_level));
+            tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = config.global.worker_threads {
+                rt.worker_threads(n);
+            }
+            let rt = match rt.enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("l4lb: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let result = rt.block_on(async {
+                let daemon = daemon::Daemon::start(&path, config).await?;
+                daemon.run().await
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("l4lb: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! Process-wide counters: cheap relaxed atomics written by the data path, read by the
+//! admin API and logs.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why a TCP session was not (or no longer) spliced in the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyReason {
+    /// `splice = "off"` for this server block.
+    SpliceOff,
+    /// `proxy_upload_rate` / `proxy_download_rate` need userspace pacing.
+    RateLimited,
+    /// The eBPF programs could not be loaded at start.
+    KernelUnavailable,
+    /// The kernel refused the socket (e.g. no longer ESTABLISHED).
+    InsertFailed,
+    /// A spliced session stalled and was moved to userspace.
+    Watchdog,
+}
+
+impl CopyReason {
+    pub const ALL: [CopyReason; 5] = [
+        CopyReason::SpliceOff,
+        CopyReason::RateLimited,
+        CopyReason::KernelUnavailable,
+        CopyReason::InsertFailed,
+        CopyReason::Watchdog,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyReason::SpliceOff => "splice_off",
+            CopyReason::RateLimited => "rate_limited",
+            CopyReason::KernelUnavailable => "kernel_unavailable",
+            CopyReason::InsertFailed => "insert_failed",
+            CopyReason::Watchdog => "watchdog",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    pub accepted: AtomicU64,
+    pub active: AtomicU64,
+    pub sessions_spliced: AtomicU64,
+    pub sessions_copied: AtomicU64,
+    pub bytes_spliced: AtomicU64,
+    pub bytes_copied: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub no_server: AtomicU64,
+    pub udp_sessions: AtomicU64,
+    copy_reasons: [AtomicU64; CopyReason::ALL.len()],
+}
+
+impl Metrics {
+    pub fn copied_because(&self, reason: CopyReason) {
+        self.copy_reasons[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn copy_reason_count(&self, reason: CopyReason) -> u64 {
+        self.copy_reasons[reason as usize].load(Ordering::Relaxed)
+    }
+}
+
+pub static METRICS: Metrics = Metrics {
+    accepted: AtomicU64::new(0),
+    active: AtomicU64::new(0),
+    sessions_spliced: AtomicU64::new(0),
+    sessions_copied: AtomicU64::new(0),
+    bytes_spliced: AtomicU64::new(0),
+    bytes_copied: AtomicU64::new(0),
+    connect_failures: AtomicU64::new(0),
+    no_server: AtomicU64::new(0),
+    udp_sessions: AtomicU64::new(0),
+    copy_reasons: [const { AtomicU64::new(0) }; CopyReason::ALL.len()],
+};
+
+pub fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}

@@ -1,0 +1,69 @@
+//! Backend connect with nginx's `proxy_connect_timeout` and `proxy_next_upstream*`.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use tokio::net::TcpStream;
+use tracing::warn;
+
+use crate::config::ServerConfig;
+use crate::metrics::{self, METRICS};
+use crate::upstream::{Lease, Upstream};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("no available server in upstream {0}")]
+    NoServer(String),
+    #[error("all tries failed for upstream {upstream} ({tries} tried)")]
+    Exhausted { upstream: String, tries: usize },
+}
+
+/// Connects to a server of `upstream`, trying the next one on failure as configured.
+/// Each server is tried at most once per client connection.
+pub async fn connect(
+    upstream: &Upstream,
+    server: &ServerConfig,
+    client: SocketAddr,
+) -> Result<(TcpStream, Lease), ConnectError> {
+    let started = Instant::now();
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    loop {
+        let Some(lease) = upstream.select(client.ip(), &tried) else {
+            metrics::add(&METRICS.no_server, 1);
+            return Err(if tried.is_empty() {
+                ConnectError::NoServer(upstream.name.clone())
+            } else {
+                ConnectError::Exhausted {
+                    upstream: upstream.name.clone(),
+                    tries: tried.len(),
+                }
+            });
+        };
+        let addr = lease.spec.addr;
+        tried.push(addr);
+        let err = match tokio::time::timeout(server.proxy_connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                lease.connect_succeeded();
+                // nginx's stream module sets TCP_NODELAY on both sides by default.
+                let _ = stream.set_nodelay(true);
+                return Ok((stream, lease));
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("timed out after {:?}", server.proxy_connect_timeout),
+        };
+        metrics::add(&METRICS.connect_failures, 1);
+        lease.connect_failed(&upstream.name);
+        warn!(%client, upstream = %upstream.name, server = %addr, error = %err, "connect to upstream failed");
+        drop(lease);
+        let tries_left = server.proxy_next_upstream_tries == 0
+            || tried.len() < server.proxy_next_upstream_tries as usize;
+        let time_left = server.proxy_next_upstream_timeout.is_zero()
+            || started.elapsed() < server.proxy_next_upstream_timeout;
+        if !(server.proxy_next_upstream && tries_left && time_left) {
+            return Err(ConnectError::Exhausted {
+                upstream: upstream.name.clone(),
+                tries: tried.len(),
+            });
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! The data path: TCP accept/connect/retry, the userspace copy path, UDP sessions.
+//! It only reads configuration snapshots and writes counters.
+
+pub mod connect;
+pub mod copy;
+pub mod proxy_protocol;
+pub mod tcp;
+pub mod udp;
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::ServerConfig;
+use crate::upstream::Upstream;
+
+/// What a listener needs per connection; swapped whole on reload, so established
+/// sessions keep the settings they started with.
+#[derive(Debug)]
+pub struct ListenerCtx {
+    pub server: ServerConfig,
+    pub upstream: Option<Arc<Upstream>>,
+}
+
+pub type SharedCtx = Arc<ArcSwap<ListenerCtx>>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Backend,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Client => "client",
+            Side::Backend => "backend",
+        })
+    }
+}
+
+/// How a session ended, for the access log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// Both directions finished with FIN.
+    Closed,
+    /// `proxy_timeout` passed with no traffic.
+    IdleTimeout,
+    /// A side reset the connection.
+    Reset(Side),
+    /// Another I/O error on a side.
+    Error(Side, String),
+    /// The daemon stopped before the session finished.
+    Shutdown,
+}
+
+impl SessionEnd {
+    pub fn error(side: Side, e: &io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted => {
+                SessionEnd::Reset(side)
+            }
+            _ => SessionEnd::Error(side, e.to_string()),
+        }
+    }
+}
+
+impl fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SessionEnd::Closed => f.write_str("closed"),
+            SessionEnd::IdleTimeout => f.write_str("idle_timeout"),
+            SessionEnd::Reset(side) => write!(f, "{side}_reset"),
+            SessionEnd::Error(side, e) => write!(f, "{side}_error({e})"),
+            SessionEnd::Shutdown => f.write_str("shutdown"),
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! UDP listeners: one session per client address, each with its own connected socket to
+//! the chosen server. Datagram boundaries are kept; a session ends after
+//! `proxy_responses` replies or `proxy_timeout` of silence.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::copy::idle;
+use super::{ListenerCtx, SharedCtx};
+use crate::metrics::{self, METRICS};
+use crate::runtime::DataPath;
+use crate::upstream::Lease;
+
+const MAX_DATAGRAM: usize = 65_535;
+const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+type Sessions = Arc<Mutex<HashMap<SocketAddr, Arc<UdpSession>>>>;
+
+struct UdpSession {
+    backend: UdpSocket,
+    start: Instant,
+    /// Milliseconds since `start` of the last datagram either way.
+    last_activity: AtomicU64,
+    upload: AtomicU64,
+}
+
+impl UdpSession {
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_activity.store(ms, Ordering::Relaxed);
+    }
+}
+
+pub async fn serve(socket: UdpSocket, ctx: SharedCtx, dp: Arc<DataPath>, stop: CancellationToken) {
+    let socket = Arc::new(socket);
+    let sessions: Sessions = Arc::default();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut last_error_log: Option<Instant> = None;
+    loop {
+        let (n, client) = tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    if last_error_log.is_none_or(|t| t.elapsed() >= ERROR_LOG_INTERVAL) {
+                        warn!(listen = %ctx.load().server.listen, error = %e, "udp receive failed");
+                        last_error_log = Some(Instant::now());
+                    }
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let existing = lock(&sessions).get(&client).cloned();
+        let session = match existing {
+            Some(s) => s,
+            None => {
+                let Some(s) = open(&ctx.load_full(), &dp, &socket, &sessions, client).await else {
+                    continue;
+                };
+                s
+            }
+        };
+        session.touch();
+        match session.backend.send(&buf[..n]).await {
+            Ok(_) => {
+                session.upload.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                if last_error_log.is_none_or(|t| t.elapsed() >= ERROR_LOG_INTERVAL) {
+                    warn!(%client, error = %e, "udp send to upstream failed");
+                    last_error_log = Some(Instant::now());
+                }
+            }
+        }
+    }
+}
+
+fn lock(s: &Sessions) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<UdpSession>>> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn open(
+    ctx: &Arc<ListenerCtx>,
+    dp: &Arc<DataPath>,
+    listener: &Arc<UdpSocket>,
+    sessions: &Sessions,
+    client: SocketAddr,
+) -> Option<Arc<UdpSession>> {
+    let upstream = ctx.upstream.as_ref()?;
+    let Some(lease) = upstream.select(client.ip(), &[]) else {
+        metrics::add(&METRICS.no_server, 1);
+        warn!(%client, upstream = %upstream.name, "no available server for udp session");
+        return None;
+    };
+    let local: SocketAddr = if lease.spec.addr.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let backend = match UdpSocket::bind(local).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(%client, error = %e, "cannot open udp socket to upstream");
+            return None;
+        }
+    };
+    if let Err(e) = backend.connect(lease.spec.addr).await {
+        lease.connect_failed(&upstream.name);
+        warn!(%client, server = %lease.spec.addr, error = %e, "udp connect to upstream failed");
+        return None;
+    }
+    let session = Arc::new(UdpSession {
+        backend,
+        start: Instant::now(),
+        last_activity: AtomicU64::new(0),
+        upload: AtomicU64::new(0),
+    });
+    lock(sessions).insert(client, Arc::clone(&session));
+    metrics::add(&METRICS.udp_sessions, 1);
+    dp.sessions.spawn(replies(
+        Arc::clone(ctx),
+        Arc::clone(dp),
+        Arc::clone(listener),
+        Arc::clone(sessions),
+        Arc::clone(&session),
+        client,
+        lease,
+    ));
+    Some(session)
+}
+
+/// Forwards the server's replies to the client until the session ends.
+async fn replies(
+    ctx: Arc<ListenerCtx>,
+    dp: Arc<DataPath>,
+    listener: Arc<UdpSocket>,
+    sessions: Sessions,
+    session: Arc<UdpSession>,
+    client: SocketAddr,
+    lease: Lease,
+) {
+    let server = &ctx.server;
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut responses: u64 = 0;
+    let mut download: u64 = 0;
+    let end = loop {
+        if server.proxy_responses.is_some_and(|limit| responses >= limit) {
+            break "responses".to_string();
+        }
+        tokio::select! {
+            r = session.backend.recv(&mut buf) => match r {
+                Ok(n) => {
+                    session.touch();
+                    if let Err(e) = listener.send_to(&buf[..n], client).await {
+                        break format!("client_error({e})");
+                    }
+                    responses += 1;
+                    download += n as u64;
+                }
+                Err(e) => {
+                    // ICMP port unreachable surfaces here as ECONNREFUSED.
+                    if let Some(up) = ctx.upstream.as_ref() {
+                        lease.connect_failed(&up.name);
+                    }
+                    break format!("backend_error({e})");
+                }
+            },
+            () = idle(&session.last_activity, session.start, server.proxy_timeout) => break "idle_timeout".to_string(),
+            () = dp.shutdown.cancelled() => break "shutdown".to_string(),
+        }
+    };
+    {
+        let mut map = lock(&sessions);
+        if map.get(&client).is_some_and(|s| Arc::ptr_eq(s, &session)) {
+            map.remove(&client);
+        }
+    }
+    if dp.access_log.load(Ordering::Relaxed) {
+        info!(
+            target: "access",
+            client = %client,
+            listen = %server.listen,
+            protocol = "udp",
+            upstream = server.proxy_pass.as_deref().unwrap_or("-"),
+            server = %lease.spec.addr,
+            sent = download,
+            received = session.upload.load(Ordering::Relaxed),
+            responses,
+            duration_ms = session.start.elapsed().as_millis() as u64,
+            end = %end,
+        );
+    }
+}

@@ -1,0 +1,318 @@
+//! Upstreams: immutable server-set snapshots swapped atomically, live per-server state
+//! that survives swaps, and balancing over the current snapshot.
+//!
+//! The control plane (config reload, discovery, admin API) calls [`Upstream::set`];
+//! the data path only calls [`Upstream::select`].
+
+mod balance;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use tracing::warn;
+
+use crate::config::{Balance, ServerSpec, UpstreamConfig};
+use crate::health::{FailOutcome, PassiveHealth};
+
+/// Where the current server set of an upstream came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Config,
+    DumpFile,
+    Consul,
+    ConsulHealth,
+    Etcd,
+    Admin,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Source::Config => "config",
+            Source::DumpFile => "dump_file",
+            Source::Consul => "consul",
+            Source::ConsulHealth => "consul_health",
+            Source::Etcd => "etcd",
+            Source::Admin => "admin",
+        })
+    }
+}
+
+/// Live state of one server, keyed by address and carried across snapshots so a
+/// discovery update never resets connection counts or failure windows.
+#[derive(Debug, Default)]
+pub struct PeerState {
+    active: AtomicU32,
+    total: AtomicU64,
+    pub health: PassiveHealth,
+    /// Smooth weighted round-robin bookkeeping; only touched under the upstream's lock.
+    current_weight: AtomicI64,
+}
+
+impl PeerState {
+    pub fn active(&self) -> u32 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Connections handed to this server since it appeared.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug)]
+pub struct Peer {
+    pub spec: ServerSpec,
+    pub state: Arc<PeerState>,
+}
+
+/// One immutable view of an upstream.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub balance: Balance,
+    /// Deterministic order (as configured, or sorted by address for discovered sets) so
+    /// that every instance of a fleet hashes alike.
+    pub peers: Vec<Peer>,
+    pub source: Source,
+    ring: Option<balance::Ring>,
+}
+
+impl Snapshot {
+    pub fn specs(&self) -> impl Iterator<Item = &ServerSpec> {
+        self.peers.iter().map(|p| &p.spec)
+    }
+}
+
+pub struct Upstream {
+    pub name: String,
+    current: ArcSwap<Snapshot>,
+    /// Weak so a removed server's state lives exactly as long as sessions hold it.
+    states: Mutex<HashMap<SocketAddr, Weak<PeerState>>>,
+    /// Serialises selections that update round-robin weights.
+    select_lock: Mutex<()>,
+    /// The configuration this upstream was built from (for reload decisions).
+    config: ArcSwap<UpstreamConfig>,
+}
+
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upstream").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// A connection slot on a chosen server: counts as active until dropped.
+#[derive(Debug)]
+pub struct Lease {
+    pub spec: ServerSpec,
+    pub state: Arc<PeerState>,
+}
+
+impl Lease {
+    fn new(peer: &Peer) -> Self {
+        peer.state.active.fetch_add(1, Ordering::Relaxed);
+        peer.state.total.fetch_add(1, Ordering::Relaxed);
+        Lease {
+            spec: peer.spec.clone(),
+            state: Arc::clone(&peer.state),
+        }
+    }
+
+    pub fn connect_succeeded(&self) {
+        self.state.health.record_success();
+    }
+
+    /// Counts a connect failure against the server (nginx's `max_fails`).
+    pub fn connect_failed(&self, upstream: &str) {
+        let outcome = self.state.health.record_failure(
+            Instant::now(),
+            self.spec.max_fails,
+            self.spec.fail_timeout,
+        );
+        if let FailOutcome::MarkedUnavailable { fails } = outcome {
+            warn!(
+                upstream,
+                server = %self.spec.addr,
+                fails,
+                fail_timeout = ?self.spec.fail_timeout,
+                "server marked unavailable"
+            );
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.state.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig, source: Source) -> Arc<Self> {
+        let up = Upstream {
+            name: config.name.clone(),
+            current: ArcSwap::from_pointee(Snapshot {
+                balance: config.balance,
+                peers: Vec::new(),
+                source,
+                ring: None,
+            }),
+            states: Mutex::new(HashMap::new()),
+            select_lock: Mutex::new(()),
+            config: ArcSwap::from_pointee(config.clone()),
+        };
+        up.set(config.balance, config.servers.clone(), source);
+        Arc::new(up)
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    pub fn config(&self) -> Arc<UpstreamConfig> {
+        self.config.load_full()
+    }
+
+    /// Replaces the server set; returns false (and swaps nothing) when nothing changed.
+    pub fn set(&self, balance: Balance, servers: Vec<ServerSpec>, source: Source) -> bool {
+        let old = self.current.load();
+        if old.balance == balance
+            && old.source == source
+            && old.peers.len() == servers.len()
+            && old.specs().zip(&servers).all(|(a, b)| a == b)
+        {
+            return false;
+        }
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        states.retain(|_, w| w.strong_count() > 0);
+        let peers: Vec<Peer> = servers
+            .into_iter()
+            .map(|spec| {
+                let state = states
+                    .get(&spec.addr)
+                    .and_then(Weak::upgrade)
+                    .unwrap_or_else(|| {
+                        let s = Arc::new(PeerState::default());
+                        states.insert(spec.addr, Arc::downgrade(&s));
+                        s
+                    });
+                Peer { spec, state }
+            })
+            .collect();
+        let ring = matches!(balance, Balance::Hash { consistent: true })
+            .then(|| balance::Ring::build(&peers));
+        self.current.store(Arc::new(Snapshot {
+            balance,
+            peers,
+            source,
+            ring,
+        }));
+        true
+    }
+
+    /// Keeps the balance method, replaces the servers (discovery and admin updates).
+    pub fn set_servers(&self, servers: Vec<ServerSpec>, source: Source) -> bool {
+        let balance = self.current.load().balance;
+        self.set(balance, servers, source)
+    }
+
+    /// Applies a reloaded `[upstream.NAME]`. A discovered set is kept when the upsync
+    /// source did not change, so a reload never loses what discovery learned.
+    pub fn reconfigure(&self, config: &UpstreamConfig) -> bool {
+        let old = self.config.swap(Arc::new(config.clone()));
+        let snap = self.current.load();
+        let discovered = !matches!(snap.source, Source::Config);
+        if config.upsync.is_some() && old.upsync == config.upsync && discovered {
+            let servers = snap.specs().cloned().collect();
+            let source = snap.source;
+            drop(snap);
+            self.set(config.balance, servers, source)
+        } else {
+            drop(snap);
+            self.set(config.balance, config.servers.clone(), Source::Config)
+        }
+    }
+
+    /// Picks a server for a new connection, skipping those in `tried`.
+    pub fn select(&self, client: IpAddr, tried: &[SocketAddr]) -> Option<Lease> {
+        let snap = self.current.load();
+        let now = Instant::now();
+        let eligible = |p: &Peer| {
+            !p.spec.down
+                && !tried.contains(&p.spec.addr)
+                && (p.spec.max_conns == 0 || p.state.active() < p.spec.max_conns)
+                && p.state.health.is_available(now)
+        };
+        let primaries: Vec<&Peer> = snap
+            .peers
+            .iter()
+            .filter(|p| !p.spec.backup && eligible(p))
+            .collect();
+        let _guard = self.select_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if !primaries.is_empty() {
+            let chosen = balance::choose(
+                snap.balance,
+                &snap.peers,
+                snap.ring.as_ref(),
+                &primaries,
+                client,
+                &eligible,
+            );
+            return chosen.map(Lease::new);
+        }
+        let backups: Vec<&Peer> = snap
+            .peers
+            .iter()
+            .filter(|p| p.spec.backup && eligible(p))
+            .collect();
+        // nginx's hash methods have no backups; fall back to weighted round-robin there.
+        let backup_balance = match snap.balance {
+            Balance::Hash { .. } => Balance::RoundRobin,
+            other => other,
+        };
+        balance::choose(backup_balance, &snap.peers, None, &backups, client, &eligible).map(Lease::new)
+    }
+}
+
+/// All upstreams by name; the map itself is swapped whole on reload.
+#[derive(Default)]
+pub struct Upstreams {
+    map: ArcSwap<BTreeMap<String, Arc<Upstream>>>,
+}
+
+impl Upstreams {
+    pub fn get(&self, name: &str) -> Option<Arc<Upstream>> {
+        self.map.load().get(name).cloned()
+    }
+
+    pub fn all(&self) -> Arc<BTreeMap<String, Arc<Upstream>>> {
+        self.map.load_full()
+    }
+
+    /// Creates, reconfigures or drops upstreams to match a (re)loaded configuration.
+    /// Sessions on a dropped upstream keep their leases and finish normally.
+    pub fn apply(&self, configs: &BTreeMap<String, UpstreamConfig>) {
+        let old = self.map.load_full();
+        let next = configs
+            .iter()
+            .map(|(name, cfg)| {
+                let up = match old.get(name) {
+                    Some(up) => {
+                        up.reconfigure(cfg);
+                        Arc::clone(up)
+                    }
+                    None => Upstream::new(cfg, Source::Config),
+                };
+                (name.clone(), up)
+            })
+            .collect();
+        self.map.store(Arc::new(next));
+    }
+}
+
+#[cfg(test)]
+mod tests;
