@@ -65,7 +65,11 @@ fn main() -> ExitCode {
                 .ok()
                 .and_then(|f| EnvFilter::try_new(f).ok())
                 .unwrap_or_else(|| EnvFilter::new(&config.global.log_level));
-            tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_writer(std::io::stderr)
+                .init();
             let mut rt = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = config.global.worker_threads {
                 rt.worker_threads(n);
