@@ -16,21 +16,13 @@ pub const ATTACHED_MAP: &str = "L4LB_ATTACHED";
 pub const EVENTS_MAP: &str = "L4LB_EVENTS";
 /// The stream-verdict program.
 pub const VERDICT_PROG: &str = "l4lb_verdict";
-/// Read-only global: byte offset of `write_seq` in the kernel's `struct tcp_sock`
-/// (Rust eBPF has no CO-RE field relocations, so the daemon reads it from BTF).
-pub const WRITE_SEQ_OFFSET_GLOBAL: &str = "L4LB_WRITE_SEQ_OFFSET";
-/// Read-only global: bytes redirected to a peer but not yet in its send queue above
-/// which the program stops redirecting (backpressure).
-pub const LAG_LIMIT_GLOBAL: &str = "L4LB_LAG_LIMIT";
 
 /// Default entries of the per-socket maps (two per session).
 pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
 
-/// [`Flow::flags`]: the program has recorded `peer_seq_base`.
-pub const FLOW_SEQ_BASE_SET: u32 = 1;
 /// [`Flow::flags`]: this direction passes skbs to its own socket for the daemon to
-/// forward, instead of redirecting them.
-pub const FLOW_PAUSED: u32 = 2;
+/// forward, instead of redirecting them (a redirect failed).
+pub const FLOW_PAUSED: u64 = 1;
 
 /// One direction of a spliced session, keyed by the cookie of the socket that receives
 /// its bytes.
@@ -41,29 +33,26 @@ pub struct Flow {
     pub peer: u64,
     /// Bytes redirected to the peer's egress (atomic add by the program).
     pub redirected: u64,
-    /// Bytes passed to this socket's own receive queue while paused (atomic add).
+    /// Bytes passed to this socket's own receive queue while held (atomic add).
     pub passed: u64,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last non-empty skb.
     pub last_ns: u64,
-    /// Times this direction was paused.
+    /// Times this direction was held.
     pub pauses: u64,
-    /// The peer's `write_seq` when the program first saw this direction.
-    pub peer_seq_base: u32,
     /// `FLOW_*` bits.
-    pub flags: u32,
+    pub flags: u64,
 }
 
 /// The daemon's side of one direction, keyed like [`Flow`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowCtl {
-    /// Bytes the daemon has read from this socket and written to the peer itself
-    /// (every passed byte, once forwarded). The program resumes redirecting when it
-    /// equals [`Flow::passed`].
+    /// Bytes the daemon has written to the peer itself (the passed ones). Once it covers
+    /// [`Flow::passed`], the program redirects again.
     pub forwarded: u64,
 }
 
-/// Sent on [`EVENTS_MAP`] when a direction pauses.
+/// Sent on [`EVENTS_MAP`] when a direction starts holding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PauseEvent {

@@ -6,13 +6,7 @@ use aya::maps::sock::SockMapFd;
 use aya::maps::{Map, MapData, MapFd, RingBuf};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
-use l4lb_ebpf::{
-    ATTACHED_MAP, CTL_MAP, EVENTS_MAP, FLOWS_MAP, LAG_LIMIT_GLOBAL, TARGETS_MAP, VERDICT_PROG,
-    WRITE_SEQ_OFFSET_GLOBAL,
-};
-use tracing::debug;
-
-use super::btf;
+use l4lb_ebpf::{ATTACHED_MAP, CTL_MAP, EVENTS_MAP, FLOWS_MAP, TARGETS_MAP, VERDICT_PROG};
 
 /// The verdict program, built by build.rs for bpfel-unknown-none.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/l4lb-ebpf"));
@@ -32,7 +26,6 @@ pub struct Loaded {
 
 pub struct Params {
     pub max_sockets: u32,
-    pub lag_limit: u32,
     /// aya-log level inside the program (aya_log::Level as u8).
     pub log_level: u8,
 }
@@ -50,14 +43,7 @@ fn data(map: Map, name: &str) -> anyhow::Result<MapData> {
 }
 
 pub fn load(params: &Params) -> anyhow::Result<Loaded> {
-    let write_seq_offset = btf::write_seq_offset()?;
-    debug!(
-        write_seq_offset,
-        "tcp_sock.write_seq offset from kernel BTF"
-    );
     let mut ebpf = EbpfLoader::new()
-        .override_global(WRITE_SEQ_OFFSET_GLOBAL, &write_seq_offset, true)
-        .override_global(LAG_LIMIT_GLOBAL, &params.lag_limit, true)
         .override_global(aya_log::LEVEL, &params.log_level, false)
         .map_max_entries(FLOWS_MAP, params.max_sockets)
         .map_max_entries(CTL_MAP, params.max_sockets)

@@ -27,6 +27,12 @@ pub enum End {
     Stall(usize),
 }
 
+/// An I/O error that ends the session, logged with where it happened.
+pub fn io_end(side: Side, e: &io::Error, what: &'static str) -> End {
+    debug!(%side, error = %e, what, "spliced session ends on an I/O error");
+    End::Session(SessionEnd::error(side, e))
+}
+
 impl From<SessionEnd> for End {
     fn from(e: SessionEnd) -> Self {
         End::Session(e)
@@ -95,7 +101,10 @@ impl Snapshot {
 /// Userspace state of one direction (bytes read from `socks[i]`, written to the other).
 #[derive(Default)]
 pub struct Dir {
-    /// Bytes this daemon wrote to the peer itself (forwarded passed bytes).
+    /// Bytes this daemon read from the source itself (passed bytes first, then bytes
+    /// read while the source was out of the attached map).
+    pub read: AtomicU64,
+    /// Of those, bytes written to the peer.
     pub forwarded: AtomicU64,
     /// Bytes read from the source and not yet written: kept outside the direction's
     /// future so a takeover after cancellation loses none.
@@ -105,6 +114,10 @@ pub struct Dir {
 }
 
 impl Dir {
+    pub fn read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+
     pub fn forwarded(&self) -> u64 {
         self.forwarded.load(Ordering::Relaxed)
     }
@@ -225,14 +238,26 @@ impl<'a> Session<'a> {
 
     /// Stops the verdict on both sockets; redirects already queued still drain.
     pub fn detach(&self) {
-        for (i, s) in self.socks.iter().enumerate() {
-            if self.inserted(i).attached {
-                if let Err(e) = self.maps.remove_attached(s.cookie) {
-                    warn!(error = %e, "cannot remove a socket from the attached sockmap");
-                }
-                self.mark(i, |m| m.attached = false);
-            }
+        for i in 0..2 {
+            self.detach_one(i);
         }
+    }
+
+    /// Stops the verdict on socket `i`; what arrives later stays in its receive queue.
+    /// Caution, measured on 6.18: skbs the kernel is handing to the verdict at that very
+    /// moment are dropped (it finds no program), so this is only done when the session
+    /// ends or its kernel path is stuck anyway.
+    fn detach_one(&self, i: usize) {
+        if self.inserted(i).attached {
+            if let Err(e) = self.maps.remove_attached(self.socks[i].cookie) {
+                warn!(error = %e, "cannot remove a socket from the attached sockmap");
+            }
+            self.mark(i, |m| m.attached = false);
+        }
+    }
+
+    pub fn attached(&self, i: usize) -> bool {
+        self.inserted(i).attached
     }
 
     /// Takes both sockets out of every map and the watcher. Idempotent.
@@ -337,7 +362,7 @@ impl<'a> Session<'a> {
     /// One direction: reacts to its events and checks on it now and then.
     async fn direction(&self, i: usize, rx: &mut UnboundedReceiver<Event>) -> Result<(), End> {
         let j = 1 - i;
-        let mut check = super::backpressure::Check::default();
+        let mut check = super::accounting::Check::default();
         loop {
             let ev = tokio::select! {
                 ev = rx.recv() => ev,
@@ -351,7 +376,7 @@ impl<'a> Session<'a> {
                 Some(Event::Own(bits)) => {
                     if bits & libc::EPOLLERR as u32 != 0 {
                         if let Some(e) = sys::take_socket_error(self.socks[i].fd).ok().flatten() {
-                            return Err(SessionEnd::error(self.socks[i].side, &e).into());
+                            return Err(io_end(self.socks[i].side, &e, "source socket error"));
                         }
                     }
                     if bits & (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32 != 0 {
@@ -362,7 +387,7 @@ impl<'a> Session<'a> {
                 Some(Event::Peer(bits)) => {
                     if bits & libc::EPOLLERR as u32 != 0 {
                         if let Some(e) = sys::take_socket_error(self.socks[j].fd).ok().flatten() {
-                            return Err(SessionEnd::error(self.socks[j].side, &e).into());
+                            return Err(io_end(self.socks[j].side, &e, "peer socket error"));
                         }
                     }
                 }
