@@ -12,7 +12,7 @@ pub const CTL_MAP: &str = "L4LB_CTL";
 pub const TARGETS_MAP: &str = "L4LB_TARGETS";
 /// SockHash with the verdict program attached: sockets whose ingress is spliced.
 pub const ATTACHED_MAP: &str = "L4LB_ATTACHED";
-/// Ring buffer of [`PauseEvent`]s.
+/// Ring buffer of [`HoldEvent`]s.
 pub const EVENTS_MAP: &str = "L4LB_EVENTS";
 /// The stream-verdict program.
 pub const VERDICT_PROG: &str = "l4lb_verdict";
@@ -22,7 +22,7 @@ pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
 
 /// [`Flow::flags`]: this direction passes skbs to its own socket for the daemon to
 /// forward, instead of redirecting them (a redirect failed).
-pub const FLOW_PAUSED: u64 = 1;
+pub const FLOW_HELD: u64 = 1;
 
 /// One direction of a spliced session, keyed by the cookie of the socket that receives
 /// its bytes.
@@ -38,7 +38,7 @@ pub struct Flow {
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last non-empty skb.
     pub last_ns: u64,
     /// Times this direction was held.
-    pub pauses: u64,
+    pub holds: u64,
     /// `FLOW_*` bits.
     pub flags: u64,
 }
@@ -55,8 +55,8 @@ pub struct FlowCtl {
 /// Sent on [`EVENTS_MAP`] when a direction starts holding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PauseEvent {
-    /// Cookie of the socket whose direction paused.
+pub struct HoldEvent {
+    /// Cookie of the socket whose direction holds.
     pub cookie: u64,
 }
 
@@ -67,5 +67,5 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowCtl {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::PauseEvent {}
+    unsafe impl aya::Pod for super::HoldEvent {}
 }

@@ -17,7 +17,7 @@ use aya_ebpf::maps::{HashMap, RingBuf};
 use aya_ebpf::programs::SkBuffContext;
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::warn;
-use l4lb_ebpf::{Flow, FlowCtl, PauseEvent, DEFAULT_MAX_SOCKETS, FLOW_PAUSED};
+use l4lb_ebpf::{Flow, FlowCtl, HoldEvent, DEFAULT_MAX_SOCKETS, FLOW_HELD};
 
 /// A SockHash with 8-byte values (aya-ebpf's has 4-byte ones, which bpftool cannot dump).
 #[repr(transparent)]
@@ -84,12 +84,12 @@ pub fn l4lb_verdict(ctx: SkBuffContext) -> u32 {
     flow.last_ns = unsafe { bpf_ktime_get_ns() };
     // SAFETY: a live entry of a hash map, only read.
     let forwarded = unsafe { L4LB_CTL.get(&cookie) }.map_or(0, |c| c.forwarded);
-    if flow.flags & FLOW_PAUSED != 0 {
+    if flow.flags & FLOW_HELD != 0 {
         if forwarded < flow.passed {
             // Passed bytes wait in this socket for the daemon: keep the order.
             return pass(flow, len);
         }
-        flow.flags &= !FLOW_PAUSED;
+        flow.flags &= !FLOW_HELD;
     }
     let mut peer = flow.peer;
     // SAFETY: valid skb, map and key pointers for the helper.
@@ -112,10 +112,10 @@ pub fn l4lb_verdict(ctx: SkBuffContext) -> u32 {
 /// Stops redirecting until the daemon has forwarded every byte passed from here on, and
 /// tells it (once per hold).
 fn hold(ctx: &SkBuffContext, flow: &mut Flow, cookie: u64, len: u32) -> u32 {
-    if flow.flags & FLOW_PAUSED == 0 {
-        flow.flags |= FLOW_PAUSED;
-        add(&mut flow.pauses, 1);
-        if L4LB_EVENTS.output(PauseEvent { cookie }, 0).is_err() {
+    if flow.flags & FLOW_HELD == 0 {
+        flow.flags |= FLOW_HELD;
+        add(&mut flow.holds, 1);
+        if L4LB_EVENTS.output(HoldEvent { cookie }, 0).is_err() {
             // The daemon also checks the flow now and then, so a full ring only delays it.
             warn!(ctx, "l4lb: hold event ring full");
         }

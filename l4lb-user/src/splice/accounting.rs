@@ -99,7 +99,7 @@ impl Check {
         self.interval
     }
 
-    /// Look again soon (after a pause, the program may have passed more bytes).
+    /// Look again soon (after a hold, the program may have passed more bytes).
     pub fn reset(&mut self) {
         self.interval = MIN_CHECK;
     }
@@ -137,7 +137,7 @@ impl Session<'_> {
         Ok(p)
     }
 
-    /// A periodic look at a running direction: a pause whose event was lost, or a stall.
+    /// A periodic look at a running direction: a hold whose event was lost, or a stall.
     pub(super) async fn tick(&self, i: usize, check: &mut Check) -> Result<(), End> {
         let j = 1 - i;
         let f = self.flow(i)?;

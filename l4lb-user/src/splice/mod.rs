@@ -1,6 +1,6 @@
 //! The kernel splice path (sockmap + SK_SKB verdict program): established TCP sessions
 //! whose bytes the kernel moves between the two sockets, with the daemon only watching
-//! for FIN, errors, pauses (backpressure) and idleness.
+//! for FIN, errors, held directions and idleness.
 //!
 //! Modules: `loader` (aya), `maps` and `sys` (syscalls), `watch` (private epoll),
 //! `session` (one session's life), `accounting` (where every byte is: held bytes,
@@ -53,21 +53,21 @@ impl fmt::Display for Path {
 pub struct SpliceOutcome {
     pub end: SessionEnd,
     pub path: Path,
-    /// Bytes of this session that went through userspace (fallback, backpressure).
+    /// Bytes of this session that went through userspace (fallback, held bytes).
     pub userspace_bytes: u64,
 }
 
 /// Counters of the kernel path, logged on SIGUSR1 with the map sizes.
 struct Stats {
     active: AtomicU64,
-    pauses: AtomicU64,
+    holds: AtomicU64,
     watchdog: AtomicU64,
     insert_failed: AtomicU64,
 }
 
 static STATS: Stats = Stats {
     active: AtomicU64::new(0),
-    pauses: AtomicU64::new(0),
+    holds: AtomicU64::new(0),
     watchdog: AtomicU64::new(0),
     insert_failed: AtomicU64::new(0),
 };
@@ -263,7 +263,7 @@ fn spawn_stats_on_sigusr1(maps: Arc<Maps>, watcher: Arc<Watcher>) -> anyhow::Res
                     targets = c.targets,
                     attached = c.attached,
                     watched = watcher.routes_len(),
-                    pauses = STATS.pauses.load(Ordering::Relaxed),
+                    holds = STATS.holds.load(Ordering::Relaxed),
                     watchdog = STATS.watchdog.load(Ordering::Relaxed),
                     insert_failed = STATS.insert_failed.load(Ordering::Relaxed),
                     bytes_spliced = METRICS.bytes_spliced.load(Ordering::Relaxed),

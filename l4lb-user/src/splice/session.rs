@@ -1,5 +1,5 @@
 //! One spliced session: insert both sockets into the maps, watch for FIN, errors,
-//! pauses and idleness, propagate half-close once every byte reached the peer, and take
+//! held directions and idleness, propagate half-close once every byte reached the peer, and take
 //! the session out of the kernel cleanly at the end (or to userspace on a stall).
 
 use std::io;
@@ -275,7 +275,7 @@ impl<'a> Session<'a> {
             }
             if ins.state {
                 if let Ok(f) = self.maps.flow(s.cookie) {
-                    STATS.pauses.fetch_add(f.pauses, Ordering::Relaxed);
+                    STATS.holds.fetch_add(f.holds, Ordering::Relaxed);
                 }
                 if let Err(e) = self.maps.remove_state(s.cookie) {
                     warn!(error = %e, "cannot remove a flow from the kernel map");
@@ -369,7 +369,7 @@ impl<'a> Session<'a> {
                 () = tokio::time::sleep(check.interval()) => None,
             };
             match ev {
-                Some(Event::Paused) => {
+                Some(Event::Held) => {
                     self.relieve(i).await?;
                     check.reset();
                 }

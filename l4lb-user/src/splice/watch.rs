@@ -1,7 +1,7 @@
 //! The private epoll that watches spliced sockets for FIN (EPOLLRDHUP) and errors only.
 //! Spliced sockets must stay out of tokio's reactor: every redirected skb wakes EPOLLIN
 //! waiters, and the kernel filters those wakeups cheaply for an epoll that never asked
-//! for EPOLLIN. The same epoll carries the pause ring buffer and the eBPF log ring; one
+//! for EPOLLIN. The same epoll carries the hold-event ring buffer and the eBPF log ring; one
 //! tokio task drains it and routes each event to its session.
 
 use std::collections::HashMap;
@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use aya::maps::{MapData, RingBuf};
-use l4lb_ebpf::PauseEvent;
+use l4lb_ebpf::HoldEvent;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::mpsc::UnboundedSender;
@@ -27,8 +27,8 @@ pub enum Event {
     Own(u32),
     /// epoll bits of the socket this direction writes to.
     Peer(u32),
-    /// The program paused this direction.
-    Paused,
+    /// The program holds this direction (a redirect failed).
+    Held,
 }
 
 /// Where a socket's events go: the direction reading from it and the one writing to it.
@@ -104,9 +104,9 @@ impl Watcher {
         }
     }
 
-    fn paused(&self, cookie: u64) {
+    fn held(&self, cookie: u64) {
         if let Some(r) = self.routes().get(&cookie) {
-            let _ = r.own.send(Event::Paused);
+            let _ = r.own.send(Event::Held);
         }
     }
 }
@@ -175,8 +175,8 @@ pub fn start(
                     match ev.u64 {
                         TOKEN_EVENTS => {
                             while let Some(item) = events.next() {
-                                if let Some(cookie) = pause_cookie(&item) {
-                                    w.paused(cookie);
+                                if let Some(cookie) = hold_cookie(&item) {
+                                    w.held(cookie);
                                 }
                             }
                         }
@@ -198,8 +198,8 @@ pub fn start(
     Ok(watcher)
 }
 
-fn pause_cookie(item: &[u8]) -> Option<u64> {
-    let raw = item.get(..std::mem::size_of::<PauseEvent>())?;
+fn hold_cookie(item: &[u8]) -> Option<u64> {
+    let raw = item.get(..std::mem::size_of::<HoldEvent>())?;
     let mut cookie = [0u8; 8];
     cookie.copy_from_slice(&raw[..8]);
     Some(u64::from_ne_bytes(cookie))
