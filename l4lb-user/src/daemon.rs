@@ -41,7 +41,12 @@ pub struct Daemon {
 
 /// Loads the kernel path if any TCP server block may use it.
 fn load_splicer(config: &Config) -> anyhow::Result<Option<Arc<Splicer>>> {
-    let wants = |m: SpliceMode| config.servers.iter().any(|s| s.protocol == Protocol::Tcp && s.splice == m);
+    let wants = |m: SpliceMode| {
+        config
+            .servers
+            .iter()
+            .any(|s| s.protocol == Protocol::Tcp && s.splice == m)
+    };
     if !wants(SpliceMode::Auto) && !wants(SpliceMode::Required) {
         return Ok(None);
     }
@@ -80,10 +85,9 @@ impl Daemon {
             listeners: HashMap::new(),
         };
         for server in &config.servers {
-            daemon
-                .open_listener(server)
-                .await
-                .with_context(|| format!("cannot listen on {} ({:?})", server.listen, server.protocol))?;
+            daemon.open_listener(server).await.with_context(|| {
+                format!("cannot listen on {} ({:?})", server.listen, server.protocol)
+            })?;
         }
         info!(
             config = %config_path.display(),
@@ -97,7 +101,10 @@ impl Daemon {
     fn ctx_for(&self, server: &ServerConfig) -> ListenerCtx {
         ListenerCtx {
             server: server.clone(),
-            upstream: server.proxy_pass.as_deref().and_then(|n| self.upstreams.get(n)),
+            upstream: server
+                .proxy_pass
+                .as_deref()
+                .and_then(|n| self.upstreams.get(n)),
         }
     }
 
@@ -106,19 +113,37 @@ impl Daemon {
         let stop = CancellationToken::new();
         match server.protocol {
             Protocol::Tcp => {
-                let socket = if server.listen.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+                let socket = if server.listen.is_ipv4() {
+                    TcpSocket::new_v4()?
+                } else {
+                    TcpSocket::new_v6()?
+                };
                 socket.set_reuseaddr(true)?;
                 socket.bind(server.listen)?;
                 let listener: TcpListener = socket.listen(LISTEN_BACKLOG)?;
                 if server.upstream_show {
-                    tokio::spawn(crate::admin::serve_upstream_show(listener, Arc::clone(&self.upstreams), stop.clone()));
+                    tokio::spawn(crate::admin::serve_upstream_show(
+                        listener,
+                        Arc::clone(&self.upstreams),
+                        stop.clone(),
+                    ));
                 } else {
-                    tokio::spawn(tcp::serve(listener, Arc::clone(&ctx), Arc::clone(&self.dp), stop.clone()));
+                    tokio::spawn(tcp::serve(
+                        listener,
+                        Arc::clone(&ctx),
+                        Arc::clone(&self.dp),
+                        stop.clone(),
+                    ));
                 }
             }
             Protocol::Udp => {
                 let socket = UdpSocket::bind(server.listen).await?;
-                tokio::spawn(udp::serve(socket, Arc::clone(&ctx), Arc::clone(&self.dp), stop.clone()));
+                tokio::spawn(udp::serve(
+                    socket,
+                    Arc::clone(&ctx),
+                    Arc::clone(&self.dp),
+                    stop.clone(),
+                ));
             }
         }
         self.listeners.insert(server.key(), Listener { ctx, stop });
@@ -161,11 +186,18 @@ impl Daemon {
         {
             warn!("changes to global max_connections, worker_threads, log_level or splice take effect at restart");
         }
-        self.dp.access_log.store(config.global.access_log, Ordering::Relaxed);
+        self.dp
+            .access_log
+            .store(config.global.access_log, Ordering::Relaxed);
         self.upstreams.apply(&config.upstreams);
 
         let wanted: HashMap<_, _> = config.servers.iter().map(|s| (s.key(), s)).collect();
-        let removed: Vec<_> = self.listeners.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        let removed: Vec<_> = self
+            .listeners
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
         for key in removed {
             if let Some(l) = self.listeners.remove(&key) {
                 l.stop.cancel();
@@ -190,7 +222,10 @@ impl Daemon {
             }
         }
         self.config = config;
-        info!(listeners = self.listeners.len(), failed, "configuration reloaded");
+        info!(
+            listeners = self.listeners.len(),
+            failed, "configuration reloaded"
+        );
     }
 
     async fn drain(self) {
@@ -200,8 +235,14 @@ impl Daemon {
         }
         self.dp.sessions.close();
         info!(sessions = self.dp.sessions.len(), grace = ?grace, "stopping: no new connections, draining sessions");
-        if tokio::time::timeout(grace, self.dp.sessions.wait()).await.is_err() {
-            warn!(sessions = self.dp.sessions.len(), "grace period over; closing remaining sessions");
+        if tokio::time::timeout(grace, self.dp.sessions.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                sessions = self.dp.sessions.len(),
+                "grace period over; closing remaining sessions"
+            );
             self.dp.shutdown.cancel();
             self.dp.sessions.wait().await;
         }

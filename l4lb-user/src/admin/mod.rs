@@ -21,7 +21,11 @@ struct ShowQuery {
 }
 
 /// Serves `GET /upstream_show[?upstream=NAME]` until `stop`.
-pub async fn serve_upstream_show(listener: TcpListener, upstreams: Arc<Upstreams>, stop: CancellationToken) {
+pub async fn serve_upstream_show(
+    listener: TcpListener,
+    upstreams: Arc<Upstreams>,
+    stop: CancellationToken,
+) {
     let app = Router::new()
         .route("/upstream_show", get(upstream_show))
         .with_state(upstreams);
@@ -41,8 +45,14 @@ async fn upstream_show(
     match q.upstream {
         Some(name) => match all.get(&name) {
             Some(up) => (StatusCode::OK, show::render(up)),
-            None => (StatusCode::NOT_FOUND, format!("upstream {name} not found\n")),
+            None => (
+                StatusCode::NOT_FOUND,
+                format!("upstream {name} not found\n"),
+            ),
         },
-        None => (StatusCode::OK, all.values().map(|up| show::render(up)).collect()),
+        None => (
+            StatusCode::OK,
+            all.values().map(|up| show::render(up)).collect(),
+        ),
     }
 }

@@ -101,7 +101,9 @@ pub struct Upstream {
 
 impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Upstream").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -274,7 +276,15 @@ impl Upstream {
             Balance::Hash { .. } => Balance::RoundRobin,
             other => other,
         };
-        balance::choose(backup_balance, &snap.peers, None, &backups, client, &eligible).map(Lease::new)
+        balance::choose(
+            backup_balance,
+            &snap.peers,
+            None,
+            &backups,
+            client,
+            &eligible,
+        )
+        .map(Lease::new)
     }
 }
 
