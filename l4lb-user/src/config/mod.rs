@@ -700,29 +700,26 @@ pub fn resolve(address: &str) -> Result<Vec<SocketAddr>, String> {
     Ok(addrs)
 }
 
-/// Names the innermost key whose key or value span contains `offset`.
+/// Names the innermost key whose key or value span contains `offset`. Tables written
+/// as `[a.b]` headers do not span their contents, so every child is searched.
 fn key_at(node: &Node<'_>, offset: usize, path: &str) -> String {
+    find_key(node, offset, path).unwrap_or_else(|| path.to_string())
+}
+
+fn find_key(node: &Node<'_>, offset: usize, path: &str) -> Option<String> {
     match node.get_ref() {
-        DeValue::Table(t) => {
-            for (k, v) in t.iter() {
-                if k.span().contains(&offset) {
-                    return format!("{path}.{}", k.get_ref());
-                }
-                if v.span().contains(&offset) {
-                    return key_at(v, offset, &format!("{path}.{}", k.get_ref()));
-                }
+        DeValue::Table(t) => t.iter().find_map(|(k, v)| {
+            let child = format!("{path}.{}", k.get_ref());
+            if k.span().contains(&offset) {
+                return Some(child);
             }
-            path.to_string()
-        }
-        DeValue::Array(a) => {
-            for (i, v) in a.iter().enumerate() {
-                if v.span().contains(&offset) {
-                    return key_at(v, offset, &format!("{path}[{i}]"));
-                }
-            }
-            path.to_string()
-        }
-        _ => path.to_string(),
+            find_key(v, offset, &child).or_else(|| v.span().contains(&offset).then_some(child))
+        }),
+        DeValue::Array(a) => a.iter().enumerate().find_map(|(i, v)| {
+            let child = format!("{path}[{i}]");
+            find_key(v, offset, &child).or_else(|| v.span().contains(&offset).then_some(child))
+        }),
+        _ => None,
     }
 }
 
