@@ -336,24 +336,11 @@ pub async fn connect_tagged(addr: SocketAddr) -> std::io::Result<(String, TcpStr
     let mut s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::other("connect timed out"))??;
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
-            .await
-            .map_err(|_| std::io::Error::other("read timed out"))??;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "closed before tag",
-            ));
-        }
-        if byte[0] == b'\n' {
-            break;
-        }
-        line.push(byte[0]);
+    let tag = read_line(&mut s).await?;
+    if tag.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before tag"));
     }
-    Ok((String::from_utf8_lossy(&line).into_owned(), s))
+    Ok((tag, s))
 }
 
 /// Sends `payload`, half-closes, and returns everything read back until EOF.
@@ -494,4 +481,41 @@ fn dechunk(head: &str, body: String) -> String {
 /// Path of a file inside the repository.
 pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+/// Connects from a chosen loopback source address (any 127.x.y.z works on Linux), so
+/// tests can act as many different clients.
+pub async fn connect_from(src: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(src, 0))?;
+    sock.connect(addr).await
+}
+
+/// Reads one `\n`-terminated line.
+pub async fn read_line(s: &mut TcpStream) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .map_err(|_| std::io::Error::other("read timed out"))??;
+        if n == 0 || byte[0] == b'\n' {
+            return Ok(String::from_utf8_lossy(&line).into_owned());
+        }
+        line.push(byte[0]);
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
