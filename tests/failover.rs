@@ -65,7 +65,11 @@ async fn next_upstream_hides_a_dead_server_over_1000_connections() {
     assert_eq!(failures.load(Ordering::SeqCst), 0, "log:\n{}", d.log());
     assert!(live.accepted() >= 1000);
     // The dead server was really tried (and its failures hidden from clients).
-    assert!(d.log().contains("connect to upstream failed"), "{}", d.log());
+    assert!(
+        d.log().contains("connect to upstream failed"),
+        "{}",
+        d.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,7 +86,11 @@ async fn max_fails_marks_a_server_down_for_fail_timeout_then_it_recovers() {
     for _ in 0..6 {
         assert_eq!(connect_tagged(addr(port)).await.unwrap().0, "good");
     }
-    assert!(d.wait_log("server marked unavailable", Duration::from_secs(2)), "{}", d.log());
+    assert!(
+        d.wait_log("server marked unavailable", Duration::from_secs(2)),
+        "{}",
+        d.log()
+    );
     let marked = Instant::now();
     let back = Backend::start_on(addr(flaky), Behaviour::Tagged("flaky".into())).await;
     // Within fail_timeout, it gets nothing although it listens again.
@@ -114,13 +122,18 @@ async fn connect_timeout_on_a_full_backlog_then_next_server() {
     let full: SocketAddr = sock.local_addr().unwrap().as_socket().unwrap();
     let mut fillers = Vec::new();
     for _ in 0..4 {
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(full)).await {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(full)).await
+        {
             fillers.push(s);
         }
     }
     let good = Backend::start(Behaviour::Tagged("good".into())).await;
     let port = free_port();
-    let servers = format!("{{ address = \"{full}\" }}, {{ address = \"{}\" }}", good.addr);
+    let servers = format!(
+        "{{ address = \"{full}\" }}, {{ address = \"{}\" }}",
+        good.addr
+    );
     let d = Daemon::start(&config(port, &servers, ""));
     let mut slowest = Duration::ZERO;
     for _ in 0..2 {
@@ -128,8 +141,15 @@ async fn connect_timeout_on_a_full_backlog_then_next_server() {
         assert_eq!(connect_tagged(addr(port)).await.unwrap().0, "good");
         slowest = slowest.max(t.elapsed());
     }
-    assert!(d.wait_log("timed out after 500ms", Duration::from_secs(2)), "{}", d.log());
-    assert!(slowest >= Duration::from_millis(450) && slowest < Duration::from_secs(3), "{slowest:?}");
+    assert!(
+        d.wait_log("timed out after 500ms", Duration::from_secs(2)),
+        "{}",
+        d.log()
+    );
+    assert!(
+        slowest >= Duration::from_millis(450) && slowest < Duration::from_secs(3),
+        "{slowest:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,15 +164,26 @@ async fn tries_and_timeout_bound_the_retries() {
     let d = Daemon::start(&config(port, &servers, "proxy_next_upstream_tries = 2\n"));
     let mut s = TcpStream::connect(addr(port)).await.unwrap();
     let mut buf = [0u8; 1];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap();
-    assert!(matches!(n, Ok(0) | Err(_)), "client must see a closed connection");
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "client must see a closed connection"
+    );
     assert!(d.wait_log("2 tried", Duration::from_secs(2)), "{}", d.log());
 
     let port2 = free_port();
     let d2 = Daemon::start(&config(port2, &servers, "proxy_next_upstream = false\n"));
     let mut s = TcpStream::connect(addr(port2)).await.unwrap();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap();
-    assert!(d2.wait_log("1 tried", Duration::from_secs(2)), "{}", d2.log());
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(
+        d2.wait_log("1 tried", Duration::from_secs(2)),
+        "{}",
+        d2.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,7 +216,9 @@ proxy_timeout = "300ms"
         let mut s = TcpStream::connect(addr(port_reset)).await.unwrap();
         let _ = s.write_all(b"hello").await;
         let mut buf = [0u8; 16];
-        let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap();
         assert!(matches!(r, Ok(0) | Err(_)));
     }
     // Clients that connect and send nothing are closed at proxy_timeout.
@@ -196,14 +229,25 @@ proxy_timeout = "300ms"
     // Meanwhile everyone else is served.
     for i in 0..50 {
         let msg = format!("m{i}");
-        assert_eq!(support::roundtrip(addr(port_echo), msg.as_bytes()).await.unwrap(), msg.as_bytes());
+        assert_eq!(
+            support::roundtrip(addr(port_echo), msg.as_bytes())
+                .await
+                .unwrap(),
+            msg.as_bytes()
+        );
     }
     for mut s in silent {
         let mut buf = [0u8; 1];
-        let r = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+            .await
+            .unwrap();
         assert!(matches!(r, Ok(0) | Err(_)));
     }
-    assert!(d.wait_log_count("end=idle_timeout", 20, Duration::from_secs(3)), "{}", d.log());
+    assert!(
+        d.wait_log_count("end=idle_timeout", 20, Duration::from_secs(3)),
+        "{}",
+        d.log()
+    );
     assert!(d.exited().is_none(), "daemon died");
 }
 
@@ -212,8 +256,13 @@ async fn port_in_use_at_start_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let d = Daemon::spawn(&config(port, "{ address = \"127.0.0.1:1\" }", ""), &[]);
-    let status = d.wait_exit(Duration::from_secs(10)).expect("daemon should exit");
+    let status = d
+        .wait_exit(Duration::from_secs(10))
+        .expect("daemon should exit");
     assert!(!status.success());
     let log = d.log();
-    assert!(log.contains(&format!("cannot listen on 127.0.0.1:{port}")) && log.contains("in use"), "{log}");
+    assert!(
+        log.contains(&format!("cannot listen on 127.0.0.1:{port}")) && log.contains("in use"),
+        "{log}"
+    );
 }

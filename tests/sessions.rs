@@ -33,7 +33,10 @@ proxy_pass = "u"
 
 async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
     let mut buf = [0u8; 64];
-    matches!(tokio::time::timeout(limit, s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+    matches!(
+        tokio::time::timeout(limit, s.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,14 +54,21 @@ async fn idle_sessions_close_at_proxy_timeout_active_ones_stay() {
         busy.read_exact(&mut buf).await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(closed_within(&mut idle, Duration::from_millis(10)).await, "idle session still open");
+    assert!(
+        closed_within(&mut idle, Duration::from_millis(10)).await,
+        "idle session still open"
+    );
     busy.write_all(b"y").await.unwrap();
     busy.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"y");
     // And the busy one goes too once it stops talking, not before the timeout.
     let quiet = Instant::now();
     assert!(closed_within(&mut busy, Duration::from_secs(3)).await);
-    assert!(quiet.elapsed() >= Duration::from_millis(500), "{:?}", quiet.elapsed());
+    assert!(
+        quiet.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        quiet.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,7 +78,10 @@ async fn client_half_close_reaches_backend_and_response_flows_back() {
     let d = Daemon::start(&config(port, b.addr, ""));
     let data = support::payload(5 << 20, 1);
     let reply = support::roundtrip(addr(port), &data).await.unwrap();
-    assert_eq!(String::from_utf8_lossy(&reply).trim(), (5 << 20).to_string());
+    assert_eq!(
+        String::from_utf8_lossy(&reply).trim(),
+        (5 << 20).to_string()
+    );
     assert!(d.wait_log("end=closed", Duration::from_secs(3)));
 }
 
@@ -90,13 +103,23 @@ async fn backend_half_close_reaches_client_who_can_still_send() {
     let d = Daemon::start(&config(port, backend, ""));
     let mut c = TcpStream::connect(addr(port)).await.unwrap();
     let mut greeting = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut greeting)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut greeting))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(greeting, b"bye");
     c.write_all(b"still here").await.unwrap();
     c.shutdown().await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(got, b"still here");
-    assert!(d.wait_log("end=closed", Duration::from_secs(3)), "{}", d.log());
+    assert!(
+        d.wait_log("end=closed", Duration::from_secs(3)),
+        "{}",
+        d.log()
+    );
 }
 
 /// Moves 5 s worth of data at 1 MiB/s in one direction and returns the elapsed time.
@@ -135,19 +158,36 @@ async fn upload_and_download_rates_hold_within_ten_percent() {
     let up_port = free_port();
     let down_port = free_port();
     let _up = Daemon::start(&config(up_port, count.addr, "proxy_upload_rate = \"1m\""));
-    let _down = Daemon::start(&config(down_port, echo.addr, "proxy_download_rate = 1048576"));
-    let (up, down) = tokio::join!(timed_transfer(up_port, true), timed_transfer(down_port, false));
+    let _down = Daemon::start(&config(
+        down_port,
+        echo.addr,
+        "proxy_download_rate = 1048576",
+    ));
+    let (up, down) = tokio::join!(
+        timed_transfer(up_port, true),
+        timed_transfer(down_port, false)
+    );
     for (what, t) in [("upload", up), ("download", down)] {
         let rate = (5u64 << 20) as f64 / t.as_secs_f64() / f64::from(1 << 20);
-        assert!((0.9..=1.1).contains(&rate), "{what}: {rate:.3} MiB/s over {t:?}");
+        assert!(
+            (0.9..=1.1).contains(&rate),
+            "{what}: {rate:.3} MiB/s over {t:?}"
+        );
     }
 }
 
 /// One client streaming `chunks` of 64 KiB through an echo backend, pausing between
 /// chunks, and checking every byte that comes back.
-async fn streaming_client(port: u16, seed: u64, chunks: usize, pause: Duration) -> Result<(), String> {
+async fn streaming_client(
+    port: u16,
+    seed: u64,
+    chunks: usize,
+    pause: Duration,
+) -> Result<(), String> {
     let data = support::payload(chunks * 65536, seed);
-    let mut s = TcpStream::connect(addr(port)).await.map_err(|e| e.to_string())?;
+    let mut s = TcpStream::connect(addr(port))
+        .await
+        .map_err(|e| e.to_string())?;
     let (mut r, mut w) = s.split();
     let send = async {
         for c in data.chunks(65536) {
@@ -162,7 +202,11 @@ async fn streaming_client(port: u16, seed: u64, chunks: usize, pause: Duration) 
     a?;
     b?;
     if got != data {
-        return Err(format!("client {seed}: got {} of {} bytes, or different ones", got.len(), data.len()));
+        return Err(format!(
+            "client {seed}: got {} of {} bytes, or different ones",
+            got.len(),
+            data.len()
+        ));
     }
     Ok(())
 }
@@ -175,7 +219,8 @@ async fn sighup_reload_keeps_50_streaming_sessions_byte_exact() {
     let old_port = free_port();
     let new_port = free_port();
     let base = config(port, echo.addr, "proxy_timeout = \"30s\"");
-    let with_old = format!("{base}\n[[server]]\nlisten = \"127.0.0.1:{old_port}\"\nproxy_pass = \"u\"\n");
+    let with_old =
+        format!("{base}\n[[server]]\nlisten = \"127.0.0.1:{old_port}\"\nproxy_pass = \"u\"\n");
     let d = Daemon::start(&with_old);
     let clients: Vec<_> = (0..50u64)
         .map(|i| tokio::spawn(streaming_client(port, i, 32, Duration::from_millis(60))))
@@ -194,8 +239,14 @@ async fn sighup_reload_keeps_50_streaming_sessions_byte_exact() {
     for c in clients {
         c.await.unwrap().unwrap();
     }
-    assert_eq!(support::connect_tagged(addr(new_port)).await.unwrap().0, "new");
-    assert!(TcpStream::connect(addr(old_port)).await.is_err(), "removed listener still accepts");
+    assert_eq!(
+        support::connect_tagged(addr(new_port)).await.unwrap().0,
+        "new"
+    );
+    assert!(
+        TcpStream::connect(addr(old_port)).await.is_err(),
+        "removed listener still accepts"
+    );
     assert!(d.log().matches("end=closed").count() >= 50);
 }
 
@@ -210,14 +261,19 @@ async fn sigterm_stops_accepting_and_drains_sessions() {
     s.read_exact(&mut b).await.unwrap();
     d.signal(libc::SIGTERM);
     assert!(d.wait_log("draining sessions", Duration::from_secs(5)));
-    assert!(TcpStream::connect(addr(port)).await.is_err(), "still accepting after SIGTERM");
+    assert!(
+        TcpStream::connect(addr(port)).await.is_err(),
+        "still accepting after SIGTERM"
+    );
     // The established session keeps working during the drain.
     s.write_all(b"b").await.unwrap();
     s.read_exact(&mut b).await.unwrap();
     assert_eq!(&b, b"b");
     assert!(d.exited().is_none());
     drop(s);
-    let status = d.wait_exit(Duration::from_secs(5)).expect("exits once drained");
+    let status = d
+        .wait_exit(Duration::from_secs(5))
+        .expect("exits once drained");
     assert!(status.success());
 }
 
@@ -233,7 +289,11 @@ async fn drain_ends_at_worker_shutdown_timeout() {
     let t = Instant::now();
     d.signal(libc::SIGTERM);
     assert!(d.wait_exit(Duration::from_secs(5)).is_some());
-    assert!(t.elapsed() >= Duration::from_millis(450), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(450),
+        "{:?}",
+        t.elapsed()
+    );
     assert!(closed_within(&mut s, Duration::from_secs(1)).await);
     assert!(d.log().contains("end=shutdown"), "{}", d.log());
 }

@@ -75,7 +75,10 @@ async fn round_robin_alternates_by_weight() {
 /// Waits until the start-up probe's session has ended on every backend.
 async fn settle(backends: &[&Backend]) {
     assert!(
-        support::eventually(Duration::from_secs(5), || backends.iter().all(|b| b.open() == 0)).await,
+        support::eventually(Duration::from_secs(5), || backends
+            .iter()
+            .all(|b| b.open() == 0))
+        .await,
         "backends still have open connections"
     );
 }
@@ -85,7 +88,10 @@ async fn least_conn_picks_by_active_count_and_weight() {
     let a = Backend::start(Behaviour::Tagged("a".into())).await;
     let b = Backend::start(Behaviour::Tagged("b".into())).await;
     let port = free_port();
-    let servers = format!("{{ address = \"{}\" }}, {{ address = \"{}\", weight = 2 }}", a.addr, b.addr);
+    let servers = format!(
+        "{{ address = \"{}\" }}, {{ address = \"{}\", weight = 2 }}",
+        a.addr, b.addr
+    );
     let _d = Daemon::start(&config(port, "least_conn", &servers, ""));
     settle(&[&a, &b]).await;
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -93,8 +99,13 @@ async fn least_conn_picks_by_active_count_and_weight() {
     for _ in 0..9 {
         held.push(connect_tagged(addr).await.unwrap());
     }
-    let count = |t: &str, h: &[(String, tokio::net::TcpStream)]| h.iter().filter(|(x, _)| x == t).count();
-    assert_eq!((count("a", &held), count("b", &held)), (3, 6), "weight 2 carries twice the sessions");
+    let count =
+        |t: &str, h: &[(String, tokio::net::TcpStream)]| h.iter().filter(|(x, _)| x == t).count();
+    assert_eq!(
+        (count("a", &held), count("b", &held)),
+        (3, 6),
+        "weight 2 carries twice the sessions"
+    );
     // Close all of b's sessions: the next three go to b (fewest active per weight).
     held.retain(|(t, _)| t == "a");
     assert!(support::eventually(Duration::from_secs(5), || b.open() == 0).await);
@@ -111,9 +122,19 @@ async fn hash_keeps_each_client_on_one_server() {
         let a = Backend::start(Behaviour::Tagged("a".into())).await;
         let b = Backend::start(Behaviour::Tagged("b".into())).await;
         let port = free_port();
-        let servers = format!("{{ address = \"{}\" }}, {{ address = \"{}\" }}", a.addr, b.addr);
-        let extra_upstream = if consistent { "consistent = true\n" } else { "" };
-        let cfg = config(port, "hash", &servers, "").replace("balance = \"hash\"\n", &format!("balance = \"hash\"\n{extra_upstream}"));
+        let servers = format!(
+            "{{ address = \"{}\" }}, {{ address = \"{}\" }}",
+            a.addr, b.addr
+        );
+        let extra_upstream = if consistent {
+            "consistent = true\n"
+        } else {
+            ""
+        };
+        let cfg = config(port, "hash", &servers, "").replace(
+            "balance = \"hash\"\n",
+            &format!("balance = \"hash\"\n{extra_upstream}"),
+        );
         let _d = Daemon::start(&cfg);
         let addr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut per_server = [0usize; 2];
@@ -123,12 +144,18 @@ async fn hash_keeps_each_client_on_one_server() {
             for _ in 0..3 {
                 let mut s = support::connect_from(src, addr).await.unwrap();
                 let tag = support::read_line(&mut s).await.unwrap();
-                assert!(seen.is_none() || seen.as_deref() == Some(tag.as_str()), "client {src} moved");
+                assert!(
+                    seen.is_none() || seen.as_deref() == Some(tag.as_str()),
+                    "client {src} moved"
+                );
                 seen = Some(tag);
             }
             per_server[usize::from(seen.as_deref() == Some("b"))] += 1;
         }
-        assert!(per_server.iter().all(|&n| n >= 8), "consistent={consistent}: {per_server:?}");
+        assert!(
+            per_server.iter().all(|&n| n >= 8),
+            "consistent={consistent}: {per_server:?}"
+        );
     }
 }
 
@@ -146,7 +173,11 @@ async fn backup_serves_only_while_primaries_are_unavailable() {
     // The primary refuses: the connection goes to the backup, and the primary is marked down.
     let (t, _) = connect_tagged(addr).await.unwrap();
     assert_eq!(t, "backup");
-    let primary = Backend::start_on(format!("127.0.0.1:{primary_port}").parse().unwrap(), Behaviour::Tagged("primary".into())).await;
+    let primary = Backend::start_on(
+        format!("127.0.0.1:{primary_port}").parse().unwrap(),
+        Behaviour::Tagged("primary".into()),
+    )
+    .await;
     // Once fail_timeout (1s) has passed the primary takes the traffic again.
     let mut got_primary = false;
     for _ in 0..40 {

@@ -277,8 +277,10 @@ async fn serve_one(mut sock: TcpStream, behaviour: Behaviour) {
     let _ = sock.set_nodelay(true);
     match behaviour {
         Behaviour::Reset => {
-            let _ = sock.set_linger(Some(Duration::ZERO));
-            drop(sock);
+            // Linger 0 makes the close an RST; the socket is non-blocking, so no stall.
+            if let Ok(std_sock) = sock.into_std() {
+                let _ = socket2::SockRef::from(&std_sock).set_linger(Some(Duration::ZERO));
+            }
         }
         Behaviour::Count => {
             let mut buf = vec![0u8; 256 * 1024];
@@ -313,7 +315,10 @@ pub async fn connect_tagged(addr: SocketAddr) -> std::io::Result<(String, TcpStr
         .map_err(|_| std::io::Error::other("connect timed out"))??;
     let tag = read_line(&mut s).await?;
     if tag.is_empty() {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before tag"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed before tag",
+        ));
     }
     Ok((tag, s))
 }

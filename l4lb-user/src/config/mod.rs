@@ -235,17 +235,41 @@ impl Validator<'_> {
         });
     }
 
-    /// Deserializes one section; on error records it, naming the innermost key at fault.
+    /// Deserializes one section, recording every error in it: after each error the key
+    /// at fault is set aside and the rest is tried again, so one typo does not hide the
+    /// next.
     fn section<T: DeserializeOwned>(&mut self, node: &Node<'_>, path: &str) -> Option<T> {
-        match T::deserialize(ValueDeserializer::from(node.clone())) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                let span = e.span().unwrap_or_else(|| node.span());
-                let key = key_at(node, span.start, path);
-                let msg = e.message().to_string();
-                self.push_span(Some(span), &key, msg);
-                None
+        let mut node = node.clone();
+        let mut set_aside: Vec<String> = Vec::new();
+        loop {
+            let err = match T::deserialize(ValueDeserializer::from(node.clone())) {
+                Ok(v) => return set_aside.is_empty().then_some(v),
+                Err(e) => e,
+            };
+            let msg = err.message().to_string();
+            // A required key we set aside ourselves is not a new error.
+            if set_aside
+                .iter()
+                .any(|k| msg.contains(&format!("missing field `{k}`")))
+            {
+                return None;
             }
+            let span = err.span().unwrap_or_else(|| node.span());
+            self.push_span(Some(span.clone()), &key_at(&node, span.start, path), msg);
+            let DeValue::Table(table) = node.get_mut() else {
+                return None;
+            };
+            let at_fault = table
+                .iter()
+                .find(|(k, v)| {
+                    k.span().contains(&span.start)
+                        || find_key(v, span.start, "").is_some()
+                        || v.span().contains(&span.start)
+                })
+                .map(|(k, _)| k.get_ref().to_string());
+            let key = at_fault?;
+            table.remove(key.as_str());
+            set_aside.push(key);
         }
     }
 
@@ -456,15 +480,28 @@ impl Validator<'_> {
                 two: raw.two.unwrap_or(false),
             },
         };
-        let servers_node = node.get_ref().as_table().and_then(|t| t.get("servers"));
+        // Each entry is checked on its own, so every bad entry is reported.
         let mut servers = Vec::new();
-        for (i, peer) in raw.servers.into_iter().enumerate() {
-            let pnode = servers_node
-                .and_then(|s| s.get_ref().as_array())
-                .and_then(|a| a.get(i))
-                .unwrap_or(node);
-            let ppath = format!("{path}.servers[{i}]");
-            servers.extend(self.peer(pnode, &ppath, peer));
+        let mut listed = 0;
+        match node.get_ref().as_table().and_then(|t| t.get("servers")) {
+            None => {}
+            Some(list) => match list.get_ref().as_array() {
+                Some(entries) => {
+                    listed = entries.len();
+                    for (i, pnode) in entries.iter().enumerate() {
+                        let ppath = format!("{path}.servers[{i}]");
+                        if let Some(peer) = self.section::<RawPeer>(pnode, &ppath) {
+                            servers.extend(self.peer(pnode, &ppath, peer));
+                        }
+                    }
+                }
+                None => self.at(
+                    node,
+                    path,
+                    "servers",
+                    "expected a list of { address = \"host:port\", ... }",
+                ),
+            },
         }
         let mut addrs = HashSet::new();
         for s in &servers {
@@ -485,7 +522,7 @@ impl Validator<'_> {
                 .unwrap_or(node);
             self.upsync(unode, &format!("{path}.upsync"), u)
         });
-        if servers.is_empty() && upsync.is_none() {
+        if listed == 0 && upsync.is_none() {
             self.at(
                 node,
                 path,
