@@ -266,3 +266,74 @@ async fn port_in_use_at_start_is_a_clear_error() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fd_exhaustion_backs_off_and_recovers() {
+    let echo = Backend::start(Behaviour::Echo).await;
+    let port = free_port();
+    let d = Daemon::start(&config(
+        port,
+        &format!("{{ address = \"{}\" }}", echo.addr),
+        "",
+    ));
+    let base = d.fd_count() as u64;
+    // Leave room for a handful of sessions (two descriptors each).
+    let limit = libc::rlimit {
+        rlim_cur: base + 8,
+        rlim_max: base + 8,
+    };
+    // SAFETY: prlimit(2) on our own child with a valid rlimit struct.
+    assert_eq!(
+        unsafe { libc::prlimit(d.pid(), libc::RLIMIT_NOFILE, &limit, std::ptr::null_mut()) },
+        0
+    );
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(TcpStream::connect(addr(port)).await.unwrap());
+    }
+    assert!(
+        d.wait_log("accept failed; backing off", Duration::from_secs(5)),
+        "{}",
+        d.log()
+    );
+    // Backing off, not spinning: the daemon's CPU time stays low while it is out of fds.
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", d.pid())).unwrap();
+        let f: Vec<u64> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        f[0] + f[1]
+    };
+    let before = cpu();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ticks = cpu() - before;
+    assert!(
+        ticks < 30,
+        "daemon used {ticks} clock ticks in 1 s while out of descriptors"
+    );
+    let errors_logged = d.log().matches("accept failed; backing off").count();
+    assert!(
+        errors_logged <= 2,
+        "logged {errors_logged} times in about a second"
+    );
+    // Once sessions end, new clients are served again.
+    drop(held);
+    let mut ok = false;
+    for _ in 0..50 {
+        if let Ok(echoed) = support::roundtrip(addr(port), b"back").await {
+            if echoed == b"back" {
+                ok = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "not serving after descriptors were freed:\n{}", d.log());
+    assert!(d.exited().is_none());
+}

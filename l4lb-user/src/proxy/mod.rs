@@ -78,3 +78,11 @@ impl fmt::Display for SessionEnd {
         }
     }
 }
+
+/// Out of descriptors or memory on this host: not a peer's fault.
+pub fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}

@@ -1,7 +1,6 @@
 //! TCP listeners: accept (with backoff), connect with retries, then hand the pair to the
 //! kernel splice path or the userspace copy path, and write the access log line.
 
-use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,7 +14,7 @@ use tracing::{info, warn};
 
 use super::connect::connect;
 use super::copy::{copy_bidirectional, CopyLimits, Transfer};
-use super::{proxy_protocol, ListenerCtx, SessionEnd, SharedCtx};
+use super::{is_resource_exhaustion, proxy_protocol, ListenerCtx, SessionEnd, SharedCtx};
 use crate::config::{ServerConfig, SpliceMode};
 use crate::metrics::{self, CopyReason, METRICS};
 use crate::runtime::DataPath;
@@ -75,13 +74,6 @@ pub async fn serve(
             }
         }
     }
-}
-
-fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
 }
 
 /// Why this session cannot use the kernel path, if it cannot.
