@@ -297,3 +297,27 @@ async fn drain_ends_at_worker_shutdown_timeout() {
     assert!(closed_within(&mut s, Duration::from_secs(1)).await);
     assert!(d.log().contains("end=shutdown"), "{}", d.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_header_precedes_client_bytes() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        got
+    });
+    let port = free_port();
+    let _d = Daemon::start(&config(port, backend, "proxy_protocol = \"v1\""));
+    let mut c = TcpStream::connect(addr(port)).await.unwrap();
+    let client_port = c.local_addr().unwrap().port();
+    c.write_all(b"hello").await.unwrap();
+    c.shutdown().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap();
+    let expected = format!("PROXY TCP4 127.0.0.1 127.0.0.1 {client_port} {port}\r\nhello");
+    assert_eq!(String::from_utf8_lossy(&got), expected);
+}

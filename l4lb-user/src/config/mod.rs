@@ -667,6 +667,15 @@ impl Validator<'_> {
                 "upstream_show needs protocol = \"tcp\"",
             );
         }
+        if raw.proxy_protocol.is_some_and(|p| p != ProxyProtocol::Off) && protocol == Protocol::Udp
+        {
+            self.at(
+                node,
+                path,
+                "proxy_protocol",
+                "PROXY protocol headers are sent on TCP only",
+            );
+        }
         if raw.proxy_responses.is_some() && protocol != Protocol::Udp {
             self.at(
                 node,

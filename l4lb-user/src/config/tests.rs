@@ -77,7 +77,6 @@ proxy_responses = 1
 proxy_timeout = "500ms"
 proxy_upload_rate = "10k"
 proxy_download_rate = 2048
-proxy_protocol = "v2"
 "#,
     )
     .unwrap();
@@ -87,7 +86,6 @@ proxy_protocol = "v2"
     assert_eq!(s.proxy_responses, Some(1));
     assert_eq!(s.proxy_timeout, Duration::from_millis(500));
     assert_eq!((s.proxy_upload_rate, s.proxy_download_rate), (10240, 2048));
-    assert_eq!(s.proxy_protocol, ProxyProtocol::V2);
     assert_eq!(
         s.splice,
         SpliceMode::Off,
@@ -209,6 +207,11 @@ fn semantic_errors() {
             "[upstream.u]\n[upstream.u.upsync]\ntype = \"consul\"\nurl = \"http://x/\"\ntoken_env = \"L4LB_TEST_SURELY_UNSET\"\n",
             "upstream.u.upsync.token_env",
             "not set",
+        ),
+        (
+            "[upstream.u]\nservers = [{ address = \"127.0.0.1:1\" }]\n[[server]]\nlisten = \"127.0.0.1:1\"\nprotocol = \"udp\"\nproxy_pass = \"u\"\nproxy_protocol = \"v1\"\n",
+            "server[0].proxy_protocol",
+            "TCP only",
         ),
         ("[admin]\nlisten = \"localhost\"\n", "admin.listen", "ip:port"),
         ("[global]\nsplice = \"maybe\"\n", "global.splice", "unknown variant"),
