@@ -29,27 +29,11 @@ proxy_connect_timeout = "1s"
 async fn echo_roundtrip_is_byte_exact() {
     let b = Backend::start(Behaviour::Echo).await;
     let port = free_port();
-    let d = Daemon::start(&config(
-        port,
-        "round_robin",
-        &format!("{{ address = \"{}\" }}", b.addr),
-        "",
-    ));
+    let d = Daemon::start(&config(port, "round_robin", &format!("{{ address = \"{}\" }}", b.addr), ""));
     let data = support::payload(3 << 20, 7);
-    let got = roundtrip(format!("127.0.0.1:{port}").parse().unwrap(), &data)
-        .await
-        .unwrap();
-    assert!(
-        got == data,
-        "echo differs: sent {} got {}",
-        data.len(),
-        got.len()
-    );
-    assert!(
-        d.wait_log("end=closed", Duration::from_secs(5)),
-        "no access log line:\n{}",
-        d.log()
-    );
+    let got = roundtrip(format!("127.0.0.1:{port}").parse().unwrap(), &data).await.unwrap();
+    assert!(got == data, "echo differs: sent {} got {}", data.len(), got.len());
+    assert!(d.wait_log("end=closed", Duration::from_secs(5)), "no access log line:\n{}", d.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,10 +41,7 @@ async fn round_robin_alternates_by_weight() {
     let a = Backend::start(Behaviour::Tagged("a".into())).await;
     let b = Backend::start(Behaviour::Tagged("b".into())).await;
     let port = free_port();
-    let servers = format!(
-        "{{ address = \"{}\", weight = 3 }}, {{ address = \"{}\" }}",
-        a.addr, b.addr
-    );
+    let servers = format!("{{ address = \"{}\", weight = 3 }}, {{ address = \"{}\" }}", a.addr, b.addr);
     let _d = Daemon::start(&config(port, "round_robin", &servers, ""));
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut tags = String::new();

@@ -45,12 +45,7 @@ pub struct Daemon {
 
 /// Loads the kernel path if any TCP server block may use it.
 fn load_splicer(config: &Config) -> anyhow::Result<Option<Arc<Splicer>>> {
-    let wants = |m: SpliceMode| {
-        config
-            .servers
-            .iter()
-            .any(|s| s.protocol == Protocol::Tcp && s.splice == m)
-    };
+    let wants = |m: SpliceMode| config.servers.iter().any(|s| s.protocol == Protocol::Tcp && s.splice == m);
     if !wants(SpliceMode::Auto) && !wants(SpliceMode::Required) {
         return Ok(None);
     }
@@ -86,9 +81,7 @@ impl Daemon {
         let mut discovery = Discovery::default();
         discovery.start(&upstreams).await?;
         let admin = match &config.admin {
-            Some(cfg) => {
-                Some(AdminServer::start(cfg, Arc::clone(&upstreams), discovery.board()).await?)
-            }
+            Some(cfg) => Some(AdminServer::start(cfg, Arc::clone(&upstreams), discovery.board()).await?),
             None => None,
         };
         let mut daemon = Daemon {
@@ -101,9 +94,10 @@ impl Daemon {
             admin,
         };
         for server in &config.servers {
-            daemon.open_listener(server).await.with_context(|| {
-                format!("cannot listen on {} ({:?})", server.listen, server.protocol)
-            })?;
+            daemon
+                .open_listener(server)
+                .await
+                .with_context(|| format!("cannot listen on {} ({:?})", server.listen, server.protocol))?;
         }
         info!(
             config = %config_path.display(),
@@ -117,10 +111,7 @@ impl Daemon {
     fn ctx_for(&self, server: &ServerConfig) -> ListenerCtx {
         ListenerCtx {
             server: server.clone(),
-            upstream: server
-                .proxy_pass
-                .as_deref()
-                .and_then(|n| self.upstreams.get(n)),
+            upstream: server.proxy_pass.as_deref().and_then(|n| self.upstreams.get(n)),
         }
     }
 
@@ -129,37 +120,19 @@ impl Daemon {
         let stop = CancellationToken::new();
         match server.protocol {
             Protocol::Tcp => {
-                let socket = if server.listen.is_ipv4() {
-                    TcpSocket::new_v4()?
-                } else {
-                    TcpSocket::new_v6()?
-                };
+                let socket = if server.listen.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
                 socket.set_reuseaddr(true)?;
                 socket.bind(server.listen)?;
                 let listener: TcpListener = socket.listen(LISTEN_BACKLOG)?;
                 if server.upstream_show {
-                    tokio::spawn(crate::admin::serve_upstream_show(
-                        listener,
-                        Arc::clone(&self.upstreams),
-                        stop.clone(),
-                    ));
+                    tokio::spawn(crate::admin::serve_upstream_show(listener, Arc::clone(&self.upstreams), stop.clone()));
                 } else {
-                    tokio::spawn(tcp::serve(
-                        listener,
-                        Arc::clone(&ctx),
-                        Arc::clone(&self.dp),
-                        stop.clone(),
-                    ));
+                    tokio::spawn(tcp::serve(listener, Arc::clone(&ctx), Arc::clone(&self.dp), stop.clone()));
                 }
             }
             Protocol::Udp => {
                 let socket = UdpSocket::bind(server.listen).await?;
-                tokio::spawn(udp::serve(
-                    socket,
-                    Arc::clone(&ctx),
-                    Arc::clone(&self.dp),
-                    stop.clone(),
-                ));
+                tokio::spawn(udp::serve(socket, Arc::clone(&ctx), Arc::clone(&self.dp), stop.clone()));
             }
         }
         self.listeners.insert(server.key(), Listener { ctx, stop });
@@ -202,38 +175,13 @@ impl Daemon {
         {
             warn!("changes to global max_connections, worker_threads, log_level or splice take effect at restart");
         }
-        self.dp
-            .access_log
-            .store(config.global.access_log, Ordering::Relaxed);
+        self.dp.access_log.store(config.global.access_log, Ordering::Relaxed);
         self.upstreams.apply(&config.upstreams);
         self.discovery.reconcile(&self.upstreams).await;
-        self.admin = match self.admin.take() {
-            Some(admin) => admin.reload(config.admin.as_ref()).await,
-            None => match &config.admin {
-                Some(cfg) => match AdminServer::start(
-                    cfg,
-                    Arc::clone(&self.upstreams),
-                    self.discovery.board(),
-                )
-                .await
-                {
-                    Ok(a) => Some(a),
-                    Err(e) => {
-                        error!(error = %format!("{e:#}"), "admin API not started");
-                        None
-                    }
-                },
-                None => None,
-            },
-        };
+        self.reload_admin(&config).await;
 
         let wanted: HashMap<_, _> = config.servers.iter().map(|s| (s.key(), s)).collect();
-        let removed: Vec<_> = self
-            .listeners
-            .keys()
-            .filter(|k| !wanted.contains_key(k))
-            .copied()
-            .collect();
+        let removed: Vec<_> = self.listeners.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
         for key in removed {
             if let Some(l) = self.listeners.remove(&key) {
                 l.stop.cancel();
@@ -258,10 +206,22 @@ impl Daemon {
             }
         }
         self.config = config;
-        info!(
-            listeners = self.listeners.len(),
-            failed, "configuration reloaded"
-        );
+        info!(listeners = self.listeners.len(), failed, "configuration reloaded");
+    }
+
+    /// Best effort: a new `[admin] listen` that cannot be bound leaves the old one open.
+    async fn reload_admin(&mut self, config: &Config) {
+        self.admin = match (self.admin.take(), &config.admin) {
+            (Some(admin), cfg) => admin.reload(cfg.as_ref()).await,
+            (None, Some(cfg)) => match AdminServer::start(cfg, Arc::clone(&self.upstreams), self.discovery.board()).await {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    error!(error = %format!("{e:#}"), "admin API not started");
+                    None
+                }
+            },
+            (None, None) => None,
+        };
     }
 
     async fn drain(mut self) {
@@ -275,14 +235,8 @@ impl Daemon {
         }
         self.dp.sessions.close();
         info!(sessions = self.dp.sessions.len(), grace = ?grace, "stopping: no new connections, draining sessions");
-        if tokio::time::timeout(grace, self.dp.sessions.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                sessions = self.dp.sessions.len(),
-                "grace period over; closing remaining sessions"
-            );
+        if tokio::time::timeout(grace, self.dp.sessions.wait()).await.is_err() {
+            warn!(sessions = self.dp.sessions.len(), "grace period over; closing remaining sessions");
             self.dp.shutdown.cancel();
             self.dp.sessions.wait().await;
         }

@@ -50,11 +50,7 @@ fn main() -> ExitCode {
             }
             Err(errors) => {
                 eprintln!("{errors}");
-                eprintln!(
-                    "l4lb: configuration file {} test failed ({} errors)",
-                    config.display(),
-                    errors.errors.len()
-                );
+                eprintln!("l4lb: configuration file {} test failed ({} errors)", config.display(), errors.errors.len());
                 ExitCode::FAILURE
             }
         },

@@ -283,11 +283,7 @@ impl Validator<'_> {
                 }
                 "upstream" => {
                     let Some(table) = node.get_ref().as_table() else {
-                        self.push_span(
-                            Some(node.span()),
-                            "upstream",
-                            "expected [upstream.NAME] tables",
-                        );
+                        self.push_span(Some(node.span()), "upstream", "expected [upstream.NAME] tables");
                         continue;
                     };
                     for (name, unode) in table.iter() {
@@ -326,12 +322,7 @@ impl Validator<'_> {
         for ((path, raw), node) in servers.into_iter().zip(&server_nodes) {
             if let Some(s) = self.server(node, &path, raw, &global, &declared) {
                 if !seen.insert(s.key()) {
-                    self.at(
-                        node,
-                        &path,
-                        "listen",
-                        format!("{} is already used by another [[server]] block", s.listen),
-                    );
+                    self.at(node, &path, "listen", format!("{} is already used by another [[server]] block", s.listen));
                 } else {
                     listeners.push(s);
                 }
@@ -363,21 +354,11 @@ impl Validator<'_> {
         let listen = match listen_text.parse::<SocketAddr>() {
             Ok(a) => a,
             Err(_) => {
-                self.at(
-                    node,
-                    "admin",
-                    "listen",
-                    format!("{listen_text:?} is not an ip:port address"),
-                );
+                self.at(node, "admin", "listen", format!("{listen_text:?} is not an ip:port address"));
                 return None;
             }
         };
-        let token = self.secret(
-            node,
-            "admin",
-            raw.token_env.as_deref(),
-            raw.token_file.as_deref(),
-        )?;
+        let token = self.secret(node, "admin", raw.token_env.as_deref(), raw.token_file.as_deref())?;
         Some(AdminConfig { listen, token })
     }
 
@@ -391,23 +372,13 @@ impl Validator<'_> {
     ) -> Option<Option<String>> {
         match (env, file) {
             (Some(_), Some(_)) => {
-                self.at(
-                    node,
-                    path,
-                    "token_env",
-                    "set token_env or token_file, not both",
-                );
+                self.at(node, path, "token_env", "set token_env or token_file, not both");
                 None
             }
             (Some(var), None) => match std::env::var(var) {
                 Ok(v) if !v.trim().is_empty() => Some(Some(v.trim().to_string())),
                 _ => {
-                    self.at(
-                        node,
-                        path,
-                        "token_env",
-                        format!("environment variable {var} is not set"),
-                    );
+                    self.at(node, path, "token_env", format!("environment variable {var} is not set"));
                     None
                 }
             },
@@ -436,12 +407,7 @@ impl Validator<'_> {
         let errors_before = self.errors.len();
         let kind = raw.balance.unwrap_or(BalanceKind::RoundRobin);
         if raw.consistent.is_some() && kind != BalanceKind::Hash {
-            self.at(
-                node,
-                path,
-                "consistent",
-                "only valid with balance = \"hash\"",
-            );
+            self.at(node, path, "consistent", "only valid with balance = \"hash\"");
         }
         if raw.two.is_some() && kind != BalanceKind::Random {
             self.at(node, path, "two", "only valid with balance = \"random\"");
@@ -469,12 +435,7 @@ impl Validator<'_> {
         let mut addrs = HashSet::new();
         for s in &servers {
             if !addrs.insert(s.addr) {
-                self.at(
-                    node,
-                    path,
-                    "servers",
-                    format!("server {} is listed twice", s.addr),
-                );
+                self.at(node, path, "servers", format!("server {} is listed twice", s.addr));
             }
         }
         let upsync = raw.upsync.and_then(|u| {
@@ -486,12 +447,7 @@ impl Validator<'_> {
             self.upsync(unode, &format!("{path}.upsync"), u)
         });
         if servers.is_empty() && upsync.is_none() {
-            self.at(
-                node,
-                path,
-                "servers",
-                "an upstream needs servers or an upsync source",
-            );
+            self.at(node, path, "servers", "an upstream needs servers or an upsync source");
         }
         if self.errors.len() > errors_before {
             return None;
@@ -536,12 +492,7 @@ impl Validator<'_> {
 
     fn upsync(&mut self, node: &Node<'_>, path: &str, raw: RawUpsync) -> Option<UpsyncConfig> {
         if !(raw.url.starts_with("http://") || raw.url.starts_with("https://")) {
-            self.at(
-                node,
-                path,
-                "url",
-                format!("{:?} must start with http:// or https://", raw.url),
-            );
+            self.at(node, path, "url", format!("{:?} must start with http:// or https://", raw.url));
             return None;
         }
         let interval = raw.interval.map_or(Duration::from_secs(5), |d| d.0);
@@ -549,12 +500,7 @@ impl Validator<'_> {
             self.at(node, path, "interval", "interval must be greater than zero");
             return None;
         }
-        let token = self.secret(
-            node,
-            path,
-            raw.token_env.as_deref(),
-            raw.token_file.as_deref(),
-        )?;
+        let token = self.secret(node, path, raw.token_env.as_deref(), raw.token_file.as_deref())?;
         if raw.client_key.is_some() && raw.client_cert.is_none() {
             self.at(node, path, "client_key", "client_key needs client_cert");
             return None;
@@ -586,12 +532,7 @@ impl Validator<'_> {
         let listen = match raw.listen.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
-                self.at(
-                    node,
-                    path,
-                    "listen",
-                    format!("{:?} is not an ip:port address", raw.listen),
-                );
+                self.at(node, path, "listen", format!("{:?} is not an ip:port address", raw.listen));
                 None
             }
         };
@@ -599,55 +540,23 @@ impl Validator<'_> {
         let upstream_show = raw.upstream_show.unwrap_or(false);
         match (&raw.proxy_pass, upstream_show) {
             (Some(name), _) if !upstreams.contains(name) => {
-                self.at(
-                    node,
-                    path,
-                    "proxy_pass",
-                    format!("no [upstream.{name}] is defined"),
-                );
+                self.at(node, path, "proxy_pass", format!("no [upstream.{name}] is defined"));
             }
             (Some(_), true) => {
-                self.at(
-                    node,
-                    path,
-                    "upstream_show",
-                    "a server block either proxies (proxy_pass) or shows upstreams, not both",
-                );
+                self.at(node, path, "upstream_show", "a server block either proxies (proxy_pass) or shows upstreams, not both");
             }
-            (None, false) => self.at(
-                node,
-                path,
-                "proxy_pass",
-                "missing proxy_pass (or upstream_show = true)",
-            ),
+            (None, false) => self.at(node, path, "proxy_pass", "missing proxy_pass (or upstream_show = true)"),
             _ => {}
         }
         if upstream_show && protocol == Protocol::Udp {
-            self.at(
-                node,
-                path,
-                "upstream_show",
-                "upstream_show needs protocol = \"tcp\"",
-            );
+            self.at(node, path, "upstream_show", "upstream_show needs protocol = \"tcp\"");
         }
         if raw.proxy_responses.is_some() && protocol != Protocol::Udp {
-            self.at(
-                node,
-                path,
-                "proxy_responses",
-                "only valid with protocol = \"udp\"",
-            );
+            self.at(node, path, "proxy_responses", "only valid with protocol = \"udp\"");
         }
-        let connect_timeout = raw
-            .proxy_connect_timeout
-            .map_or(Duration::from_secs(60), |d| d.0);
+        let connect_timeout = raw.proxy_connect_timeout.map_or(Duration::from_secs(60), |d| d.0);
         if connect_timeout.is_zero() {
-            self.at(
-                node,
-                path,
-                "proxy_connect_timeout",
-                "must be greater than zero",
-            );
+            self.at(node, path, "proxy_connect_timeout", "must be greater than zero");
         }
         let proxy_timeout = raw.proxy_timeout.map_or(Duration::from_secs(600), |d| d.0);
         if proxy_timeout.is_zero() {
@@ -664,9 +573,7 @@ impl Validator<'_> {
             proxy_timeout,
             proxy_next_upstream: raw.proxy_next_upstream.unwrap_or(true),
             proxy_next_upstream_tries: raw.proxy_next_upstream_tries.unwrap_or(0),
-            proxy_next_upstream_timeout: raw
-                .proxy_next_upstream_timeout
-                .map_or(Duration::ZERO, |d| d.0),
+            proxy_next_upstream_timeout: raw.proxy_next_upstream_timeout.map_or(Duration::ZERO, |d| d.0),
             proxy_upload_rate: raw.proxy_upload_rate.map_or(0, |s| s.0),
             proxy_download_rate: raw.proxy_download_rate.map_or(0, |s| s.0),
             proxy_responses: raw.proxy_responses,
@@ -682,10 +589,7 @@ pub fn resolve(address: &str) -> Result<Vec<SocketAddr>, String> {
     if let Ok(a) = address.parse::<SocketAddr>() {
         return Ok(vec![a]);
     }
-    if address
-        .rsplit_once(':')
-        .is_none_or(|(_, p)| p.parse::<u16>().is_err())
-    {
+    if address.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()) {
         return Err(format!("{address:?} is not host:port"));
     }
     let mut addrs: Vec<SocketAddr> = address
@@ -729,10 +633,7 @@ fn key_at(node: &Node<'_>, offset: usize, path: &str) -> String {
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before
-        .rfind('\n')
-        .map_or(before.len(), |nl| before.len() - nl - 1)
-        + 1;
+    let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
     (line, column)
 }
 

@@ -41,9 +41,7 @@ pub async fn connect(
         };
         let addr = lease.spec.addr;
         tried.push(addr);
-        let err = match tokio::time::timeout(server.proxy_connect_timeout, TcpStream::connect(addr))
-            .await
-        {
+        let err = match tokio::time::timeout(server.proxy_connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => {
                 lease.connect_succeeded();
                 // nginx's stream module sets TCP_NODELAY on both sides by default.

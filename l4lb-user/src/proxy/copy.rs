@@ -57,26 +57,8 @@ pub async fn copy_bidirectional(
     let last_activity = AtomicU64::new(0);
     let (mut cr, mut cw) = client.split();
     let (mut br, mut bw) = backend.split();
-    let up = pump(
-        &mut cr,
-        &mut bw,
-        limits.upload_rate,
-        &transfer.upload,
-        &last_activity,
-        start,
-        Side::Client,
-        Side::Backend,
-    );
-    let down = pump(
-        &mut br,
-        &mut cw,
-        limits.download_rate,
-        &transfer.download,
-        &last_activity,
-        start,
-        Side::Backend,
-        Side::Client,
-    );
+    let up = pump(&mut cr, &mut bw, limits.upload_rate, &transfer.upload, &last_activity, start, Side::Client, Side::Backend);
+    let down = pump(&mut br, &mut cw, limits.download_rate, &transfer.download, &last_activity, start, Side::Backend, Side::Client);
     tokio::select! {
         r = async { tokio::try_join!(up, down) } => match r {
             Ok(_) => SessionEnd::Closed,
@@ -117,9 +99,7 @@ where
     let mut buf = vec![0u8; INITIAL_BUF];
     // Paced reads are at most a tenth of a second's worth, so the rate holds closely.
     let chunk_cap = if rate > 0 {
-        usize::try_from((rate / 10).max(1))
-            .unwrap_or(MAX_BUF)
-            .min(MAX_BUF)
+        usize::try_from((rate / 10).max(1)).unwrap_or(MAX_BUF).min(MAX_BUF)
     } else {
         MAX_BUF
     };

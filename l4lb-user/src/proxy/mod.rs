@@ -59,9 +59,9 @@ pub enum SessionEnd {
 impl SessionEnd {
     pub fn error(side: Side, e: &io::Error) -> Self {
         match e.kind() {
-            io::ErrorKind::ConnectionReset
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::ConnectionAborted => SessionEnd::Reset(side),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted => {
+                SessionEnd::Reset(side)
+            }
             _ => SessionEnd::Error(side, e.to_string()),
         }
     }

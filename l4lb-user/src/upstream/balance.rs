@@ -74,9 +74,7 @@ fn smooth_weighted<'a>(candidates: &[&'a Peer]) -> &'a Peer {
             best_cw = cw;
         }
     }
-    best.state
-        .current_weight
-        .fetch_sub(total, Ordering::Relaxed);
+    best.state.current_weight.fetch_sub(total, Ordering::Relaxed);
     best
 }
 
@@ -111,11 +109,7 @@ fn client_hash(client: IpAddr) -> u32 {
     crc32fast::hash(client.to_string().as_bytes())
 }
 
-fn hash_plain<'a>(
-    all: &'a [Peer],
-    client: IpAddr,
-    eligible: &dyn Fn(&Peer) -> bool,
-) -> Option<&'a Peer> {
+fn hash_plain<'a>(all: &'a [Peer], client: IpAddr, eligible: &dyn Fn(&Peer) -> bool) -> Option<&'a Peer> {
     let primaries: Vec<&Peer> = all.iter().filter(|p| !p.spec.backup).collect();
     let total: u64 = primaries.iter().map(|p| u64::from(p.spec.weight)).sum();
     if total == 0 {

@@ -101,9 +101,7 @@ pub struct Upstream {
 
 impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Upstream")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
+        f.debug_struct("Upstream").field("name", &self.name).finish_non_exhaustive()
     }
 }
 
@@ -230,9 +228,7 @@ impl Upstream {
         let snap = self.current.load();
         let keep = match snap.source {
             Source::Config => false,
-            Source::Admin => {
-                config.upsync.is_none() && old.upsync.is_none() && old.servers == config.servers
-            }
+            Source::Admin => config.upsync.is_none() && old.upsync.is_none() && old.servers == config.servers,
             _ => config.upsync.is_some() && old.upsync == config.upsync,
         };
         if keep {
@@ -283,15 +279,7 @@ impl Upstream {
             Balance::Hash { .. } => Balance::RoundRobin,
             other => other,
         };
-        balance::choose(
-            backup_balance,
-            &snap.peers,
-            None,
-            &backups,
-            client,
-            &eligible,
-        )
-        .map(Lease::new)
+        balance::choose(backup_balance, &snap.peers, None, &backups, client, &eligible).map(Lease::new)
     }
 }
 
