@@ -207,7 +207,13 @@ impl Etcd {
             "range_end": b64().encode(&self.range_end),
             "start_revision": from.to_string(),
         }});
-        let resp = http::send(self.client.post(self.endpoint("v3/watch")?).json(&body)).await?;
+        // No overall timeout (the stream is long-lived), but its headers must come soon.
+        let send = http::send(self.client.post(self.endpoint("v3/watch")?).json(&body));
+        let resp = tokio::time::timeout(RANGE_TIMEOUT, send)
+            .await
+            .map_err(|_| {
+                SourceError::Transport("etcd did not answer the watch request".into())
+            })??;
         if resp.status() != StatusCode::OK {
             return Err(http::status_error(resp).await);
         }
