@@ -412,7 +412,8 @@ impl Discovery {
         );
         if cfg.strong_dependency && phase == Phase::Start {
             runner.initial(&mut src).await?;
-        } else {
+        } else if upstream.snapshot().source == Origin::Config {
+            // Only when nothing was discovered yet: on reload a discovered set is newer.
             runner.load_dump().await;
         }
         let stop = CancellationToken::new();
