@@ -80,7 +80,7 @@ fn count(tags: &[String], tag: &str) -> usize {
     tags.iter().filter(|t| *t == tag).count()
 }
 
-fn server_json<'a>(up: &'a Value, addr: SocketAddr) -> &'a Value {
+fn server_json(up: &Value, addr: SocketAddr) -> &Value {
     up["servers"]
         .as_array()
         .and_then(|s| s.iter().find(|v| v["address"] == addr.to_string()))
