@@ -60,10 +60,7 @@ impl Daemon {
                     panic!("l4lb did not listen on {addr}; log:\n{}", d.log());
                 }
                 if let Some(status) = d.exited() {
-                    panic!(
-                        "l4lb exited ({status}) before listening on {addr}; log:\n{}",
-                        d.log()
-                    );
+                    panic!("l4lb exited ({status}) before listening on {addr}; log:\n{}", d.log());
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -82,10 +79,7 @@ impl Daemon {
         cmd.arg("run")
             .arg("-c")
             .arg(&config_path)
-            .env(
-                "L4LB_LOG",
-                std::env::var("L4LB_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("L4LB_LOG", std::env::var("L4LB_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log"))
             .stderr(log);
@@ -144,23 +138,16 @@ impl Daemon {
         std::fs::write(&self.config_path, config).expect("rewrite config");
         self.signal(libc::SIGHUP);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.log().matches("configuration reloaded").count()
-            + self.log().matches("reload rejected").count()
+        while self.log().matches("configuration reloaded").count() + self.log().matches("reload rejected").count()
             <= before
         {
-            assert!(
-                Instant::now() < deadline,
-                "reload not logged; log:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "reload not logged; log:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     pub fn exited(&self) -> Option<ExitStatus> {
-        self.child_lock()
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
+        self.child_lock().as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Waits for the process to exit by itself.
@@ -185,8 +172,7 @@ impl Daemon {
 
     /// Resident memory of the daemon in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -221,11 +207,7 @@ fn tcp_listens(config: &str) -> Vec<SocketAddr> {
             }
         }
     }
-    if let Some(l) = doc
-        .get("admin")
-        .and_then(|a| a.get("listen"))
-        .and_then(|l| l.as_str())
-    {
+    if let Some(l) = doc.get("admin").and_then(|a| a.get("listen")).and_then(|l| l.as_str()) {
         out.push(l.parse().expect("admin listen is ip:port"));
     }
     out
@@ -265,9 +247,7 @@ impl Backend {
         let (acc, opn) = (Arc::clone(&accepted), Arc::clone(&open));
         let task = tokio::spawn(async move {
             loop {
-                let Ok((sock, _)) = listener.accept().await else {
-                    continue;
-                };
+                let Ok((sock, _)) = listener.accept().await else { continue };
                 acc.fetch_add(1, Ordering::SeqCst);
                 opn.fetch_add(1, Ordering::SeqCst);
                 let opn = Arc::clone(&opn);
@@ -346,10 +326,7 @@ pub async fn connect_tagged(addr: SocketAddr) -> std::io::Result<(String, TcpStr
             .await
             .map_err(|_| std::io::Error::other("read timed out"))??;
         if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "closed before tag",
-            ));
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before tag"));
         }
         if byte[0] == b'\n' {
             break;
@@ -377,10 +354,7 @@ pub async fn roundtrip(addr: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<
 
 /// A deterministic pseudo-random payload.
 pub fn payload(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407)
-        | 1;
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
     (0..len)
         .map(|_| {
             x ^= x << 13;
@@ -400,9 +374,7 @@ pub struct UdpBackend {
 
 impl UdpBackend {
     pub async fn start(tag: &str) -> UdpBackend {
-        let sock = UdpSocket::bind("127.0.0.1:0")
-            .await
-            .expect("bind udp backend");
+        let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind udp backend");
         let addr = sock.local_addr().expect("udp addr");
         let received = Arc::new(AtomicUsize::new(0));
         let rec = Arc::clone(&received);
@@ -417,11 +389,7 @@ impl UdpBackend {
                 let _ = sock.send_to(&reply, from).await;
             }
         });
-        UdpBackend {
-            addr,
-            received,
-            task,
-        }
+        UdpBackend { addr, received, task }
     }
 }
 
@@ -437,16 +405,9 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 /// Minimal blocking HTTP/1.1 request; returns status and body.
-pub fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String) {
+pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
     let mut s = StdTcpStream::connect(addr).expect("connect http");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -465,26 +426,18 @@ pub fn http(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, dechunk(&text, body))
 }
 
 fn dechunk(head: &str, body: String) -> String {
-    if !head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
+    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
         return body;
     }
     let mut out = String::new();
     let mut rest = body.as_str();
     while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
         if n == 0 || after.len() < n {
             break;
         }
@@ -523,11 +476,7 @@ pub fn show(addr: SocketAddr, upstream: &str) -> String {
 pub async fn tags(addr: SocketAddr, n: usize) -> Vec<String> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        out.push(
-            connect_tagged(addr)
-                .await
-                .map_or_else(|_| "ERR".to_string(), |(t, _)| t),
-        );
+        out.push(connect_tagged(addr).await.map_or_else(|_| "ERR".to_string(), |(t, _)| t));
     }
     out
 }
