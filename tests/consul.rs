@@ -752,3 +752,46 @@ async fn sighup_restarts_only_changed_sources_and_stops_removed_ones() {
     .is_some());
     assert!(begin.elapsed() < Duration::from_secs(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_private_ca_and_a_client_certificate() {
+    let a = Backend::start(Behaviour::Tagged("a".into())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = support::tls::Certs::generate(dir.path());
+    let consul = Consul::start().await;
+    consul.put(&key(&a), "");
+    consul.put(&format!("upstreams/nocert/{}", a.addr), "");
+    let tls = support::tls::Terminator::start(consul.addr, &certs).await;
+    let url = |prefix: &str| format!("https://127.0.0.1:{}/v1/kv/{prefix}", tls.addr.port());
+    let p = Ports::new();
+    let with_cert = format!(
+        "ca_file = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"",
+        certs.ca.display(),
+        certs.client_cert.display(),
+        certs.client_key.display()
+    );
+    let mut cfg = config(&p, "", &consul_upsync(&url(PREFIX), &with_cert));
+    cfg.push_str(&format!(
+        "\n[upstream.nocert.upsync]\n{}\n",
+        consul_upsync(
+            &url("upstreams/nocert/"),
+            &format!("ca_file = \"{}\"", certs.ca.display())
+        )
+    ));
+    let d = Daemon::start(&cfg);
+    shows(&d, &p, Duration::from_secs(3), |s| {
+        s.contains(&a.addr.to_string())
+    })
+    .await;
+    assert_eq!(tags(p.lb(), 2).await, ["a", "a"]);
+    let refused = d.wait_log(
+        "last good server set upstream=nocert",
+        Duration::from_secs(3),
+    );
+    assert!(
+        refused,
+        "a source without a client certificate was not refused:\n{}",
+        d.log()
+    );
+    assert!(show(p.show(), "nocert").contains("Backend server counts: 0"));
+}

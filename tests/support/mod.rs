@@ -4,6 +4,7 @@
 
 pub mod consul;
 pub mod etcd;
+pub mod tls;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener as StdTcpListener, TcpStream as StdTcpStream};
