@@ -222,7 +222,7 @@ fn begin<'a>(
             StatusCode::CONFLICT,
             format!(
                 "upstream {name} is managed by its upsync source ({}); change the servers there",
-                u.url
+                crate::discovery::shown_url(&u.url)
             ),
         ));
     }

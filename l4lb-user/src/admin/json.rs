@@ -56,7 +56,7 @@ pub fn upstream(up: &Upstream, board: &Board) -> Value {
         let status = board.get(&up.name);
         json!({
             "type": upsync_kind(u.kind),
-            "url": u.url,
+            "url": crate::discovery::shown_url(&u.url),
             "updates": status.as_ref().map_or(0, |s| s.updates.load(std::sync::atomic::Ordering::Relaxed)),
             "errors": status.as_ref().map_or(0, |s| s.errors.load(std::sync::atomic::Ordering::Relaxed)),
             "last_error": status.as_ref().and_then(|s| s.last_error()),

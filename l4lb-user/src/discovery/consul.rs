@@ -218,6 +218,47 @@ mod tests {
         assert_eq!(next_index(0, -4), 1);
     }
 
+    fn cfg(url: &str, consistency: Consistency) -> UpsyncConfig {
+        UpsyncConfig {
+            kind: crate::config::UpsyncKind::Consul,
+            url: url.into(),
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(360),
+            strong_dependency: false,
+            dump_path: None,
+            token: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            consistency,
+        }
+    }
+
+    #[test]
+    fn url_shapes() {
+        let kv = ConsulKv::new(&cfg(
+            "http://h:8500/v1/kv/upstreams/db?dc=x",
+            Consistency::Stale,
+        ))
+        .unwrap();
+        assert_eq!(kv.prefix, "upstreams/db/");
+        assert_eq!(
+            kv.query.url.as_str(),
+            "http://h:8500/v1/kv/upstreams/db/?dc=x&recurse&stale"
+        );
+        let kv = ConsulKv::new(&cfg(
+            "http://h:8500/v1/kv/upstreams/db/",
+            Consistency::Consistent,
+        ))
+        .unwrap();
+        assert_eq!(
+            kv.query.url.as_str(),
+            "http://h:8500/v1/kv/upstreams/db/?recurse&consistent"
+        );
+        assert!(ConsulKv::new(&cfg("http://h:8500/v1/kv/", Consistency::Default)).is_err());
+        assert!(ConsulKv::new(&cfg("http://h:8500/upstreams/db/", Consistency::Default)).is_err());
+    }
+
     #[test]
     fn decodes_escapes() {
         assert_eq!(percent_decode("up%2Fa/b%3A1%zz"), "up/a/b:1%zz");

@@ -117,7 +117,7 @@ fn origin(kind: UpsyncKind) -> Origin {
 }
 
 /// The URL as logged: without any user:password part.
-fn shown_url(url: &str) -> String {
+pub fn shown_url(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut u) => {
             let _ = u.set_password(None);
