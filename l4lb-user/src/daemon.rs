@@ -17,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::admin::AdminServer;
 use crate::config::{self, Config, Protocol, ServerConfig, SpliceMode};
+use crate::discovery::Discovery;
 use crate::proxy::{tcp, udp, ListenerCtx, SharedCtx};
 use crate::runtime::DataPath;
 use crate::splice::Splicer;
@@ -37,6 +39,8 @@ pub struct Daemon {
     upstreams: Arc<Upstreams>,
     dp: Arc<DataPath>,
     listeners: HashMap<(Protocol, SocketAddr), Listener>,
+    discovery: Discovery,
+    admin: Option<AdminServer>,
 }
 
 /// Loads the kernel path if any TCP server block may use it.
@@ -77,12 +81,24 @@ impl Daemon {
         });
         let upstreams = Arc::new(Upstreams::default());
         upstreams.apply(&config.upstreams);
+        // Sources first: a strong_dependency source that does not answer stops the start
+        // before any listener opens.
+        let mut discovery = Discovery::default();
+        discovery.start(&upstreams).await?;
+        let admin = match &config.admin {
+            Some(cfg) => {
+                Some(AdminServer::start(cfg, Arc::clone(&upstreams), discovery.board()).await?)
+            }
+            None => None,
+        };
         let mut daemon = Daemon {
             config_path: config_path.to_path_buf(),
             config: config.clone(),
             upstreams,
             dp,
             listeners: HashMap::new(),
+            discovery,
+            admin,
         };
         for server in &config.servers {
             daemon.open_listener(server).await.with_context(|| {
@@ -190,6 +206,8 @@ impl Daemon {
             .access_log
             .store(config.global.access_log, Ordering::Relaxed);
         self.upstreams.apply(&config.upstreams);
+        self.discovery.reconcile(&self.upstreams).await;
+        self.reload_admin(&config).await;
 
         let wanted: HashMap<_, _> = config.servers.iter().map(|s| (s.key(), s)).collect();
         let removed: Vec<_> = self
@@ -228,8 +246,31 @@ impl Daemon {
         );
     }
 
-    async fn drain(self) {
+    /// Best effort: a new `[admin] listen` that cannot be bound leaves the old one open.
+    async fn reload_admin(&mut self, config: &Config) {
+        self.admin = match (self.admin.take(), &config.admin) {
+            (Some(admin), cfg) => admin.reload(cfg.as_ref()).await,
+            (None, Some(cfg)) => {
+                match AdminServer::start(cfg, Arc::clone(&self.upstreams), self.discovery.board())
+                    .await
+                {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        error!(error = %format!("{e:#}"), "admin API not started");
+                        None
+                    }
+                }
+            }
+            (None, None) => None,
+        };
+    }
+
+    async fn drain(mut self) {
         let grace = self.config.global.worker_shutdown_timeout;
+        self.discovery.stop_all();
+        if let Some(admin) = &self.admin {
+            admin.stop();
+        }
         for l in self.listeners.values() {
             l.stop.cancel();
         }

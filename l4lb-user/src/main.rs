@@ -4,6 +4,7 @@
 mod admin;
 mod config;
 mod daemon;
+mod discovery;
 mod health;
 mod metrics;
 mod proxy;

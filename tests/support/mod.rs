@@ -2,6 +2,10 @@
 //! configuration, and real TCP/UDP backends on 127.0.0.1.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod consul;
+pub mod etcd;
+pub mod tls;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener as StdTcpListener, TcpStream as StdTcpStream};
 use std::path::{Path, PathBuf};
@@ -277,10 +281,8 @@ async fn serve_one(mut sock: TcpStream, behaviour: Behaviour) {
     let _ = sock.set_nodelay(true);
     match behaviour {
         Behaviour::Reset => {
-            // Linger 0 makes the close an RST; the socket is non-blocking, so no stall.
-            if let Ok(std_sock) = sock.into_std() {
-                let _ = socket2::SockRef::from(&std_sock).set_linger(Some(Duration::ZERO));
-            }
+            let _ = sock.set_zero_linger();
+            drop(sock);
         }
         Behaviour::Count => {
             let mut buf = vec![0u8; 256 * 1024];
@@ -486,16 +488,35 @@ pub async fn read_line(s: &mut TcpStream) -> std::io::Result<String> {
     }
 }
 
-/// Polls `cond` every 10 ms until it holds or `timeout` passes.
-pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
+/// Polls `cond` every 10 ms until it holds or `timeout` passes; returns how long it took.
+pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
     loop {
         if cond() {
-            return true;
+            return Some(start.elapsed());
         }
-        if Instant::now() > deadline {
-            return false;
+        if start.elapsed() > timeout {
+            return None;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The `upstream_show` text of one upstream.
+pub fn show(addr: SocketAddr, upstream: &str) -> String {
+    http_get(addr, &format!("/upstream_show?upstream={upstream}")).1
+}
+
+/// Opens `n` connections one after another and returns the tag each got ("ERR" when
+/// the connection failed or closed without a tag).
+pub async fn tags(addr: SocketAddr, n: usize) -> Vec<String> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(
+            connect_tagged(addr)
+                .await
+                .map_or_else(|_| "ERR".to_string(), |(t, _)| t),
+        );
+    }
+    out
 }

@@ -22,8 +22,8 @@ const BUILD_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
 ];
-/// Debian packages the tests use: a real etcd, `ip` for network namespaces, `ss`.
-const TEST_PACKAGES: &[&str] = &["etcd-server", "etcd-client", "iproute2"];
+/// Debian packages the tests use: a real etcd, `ip` and `ss`, openssl for test certificates.
+const TEST_PACKAGES: &[&str] = &["etcd-server", "etcd-client", "iproute2", "openssl"];
 
 pub fn all(purpose: Purpose) -> Result<()> {
     let mut packages: Vec<&str> = BUILD_PACKAGES.to_vec();

@@ -241,8 +241,12 @@ fn reload_keeps_a_discovered_set_when_upsync_is_unchanged() {
     let snap = u.snapshot();
     assert_eq!(snap.balance, Balance::LeastConn);
     assert_eq!(snap.peers[0].spec.addr.port(), 7);
-    // A changed source falls back to the configured servers until it reports.
+    // A changed source keeps serving the current set until the new source answers.
     reloaded.upsync.as_mut().unwrap().url = "http://127.0.0.1:8500/v1/kv/other/".into();
+    u.reconfigure(&reloaded);
+    assert_eq!(u.snapshot().peers[0].spec.addr.port(), 7);
+    // Without any upsync source the configured servers apply again.
+    reloaded.upsync = None;
     u.reconfigure(&reloaded);
     assert_eq!(u.snapshot().peers[0].spec.addr.port(), 1);
 }
