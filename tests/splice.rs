@@ -49,49 +49,11 @@ fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-/// A daemon started on `cfg`, and how many access log lines its start-up probes wrote
-/// (`Daemon::start` connects once to every listener to see it is up).
-struct Lb {
-    d: Daemon,
-    probes: usize,
-}
-
-impl std::ops::Deref for Lb {
-    type Target = Daemon;
-    fn deref(&self) -> &Daemon {
-        &self.d
-    }
-}
-
-fn start(cfg: &str) -> Lb {
-    start_with_env(cfg, &[])
-}
-
-fn start_with_env(cfg: &str, env: &[(&str, &str)]) -> Lb {
-    let d = Daemon::start_with_env(cfg, env);
-    let probes = cfg.matches("[[server]]").count();
-    adopt(d, probes)
-}
-
-/// Waits until the daemon logged its `probes` start-up probe sessions.
-fn adopt(d: Daemon, probes: usize) -> Lb {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while d.access_lines().len() < probes {
-        assert!(
-            Instant::now() < deadline,
-            "start-up probes not logged; log:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Lb { d, probes }
-}
-
-/// Waits for `count` access log lines after the start-up probes and returns them.
-fn access_lines(d: &Lb, count: usize, timeout: Duration) -> Vec<String> {
+/// Waits for `count` access log lines and returns them.
+fn access_lines(d: &Daemon, count: usize, timeout: Duration) -> Vec<String> {
     let deadline = Instant::now() + timeout;
     loop {
-        let lines: Vec<String> = d.access_lines().into_iter().skip(d.probes).collect();
+        let lines = d.access_lines();
         if lines.len() >= count {
             return lines;
         }
@@ -106,7 +68,7 @@ fn access_lines(d: &Lb, count: usize, timeout: Duration) -> Vec<String> {
 }
 
 /// Asks the daemon for its splice stats line (SIGUSR1) and returns it.
-fn stats(d: &Lb) -> String {
+fn stats(d: &Daemon) -> String {
     let before = d.log().matches("splice stats").count();
     d.signal(libc::SIGUSR1);
     assert!(
@@ -317,18 +279,9 @@ async fn stream_backend(
     (a, rx, progress)
 }
 
-/// Discards the backend results of the daemon's start-up probe connections.
-async fn drain_probes(d: &Lb, rx: &mut tokio::sync::mpsc::UnboundedReceiver<std::io::Result<u64>>) {
-    for _ in 0..d.probes {
-        let _ = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .expect("probe result");
-    }
-}
-
 /// Moves `size` bytes each way through `port` and checks them; returns the seconds taken.
 async fn bulk(
-    d: &Lb,
+    d: &Daemon,
     port: u16,
     backend_rx: &mut tokio::sync::mpsc::UnboundedReceiver<std::io::Result<u64>>,
     size: u64,
@@ -377,8 +330,7 @@ async fn gib_each_way_kernel_vs_copy_byte_exact() {
         "{}\n[[server]]\nlisten = \"127.0.0.1:{cport}\"\nproxy_pass = \"u\"\nsplice = \"off\"\n",
         config(kport, baddr, "required", "")
     );
-    let d = start(&cfg);
-    drain_probes(&d, &mut brx).await;
+    let d = Daemon::start(&cfg);
 
     let s0 = stats(&d);
     let (cpu0, m0) = (d.cpu_seconds(), machine_cpu_seconds());
@@ -434,7 +386,7 @@ async fn client_half_close_still_gets_the_response() {
     }
     let b = Backend::start(Behaviour::Count).await;
     let port = free_port();
-    let d = start(&config(port, b.addr, "required", ""));
+    let d = Daemon::start(&config(port, b.addr, "required", ""));
     for size in [1usize, 100_000, 32 << 20] {
         let data = support::payload(size, size as u64);
         let got = tokio::time::timeout(Duration::from_secs(30), roundtrip(addr(port), &data))
@@ -477,8 +429,7 @@ async fn server_half_close_first_then_client_uploads() {
         }
     });
     let port = free_port();
-    let d = start(&config(port, baddr, "required", ""));
-    drain_probes(&d, &mut backend).await;
+    let d = Daemon::start(&config(port, baddr, "required", ""));
     let sock = TcpStream::connect(addr(port)).await.unwrap();
     let (mut r, mut w) = sock.into_split();
     let p = Progress::default();
@@ -520,12 +471,6 @@ async fn reset_from_either_side_ends_the_session() {
     });
     let port = free_port();
     let d = Daemon::start(&config(port, baddr, "required", ""));
-    // The start-up probe's backend connection: see it closed.
-    let mut probe = brx.recv().await.unwrap();
-    let mut nothing = Vec::new();
-    probe.read_to_end(&mut nothing).await.unwrap();
-    drop(probe);
-    let d = adopt(d, 1);
 
     // 1. The backend resets.
     let mut c = TcpStream::connect(addr(port)).await.unwrap();
@@ -581,7 +526,7 @@ async fn clients_closing_early_leak_nothing() {
     }
     let b = Backend::start(Behaviour::Echo).await;
     let port = free_port();
-    let d = start(&config(port, b.addr, "required", ""));
+    let d = Daemon::start(&config(port, b.addr, "required", ""));
     let fds0 = d.fd_count();
     // Gone before the daemon's backend connect finished: the client socket is no longer
     // ESTABLISHED when the session reaches the kernel path.
@@ -641,8 +586,7 @@ async fn slow_readers_both_ways_lose_nothing() {
     let (baddr, mut brx, bprog) = stream_backend(backend_plan).await;
     let port = free_port();
     // A short proxy_timeout: it must not fire while bytes move slowly.
-    let d = start(&config(port, baddr, "required", "proxy_timeout = \"3s\""));
-    drain_probes(&d, &mut brx).await;
+    let d = Daemon::start(&config(port, baddr, "required", "proxy_timeout = \"3s\""));
     let rss0 = d.rss_kib();
     let cprog = Arc::new(Progress::default());
     let sock = TcpStream::connect(addr(port)).await.unwrap();
@@ -716,7 +660,7 @@ async fn idle_spliced_session_expires_at_proxy_timeout() {
     }
     let b = Backend::start(Behaviour::Echo).await;
     let port = free_port();
-    let d = start(&config(port, b.addr, "required", "proxy_timeout = \"1s\""));
+    let d = Daemon::start(&config(port, b.addr, "required", "proxy_timeout = \"1s\""));
     let mut c = TcpStream::connect(addr(port)).await.unwrap();
     c.write_all(b"hello").await.unwrap();
     let mut buf = [0u8; 5];
@@ -741,9 +685,12 @@ async fn ten_thousand_sessions_leave_maps_empty_and_no_fds() {
     }
     let b = Backend::start(Behaviour::Echo).await;
     let port = free_port();
-    let d = start_with_env(
+    let d = Daemon::start_with_env(
         &config(port, b.addr, "required", ""),
-        &[("L4LB_LOG", "warn,access=info,l4lb::splice=info")],
+        &[(
+            "L4LB_LOG",
+            "warn,access=info,l4lb::daemon=info,l4lb::splice=info",
+        )],
     );
     let fds0 = d.fd_count();
     let total = 10_000u64;
@@ -798,8 +745,8 @@ async fn two_daemons_on_one_host_splice_independently() {
     }
     let b = Backend::start(Behaviour::Echo).await;
     let (p1, p2) = (free_port(), free_port());
-    let d1 = start(&config(p1, b.addr, "required", ""));
-    let d2 = start(&config(p2, b.addr, "required", ""));
+    let d1 = Daemon::start(&config(p1, b.addr, "required", ""));
+    let d2 = Daemon::start(&config(p2, b.addr, "required", ""));
     let data = support::payload(8 << 20, 3);
     let (r1, r2) = tokio::join!(roundtrip(addr(p1), &data), roundtrip(addr(p2), &data));
     assert!(r1.unwrap() == data && r2.unwrap() == data, "echo differs");
@@ -821,7 +768,7 @@ async fn splice_off_and_rate_limited_take_the_copy_path() {
         "{}\n[[server]]\nlisten = \"127.0.0.1:{limited}\"\nproxy_pass = \"u\"\nproxy_download_rate = \"10m\"\n",
         config(off, b.addr, "off", "")
     );
-    let d = start(&cfg);
+    let d = Daemon::start(&cfg);
     let data = support::payload(100_000, 9);
     assert!(roundtrip(addr(off), &data).await.unwrap() == data);
     let first = access_lines(&d, 1, Duration::from_secs(10)).remove(0);

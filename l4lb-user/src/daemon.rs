@@ -17,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::admin::AdminServer;
 use crate::config::{self, Config, Protocol, ServerConfig, SpliceMode};
+use crate::discovery::Discovery;
 use crate::proxy::{tcp, udp, ListenerCtx, SharedCtx};
 use crate::runtime::DataPath;
 use crate::splice::Splicer;
@@ -37,11 +39,18 @@ pub struct Daemon {
     upstreams: Arc<Upstreams>,
     dp: Arc<DataPath>,
     listeners: HashMap<(Protocol, SocketAddr), Listener>,
+    discovery: Discovery,
+    admin: Option<AdminServer>,
 }
 
 /// Loads the kernel path if any TCP server block may use it.
 fn load_splicer(config: &Config) -> anyhow::Result<Option<Arc<Splicer>>> {
-    let wants = |m: SpliceMode| config.servers.iter().any(|s| s.protocol == Protocol::Tcp && s.splice == m);
+    let wants = |m: SpliceMode| {
+        config
+            .servers
+            .iter()
+            .any(|s| s.protocol == Protocol::Tcp && s.splice == m)
+    };
     if !wants(SpliceMode::Auto) && !wants(SpliceMode::Required) {
         return Ok(None);
     }
@@ -72,18 +81,29 @@ impl Daemon {
         });
         let upstreams = Arc::new(Upstreams::default());
         upstreams.apply(&config.upstreams);
+        // Sources first: a strong_dependency source that does not answer stops the start
+        // before any listener opens.
+        let mut discovery = Discovery::default();
+        discovery.start(&upstreams).await?;
+        let admin = match &config.admin {
+            Some(cfg) => {
+                Some(AdminServer::start(cfg, Arc::clone(&upstreams), discovery.board()).await?)
+            }
+            None => None,
+        };
         let mut daemon = Daemon {
             config_path: config_path.to_path_buf(),
             config: config.clone(),
             upstreams,
             dp,
             listeners: HashMap::new(),
+            discovery,
+            admin,
         };
         for server in &config.servers {
-            daemon
-                .open_listener(server)
-                .await
-                .with_context(|| format!("cannot listen on {} ({:?})", server.listen, server.protocol))?;
+            daemon.open_listener(server).await.with_context(|| {
+                format!("cannot listen on {} ({:?})", server.listen, server.protocol)
+            })?;
         }
         info!(
             config = %config_path.display(),
@@ -97,7 +117,10 @@ impl Daemon {
     fn ctx_for(&self, server: &ServerConfig) -> ListenerCtx {
         ListenerCtx {
             server: server.clone(),
-            upstream: server.proxy_pass.as_deref().and_then(|n| self.upstreams.get(n)),
+            upstream: server
+                .proxy_pass
+                .as_deref()
+                .and_then(|n| self.upstreams.get(n)),
         }
     }
 
@@ -106,19 +129,37 @@ impl Daemon {
         let stop = CancellationToken::new();
         match server.protocol {
             Protocol::Tcp => {
-                let socket = if server.listen.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+                let socket = if server.listen.is_ipv4() {
+                    TcpSocket::new_v4()?
+                } else {
+                    TcpSocket::new_v6()?
+                };
                 socket.set_reuseaddr(true)?;
                 socket.bind(server.listen)?;
                 let listener: TcpListener = socket.listen(LISTEN_BACKLOG)?;
                 if server.upstream_show {
-                    tokio::spawn(crate::admin::serve_upstream_show(listener, Arc::clone(&self.upstreams), stop.clone()));
+                    tokio::spawn(crate::admin::serve_upstream_show(
+                        listener,
+                        Arc::clone(&self.upstreams),
+                        stop.clone(),
+                    ));
                 } else {
-                    tokio::spawn(tcp::serve(listener, Arc::clone(&ctx), Arc::clone(&self.dp), stop.clone()));
+                    tokio::spawn(tcp::serve(
+                        listener,
+                        Arc::clone(&ctx),
+                        Arc::clone(&self.dp),
+                        stop.clone(),
+                    ));
                 }
             }
             Protocol::Udp => {
                 let socket = UdpSocket::bind(server.listen).await?;
-                tokio::spawn(udp::serve(socket, Arc::clone(&ctx), Arc::clone(&self.dp), stop.clone()));
+                tokio::spawn(udp::serve(
+                    socket,
+                    Arc::clone(&ctx),
+                    Arc::clone(&self.dp),
+                    stop.clone(),
+                ));
             }
         }
         self.listeners.insert(server.key(), Listener { ctx, stop });
@@ -161,11 +202,20 @@ impl Daemon {
         {
             warn!("changes to global max_connections, worker_threads, log_level or splice take effect at restart");
         }
-        self.dp.access_log.store(config.global.access_log, Ordering::Relaxed);
+        self.dp
+            .access_log
+            .store(config.global.access_log, Ordering::Relaxed);
         self.upstreams.apply(&config.upstreams);
+        self.discovery.reconcile(&self.upstreams).await;
+        self.reload_admin(&config).await;
 
         let wanted: HashMap<_, _> = config.servers.iter().map(|s| (s.key(), s)).collect();
-        let removed: Vec<_> = self.listeners.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        let removed: Vec<_> = self
+            .listeners
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
         for key in removed {
             if let Some(l) = self.listeners.remove(&key) {
                 l.stop.cancel();
@@ -190,18 +240,50 @@ impl Daemon {
             }
         }
         self.config = config;
-        info!(listeners = self.listeners.len(), failed, "configuration reloaded");
+        info!(
+            listeners = self.listeners.len(),
+            failed, "configuration reloaded"
+        );
     }
 
-    async fn drain(self) {
+    /// Best effort: a new `[admin] listen` that cannot be bound leaves the old one open.
+    async fn reload_admin(&mut self, config: &Config) {
+        self.admin = match (self.admin.take(), &config.admin) {
+            (Some(admin), cfg) => admin.reload(cfg.as_ref()).await,
+            (None, Some(cfg)) => {
+                match AdminServer::start(cfg, Arc::clone(&self.upstreams), self.discovery.board())
+                    .await
+                {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        error!(error = %format!("{e:#}"), "admin API not started");
+                        None
+                    }
+                }
+            }
+            (None, None) => None,
+        };
+    }
+
+    async fn drain(mut self) {
         let grace = self.config.global.worker_shutdown_timeout;
+        self.discovery.stop_all();
+        if let Some(admin) = &self.admin {
+            admin.stop();
+        }
         for l in self.listeners.values() {
             l.stop.cancel();
         }
         self.dp.sessions.close();
         info!(sessions = self.dp.sessions.len(), grace = ?grace, "stopping: no new connections, draining sessions");
-        if tokio::time::timeout(grace, self.dp.sessions.wait()).await.is_err() {
-            warn!(sessions = self.dp.sessions.len(), "grace period over; closing remaining sessions");
+        if tokio::time::timeout(grace, self.dp.sessions.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                sessions = self.dp.sessions.len(),
+                "grace period over; closing remaining sessions"
+            );
             self.dp.shutdown.cancel();
             self.dp.sessions.wait().await;
         }

@@ -4,6 +4,7 @@
 mod admin;
 mod config;
 mod daemon;
+mod discovery;
 mod health;
 mod metrics;
 mod proxy;
@@ -49,7 +50,11 @@ fn main() -> ExitCode {
             }
             Err(errors) => {
                 eprintln!("{errors}");
-                eprintln!("l4lb: configuration file {} test failed ({} errors)", config.display(), errors.errors.len());
+                eprintln!(
+                    "l4lb: configuration file {} test failed ({} errors)",
+                    config.display(),
+                    errors.errors.len()
+                );
                 ExitCode::FAILURE
             }
         },

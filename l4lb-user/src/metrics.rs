@@ -49,6 +49,12 @@ pub struct Metrics {
     pub connect_failures: AtomicU64,
     pub no_server: AtomicU64,
     pub udp_sessions: AtomicU64,
+    /// Server sets a discovery source changed.
+    pub discovery_updates: AtomicU64,
+    /// Failed discovery fetches of any kind (the last good set stayed).
+    pub discovery_errors: AtomicU64,
+    /// Of those, answers whose data was unusable (bad JSON, key, address, base64).
+    pub discovery_bad_data: AtomicU64,
     copy_reasons: [AtomicU64; CopyReason::ALL.len()],
 }
 
@@ -72,6 +78,9 @@ pub static METRICS: Metrics = Metrics {
     connect_failures: AtomicU64::new(0),
     no_server: AtomicU64::new(0),
     udp_sessions: AtomicU64::new(0),
+    discovery_updates: AtomicU64::new(0),
+    discovery_errors: AtomicU64::new(0),
+    discovery_bad_data: AtomicU64::new(0),
     copy_reasons: [const { AtomicU64::new(0) }; CopyReason::ALL.len()],
 };
 

@@ -2,6 +2,10 @@
 //! configuration, and real TCP/UDP backends on 127.0.0.1.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod consul;
+pub mod etcd;
+pub mod tls;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener as StdTcpListener, TcpStream as StdTcpStream};
 use std::path::{Path, PathBuf};
@@ -43,24 +47,24 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts the daemon and waits until every TCP `listen` of the config accepts.
+    /// Starts the daemon and waits until it reports that every listener is bound.
+    /// (Waiting on the log rather than probing keeps test backends free of probe
+    /// connections.)
     pub fn start(config: &str) -> Daemon {
         Self::start_with_env(config, &[])
     }
 
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Daemon {
         let d = Self::spawn(config, env);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        for addr in tcp_listens(config) {
-            while StdTcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-                if Instant::now() > deadline {
-                    panic!("l4lb did not listen on {addr}; log:\n{}", d.log());
-                }
-                if let Some(status) = d.exited() {
-                    panic!("l4lb exited ({status}) before listening on {addr}; log:\n{}", d.log());
-                }
-                std::thread::sleep(Duration::from_millis(20));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !d.log().contains("l4lb started") {
+            if let Some(status) = d.exited() {
+                panic!("l4lb exited ({status}) before starting; log:\n{}", d.log());
             }
+            if Instant::now() > deadline {
+                panic!("l4lb did not start; log:\n{}", d.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
         d
     }
@@ -76,7 +80,10 @@ impl Daemon {
         cmd.arg("run")
             .arg("-c")
             .arg(&config_path)
-            .env("L4LB_LOG", std::env::var("L4LB_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "L4LB_LOG",
+                std::env::var("L4LB_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log"))
             .stderr(log);
@@ -135,16 +142,23 @@ impl Daemon {
         std::fs::write(&self.config_path, config).expect("rewrite config");
         self.signal(libc::SIGHUP);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.log().matches("configuration reloaded").count() + self.log().matches("reload rejected").count()
+        while self.log().matches("configuration reloaded").count()
+            + self.log().matches("reload rejected").count()
             <= before
         {
-            assert!(Instant::now() < deadline, "reload not logged; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "reload not logged; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     pub fn exited(&self) -> Option<ExitStatus> {
-        self.child_lock().as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child_lock()
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Waits for the process to exit by itself.
@@ -169,7 +183,8 @@ impl Daemon {
 
     /// Resident memory of the daemon in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -179,7 +194,8 @@ impl Daemon {
 
     /// CPU time (user + system) the daemon has used so far, in seconds.
     pub fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
         // Fields after the parenthesised command name; utime and stime are 14th and 15th.
         let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
         let f: Vec<&str> = rest.split_whitespace().collect();
@@ -192,7 +208,11 @@ impl Daemon {
 
     /// The access log lines (target `access`) written so far.
     pub fn access_lines(&self) -> Vec<String> {
-        self.log().lines().filter(|l| l.contains(" access: ")).map(str::to_string).collect()
+        self.log()
+            .lines()
+            .filter(|l| l.contains(" access: "))
+            .map(str::to_string)
+            .collect()
     }
 
     /// Open file descriptors of the daemon.
@@ -208,24 +228,6 @@ impl Drop for Daemon {
             let _ = c.wait();
         }
     }
-}
-
-/// TCP listen addresses of a config (UDP ones and upstream_show included only if TCP).
-fn tcp_listens(config: &str) -> Vec<SocketAddr> {
-    let doc: toml::Table = toml::from_str(config).expect("test config parses");
-    let mut out = Vec::new();
-    if let Some(servers) = doc.get("server").and_then(|s| s.as_array()) {
-        for s in servers {
-            let udp = s.get("protocol").and_then(|p| p.as_str()) == Some("udp");
-            if let (false, Some(l)) = (udp, s.get("listen").and_then(|l| l.as_str())) {
-                out.push(l.parse().expect("listen is ip:port"));
-            }
-        }
-    }
-    if let Some(l) = doc.get("admin").and_then(|a| a.get("listen")).and_then(|l| l.as_str()) {
-        out.push(l.parse().expect("admin listen is ip:port"));
-    }
-    out
 }
 
 /// What a test backend does with a connection.
@@ -262,7 +264,9 @@ impl Backend {
         let (acc, opn) = (Arc::clone(&accepted), Arc::clone(&open));
         let task = tokio::spawn(async move {
             loop {
-                let Ok((sock, _)) = listener.accept().await else { continue };
+                let Ok((sock, _)) = listener.accept().await else {
+                    continue;
+                };
                 acc.fetch_add(1, Ordering::SeqCst);
                 opn.fetch_add(1, Ordering::SeqCst);
                 let opn = Arc::clone(&opn);
@@ -300,7 +304,7 @@ async fn serve_one(mut sock: TcpStream, behaviour: Behaviour) {
     let _ = sock.set_nodelay(true);
     match behaviour {
         Behaviour::Reset => {
-            let _ = sock.set_linger(Some(Duration::ZERO));
+            let _ = sock.set_zero_linger();
             drop(sock);
         }
         Behaviour::Count => {
@@ -334,21 +338,14 @@ pub async fn connect_tagged(addr: SocketAddr) -> std::io::Result<(String, TcpStr
     let mut s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::other("connect timed out"))??;
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
-            .await
-            .map_err(|_| std::io::Error::other("read timed out"))??;
-        if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before tag"));
-        }
-        if byte[0] == b'\n' {
-            break;
-        }
-        line.push(byte[0]);
+    let tag = read_line(&mut s).await?;
+    if tag.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed before tag",
+        ));
     }
-    Ok((String::from_utf8_lossy(&line).into_owned(), s))
+    Ok((tag, s))
 }
 
 /// Sends `payload`, half-closes, and returns everything read back until EOF.
@@ -376,7 +373,10 @@ pub fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
 
 /// A deterministic pseudo-random payload.
 pub fn payload(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
     (0..len)
         .map(|_| {
             x ^= x << 13;
@@ -396,7 +396,9 @@ pub struct UdpBackend {
 
 impl UdpBackend {
     pub async fn start(tag: &str) -> UdpBackend {
-        let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind udp backend");
+        let sock = UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind udp backend");
         let addr = sock.local_addr().expect("udp addr");
         let received = Arc::new(AtomicUsize::new(0));
         let rec = Arc::clone(&received);
@@ -411,7 +413,11 @@ impl UdpBackend {
                 let _ = sock.send_to(&reply, from).await;
             }
         });
-        UdpBackend { addr, received, task }
+        UdpBackend {
+            addr,
+            received,
+            task,
+        }
     }
 }
 
@@ -427,9 +433,16 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 /// Minimal blocking HTTP/1.1 request; returns status and body.
-pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
     let mut s = StdTcpStream::connect(addr).expect("connect http");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -448,18 +461,26 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, dechunk(&text, body))
 }
 
 fn dechunk(head: &str, body: String) -> String {
-    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         return body;
     }
     let mut out = String::new();
     let mut rest = body.as_str();
     while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if n == 0 || after.len() < n {
             break;
         }
@@ -472,4 +493,60 @@ fn dechunk(head: &str, body: String) -> String {
 /// Path of a file inside the repository.
 pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+/// Connects from a chosen loopback source address (any 127.x.y.z works on Linux), so
+/// tests can act as many different clients.
+pub async fn connect_from(src: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(src, 0))?;
+    sock.connect(addr).await
+}
+
+/// Reads one `\n`-terminated line.
+pub async fn read_line(s: &mut TcpStream) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .map_err(|_| std::io::Error::other("read timed out"))??;
+        if n == 0 || byte[0] == b'\n' {
+            return Ok(String::from_utf8_lossy(&line).into_owned());
+        }
+        line.push(byte[0]);
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes; returns how long it took.
+pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The `upstream_show` text of one upstream.
+pub fn show(addr: SocketAddr, upstream: &str) -> String {
+    http_get(addr, &format!("/upstream_show?upstream={upstream}")).1
+}
+
+/// Opens `n` connections one after another and returns the tag each got ("ERR" when
+/// the connection failed or closed without a tag).
+pub async fn tags(addr: SocketAddr, n: usize) -> Vec<String> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(
+            connect_tagged(addr)
+                .await
+                .map_or_else(|_| "ERR".to_string(), |(t, _)| t),
+        );
+    }
+    out
 }

@@ -1,9 +1,14 @@
-//! Operator-facing HTTP: the `upstream_show` listener (nginx-upsync's text format).
+//! Operator-facing HTTP: the `upstream_show` listener (nginx-upsync's text format) and
+//! the JSON admin API on `[admin] listen`.
 
-mod show;
+mod api;
+mod json;
+pub mod show;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
+use anyhow::Context;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -11,8 +16,10 @@ use axum::Router;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{error, info, warn};
 
+use crate::config::AdminConfig;
+use crate::discovery::Board;
 use crate::upstream::Upstreams;
 
 #[derive(Deserialize)]
@@ -21,7 +28,11 @@ struct ShowQuery {
 }
 
 /// Serves `GET /upstream_show[?upstream=NAME]` until `stop`.
-pub async fn serve_upstream_show(listener: TcpListener, upstreams: Arc<Upstreams>, stop: CancellationToken) {
+pub async fn serve_upstream_show(
+    listener: TcpListener,
+    upstreams: Arc<Upstreams>,
+    stop: CancellationToken,
+) {
     let app = Router::new()
         .route("/upstream_show", get(upstream_show))
         .with_state(upstreams);
@@ -37,12 +48,90 @@ async fn upstream_show(
     State(upstreams): State<Arc<Upstreams>>,
     Query(q): Query<ShowQuery>,
 ) -> (StatusCode, String) {
+    show_text(&upstreams, q)
+}
+
+fn show_text(upstreams: &Upstreams, q: ShowQuery) -> (StatusCode, String) {
     let all = upstreams.all();
     match q.upstream {
         Some(name) => match all.get(&name) {
             Some(up) => (StatusCode::OK, show::render(up)),
-            None => (StatusCode::NOT_FOUND, format!("upstream {name} not found\n")),
+            None => (
+                StatusCode::NOT_FOUND,
+                format!("upstream {name} not found\n"),
+            ),
         },
-        None => (StatusCode::OK, all.values().map(|up| show::render(up)).collect()),
+        None => (
+            StatusCode::OK,
+            all.values().map(|up| show::render(up)).collect(),
+        ),
+    }
+}
+
+/// The running admin API listener.
+pub struct AdminServer {
+    listen: SocketAddr,
+    state: Arc<api::AdminState>,
+    stop: CancellationToken,
+}
+
+impl AdminServer {
+    pub async fn start(
+        cfg: &AdminConfig,
+        upstreams: Arc<Upstreams>,
+        board: Arc<Board>,
+    ) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} for the admin API", cfg.listen))?;
+        let state = Arc::new(api::AdminState::new(upstreams, board, cfg.token.clone()));
+        let stop = CancellationToken::new();
+        let app = api::router(Arc::clone(&state));
+        let until = stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { until.cancelled().await })
+                .await
+            {
+                error!(error = %e, "admin API listener failed");
+            }
+        });
+        info!(listen = %cfg.listen, changes_enabled = cfg.token.is_some(), "admin API listening");
+        Ok(AdminServer {
+            listen: cfg.listen,
+            state,
+            stop,
+        })
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Applies a reloaded `[admin]`: a new token at once; a new address by opening it
+    /// before closing the old one (on failure the old listener stays).
+    pub async fn reload(self, cfg: Option<&AdminConfig>) -> Option<Self> {
+        let Some(cfg) = cfg else {
+            self.stop();
+            info!(listen = %self.listen, "admin API closed");
+            return None;
+        };
+        if cfg.listen == self.listen {
+            self.state.token.store(cfg.token.clone().map(Arc::new));
+            return Some(self);
+        }
+        let upstreams = Arc::clone(&self.state.upstreams);
+        let board = Arc::clone(&self.state.board);
+        match AdminServer::start(cfg, upstreams, board).await {
+            Ok(next) => {
+                self.stop();
+                Some(next)
+            }
+            Err(e) => {
+                error!(error = %format!("{e:#}"), old = %self.listen, "admin API stays on its old address");
+                self.state.token.store(cfg.token.clone().map(Arc::new));
+                Some(self)
+            }
+        }
     }
 }

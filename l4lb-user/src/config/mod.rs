@@ -235,17 +235,41 @@ impl Validator<'_> {
         });
     }
 
-    /// Deserializes one section; on error records it, naming the innermost key at fault.
+    /// Deserializes one section, recording every error in it: after each error the key
+    /// at fault is set aside and the rest is tried again, so one typo does not hide the
+    /// next.
     fn section<T: DeserializeOwned>(&mut self, node: &Node<'_>, path: &str) -> Option<T> {
-        match T::deserialize(ValueDeserializer::from(node.clone())) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                let span = e.span().unwrap_or_else(|| node.span());
-                let key = key_at(node, span.start, path);
-                let msg = e.message().to_string();
-                self.push_span(Some(span), &key, msg);
-                None
+        let mut node = node.clone();
+        let mut set_aside: Vec<String> = Vec::new();
+        loop {
+            let err = match T::deserialize(ValueDeserializer::from(node.clone())) {
+                Ok(v) => return set_aside.is_empty().then_some(v),
+                Err(e) => e,
+            };
+            let msg = err.message().to_string();
+            // A required key we set aside ourselves is not a new error.
+            if set_aside
+                .iter()
+                .any(|k| msg.contains(&format!("missing field `{k}`")))
+            {
+                return None;
             }
+            let span = err.span().unwrap_or_else(|| node.span());
+            self.push_span(Some(span.clone()), &key_at(&node, span.start, path), msg);
+            let DeValue::Table(table) = node.get_mut() else {
+                return None;
+            };
+            let at_fault = table
+                .iter()
+                .find(|(k, v)| {
+                    k.span().contains(&span.start)
+                        || find_key(v, span.start, "").is_some()
+                        || v.span().contains(&span.start)
+                })
+                .map(|(k, _)| k.get_ref().to_string());
+            let key = at_fault?;
+            table.remove(key.as_str());
+            set_aside.push(key);
         }
     }
 
@@ -283,7 +307,11 @@ impl Validator<'_> {
                 }
                 "upstream" => {
                     let Some(table) = node.get_ref().as_table() else {
-                        self.push_span(Some(node.span()), "upstream", "expected [upstream.NAME] tables");
+                        self.push_span(
+                            Some(node.span()),
+                            "upstream",
+                            "expected [upstream.NAME] tables",
+                        );
                         continue;
                     };
                     for (name, unode) in table.iter() {
@@ -322,7 +350,12 @@ impl Validator<'_> {
         for ((path, raw), node) in servers.into_iter().zip(&server_nodes) {
             if let Some(s) = self.server(node, &path, raw, &global, &declared) {
                 if !seen.insert(s.key()) {
-                    self.at(node, &path, "listen", format!("{} is already used by another [[server]] block", s.listen));
+                    self.at(
+                        node,
+                        &path,
+                        "listen",
+                        format!("{} is already used by another [[server]] block", s.listen),
+                    );
                 } else {
                     listeners.push(s);
                 }
@@ -354,11 +387,21 @@ impl Validator<'_> {
         let listen = match listen_text.parse::<SocketAddr>() {
             Ok(a) => a,
             Err(_) => {
-                self.at(node, "admin", "listen", format!("{listen_text:?} is not an ip:port address"));
+                self.at(
+                    node,
+                    "admin",
+                    "listen",
+                    format!("{listen_text:?} is not an ip:port address"),
+                );
                 return None;
             }
         };
-        let token = self.secret(node, "admin", raw.token_env.as_deref(), raw.token_file.as_deref())?;
+        let token = self.secret(
+            node,
+            "admin",
+            raw.token_env.as_deref(),
+            raw.token_file.as_deref(),
+        )?;
         Some(AdminConfig { listen, token })
     }
 
@@ -372,13 +415,23 @@ impl Validator<'_> {
     ) -> Option<Option<String>> {
         match (env, file) {
             (Some(_), Some(_)) => {
-                self.at(node, path, "token_env", "set token_env or token_file, not both");
+                self.at(
+                    node,
+                    path,
+                    "token_env",
+                    "set token_env or token_file, not both",
+                );
                 None
             }
             (Some(var), None) => match std::env::var(var) {
                 Ok(v) if !v.trim().is_empty() => Some(Some(v.trim().to_string())),
                 _ => {
-                    self.at(node, path, "token_env", format!("environment variable {var} is not set"));
+                    self.at(
+                        node,
+                        path,
+                        "token_env",
+                        format!("environment variable {var} is not set"),
+                    );
                     None
                 }
             },
@@ -407,7 +460,12 @@ impl Validator<'_> {
         let errors_before = self.errors.len();
         let kind = raw.balance.unwrap_or(BalanceKind::RoundRobin);
         if raw.consistent.is_some() && kind != BalanceKind::Hash {
-            self.at(node, path, "consistent", "only valid with balance = \"hash\"");
+            self.at(
+                node,
+                path,
+                "consistent",
+                "only valid with balance = \"hash\"",
+            );
         }
         if raw.two.is_some() && kind != BalanceKind::Random {
             self.at(node, path, "two", "only valid with balance = \"random\"");
@@ -422,20 +480,38 @@ impl Validator<'_> {
                 two: raw.two.unwrap_or(false),
             },
         };
-        let servers_node = node.get_ref().as_table().and_then(|t| t.get("servers"));
+        // Each entry is checked on its own, so every bad entry is reported.
         let mut servers = Vec::new();
-        for (i, peer) in raw.servers.into_iter().enumerate() {
-            let pnode = servers_node
-                .and_then(|s| s.get_ref().as_array())
-                .and_then(|a| a.get(i))
-                .unwrap_or(node);
-            let ppath = format!("{path}.servers[{i}]");
-            servers.extend(self.peer(pnode, &ppath, peer));
+        let mut listed = 0;
+        match node.get_ref().as_table().and_then(|t| t.get("servers")) {
+            None => {}
+            Some(list) => match list.get_ref().as_array() {
+                Some(entries) => {
+                    listed = entries.len();
+                    for (i, pnode) in entries.iter().enumerate() {
+                        let ppath = format!("{path}.servers[{i}]");
+                        if let Some(peer) = self.section::<RawPeer>(pnode, &ppath) {
+                            servers.extend(self.peer(pnode, &ppath, peer));
+                        }
+                    }
+                }
+                None => self.at(
+                    node,
+                    path,
+                    "servers",
+                    "expected a list of { address = \"host:port\", ... }",
+                ),
+            },
         }
         let mut addrs = HashSet::new();
         for s in &servers {
             if !addrs.insert(s.addr) {
-                self.at(node, path, "servers", format!("server {} is listed twice", s.addr));
+                self.at(
+                    node,
+                    path,
+                    "servers",
+                    format!("server {} is listed twice", s.addr),
+                );
             }
         }
         let upsync = raw.upsync.and_then(|u| {
@@ -446,8 +522,13 @@ impl Validator<'_> {
                 .unwrap_or(node);
             self.upsync(unode, &format!("{path}.upsync"), u)
         });
-        if servers.is_empty() && upsync.is_none() {
-            self.at(node, path, "servers", "an upstream needs servers or an upsync source");
+        if listed == 0 && upsync.is_none() {
+            self.at(
+                node,
+                path,
+                "servers",
+                "an upstream needs servers or an upsync source",
+            );
         }
         if self.errors.len() > errors_before {
             return None;
@@ -492,7 +573,12 @@ impl Validator<'_> {
 
     fn upsync(&mut self, node: &Node<'_>, path: &str, raw: RawUpsync) -> Option<UpsyncConfig> {
         if !(raw.url.starts_with("http://") || raw.url.starts_with("https://")) {
-            self.at(node, path, "url", format!("{:?} must start with http:// or https://", raw.url));
+            self.at(
+                node,
+                path,
+                "url",
+                format!("{:?} must start with http:// or https://", raw.url),
+            );
             return None;
         }
         let interval = raw.interval.map_or(Duration::from_secs(5), |d| d.0);
@@ -500,7 +586,12 @@ impl Validator<'_> {
             self.at(node, path, "interval", "interval must be greater than zero");
             return None;
         }
-        let token = self.secret(node, path, raw.token_env.as_deref(), raw.token_file.as_deref())?;
+        let token = self.secret(
+            node,
+            path,
+            raw.token_env.as_deref(),
+            raw.token_file.as_deref(),
+        )?;
         if raw.client_key.is_some() && raw.client_cert.is_none() {
             self.at(node, path, "client_key", "client_key needs client_cert");
             return None;
@@ -532,7 +623,12 @@ impl Validator<'_> {
         let listen = match raw.listen.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
-                self.at(node, path, "listen", format!("{:?} is not an ip:port address", raw.listen));
+                self.at(
+                    node,
+                    path,
+                    "listen",
+                    format!("{:?} is not an ip:port address", raw.listen),
+                );
                 None
             }
         };
@@ -540,23 +636,64 @@ impl Validator<'_> {
         let upstream_show = raw.upstream_show.unwrap_or(false);
         match (&raw.proxy_pass, upstream_show) {
             (Some(name), _) if !upstreams.contains(name) => {
-                self.at(node, path, "proxy_pass", format!("no [upstream.{name}] is defined"));
+                self.at(
+                    node,
+                    path,
+                    "proxy_pass",
+                    format!("no [upstream.{name}] is defined"),
+                );
             }
             (Some(_), true) => {
-                self.at(node, path, "upstream_show", "a server block either proxies (proxy_pass) or shows upstreams, not both");
+                self.at(
+                    node,
+                    path,
+                    "upstream_show",
+                    "a server block either proxies (proxy_pass) or shows upstreams, not both",
+                );
             }
-            (None, false) => self.at(node, path, "proxy_pass", "missing proxy_pass (or upstream_show = true)"),
+            (None, false) => self.at(
+                node,
+                path,
+                "proxy_pass",
+                "missing proxy_pass (or upstream_show = true)",
+            ),
             _ => {}
         }
         if upstream_show && protocol == Protocol::Udp {
-            self.at(node, path, "upstream_show", "upstream_show needs protocol = \"tcp\"");
+            self.at(
+                node,
+                path,
+                "upstream_show",
+                "upstream_show needs protocol = \"tcp\"",
+            );
+        }
+        if raw.proxy_protocol.is_some_and(|p| p != ProxyProtocol::Off) && protocol == Protocol::Udp
+        {
+            self.at(
+                node,
+                path,
+                "proxy_protocol",
+                "PROXY protocol headers are sent on TCP only",
+            );
         }
         if raw.proxy_responses.is_some() && protocol != Protocol::Udp {
-            self.at(node, path, "proxy_responses", "only valid with protocol = \"udp\"");
+            self.at(
+                node,
+                path,
+                "proxy_responses",
+                "only valid with protocol = \"udp\"",
+            );
         }
-        let connect_timeout = raw.proxy_connect_timeout.map_or(Duration::from_secs(60), |d| d.0);
+        let connect_timeout = raw
+            .proxy_connect_timeout
+            .map_or(Duration::from_secs(60), |d| d.0);
         if connect_timeout.is_zero() {
-            self.at(node, path, "proxy_connect_timeout", "must be greater than zero");
+            self.at(
+                node,
+                path,
+                "proxy_connect_timeout",
+                "must be greater than zero",
+            );
         }
         let proxy_timeout = raw.proxy_timeout.map_or(Duration::from_secs(600), |d| d.0);
         if proxy_timeout.is_zero() {
@@ -573,7 +710,9 @@ impl Validator<'_> {
             proxy_timeout,
             proxy_next_upstream: raw.proxy_next_upstream.unwrap_or(true),
             proxy_next_upstream_tries: raw.proxy_next_upstream_tries.unwrap_or(0),
-            proxy_next_upstream_timeout: raw.proxy_next_upstream_timeout.map_or(Duration::ZERO, |d| d.0),
+            proxy_next_upstream_timeout: raw
+                .proxy_next_upstream_timeout
+                .map_or(Duration::ZERO, |d| d.0),
             proxy_upload_rate: raw.proxy_upload_rate.map_or(0, |s| s.0),
             proxy_download_rate: raw.proxy_download_rate.map_or(0, |s| s.0),
             proxy_responses: raw.proxy_responses,
@@ -589,7 +728,10 @@ pub fn resolve(address: &str) -> Result<Vec<SocketAddr>, String> {
     if let Ok(a) = address.parse::<SocketAddr>() {
         return Ok(vec![a]);
     }
-    if address.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()) {
+    if address
+        .rsplit_once(':')
+        .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+    {
         return Err(format!("{address:?} is not host:port"));
     }
     let mut addrs: Vec<SocketAddr> = address
@@ -604,36 +746,36 @@ pub fn resolve(address: &str) -> Result<Vec<SocketAddr>, String> {
     Ok(addrs)
 }
 
-/// Names the innermost key whose key or value span contains `offset`.
+/// Names the innermost key whose key or value span contains `offset`. Tables written
+/// as `[a.b]` headers do not span their contents, so every child is searched.
 fn key_at(node: &Node<'_>, offset: usize, path: &str) -> String {
+    find_key(node, offset, path).unwrap_or_else(|| path.to_string())
+}
+
+fn find_key(node: &Node<'_>, offset: usize, path: &str) -> Option<String> {
     match node.get_ref() {
-        DeValue::Table(t) => {
-            for (k, v) in t.iter() {
-                if k.span().contains(&offset) {
-                    return format!("{path}.{}", k.get_ref());
-                }
-                if v.span().contains(&offset) {
-                    return key_at(v, offset, &format!("{path}.{}", k.get_ref()));
-                }
+        DeValue::Table(t) => t.iter().find_map(|(k, v)| {
+            let child = format!("{path}.{}", k.get_ref());
+            if k.span().contains(&offset) {
+                return Some(child);
             }
-            path.to_string()
-        }
-        DeValue::Array(a) => {
-            for (i, v) in a.iter().enumerate() {
-                if v.span().contains(&offset) {
-                    return key_at(v, offset, &format!("{path}[{i}]"));
-                }
-            }
-            path.to_string()
-        }
-        _ => path.to_string(),
+            find_key(v, offset, &child).or_else(|| v.span().contains(&offset).then_some(child))
+        }),
+        DeValue::Array(a) => a.iter().enumerate().find_map(|(i, v)| {
+            let child = format!("{path}[{i}]");
+            find_key(v, offset, &child).or_else(|| v.span().contains(&offset).then_some(child))
+        }),
+        _ => None,
     }
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
     (line, column)
 }
 

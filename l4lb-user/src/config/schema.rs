@@ -32,8 +32,9 @@ pub struct RawUpstream {
     pub consistent: Option<bool>,
     /// `random` only: pick two, take the one with fewer connections (nginx `random two`).
     pub two: Option<bool>,
-    #[serde(default)]
-    pub servers: Vec<RawPeer>,
+    /// Checked entry by entry by the validator, so every bad entry is reported.
+    #[serde(default, rename = "servers")]
+    pub _servers: serde::de::IgnoredAny,
     pub upsync: Option<RawUpsync>,
 }
 

@@ -1,0 +1,241 @@
+use std::time::Duration;
+
+use super::*;
+
+fn errors(text: &str) -> Vec<ConfigError> {
+    parse(text).expect_err("config should be rejected")
+}
+
+const MINIMAL: &str = r#"
+[upstream.db]
+servers = [{ address = "127.0.0.1:3306" }]
+
+[[server]]
+listen = "127.0.0.1:3307"
+proxy_pass = "db"
+"#;
+
+#[test]
+fn defaults_follow_nginx() {
+    let c = parse(MINIMAL).unwrap();
+    let s = &c.servers[0];
+    assert_eq!(s.protocol, Protocol::Tcp);
+    assert_eq!(s.proxy_connect_timeout, Duration::from_secs(60));
+    assert_eq!(s.proxy_timeout, Duration::from_secs(600));
+    assert!(s.proxy_next_upstream);
+    assert_eq!(s.proxy_next_upstream_tries, 0);
+    assert_eq!(s.proxy_next_upstream_timeout, Duration::ZERO);
+    assert_eq!((s.proxy_upload_rate, s.proxy_download_rate), (0, 0));
+    assert_eq!(s.splice, SpliceMode::Auto);
+    let u = &c.upstreams["db"];
+    assert_eq!(u.balance, Balance::RoundRobin);
+    let p = &u.servers[0];
+    assert_eq!(
+        (p.weight, p.max_fails, p.fail_timeout),
+        (1, 1, Duration::from_secs(10))
+    );
+    assert!(!p.backup && !p.down);
+    assert_eq!(c.global.max_connections, 10_240);
+}
+
+#[test]
+fn shipped_configs_are_valid() {
+    for f in ["l4lb.toml", "examples/mysql.toml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../config")
+            .join(f);
+        if let Err(e) = load(&path) {
+            panic!("{e}");
+        }
+    }
+}
+
+#[test]
+fn full_example_parses() {
+    let c = parse(
+        r#"
+[global]
+worker_threads = 2
+access_log = false
+splice = "off"
+worker_shutdown_timeout = "5s"
+
+[upstream.h]
+balance = "hash"
+consistent = true
+servers = [
+  { address = "127.0.0.1:1", weight = 5, max_fails = 3, fail_timeout = "30s", max_conns = 9 },
+  { address = "127.0.0.1:2", backup = true },
+  { address = "localhost:3", down = true },
+]
+
+[[server]]
+listen = "127.0.0.1:53"
+protocol = "udp"
+proxy_pass = "h"
+proxy_responses = 1
+proxy_timeout = "500ms"
+proxy_upload_rate = "10k"
+proxy_download_rate = 2048
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.upstreams["h"].balance, Balance::Hash { consistent: true });
+    let s = &c.servers[0];
+    assert_eq!(s.protocol, Protocol::Udp);
+    assert_eq!(s.proxy_responses, Some(1));
+    assert_eq!(s.proxy_timeout, Duration::from_millis(500));
+    assert_eq!((s.proxy_upload_rate, s.proxy_download_rate), (10240, 2048));
+    assert_eq!(
+        s.splice,
+        SpliceMode::Off,
+        "server inherits the global splice mode"
+    );
+    let peers = &c.upstreams["h"].servers;
+    assert_eq!(peers[0].max_conns, 9);
+    assert!(peers[1].backup);
+    assert!(peers.iter().any(|p| p.down && p.name == "localhost:3"));
+}
+
+#[test]
+fn unknown_keys_are_errors_with_position() {
+    let e = errors("[global]\nlog_lvl = \"info\"\n");
+    assert_eq!(e.len(), 1);
+    assert_eq!((e[0].line, e[0].column), (2, 1));
+    assert_eq!(e[0].key, "global.log_lvl");
+    assert!(e[0].message.contains("unknown field"), "{}", e[0].message);
+
+    let e = errors(&format!("{MINIMAL}proxy_timout = \"1s\"\n"));
+    assert_eq!(e[0].key, "server[0].proxy_timout");
+    assert_eq!(e[0].line, 8);
+
+    let e = errors("[unknown]\n");
+    assert_eq!(e[0].key, "unknown");
+}
+
+#[test]
+fn every_error_is_reported_in_file_order() {
+    let e = errors(
+        r#"
+[upstream.a]
+balance = "fastest"
+servers = [{ address = "127.0.0.1:1" }]
+
+[upstream.b]
+servers = [{ address = "127.0.0.1:2", weight = 0, fail_timeout = "3q" }]
+
+[[server]]
+listen = "nonsense"
+proxy_pass = "missing"
+"#,
+    );
+    let keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "upstream.a.balance",
+            "upstream.b.servers[0].fail_timeout",
+            "server[0].listen",
+            "server[0].proxy_pass",
+        ]
+    );
+    assert!(e.windows(2).all(|w| w[0].line <= w[1].line));
+    assert_eq!(e[0].line, 3);
+}
+
+#[test]
+fn semantic_errors() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "[upstream.u]\nservers = [{ address = \"127.0.0.1:1\", weight = 0 }]\n",
+            "upstream.u.servers[0].weight",
+            "at least 1",
+        ),
+        (
+            "[upstream.u]\nservers = [{ address = \"no-port\" }]\n",
+            "upstream.u.servers[0].address",
+            "host:port",
+        ),
+        (
+            "[upstream.u]\nservers = [{ address = \"no.such.host.invalid:80\" }]\n",
+            "upstream.u.servers[0].address",
+            "cannot resolve",
+        ),
+        ("[upstream.u]\nservers = []\n", "upstream.u.servers", "needs servers"),
+        (
+            "[upstream.u]\nconsistent = true\nservers = [{ address = \"127.0.0.1:1\" }]\n",
+            "upstream.u.consistent",
+            "hash",
+        ),
+        (
+            "[upstream.u]\nservers = [{ address = \"127.0.0.1:1\" }, { address = \"127.0.0.1:1\" }]\n",
+            "upstream.u.servers",
+            "listed twice",
+        ),
+        ("[[server]]\nlisten = \"127.0.0.1:1\"\n", "server[0].proxy_pass", "missing proxy_pass"),
+        (
+            "[[server]]\nlisten = \"127.0.0.1:1\"\nupstream_show = true\nprotocol = \"udp\"\n",
+            "server[0].upstream_show",
+            "tcp",
+        ),
+        (
+            "[upstream.u]\nservers = [{ address = \"127.0.0.1:1\" }]\n[[server]]\nlisten = \"127.0.0.1:1\"\nproxy_pass = \"u\"\nproxy_responses = 1\n",
+            "server[0].proxy_responses",
+            "udp",
+        ),
+        (
+            "[upstream.u]\nservers = [{ address = \"127.0.0.1:1\" }]\n[[server]]\nlisten = \"127.0.0.1:1\"\nproxy_pass = \"u\"\nproxy_connect_timeout = \"0\"\n",
+            "server[0].proxy_connect_timeout",
+            "greater than zero",
+        ),
+        (
+            "[upstream.u]\nservers = [{ address = \"127.0.0.1:1\" }]\n[[server]]\nlisten = \"127.0.0.1:1\"\nproxy_pass = \"u\"\n[[server]]\nlisten = \"127.0.0.1:1\"\nproxy_pass = \"u\"\n",
+            "server[1].listen",
+            "already used",
+        ),
+        (
+            "[upstream.u]\nservers = [{ address = \"127.0.0.1:1\" }]\n[upstream.u.upsync]\ntype = \"zookeeper\"\nurl = \"http://x/\"\n",
+            "upstream.u.upsync.type",
+            "unknown variant",
+        ),
+        (
+            "[upstream.u]\n[upstream.u.upsync]\ntype = \"consul\"\nurl = \"ftp://x/\"\n",
+            "upstream.u.upsync.url",
+            "http://",
+        ),
+        (
+            "[upstream.u]\n[upstream.u.upsync]\ntype = \"consul\"\nurl = \"http://x/\"\ntoken_env = \"L4LB_TEST_SURELY_UNSET\"\n",
+            "upstream.u.upsync.token_env",
+            "not set",
+        ),
+        (
+            "[upstream.u]\nservers = [{ address = \"127.0.0.1:1\" }]\n[[server]]\nlisten = \"127.0.0.1:1\"\nprotocol = \"udp\"\nproxy_pass = \"u\"\nproxy_protocol = \"v1\"\n",
+            "server[0].proxy_protocol",
+            "TCP only",
+        ),
+        ("[admin]\nlisten = \"localhost\"\n", "admin.listen", "ip:port"),
+        ("[global]\nsplice = \"maybe\"\n", "global.splice", "unknown variant"),
+        ("[global\n", "(syntax)", ""),
+    ];
+    for (text, key, msg) in cases {
+        let e = errors(text);
+        assert!(
+            e.iter()
+                .any(|e| e.key == *key && e.message.contains(msg) && e.line > 0),
+            "for {text:?} expected {key}: ..{msg}.. got {e:?}"
+        );
+    }
+}
+
+#[test]
+fn display_names_file_line_and_key() {
+    let errs = ConfigErrors {
+        file: PathBuf::from("/etc/l4lb.toml"),
+        errors: errors("[global]\nfoo = 1\n"),
+    };
+    let text = errs.to_string();
+    assert!(
+        text.starts_with("/etc/l4lb.toml:2:1: global.foo: unknown field"),
+        "{text}"
+    );
+}

@@ -32,7 +32,12 @@ impl PassiveHealth {
         w.unavailable_until.is_none_or(|until| now >= until)
     }
 
-    pub fn record_failure(&self, now: Instant, max_fails: u32, fail_timeout: Duration) -> FailOutcome {
+    pub fn record_failure(
+        &self,
+        now: Instant,
+        max_fails: u32,
+        fail_timeout: Duration,
+    ) -> FailOutcome {
         let mut w = self.lock();
         let window_expired = w
             .window_start
@@ -78,7 +83,10 @@ mod tests {
     fn marks_unavailable_after_max_fails_within_window() {
         let h = PassiveHealth::default();
         let t0 = Instant::now();
-        assert_eq!(h.record_failure(t0, 2, T), FailOutcome::Counted { fails: 1 });
+        assert_eq!(
+            h.record_failure(t0, 2, T),
+            FailOutcome::Counted { fails: 1 }
+        );
         assert!(h.is_available(t0));
         assert_eq!(
             h.record_failure(t0 + Duration::from_secs(1), 2, T),
@@ -94,7 +102,10 @@ mod tests {
         let t0 = Instant::now();
         h.record_failure(t0, 2, T);
         let later = t0 + Duration::from_secs(11);
-        assert_eq!(h.record_failure(later, 2, T), FailOutcome::Counted { fails: 1 });
+        assert_eq!(
+            h.record_failure(later, 2, T),
+            FailOutcome::Counted { fails: 1 }
+        );
         assert!(h.is_available(later));
     }
 
@@ -105,7 +116,10 @@ mod tests {
         h.record_failure(t0, 1, T);
         let after = t0 + Duration::from_secs(11);
         assert!(h.is_available(after));
-        assert!(matches!(h.record_failure(after, 1, T), FailOutcome::MarkedUnavailable { .. }));
+        assert!(matches!(
+            h.record_failure(after, 1, T),
+            FailOutcome::MarkedUnavailable { .. }
+        ));
         assert!(!h.is_available(after + Duration::from_secs(1)));
         h.record_success();
         assert!(h.is_available(after + Duration::from_secs(1)));

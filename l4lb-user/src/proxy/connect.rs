@@ -12,6 +12,12 @@ use crate::upstream::{Lease, Upstream};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    /// A local resource ran out (descriptors, memory): not counted against any server.
+    #[error("cannot open a connection to {server}: {source}")]
+    Local {
+        server: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("no available server in upstream {0}")]
     NoServer(String),
     #[error("all tries failed for upstream {upstream} ({tries} tried)")]
@@ -41,12 +47,20 @@ pub async fn connect(
         };
         let addr = lease.spec.addr;
         tried.push(addr);
-        let err = match tokio::time::timeout(server.proxy_connect_timeout, TcpStream::connect(addr)).await {
+        let err = match tokio::time::timeout(server.proxy_connect_timeout, TcpStream::connect(addr))
+            .await
+        {
             Ok(Ok(stream)) => {
                 lease.connect_succeeded();
                 // nginx's stream module sets TCP_NODELAY on both sides by default.
                 let _ = stream.set_nodelay(true);
                 return Ok((stream, lease));
+            }
+            Ok(Err(e)) if super::is_resource_exhaustion(&e) => {
+                return Err(ConnectError::Local {
+                    server: addr,
+                    source: e,
+                });
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("timed out after {:?}", server.proxy_connect_timeout),

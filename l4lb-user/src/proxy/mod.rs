@@ -59,9 +59,9 @@ pub enum SessionEnd {
 impl SessionEnd {
     pub fn error(side: Side, e: &io::Error) -> Self {
         match e.kind() {
-            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted => {
-                SessionEnd::Reset(side)
-            }
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted => SessionEnd::Reset(side),
             _ => SessionEnd::Error(side, e.to_string()),
         }
     }
@@ -77,4 +77,12 @@ impl fmt::Display for SessionEnd {
             SessionEnd::Shutdown => f.write_str("shutdown"),
         }
     }
+}
+
+/// Out of descriptors or memory on this host: not a peer's fault.
+pub fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }

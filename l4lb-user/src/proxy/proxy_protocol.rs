@@ -105,13 +105,23 @@ mod tests {
 
     #[test]
     fn v2_binary_ipv6() {
-        let h = header(ProxyProtocol::V2, "[::1]:1".parse().unwrap(), "[::2]:2".parse().unwrap()).unwrap();
+        let h = header(
+            ProxyProtocol::V2,
+            "[::1]:1".parse().unwrap(),
+            "[::2]:2".parse().unwrap(),
+        )
+        .unwrap();
         assert_eq!(h[13], 0x21);
         assert_eq!(h.len(), 16 + 36);
     }
 
     #[test]
     fn off_sends_nothing() {
-        assert!(header(ProxyProtocol::Off, "1.2.3.4:1".parse().unwrap(), "1.2.3.4:2".parse().unwrap()).is_none());
+        assert!(header(
+            ProxyProtocol::Off,
+            "1.2.3.4:1".parse().unwrap(),
+            "1.2.3.4:2".parse().unwrap()
+        )
+        .is_none());
     }
 }

@@ -1,7 +1,6 @@
 //! TCP listeners: accept (with backoff), connect with retries, then hand the pair to the
 //! kernel splice path or the userspace copy path, and write the access log line.
 
-use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,7 +14,7 @@ use tracing::{info, warn};
 
 use super::connect::connect;
 use super::copy::{copy_bidirectional, CopyLimits, Transfer};
-use super::{proxy_protocol, ListenerCtx, SessionEnd, SharedCtx};
+use super::{is_resource_exhaustion, proxy_protocol, ListenerCtx, SessionEnd, SharedCtx};
 use crate::config::{ServerConfig, SpliceMode};
 use crate::metrics::{self, CopyReason, METRICS};
 use crate::runtime::DataPath;
@@ -24,7 +23,12 @@ use crate::splice::Path;
 /// How often an accept error (fd exhaustion, ...) is logged while it persists.
 const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
-pub async fn serve(listener: TcpListener, ctx: SharedCtx, dp: Arc<DataPath>, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    ctx: SharedCtx,
+    dp: Arc<DataPath>,
+    stop: CancellationToken,
+) {
     let mut last_error_log: Option<Instant> = None;
     let mut last_limit_log: Option<Instant> = None;
     loop {
@@ -70,13 +74,6 @@ pub async fn serve(listener: TcpListener, ctx: SharedCtx, dp: Arc<DataPath>, sto
             }
         }
     }
-}
-
-fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
 }
 
 /// Why this session cannot use the kernel path, if it cannot.
@@ -139,14 +136,22 @@ async fn proxy(
 ) -> Outcome {
     let server = &ctx.server;
     let Some(upstream) = ctx.upstream.as_ref() else {
-        return Outcome { backend: None, end: "no_upstream".into(), path: None };
+        return Outcome {
+            backend: None,
+            end: "no_upstream".into(),
+            path: None,
+        };
     };
     let _ = client.set_nodelay(true);
     let (mut backend, lease) = match connect(upstream, server, peer).await {
         Ok(pair) => pair,
         Err(e) => {
             warn!(client = %peer, listen = %server.listen, error = %e, "closing client: no upstream server reachable");
-            return Outcome { backend: None, end: "connect_failed".into(), path: None };
+            return Outcome {
+                backend: None,
+                end: "connect_failed".into(),
+                path: None,
+            };
         }
     };
     let backend_addr = Some(lease.spec.addr);
@@ -173,7 +178,10 @@ async fn proxy(
             let o = splicer.run(client, backend, limits, transfer).await;
             let total = transfer.upload() + transfer.download();
             metrics::add(&METRICS.bytes_copied, o.userspace_bytes);
-            metrics::add(&METRICS.bytes_spliced, total.saturating_sub(o.userspace_bytes));
+            metrics::add(
+                &METRICS.bytes_spliced,
+                total.saturating_sub(o.userspace_bytes),
+            );
             (o.end, o.path)
         }
         (reason, _) => {
@@ -181,7 +189,10 @@ async fn proxy(
             METRICS.copied_because(reason);
             metrics::add(&METRICS.sessions_copied, 1);
             let end = copy_bidirectional(&mut client, &mut backend, limits, transfer).await;
-            metrics::add(&METRICS.bytes_copied, transfer.upload() + transfer.download());
+            metrics::add(
+                &METRICS.bytes_copied,
+                transfer.upload() + transfer.download(),
+            );
             (end, Path::Copy(reason))
         }
     };

@@ -151,7 +151,10 @@ async fn replies(
     let mut responses: u64 = 0;
     let mut download: u64 = 0;
     let end = loop {
-        if server.proxy_responses.is_some_and(|limit| responses >= limit) {
+        if server
+            .proxy_responses
+            .is_some_and(|limit| responses >= limit)
+        {
             break "responses".to_string();
         }
         tokio::select! {

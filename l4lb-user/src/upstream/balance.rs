@@ -74,7 +74,9 @@ fn smooth_weighted<'a>(candidates: &[&'a Peer]) -> &'a Peer {
             best_cw = cw;
         }
     }
-    best.state.current_weight.fetch_sub(total, Ordering::Relaxed);
+    best.state
+        .current_weight
+        .fetch_sub(total, Ordering::Relaxed);
     best
 }
 
@@ -109,7 +111,11 @@ fn client_hash(client: IpAddr) -> u32 {
     crc32fast::hash(client.to_string().as_bytes())
 }
 
-fn hash_plain<'a>(all: &'a [Peer], client: IpAddr, eligible: &dyn Fn(&Peer) -> bool) -> Option<&'a Peer> {
+fn hash_plain<'a>(
+    all: &'a [Peer],
+    client: IpAddr,
+    eligible: &dyn Fn(&Peer) -> bool,
+) -> Option<&'a Peer> {
     let primaries: Vec<&Peer> = all.iter().filter(|p| !p.spec.backup).collect();
     let total: u64 = primaries.iter().map(|p| u64::from(p.spec.weight)).sum();
     if total == 0 {
@@ -152,30 +158,32 @@ fn hash_ring<'a>(
         .find(|p| eligible(p))
 }
 
-fn random<'a>(candidates: &[&'a Peer], two: bool) -> &'a Peer {
+fn weighted_pick<'a>(candidates: &[&'a Peer]) -> &'a Peer {
     let total: u64 = candidates.iter().map(|p| u64::from(p.spec.weight)).sum();
-    let pick = || {
-        let mut r = fastrand::u64(0..total.max(1));
-        for p in candidates {
-            let w = u64::from(p.spec.weight);
-            if r < w {
-                return *p;
-            }
-            r -= w;
+    let mut r = fastrand::u64(0..total.max(1));
+    for p in candidates {
+        let w = u64::from(p.spec.weight);
+        if r < w {
+            return p;
         }
-        candidates[candidates.len() - 1]
-    };
-    let a = pick();
+        r -= w;
+    }
+    candidates[candidates.len() - 1]
+}
+
+/// nginx `random [two]`: a weighted pick, or two distinct weighted picks of which the
+/// one with fewer connections per weight wins.
+fn random<'a>(candidates: &[&'a Peer], two: bool) -> &'a Peer {
+    let a = weighted_pick(candidates);
     if !two || candidates.len() < 2 {
         return a;
     }
-    let mut b = pick();
-    for _ in 0..8 {
-        if !std::ptr::eq(a, b) {
-            break;
-        }
-        b = pick();
-    }
+    let rest: Vec<&Peer> = candidates
+        .iter()
+        .copied()
+        .filter(|p| !std::ptr::eq(*p, a))
+        .collect();
+    let b = weighted_pick(&rest);
     // a.active / a.weight vs b.active / b.weight, without division.
     let la = u64::from(a.state.active()) * u64::from(b.spec.weight);
     let lb = u64::from(b.state.active()) * u64::from(a.spec.weight);

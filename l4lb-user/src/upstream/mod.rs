@@ -101,7 +101,9 @@ pub struct Upstream {
 
 impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Upstream").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -220,13 +222,21 @@ impl Upstream {
         self.set(balance, servers, source)
     }
 
-    /// Applies a reloaded `[upstream.NAME]`. A discovered set is kept when the upsync
-    /// source did not change, so a reload never loses what discovery learned.
+    /// Applies a reloaded `[upstream.NAME]`. A discovered set is kept while the upstream
+    /// has an upsync source (a changed source replaces it on its first answer), so a
+    /// reload never loses what discovery learned; a set changed through the admin API is
+    /// kept while the configured servers did not change.
     pub fn reconfigure(&self, config: &UpstreamConfig) -> bool {
         let old = self.config.swap(Arc::new(config.clone()));
         let snap = self.current.load();
-        let discovered = !matches!(snap.source, Source::Config);
-        if config.upsync.is_some() && old.upsync == config.upsync && discovered {
+        let keep = match snap.source {
+            Source::Config => false,
+            Source::Admin => {
+                config.upsync.is_none() && old.upsync.is_none() && old.servers == config.servers
+            }
+            _ => config.upsync.is_some() && old.upsync.is_some(),
+        };
+        if keep {
             let servers = snap.specs().cloned().collect();
             let source = snap.source;
             drop(snap);
@@ -274,7 +284,15 @@ impl Upstream {
             Balance::Hash { .. } => Balance::RoundRobin,
             other => other,
         };
-        balance::choose(backup_balance, &snap.peers, None, &backups, client, &eligible).map(Lease::new)
+        balance::choose(
+            backup_balance,
+            &snap.peers,
+            None,
+            &backups,
+            client,
+            &eligible,
+        )
+        .map(Lease::new)
     }
 }
 

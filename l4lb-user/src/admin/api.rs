@@ -1,0 +1,336 @@
+//! The JSON admin API on `[admin] listen`.
+//!
+//! Reads are open (the listener is loopback by default). Changes need
+//! `Authorization: Bearer <token>` with the `[admin]` token; without a configured
+//! token they are refused. An upstream fed by an upsync source is refused with 409:
+//! its source of truth is Consul/etcd, and a change made here would be overwritten.
+//! Admin changes to a static upstream last until a reload changes that upstream's
+//! `servers` (or a restart).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwapOption;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tracing::info;
+
+use super::{json as view, ShowQuery};
+use crate::config::ServerSpec;
+use crate::discovery::params::{FieldError, ServerParams, Strictness};
+use crate::discovery::Board;
+use crate::upstream::{Source, Upstream, Upstreams};
+
+pub struct AdminState {
+    pub upstreams: Arc<Upstreams>,
+    pub board: Arc<Board>,
+    /// Swapped on reload; never logged.
+    pub token: ArcSwapOption<String>,
+    /// Serialises read-modify-write changes of a server set.
+    changes: Mutex<()>,
+}
+
+impl AdminState {
+    pub fn new(upstreams: Arc<Upstreams>, board: Arc<Board>, token: Option<String>) -> Self {
+        AdminState {
+            upstreams,
+            board,
+            token: ArcSwapOption::from(token.map(Arc::new)),
+            changes: Mutex::new(()),
+        }
+    }
+}
+
+type Shared = Arc<AdminState>;
+
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/api/upstreams", get(list))
+        .route("/api/upstreams/{name}", get(one))
+        .route(
+            "/api/upstreams/{name}/servers/{addr}",
+            get(one_server)
+                .put(put_server)
+                .patch(patch_server)
+                .delete(delete_server),
+        )
+        .route("/api/metrics", get(metrics))
+        .route("/upstream_show", get(upstream_show))
+        .with_state(state)
+}
+
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    field: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    fn field(e: FieldError) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: e.to_string(),
+            field: Some(e.field),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.message });
+        if let Some(f) = self.field {
+            body["field"] = Value::String(f);
+        }
+        let mut resp = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+}
+
+async fn list(State(st): State<Shared>) -> Json<Value> {
+    let all = st.upstreams.all();
+    let map: serde_json::Map<String, Value> = all
+        .iter()
+        .map(|(name, up)| (name.clone(), view::upstream(up, &st.board)))
+        .collect();
+    Json(json!({ "upstreams": map }))
+}
+
+fn find(st: &AdminState, name: &str) -> Result<Arc<Upstream>, ApiError> {
+    st.upstreams
+        .get(name)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("upstream {name} not found")))
+}
+
+async fn one(State(st): State<Shared>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let up = find(&st, &name)?;
+    Ok(Json(view::upstream(&up, &st.board)))
+}
+
+async fn one_server(
+    State(st): State<Shared>,
+    Path((name, addr)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let up = find(&st, &name)?;
+    let addr = parse_addr(&addr)?;
+    let snap = up.snapshot();
+    let peer = snap
+        .peers
+        .iter()
+        .find(|p| p.spec.addr == addr)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("server {addr} not in upstream {name}"),
+            )
+        })?;
+    Ok(Json(view::server(
+        peer,
+        &snap.source.to_string(),
+        std::time::Instant::now(),
+    )))
+}
+
+async fn metrics() -> Json<Value> {
+    Json(view::metrics())
+}
+
+async fn upstream_show(
+    State(st): State<Shared>,
+    Query(q): Query<ShowQuery>,
+) -> (StatusCode, String) {
+    super::show_text(&st.upstreams, q)
+}
+
+fn authorize(st: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = st.token.load_full() else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "changes are disabled: set [admin] token_env or token_file",
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong Authorization: Bearer token",
+        )),
+    }
+}
+
+/// Compares without an early exit, so the time taken does not leak the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn parse_addr(addr: &str) -> Result<SocketAddr, ApiError> {
+    addr.parse().map_err(|_| {
+        ApiError::field(FieldError {
+            field: "address".into(),
+            message: format!("{addr:?} is not an ip:port address"),
+        })
+    })
+}
+
+fn parse_body(body: &Bytes) -> Result<ServerParams, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(ServerParams::default());
+    }
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::field(FieldError {
+            field: "(body)".into(),
+            message: format!("not JSON: {e}"),
+        })
+    })?;
+    ServerParams::from_json(&value, Strictness::Admin).map_err(ApiError::field)
+}
+
+/// Checks and locks for a change: token, upstream, not upsync-managed, address.
+fn begin<'a>(
+    st: &'a AdminState,
+    headers: &HeaderMap,
+    name: &str,
+    addr: &str,
+) -> Result<(Arc<Upstream>, SocketAddr, std::sync::MutexGuard<'a, ()>), ApiError> {
+    authorize(st, headers)?;
+    let up = find(st, name)?;
+    if let Some(u) = &up.config().upsync {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "upstream {name} is managed by its upsync source ({}); change the servers there",
+                crate::discovery::shown_url(&u.url)
+            ),
+        ));
+    }
+    let addr = parse_addr(addr)?;
+    let guard = st.changes.lock().unwrap_or_else(|p| p.into_inner());
+    Ok((up, addr, guard))
+}
+
+fn current(up: &Upstream) -> Vec<ServerSpec> {
+    up.snapshot().specs().cloned().collect()
+}
+
+fn commit(
+    st: &AdminState,
+    up: &Upstream,
+    servers: Vec<ServerSpec>,
+    status: StatusCode,
+    what: &str,
+) -> Response {
+    up.set_servers(servers, Source::Admin);
+    info!(upstream = %up.name, change = what, "server set changed through the admin API");
+    (status, Json(view::upstream(up, &st.board))).into_response()
+}
+
+/// Adds a server or replaces all its parameters (absent ones take nginx's defaults).
+async fn put_server(
+    State(st): State<Shared>,
+    headers: HeaderMap,
+    Path((name, addr)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (up, addr, _guard) = begin(&st, &headers, &name, &addr)?;
+    let params = parse_body(&body)?;
+    let mut spec = ServerSpec::new(addr);
+    params.apply_to(&mut spec);
+    let mut servers = current(&up);
+    let status = match servers.iter_mut().find(|s| s.addr == addr) {
+        Some(existing) => {
+            *existing = spec;
+            StatusCode::OK
+        }
+        None => {
+            servers.push(spec);
+            StatusCode::CREATED
+        }
+    };
+    Ok(commit(&st, &up, servers, status, &format!("put {addr}")))
+}
+
+/// Changes the given parameters of an existing server (e.g. `{"down": true}` drains it).
+async fn patch_server(
+    State(st): State<Shared>,
+    headers: HeaderMap,
+    Path((name, addr)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (up, addr, _guard) = begin(&st, &headers, &name, &addr)?;
+    let params = parse_body(&body)?;
+    let mut servers = current(&up);
+    let existing = servers.iter_mut().find(|s| s.addr == addr).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("server {addr} not in upstream {name}"),
+        )
+    })?;
+    params.apply_to(existing);
+    Ok(commit(
+        &st,
+        &up,
+        servers,
+        StatusCode::OK,
+        &format!("patch {addr}"),
+    ))
+}
+
+/// Removes a server; its established sessions continue.
+async fn delete_server(
+    State(st): State<Shared>,
+    headers: HeaderMap,
+    Path((name, addr)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (up, addr, _guard) = begin(&st, &headers, &name, &addr)?;
+    let mut servers = current(&up);
+    let before = servers.len();
+    servers.retain(|s| s.addr != addr);
+    if servers.len() == before {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("server {addr} not in upstream {name}"),
+        ));
+    }
+    Ok(commit(
+        &st,
+        &up,
+        servers,
+        StatusCode::OK,
+        &format!("delete {addr}"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}

@@ -1,0 +1,97 @@
+//! What the JSON admin API shows: upstreams with live per-server state, and metrics.
+
+use std::time::Instant;
+
+use serde_json::{json, Map, Value};
+
+use crate::config::{Balance, UpsyncKind};
+use crate::discovery::Board;
+use crate::metrics::{CopyReason, METRICS};
+use crate::upstream::{Peer, Upstream};
+
+fn balance(b: Balance) -> &'static str {
+    match b {
+        Balance::RoundRobin => "round_robin",
+        Balance::LeastConn => "least_conn",
+        Balance::Hash { consistent: false } => "hash",
+        Balance::Hash { consistent: true } => "hash_consistent",
+        Balance::Random { two: false } => "random",
+        Balance::Random { two: true } => "random_two",
+    }
+}
+
+fn upsync_kind(k: UpsyncKind) -> &'static str {
+    match k {
+        UpsyncKind::Consul => "consul",
+        UpsyncKind::ConsulHealth => "consul_health",
+        UpsyncKind::Etcd => "etcd",
+    }
+}
+
+pub fn server(peer: &Peer, source: &str, now: Instant) -> Value {
+    let s = &peer.spec;
+    json!({
+        "address": s.addr.to_string(),
+        "name": s.name,
+        "weight": s.weight,
+        "max_fails": s.max_fails,
+        "fail_timeout": s.fail_timeout.as_secs_f64(),
+        "max_conns": s.max_conns,
+        "down": s.down,
+        "backup": s.backup,
+        "active": peer.state.active(),
+        "total": peer.state.total(),
+        "fails": peer.state.health.fails(),
+        "available": !s.down && peer.state.health.is_available(now),
+        "source": source,
+    })
+}
+
+pub fn upstream(up: &Upstream, board: &Board) -> Value {
+    let snap = up.snapshot();
+    let source = snap.source.to_string();
+    let now = Instant::now();
+    let config = up.config();
+    let upsync = config.upsync.as_ref().map(|u| {
+        let status = board.get(&up.name);
+        json!({
+            "type": upsync_kind(u.kind),
+            "url": crate::discovery::shown_url(&u.url),
+            "updates": status.as_ref().map_or(0, |s| s.updates.load(std::sync::atomic::Ordering::Relaxed)),
+            "errors": status.as_ref().map_or(0, |s| s.errors.load(std::sync::atomic::Ordering::Relaxed)),
+            "last_error": status.as_ref().and_then(|s| s.last_error()),
+            "last_success_unix": status.as_ref().map_or(0, |s| s.last_success_unix()),
+        })
+    });
+    json!({
+        "name": up.name,
+        "balance": balance(snap.balance),
+        "source": source,
+        "upsync": upsync,
+        "servers": snap.peers.iter().map(|p| server(p, &source, now)).collect::<Vec<_>>(),
+    })
+}
+
+pub fn metrics() -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let m = &METRICS;
+    let reasons: Map<String, Value> = CopyReason::ALL
+        .iter()
+        .map(|r| (r.as_str().to_string(), json!(m.copy_reason_count(*r))))
+        .collect();
+    json!({
+        "accepted": m.accepted.load(Relaxed),
+        "active": m.active.load(Relaxed),
+        "sessions_spliced": m.sessions_spliced.load(Relaxed),
+        "sessions_copied": m.sessions_copied.load(Relaxed),
+        "bytes_spliced": m.bytes_spliced.load(Relaxed),
+        "bytes_copied": m.bytes_copied.load(Relaxed),
+        "connect_failures": m.connect_failures.load(Relaxed),
+        "no_server": m.no_server.load(Relaxed),
+        "udp_sessions": m.udp_sessions.load(Relaxed),
+        "discovery_updates": m.discovery_updates.load(Relaxed),
+        "discovery_errors": m.discovery_errors.load(Relaxed),
+        "discovery_bad_data": m.discovery_bad_data.load(Relaxed),
+        "copy_reasons": reasons,
+    })
+}

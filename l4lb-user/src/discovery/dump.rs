@@ -1,0 +1,150 @@
+//! The dump file: the last discovered server set as nginx `server ...;` lines, so nginx
+//! can `include` it and l4lb can start from it when the source is unreachable.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+
+use crate::admin::show::server_line;
+use crate::config::{units, ServerSpec};
+use crate::upstream::Source;
+
+/// Replaces the file atomically (temporary file in the same directory, then rename), so
+/// a reader never sees half a set.
+pub async fn write(
+    path: &Path,
+    upstream: &str,
+    source: Source,
+    servers: &[ServerSpec],
+) -> anyhow::Result<()> {
+    let mut text = format!(
+        "# l4lb: servers of upstream {upstream} from {source}; rewritten on every change\n"
+    );
+    for s in servers {
+        text.push_str(&server_line(s));
+        text.push('\n');
+    }
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || write_atomic(&path, text.as_bytes()))
+        .await
+        .context("dump writer task failed")?
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?
+        .to_string_lossy();
+    let tmp: PathBuf = path.with_file_name(format!(".{name}.tmp"));
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.write_all(data)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// The servers of a dump file; `None` when there is no file.
+pub async fn read(path: &Path) -> anyhow::Result<Option<Vec<ServerSpec>>> {
+    let text = match tokio::fs::read_to_string(path).await {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    parse(&text)
+        .with_context(|| format!("{}", path.display()))
+        .map(Some)
+}
+
+pub fn parse(text: &str) -> anyhow::Result<Vec<ServerSpec>> {
+    let mut servers = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        servers.push(parse_line(line).with_context(|| format!("line {}", i + 1))?);
+    }
+    Ok(servers)
+}
+
+fn parse_line(line: &str) -> anyhow::Result<ServerSpec> {
+    let Some(body) = line.strip_suffix(';') else {
+        bail!("missing ';' at the end")
+    };
+    let mut words = body.split_whitespace();
+    if words.next() != Some("server") {
+        bail!("expected `server ADDRESS [PARAMETERS];`");
+    }
+    let address = words.next().context("missing address")?;
+    let addr: SocketAddr = address
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{address:?} is not an ip:port address"))?;
+    let mut spec = ServerSpec::new(addr);
+    for word in words {
+        let number = |v: &str| {
+            v.parse::<u32>()
+                .map_err(|_| anyhow::anyhow!("{word:?}: not a number"))
+        };
+        match word.split_once('=') {
+            Some(("weight", v)) => spec.weight = number(v)?.max(1),
+            Some(("max_fails", v)) => spec.max_fails = number(v)?,
+            Some(("max_conns", v)) => spec.max_conns = number(v)?,
+            Some(("fail_timeout", v)) => {
+                spec.fail_timeout = units::parse_duration(v).map_err(anyhow::Error::msg)?
+            }
+            None if word == "down" => spec.down = true,
+            None if word == "backup" => spec.backup = true,
+            _ => bail!("unknown parameter {word:?}"),
+        }
+    }
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn round_trips_through_server_lines() {
+        let mut a = ServerSpec::new("10.0.0.1:3306".parse().unwrap());
+        a.weight = 3;
+        a.max_fails = 2;
+        a.fail_timeout = Duration::from_secs(30);
+        a.backup = true;
+        let mut b = ServerSpec::new("[::1]:6379".parse().unwrap());
+        b.down = true;
+        b.max_conns = 7;
+        let text = format!("# comment\n{}\n\n{}\n", server_line(&a), server_line(&b));
+        assert_eq!(parse(&text).unwrap(), vec![a, b]);
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let e = parse("server 10.0.0.1:1;\nserver 10.0.0.2:1 wieght=2;\n").unwrap_err();
+        assert!(format!("{e:#}").contains("line 2"), "{e:#}");
+        assert!(parse("server 10.0.0.1:1").is_err());
+        assert!(parse("server db:1;").is_err());
+    }
+
+    #[tokio::test]
+    async fn write_replaces_and_read_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.conf");
+        assert!(read(&path).await.unwrap().is_none());
+        let s = vec![ServerSpec::new("127.0.0.1:1".parse().unwrap())];
+        write(&path, "db", Source::Consul, &s).await.unwrap();
+        write(&path, "db", Source::Consul, &s).await.unwrap();
+        assert_eq!(read(&path).await.unwrap().unwrap(), s);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary file left"
+        );
+    }
+}

@@ -1,0 +1,437 @@
+//! Dynamic upstreams (nginx-upsync semantics): one task per upstream with an upsync
+//! source (Consul KV, Consul health, etcd v3) that publishes each changed server set
+//! through [`Upstream::set_servers`] and mirrors it to the dump file.
+//!
+//! A source only fetches and parses; this module decides what to apply, keeps the last
+//! good set on any error, paces retries, and starts/stops tasks on reload.
+
+mod consul;
+mod consul_health;
+pub mod dump;
+mod etcd;
+mod http;
+pub mod params;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{ServerSpec, UpsyncConfig, UpsyncKind};
+use crate::metrics::{self, METRICS};
+use crate::upstream::{Source as Origin, Upstream, Upstreams};
+use params::{ServerParams, Strictness};
+
+/// Tries a `strong_dependency` source gets at start before l4lb gives up.
+const STARTUP_TRIES: u32 = 3;
+
+/// Why a fetch produced no server set. The caller keeps the last good set either way;
+/// the kind tells an operator whether to look at the network or at the data.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{0}")]
+    Transport(String),
+    #[error("HTTP status {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("response body larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("bad data at key {key:?}: {reason}")]
+    BadData { key: String, reason: String },
+}
+
+impl SourceError {
+    pub fn bad(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        SourceError::BadData {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn is_bad_data(&self) -> bool {
+        matches!(self, SourceError::BadData { .. })
+    }
+}
+
+/// One discovery backend.
+pub trait Source: Send + 'static {
+    /// The whole current server set. The first call answers at once; later calls wait
+    /// until the source reports a change (or its long poll ends). A source paces itself
+    /// so that calling this in a loop never spins.
+    fn next(&mut self) -> impl Future<Output = Result<Vec<ServerSpec>, SourceError>> + Send;
+}
+
+/// Reads nginx-upsync keys `<prefix><ip:port>` and their values. Keys outside `prefix`
+/// and the prefix's own folder key are skipped; any other bad key or value rejects the
+/// whole set, naming the key.
+pub fn servers_from_kv<'a>(
+    prefix: &str,
+    entries: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+) -> Result<Vec<ServerSpec>, SourceError> {
+    let mut servers = Vec::new();
+    for (key, value) in entries {
+        let key = std::str::from_utf8(key)
+            .map_err(|_| SourceError::bad(String::from_utf8_lossy(key), "key is not UTF-8"))?;
+        let Some(rest) = key.strip_prefix(prefix) else {
+            continue;
+        };
+        if rest.is_empty() {
+            continue;
+        }
+        let addr: SocketAddr = rest
+            .parse()
+            .map_err(|_| SourceError::bad(key, format!("{rest:?} is not an ip:port address")))?;
+        let params = parse_value(value).map_err(|reason| SourceError::bad(key, reason))?;
+        servers.push(params.to_spec(rest.to_string(), addr));
+    }
+    Ok(servers)
+}
+
+fn parse_value(value: &[u8]) -> Result<ServerParams, String> {
+    if value.iter().all(u8::is_ascii_whitespace) {
+        return Ok(ServerParams::default());
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(value).map_err(|e| format!("value is not JSON: {e}"))?;
+    ServerParams::from_json(&json, Strictness::Upsync).map_err(|e| format!("value field {e}"))
+}
+
+/// Sorted by address so every instance of a fleet orders (and hashes) alike.
+fn normalise(mut servers: Vec<ServerSpec>) -> Vec<ServerSpec> {
+    servers.sort_by_key(|s| s.addr);
+    servers.dedup_by_key(|s| s.addr);
+    servers
+}
+
+fn origin(kind: UpsyncKind) -> Origin {
+    match kind {
+        UpsyncKind::Consul => Origin::Consul,
+        UpsyncKind::ConsulHealth => Origin::ConsulHealth,
+        UpsyncKind::Etcd => Origin::Etcd,
+    }
+}
+
+/// The URL as logged: without any user:password part.
+pub fn shown_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_password(None);
+            let _ = u.set_username("");
+            u.to_string()
+        }
+        Err(_) => url.to_string(),
+    }
+}
+
+/// What the admin API shows of a discovery task.
+#[derive(Debug, Default)]
+pub struct TaskStatus {
+    pub updates: AtomicU64,
+    pub errors: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    last_success_unix: AtomicU64,
+}
+
+impl TaskStatus {
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Seconds since the epoch of the last good answer from the source (0 = none yet).
+    pub fn last_success_unix(&self) -> u64 {
+        self.last_success_unix.load(Ordering::Relaxed)
+    }
+
+    fn succeeded(&self) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.last_success_unix.store(now, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn failed(&self, e: &SourceError) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+    }
+}
+
+/// Status of every running discovery task by upstream name, for the admin API.
+#[derive(Debug, Default)]
+pub struct Board {
+    tasks: Mutex<BTreeMap<String, Arc<TaskStatus>>>,
+}
+
+impl Board {
+    pub fn get(&self, upstream: &str) -> Option<Arc<TaskStatus>> {
+        self.lock().get(upstream).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<TaskStatus>>> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Applies what a source reports to one upstream.
+struct Runner {
+    upstream: Arc<Upstream>,
+    cfg: UpsyncConfig,
+    origin: Origin,
+    status: Arc<TaskStatus>,
+}
+
+impl Runner {
+    async fn apply(&self, servers: Vec<ServerSpec>) {
+        self.status.succeeded();
+        let servers = normalise(servers);
+        if !self.upstream.set_servers(servers.clone(), self.origin) {
+            return;
+        }
+        metrics::add(&METRICS.discovery_updates, 1);
+        self.status.updates.fetch_add(1, Ordering::Relaxed);
+        info!(upstream = %self.upstream.name, source = %self.origin, servers = servers.len(), "server set updated");
+        if let Some(path) = &self.cfg.dump_path {
+            if let Err(e) = dump::write(path, &self.upstream.name, self.origin, &servers).await {
+                error!(upstream = %self.upstream.name, path = %path.display(), error = %e, "cannot write the dump file");
+            }
+        }
+    }
+
+    fn failed(&self, e: &SourceError) {
+        metrics::add(&METRICS.discovery_errors, 1);
+        if e.is_bad_data() {
+            metrics::add(&METRICS.discovery_bad_data, 1);
+        }
+        self.status.failed(e);
+        warn!(
+            upstream = %self.upstream.name,
+            source = %self.origin,
+            error = %e,
+            retry_in = ?self.cfg.interval,
+            "discovery fetch failed; keeping the last good server set"
+        );
+    }
+
+    /// `strong_dependency`: the source must answer before l4lb serves.
+    async fn initial<S: Source>(&self, src: &mut S) -> anyhow::Result<()> {
+        let mut last = None;
+        for attempt in 1..=STARTUP_TRIES {
+            match src.next().await {
+                Ok(servers) => {
+                    self.apply(servers).await;
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.failed(&e);
+                    last = Some(e);
+                    if attempt < STARTUP_TRIES {
+                        tokio::time::sleep(self.cfg.interval).await;
+                    }
+                }
+            }
+        }
+        let reason = last.map_or_else(String::new, |e| e.to_string());
+        anyhow::bail!(
+            "upstream {}: upsync source {} did not answer after {STARTUP_TRIES} tries and strong_dependency = true: {reason}",
+            self.upstream.name,
+            shown_url(&self.cfg.url)
+        )
+    }
+
+    /// Without `strong_dependency`, start from the last set written to the dump file.
+    async fn load_dump(&self) {
+        let Some(path) = &self.cfg.dump_path else {
+            return;
+        };
+        match dump::read(path).await {
+            Ok(Some(servers)) => {
+                let n = servers.len();
+                self.upstream
+                    .set_servers(normalise(servers), Origin::DumpFile);
+                info!(upstream = %self.upstream.name, path = %path.display(), servers = n, "servers loaded from the dump file");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(upstream = %self.upstream.name, error = %format!("{e:#}"), "dump file ignored")
+            }
+        }
+    }
+
+    async fn run<S: Source>(self, mut src: S, stop: CancellationToken) {
+        loop {
+            let fetched = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = src.next() => r,
+            };
+            match fetched {
+                Ok(servers) => self.apply(servers).await,
+                Err(e) => {
+                    self.failed(&e);
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(self.cfg.interval) => {}
+                    }
+                }
+            }
+        }
+        info!(upstream = %self.upstream.name, source = %self.origin, "discovery stopped");
+    }
+}
+
+struct Task {
+    cfg: UpsyncConfig,
+    upstream: Arc<Upstream>,
+    stop: CancellationToken,
+}
+
+/// The running discovery tasks, one per upstream with an upsync source.
+#[derive(Default)]
+pub struct Discovery {
+    tasks: HashMap<String, Task>,
+    board: Arc<Board>,
+}
+
+/// Whether a task starts with the process (strong_dependency is honoured) or on reload.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Start,
+    Reload,
+}
+
+impl Discovery {
+    pub fn board(&self) -> Arc<Board> {
+        Arc::clone(&self.board)
+    }
+
+    /// Starts every upsync task; fails when a `strong_dependency` source does not answer.
+    pub async fn start(&mut self, upstreams: &Upstreams) -> anyhow::Result<()> {
+        for up in upstreams.all().values() {
+            if let Some(cfg) = up.config().upsync.clone() {
+                self.launch(Arc::clone(up), cfg, Phase::Start).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a reload: tasks whose upstream is gone or whose upsync settings changed stop,
+    /// new ones start, unchanged ones keep running (and keep their long poll).
+    pub async fn reconcile(&mut self, upstreams: &Upstreams) {
+        let all = upstreams.all();
+        let stale: Vec<String> = self
+            .tasks
+            .iter()
+            .filter(|(name, task)| match all.get(*name) {
+                Some(up) => {
+                    !Arc::ptr_eq(up, &task.upstream)
+                        || up.config().upsync.as_ref() != Some(&task.cfg)
+                }
+                None => true,
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            self.stop(&name);
+        }
+        for (name, up) in all.iter() {
+            let Some(cfg) = up.config().upsync.clone() else {
+                continue;
+            };
+            if self.tasks.contains_key(name) {
+                continue;
+            }
+            if let Err(e) = self.launch(Arc::clone(up), cfg, Phase::Reload).await {
+                error!(upstream = %name, error = %format!("{e:#}"), "cannot start discovery");
+            }
+        }
+    }
+
+    pub fn stop_all(&mut self) {
+        let names: Vec<String> = self.tasks.keys().cloned().collect();
+        for name in names {
+            self.stop(&name);
+        }
+    }
+
+    fn stop(&mut self, name: &str) {
+        if let Some(task) = self.tasks.remove(name) {
+            task.stop.cancel();
+            self.board.lock().remove(name);
+        }
+    }
+
+    async fn launch(
+        &mut self,
+        up: Arc<Upstream>,
+        cfg: UpsyncConfig,
+        phase: Phase,
+    ) -> anyhow::Result<()> {
+        let context = || format!("upstream {}: upsync {}", up.name, shown_url(&cfg.url));
+        match cfg.kind {
+            UpsyncKind::Consul => {
+                let src = consul::ConsulKv::new(&cfg).with_context(context)?;
+                self.launch_with(src, up, cfg, phase).await
+            }
+            UpsyncKind::ConsulHealth => {
+                let src = consul_health::ConsulHealth::new(&cfg).with_context(context)?;
+                self.launch_with(src, up, cfg, phase).await
+            }
+            UpsyncKind::Etcd => {
+                let src = etcd::Etcd::new(&cfg).with_context(context)?;
+                self.launch_with(src, up, cfg, phase).await
+            }
+        }
+    }
+
+    async fn launch_with<S: Source>(
+        &mut self,
+        mut src: S,
+        upstream: Arc<Upstream>,
+        cfg: UpsyncConfig,
+        phase: Phase,
+    ) -> anyhow::Result<()> {
+        let runner = Runner {
+            upstream: Arc::clone(&upstream),
+            cfg: cfg.clone(),
+            origin: origin(cfg.kind),
+            status: Arc::new(TaskStatus::default()),
+        };
+        info!(
+            upstream = %upstream.name,
+            source = %runner.origin,
+            url = %shown_url(&cfg.url),
+            strong_dependency = cfg.strong_dependency,
+            "discovery started"
+        );
+        if cfg.strong_dependency && phase == Phase::Start {
+            runner.initial(&mut src).await?;
+        } else if upstream.snapshot().source == Origin::Config {
+            // Only when nothing was discovered yet: on reload a discovered set is newer.
+            runner.load_dump().await;
+        }
+        let stop = CancellationToken::new();
+        self.board
+            .lock()
+            .insert(upstream.name.clone(), Arc::clone(&runner.status));
+        tokio::spawn(runner.run(src, stop.clone()));
+        self.tasks.insert(
+            upstream.name.clone(),
+            Task {
+                cfg,
+                upstream,
+                stop,
+            },
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,125 @@
+//! The command line: `l4lb check` (like `nginx -t`) and start-up errors.
+
+mod support;
+
+use std::process::Command;
+
+use support::{l4lb_bin, repo_path};
+
+fn check(text: &str) -> (bool, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(l4lb_bin())
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).replace(path.to_str().unwrap(), "FILE"),
+    )
+}
+
+#[test]
+fn shipped_configs_check_ok() {
+    for f in ["config/l4lb.toml", "config/examples/mysql.toml"] {
+        let out = Command::new(l4lb_bin())
+            .args(["check", "-c"])
+            .arg(repo_path(f))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{f}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("syntax is ok"));
+    }
+}
+
+#[test]
+fn check_lists_every_error_with_file_line_column_and_key() {
+    let (ok, _, err) = check(
+        r#"[global]
+max_conections = 10
+
+[upstream.db]
+balance = "least_conn"
+servers = [
+  { address = "127.0.0.1:3306", weight = -1 },
+  { address = "127.0.0.1:3307", fail_timeout = "10 seconds" },
+]
+
+[[server]]
+listen = "127.0.0.1:3307"
+proxy_pass = "dbs"
+proxy_timeout = "1x"
+"#,
+    );
+    assert!(!ok);
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(
+        lines[0].starts_with("FILE:2:1: global.max_conections: unknown field"),
+        "{err}"
+    );
+    assert!(
+        lines[1]
+            .starts_with("FILE:7:42: upstream.db.servers[0].weight: invalid value: integer `-1`"),
+        "{err}"
+    );
+    assert!(
+        lines[2].starts_with("FILE:8:48: upstream.db.servers[1].fail_timeout: invalid duration"),
+        "{err}"
+    );
+    assert!(
+        lines[3].starts_with("FILE:14:17: server[0].proxy_timeout: invalid duration \"1x\""),
+        "{err}"
+    );
+    assert!(err.contains("test failed (4 errors)"), "{err}");
+}
+
+#[test]
+fn proxy_pass_to_an_undefined_upstream_is_named() {
+    let (ok, _, err) = check("[[server]]\nlisten = \"127.0.0.1:1\"\nproxy_pass = \"nowhere\"\n");
+    assert!(!ok);
+    assert!(
+        err.contains("FILE:3:14: server[0].proxy_pass: no [upstream.nowhere] is defined"),
+        "{err}"
+    );
+}
+
+#[test]
+fn syntax_errors_and_missing_files_do_not_panic() {
+    let (ok, _, err) = check("[upstream.a\nservers = [");
+    assert!(!ok);
+    assert!(
+        err.contains("FILE:1:") && !err.contains("panicked"),
+        "{err}"
+    );
+    let out = Command::new(l4lb_bin())
+        .args(["check", "-c", "/nonexistent/l4lb.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
+
+#[test]
+fn run_refuses_an_invalid_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "[global]\nsplice = \"sometimes\"\n").unwrap();
+    let out = Command::new(l4lb_bin())
+        .args(["run", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("global.splice: unknown variant `sometimes`"),
+        "{err}"
+    );
+}

@@ -1,0 +1,136 @@
+//! UDP end to end: sessions per client address, datagram boundaries, responses, expiry.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use support::{free_udp_port, Daemon, UdpBackend};
+use tokio::net::UdpSocket;
+
+fn config(listen: u16, backends: &[&UdpBackend], extra: &str) -> String {
+    let servers = backends
+        .iter()
+        .map(|b| format!("{{ address = \"{}\" }}", b.addr))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"
+[upstream.u]
+servers = [{servers}]
+
+[[server]]
+listen = "127.0.0.1:{listen}"
+protocol = "udp"
+proxy_pass = "u"
+{extra}
+"#
+    )
+}
+
+async fn recv(sock: &UdpSocket) -> Option<String> {
+    let mut buf = vec![0u8; 65_535];
+    match tokio::time::timeout(Duration::from_secs(3), sock.recv(&mut buf)).await {
+        Ok(Ok(n)) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        _ => None,
+    }
+}
+
+async fn client(listen: u16) -> UdpSocket {
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    s.connect(SocketAddr::from(([127, 0, 0, 1], listen)))
+        .await
+        .unwrap();
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_response_keeps_datagram_boundaries_and_session_affinity() {
+    let a = UdpBackend::start("a").await;
+    let b = UdpBackend::start("b").await;
+    let port = free_udp_port();
+    let _d = Daemon::start(&config(port, &[&a, &b], "proxy_timeout = \"5s\""));
+    let c1 = client(port).await;
+    let c2 = client(port).await;
+    let sizes = [1usize, 1000, 8000, 60_000];
+    let mut first_tag = None;
+    for &n in &sizes {
+        let msg = "x".repeat(n);
+        c1.send(msg.as_bytes()).await.unwrap();
+        let reply = recv(&c1).await.expect("reply");
+        let (tag, body) = reply.split_once(':').unwrap();
+        assert_eq!(body.len(), n, "datagram boundary lost");
+        // One session per client address: every datagram goes to the same server.
+        assert!(first_tag.is_none() || first_tag.as_deref() == Some(tag));
+        first_tag = Some(tag.to_string());
+    }
+    c2.send(b"hi").await.unwrap();
+    let other = recv(&c2).await.unwrap();
+    assert_ne!(
+        other.split_once(':').unwrap().0,
+        first_tag.unwrap(),
+        "round robin across sessions"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_end_after_proxy_responses_or_idle_timeout() {
+    let a = UdpBackend::start("a").await;
+    let port = free_udp_port();
+    let d = Daemon::start(&config(
+        port,
+        &[&a],
+        "proxy_responses = 1\nproxy_timeout = \"300ms\"",
+    ));
+    let c = client(port).await;
+    for i in 0..3 {
+        c.send(format!("q{i}").as_bytes()).await.unwrap();
+        assert_eq!(recv(&c).await.unwrap(), format!("a:q{i}"));
+    }
+    assert!(
+        d.wait_log_count("end=responses", 3, Duration::from_secs(3)),
+        "{}",
+        d.log()
+    );
+
+    let port2 = free_udp_port();
+    let d2 = Daemon::start(&config(port2, &[&a], "proxy_timeout = \"300ms\""));
+    let c = client(port2).await;
+    c.send(b"ping").await.unwrap();
+    assert_eq!(recv(&c).await.unwrap(), "a:ping");
+    assert!(
+        d2.wait_log("end=idle_timeout", Duration::from_secs(3)),
+        "{}",
+        d2.log()
+    );
+    // A new datagram after expiry opens a new session.
+    c.send(b"again").await.unwrap();
+    assert_eq!(recv(&c).await.unwrap(), "a:again");
+    assert!(d2.wait_log_count("end=idle_timeout", 2, Duration::from_secs(3)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_udp_server_is_counted_and_others_served() {
+    let a = UdpBackend::start("a").await;
+    let dead = free_udp_port();
+    let port = free_udp_port();
+    let cfg = config(port, &[&a], "proxy_timeout = \"2s\"").replace(
+        &format!("{{ address = \"{}\" }}", a.addr),
+        &format!("{{ address = \"127.0.0.1:{dead}\", max_fails = 1, fail_timeout = \"10s\" }}, {{ address = \"{}\" }}", a.addr),
+    );
+    let d = Daemon::start(&cfg);
+    // The first client lands on the dead server: ICMP unreachable ends its session and
+    // marks the server down; later clients all reach the live one.
+    let first = client(port).await;
+    first.send(b"x").await.unwrap();
+    assert!(
+        d.wait_log("server marked unavailable", Duration::from_secs(3)),
+        "{}",
+        d.log()
+    );
+    for i in 0..5 {
+        let c = client(port).await;
+        c.send(format!("m{i}").as_bytes()).await.unwrap();
+        assert_eq!(recv(&c).await.unwrap(), format!("a:m{i}"));
+    }
+}
