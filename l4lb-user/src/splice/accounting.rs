@@ -178,7 +178,6 @@ impl Session<'_> {
             }
             if watchdog.moved(&p) {
                 self.touch();
-                delay = FIRST_POLL;
             }
             if watchdog.stalled(left, &p, Instant::now()) {
                 // A kernel redirect worker that hit a hard error sets it on the peer and
