@@ -54,7 +54,7 @@ fn load_splicer(config: &Config) -> anyhow::Result<Option<Arc<Splicer>>> {
     if !wants(SpliceMode::Auto) && !wants(SpliceMode::Required) {
         return Ok(None);
     }
-    match Splicer::load() {
+    match Splicer::load(config.global.max_connections) {
         Ok(s) => {
             info!("kernel splice path loaded");
             Ok(Some(Arc::new(s)))

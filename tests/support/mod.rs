@@ -192,6 +192,29 @@ impl Daemon {
             .unwrap_or(0)
     }
 
+    /// CPU time (user + system) the daemon has used so far, in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the parenthesised command name; utime and stime are 14th and 15th.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        ticks as f64 / hz
+    }
+
+    /// The access log lines (target `access`) written so far.
+    pub fn access_lines(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(" access: "))
+            .map(str::to_string)
+            .collect()
+    }
+
     /// Open file descriptors of the daemon.
     pub fn fd_count(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map_or(0, |d| d.count())
@@ -339,6 +362,13 @@ pub async fn roundtrip(addr: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<
     a?;
     b?;
     Ok(out)
+}
+
+/// The value of `name=` in a log line (up to the next space).
+pub fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let key = format!(" {name}=");
+    let start = line.find(&key)? + key.len();
+    Some(line[start..].split(' ').next().unwrap_or(""))
 }
 
 /// A deterministic pseudo-random payload.

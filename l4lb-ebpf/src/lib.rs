@@ -1,0 +1,71 @@
+//! What the SK_SKB verdict program and the daemon share: map and global names, and the
+//! `#[repr(C)]` values of the maps. `no_std` so the eBPF build can use it; the `user`
+//! feature adds `aya::Pod` for the daemon.
+#![no_std]
+
+/// Hash map: socket cookie -> [`Flow`], one entry per spliced socket. Written by the
+/// program, created and removed by the daemon.
+pub const FLOWS_MAP: &str = "L4LB_FLOWS";
+/// Hash map: socket cookie -> [`FlowCtl`]. Written only by the daemon.
+pub const CTL_MAP: &str = "L4LB_CTL";
+/// SockHash (cookie -> socket, 8-byte values) with no program: the redirect target.
+pub const TARGETS_MAP: &str = "L4LB_TARGETS";
+/// SockHash with the verdict program attached: sockets whose ingress is spliced.
+pub const ATTACHED_MAP: &str = "L4LB_ATTACHED";
+/// Ring buffer of [`HoldEvent`]s.
+pub const EVENTS_MAP: &str = "L4LB_EVENTS";
+/// The stream-verdict program.
+pub const VERDICT_PROG: &str = "l4lb_verdict";
+
+/// Default entries of the per-socket maps (two per session).
+pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
+
+/// [`Flow::flags`]: this direction passes skbs to its own socket for the daemon to
+/// forward, instead of redirecting them (a redirect failed).
+pub const FLOW_HELD: u64 = 1;
+
+/// One direction of a spliced session, keyed by the cookie of the socket that receives
+/// its bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// Cookie of the socket these bytes are redirected to.
+    pub peer: u64,
+    /// Bytes redirected to the peer's egress (atomic add by the program).
+    pub redirected: u64,
+    /// Bytes passed to this socket's own receive queue while held (atomic add).
+    pub passed: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last non-empty skb.
+    pub last_ns: u64,
+    /// Times this direction was held.
+    pub holds: u64,
+    /// `FLOW_*` bits.
+    pub flags: u64,
+}
+
+/// The daemon's side of one direction, keyed like [`Flow`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCtl {
+    /// Bytes the daemon has written to the peer itself (the passed ones). Once it covers
+    /// [`Flow::passed`], the program redirects again.
+    pub forwarded: u64,
+}
+
+/// Sent on [`EVENTS_MAP`] when a direction starts holding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HoldEvent {
+    /// Cookie of the socket whose direction holds.
+    pub cookie: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `#[repr(C)]` integers with no padding; every bit pattern is valid.
+    unsafe impl aya::Pod for super::Flow {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowCtl {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::HoldEvent {}
+}

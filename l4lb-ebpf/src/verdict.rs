@@ -1,0 +1,145 @@
+//! The stream verdict: every non-empty skb arriving on a spliced socket is redirected to
+//! the egress of its peer. Should a redirect fail (the peer left the redirect map), the
+//! direction holds: skbs are passed to the socket itself, the daemon is told on the ring
+//! buffer and forwards them, and redirecting resumes once it has, so the byte order holds.
+
+use core::cell::UnsafeCell;
+use core::ffi::c_void;
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+use core::ptr;
+
+use aya_ebpf::bindings::bpf_map_def;
+use aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_SOCKHASH;
+use aya_ebpf::bindings::sk_action::{SK_DROP, SK_PASS};
+use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_redirect_hash};
+use aya_ebpf::macros::{map, stream_verdict};
+use aya_ebpf::maps::{HashMap, RingBuf};
+use aya_ebpf::programs::SkBuffContext;
+use aya_ebpf::EbpfContext;
+use aya_log_ebpf::warn;
+use l4lb_ebpf::{Flow, FlowCtl, HoldEvent, DEFAULT_MAX_SOCKETS, FLOW_HELD};
+
+/// A SockHash with 8-byte values (aya-ebpf's has 4-byte ones, which bpftool cannot dump).
+#[repr(transparent)]
+pub struct SockHash8(UnsafeCell<bpf_map_def>);
+
+// SAFETY: the kernel owns the map; the program only hands its address to helpers.
+unsafe impl Sync for SockHash8 {}
+
+impl SockHash8 {
+    const fn new(max_entries: u32) -> Self {
+        Self(UnsafeCell::new(bpf_map_def {
+            type_: BPF_MAP_TYPE_SOCKHASH,
+            key_size: 8,
+            value_size: 8,
+            max_entries,
+            map_flags: 0,
+            id: 0,
+            pinning: 0,
+        }))
+    }
+
+    fn as_ptr(&self) -> *mut c_void {
+        self.0.get().cast()
+    }
+}
+
+#[map]
+static L4LB_FLOWS: HashMap<u64, Flow> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+#[map]
+static L4LB_CTL: HashMap<u64, FlowCtl> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+#[map]
+static L4LB_TARGETS: SockHash8 = SockHash8::new(DEFAULT_MAX_SOCKETS);
+
+// The verdict program's attach point: never looked up by the program.
+#[map]
+static L4LB_ATTACHED: SockHash8 = SockHash8::new(DEFAULT_MAX_SOCKETS);
+
+#[map]
+static L4LB_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+
+#[stream_verdict]
+pub fn l4lb_verdict(ctx: SkBuffContext) -> u32 {
+    let len = ctx.len();
+    if len == 0 {
+        // A pure FIN; TCP has already recorded it, and the daemon learns it from
+        // EPOLLRDHUP. Neither redirect nor pass it: either way it can land in a psock
+        // queue (the peer's, or this socket's own while redirects towards it wait there),
+        // and the kernel worker takes an empty skb for a hard error, sets EPIPE and drops
+        // every later redirect to that socket.
+        return SK_DROP;
+    }
+    // SAFETY: the context is a valid `__sk_buff` for the helper.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(flow) = L4LB_FLOWS.get_ptr_mut(&cookie) else {
+        warn!(&ctx, "l4lb: spliced socket {} has no flow state", cookie);
+        return SK_PASS;
+    };
+    // SAFETY: a live entry of a hash map; the verdict of one socket runs under its lock,
+    // so this program is the only writer of the non-atomic fields.
+    let flow = unsafe { &mut *flow };
+    // SAFETY: no preconditions.
+    flow.last_ns = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: a live entry of a hash map, only read.
+    let forwarded = unsafe { L4LB_CTL.get(&cookie) }.map_or(0, |c| c.forwarded);
+    if flow.flags & FLOW_HELD != 0 {
+        if forwarded < flow.passed {
+            // Passed bytes wait in this socket for the daemon: keep the order.
+            return pass(flow, len);
+        }
+        flow.flags &= !FLOW_HELD;
+    }
+    let mut peer = flow.peer;
+    // SAFETY: valid skb, map and key pointers for the helper.
+    let verdict = unsafe {
+        bpf_sk_redirect_hash(
+            ctx.skb.skb,
+            L4LB_TARGETS.as_ptr(),
+            ptr::from_mut(&mut peer).cast(),
+            0,
+        )
+    };
+    if verdict != i64::from(SK_PASS) {
+        warn!(&ctx, "l4lb: redirect from {} to {} failed", cookie, peer);
+        return hold(&ctx, flow, cookie, len);
+    }
+    add(&mut flow.redirected, len);
+    SK_PASS
+}
+
+/// Stops redirecting until the daemon has forwarded every byte passed from here on, and
+/// tells it (once per hold).
+fn hold(ctx: &SkBuffContext, flow: &mut Flow, cookie: u64, len: u32) -> u32 {
+    if flow.flags & FLOW_HELD == 0 {
+        flow.flags |= FLOW_HELD;
+        add(&mut flow.holds, 1);
+        if L4LB_EVENTS.output(HoldEvent { cookie }, 0).is_err() {
+            // The daemon also checks the flow now and then, so a full ring only delays it.
+            warn!(ctx, "l4lb: hold event ring full");
+        }
+    }
+    pass(flow, len)
+}
+
+fn pass(flow: &mut Flow, len: u32) -> u32 {
+    add(&mut flow.passed, len);
+    SK_PASS
+}
+
+fn add(counter: &mut u64, n: u32) {
+    // SAFETY: a valid, aligned u64; the bpf target has atomic add but no compare-and-swap,
+    // so `AtomicU64::fetch_add` is unavailable.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, u64::from(n)) };
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+// GPL-compatible, so GPL-only helpers stay usable.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

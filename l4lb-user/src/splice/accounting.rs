@@ -1,0 +1,468 @@
+//! Where every byte of a spliced session is, from the program's counters and the
+//! sockets' TCP_INFO: bytes the program held back (passed to the source socket after a
+//! failed redirect) are forwarded here; a FIN is passed on only once every byte before it
+//! is in the peer's send queue; a direction with bytes stuck in the kernel is a stall
+//! (the watchdog).
+//!
+//! Backpressure is not here: measured on 6.18, passing skbs to the source socket does not
+//! close its TCP window (a fast sender put 48 MiB into a held socket within 100 ms while
+//! its receive buffer was 1.6 MiB), and taking the socket out of the attached map while
+//! bytes flow drops the skbs the kernel is handing to the verdict at that moment (6.5 MiB
+//! lost in a 1 GiB run). A slow reader therefore lets the kernel queue what the sender
+//! pushes, as with an unguarded splice.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use l4lb_ebpf::Flow;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tracing::debug;
+
+use super::session::{io_end, End, Session};
+use super::sys::{self, TcpProgress};
+use crate::proxy::SessionEnd;
+
+/// A direction with bytes queued in the kernel and no progress for this long, while the
+/// peer's own send queue is empty, is stalled.
+pub const STALL_AFTER: Duration = Duration::from_secs(2);
+/// Userspace forwarding buffer per direction (large buffers double copy throughput).
+const FORWARD_BUF: usize = 256 * 1024;
+const FIRST_POLL: Duration = Duration::from_millis(1);
+const MAX_POLL: Duration = Duration::from_millis(20);
+const MIN_CHECK: Duration = Duration::from_millis(20);
+const ACTIVE_CHECK: Duration = Duration::from_millis(500);
+const MAX_CHECK: Duration = Duration::from_secs(4);
+
+/// Bytes redirected in direction `flow` that have not reached the peer's send queue.
+/// `peer` is the peer's progress; `queued0` its `queued_total` at insert; `forwarded`
+/// the bytes this daemon wrote to the peer itself.
+pub fn backlog(flow: &Flow, peer: &TcpProgress, queued0: u64, forwarded: u64) -> u64 {
+    let accepted = peer
+        .queued_total
+        .saturating_sub(queued0)
+        .saturating_sub(forwarded);
+    flow.redirected.saturating_sub(accepted)
+}
+
+/// The watchdog's memory of one direction.
+#[derive(Debug, Default)]
+pub struct Watchdog {
+    last_queued: Option<u64>,
+    stuck_since: Option<Instant>,
+}
+
+impl Watchdog {
+    /// Records a sample; true once the direction has been stuck for [`STALL_AFTER`]:
+    /// bytes wait in the redirect queue, the peer sent everything it had (so it has
+    /// room) and no new byte reached its send queue since the previous sample.
+    pub fn stalled(&mut self, backlog: u64, peer: &TcpProgress, now: Instant) -> bool {
+        let unchanged = self.last_queued == Some(peer.queued_total);
+        self.last_queued = Some(peer.queued_total);
+        if backlog == 0 || peer.outq > 0 || !unchanged {
+            self.stuck_since = None;
+            return false;
+        }
+        let since = *self.stuck_since.get_or_insert(now);
+        now.duration_since(since) >= STALL_AFTER
+    }
+
+    /// Whether the peer's send queue grew since the previous sample.
+    pub fn moved(&self, peer: &TcpProgress) -> bool {
+        self.last_queued.is_some_and(|q| q != peer.queued_total)
+    }
+}
+
+/// When a running direction is looked at next, and what was seen last time.
+#[derive(Debug)]
+pub struct Check {
+    interval: Duration,
+    last_redirected: u64,
+    last_backlog: u64,
+    watchdog: Watchdog,
+}
+
+impl Default for Check {
+    fn default() -> Self {
+        Check {
+            interval: ACTIVE_CHECK,
+            last_redirected: 0,
+            last_backlog: 0,
+            watchdog: Watchdog::default(),
+        }
+    }
+}
+
+impl Check {
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// Look again soon (after a hold, the program may have passed more bytes).
+    pub fn reset(&mut self) {
+        self.interval = MIN_CHECK;
+    }
+}
+
+/// Dups of the two sockets registered with tokio for the duration of a forwarding
+/// stretch only (a dup, because the other direction may register the same socket).
+#[derive(Default)]
+struct Readiness {
+    reader: Option<AsyncFd<OwnedFd>>,
+    writer: Option<AsyncFd<OwnedFd>>,
+}
+
+fn register(stream: &std::net::TcpStream, interest: Interest) -> std::io::Result<AsyncFd<OwnedFd>> {
+    let fd = stream.as_fd().try_clone_to_owned()?;
+    // SAFETY: the AsyncFd owns the duplicate, so it stays open for the AsyncFd's life.
+    unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(std::io::Error::from)
+}
+
+impl Session<'_> {
+    fn flow(&self, i: usize) -> Result<Flow, End> {
+        self.maps
+            .flow(self.socks[i].cookie)
+            .map_err(|e| End::Session(SessionEnd::Error(self.socks[i].side, e.to_string())))
+    }
+
+    fn peer_progress(&self, j: usize) -> Result<TcpProgress, End> {
+        let p = self
+            .progress(j)
+            .map_err(|e| io_end(self.socks[j].side, &e, "peer TCP_INFO"))?;
+        if p.closed {
+            debug!(side = %self.socks[j].side, "peer connection closed (reset)");
+            return Err(End::Session(SessionEnd::Reset(self.socks[j].side)));
+        }
+        Ok(p)
+    }
+
+    /// A periodic look at a running direction: a hold whose event was lost, or a stall.
+    pub(super) async fn tick(&self, i: usize, check: &mut Check) -> Result<(), End> {
+        let j = 1 - i;
+        let f = self.flow(i)?;
+        if f.passed > self.dirs[i].read() {
+            self.relieve(i).await?;
+            check.reset();
+            return Ok(());
+        }
+        if f.redirected == check.last_redirected && check.last_backlog == 0 {
+            check.interval = (check.interval * 2).min(MAX_CHECK);
+            return Ok(());
+        }
+        let p = self.peer_progress(j)?;
+        let backlog = backlog(&f, &p, self.socks[j].queued0, self.dirs[i].forwarded());
+        if check.watchdog.moved(&p) {
+            self.touch();
+        }
+        if check.watchdog.stalled(backlog, &p, Instant::now()) {
+            return Err(End::Stall(i));
+        }
+        check.last_redirected = f.redirected;
+        check.last_backlog = backlog;
+        check.interval = ACTIVE_CHECK;
+        Ok(())
+    }
+
+    /// Waits until every byte redirected in direction `i` is in the peer's send queue.
+    pub(super) async fn wait_drained(&self, i: usize) -> Result<(), End> {
+        let j = 1 - i;
+        let mut watchdog = Watchdog::default();
+        let mut delay = FIRST_POLL;
+        loop {
+            let f = self.flow(i)?;
+            let p = self.peer_progress(j)?;
+            let left = backlog(&f, &p, self.socks[j].queued0, self.dirs[i].forwarded());
+            if left == 0 {
+                return Ok(());
+            }
+            if watchdog.moved(&p) {
+                self.touch();
+            }
+            if watchdog.stalled(left, &p, Instant::now()) {
+                // A kernel redirect worker that hit a hard error sets it on the peer and
+                // stops for good: that is an error of the peer, not a stall to rescue.
+                if let Ok(Some(e)) = sys::take_socket_error(self.socks[j].fd) {
+                    return Err(io_end(
+                        self.socks[j].side,
+                        &e,
+                        "kernel redirect to peer failed",
+                    ));
+                }
+                return Err(End::Stall(i));
+            }
+            if delay == MAX_POLL {
+                debug!(from = %self.socks[i].side, backlog = left, outq = p.outq, notsent = p.notsent, "waiting for the redirect backlog to drain");
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(MAX_POLL);
+        }
+    }
+
+    /// Direction `i` holds: waits until the peer took every redirected byte, then
+    /// forwards the bytes the program passed to the source socket; the program resumes
+    /// redirecting at the next skb once they are all forwarded.
+    pub(super) async fn relieve(&self, i: usize) -> Result<(), End> {
+        let side = self.socks[i].side;
+        let mut ready = Readiness::default();
+        let mut delay = FIRST_POLL;
+        let (started, read0) = (Instant::now(), self.dirs[i].read());
+        loop {
+            self.wait_drained(i).await?;
+            self.flush_pending(i, &mut ready).await?;
+            let f = self.flow(i)?;
+            if self.dirs[i].read() >= f.passed {
+                debug!(
+                    from = %side,
+                    userspace_bytes = self.dirs[i].read() - read0,
+                    ms = started.elapsed().as_millis() as u64,
+                    "held direction forwarded"
+                );
+                return Ok(());
+            }
+            match self.read_some(i)? {
+                Some(n) if n > 0 => delay = FIRST_POLL,
+                // EOF before every passed byte arrived: the rest is still on its way
+                // through the kernel's backlog. Readiness would spin here, so poll.
+                Some(_) => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_POLL);
+                }
+                None => {
+                    if ready.reader.is_none() {
+                        ready.reader = Some(
+                            register(&self.socks[i].stream, Interest::READABLE)
+                                .map_err(|e| io_end(side, &e, "register source"))?,
+                        );
+                    }
+                    if let Some(r) = &ready.reader {
+                        // A timeout too: bytes passed to a socket's psock may come
+                        // without a wakeup of their own.
+                        if let Ok(Ok(mut g)) = tokio::time::timeout(MAX_POLL, r.readable()).await {
+                            g.clear_ready();
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads what the source of direction `i` holds into the (empty) pending buffer.
+    /// `None`: nothing there now; `Some(0)`: EOF.
+    fn read_some(&self, i: usize) -> Result<Option<usize>, End> {
+        let mut buf = self.dirs[i].pending();
+        debug_assert!(buf.is_empty());
+        buf.resize(FORWARD_BUF, 0);
+        let got = sys::recv(self.socks[i].fd, &mut buf);
+        let n = match got {
+            Ok(Some(n)) => n,
+            _ => 0,
+        };
+        buf.truncate(n);
+        self.dirs[i].read.fetch_add(n as u64, Ordering::Relaxed);
+        got.map_err(|e| io_end(self.socks[i].side, &e, "recv from source"))
+    }
+
+    /// Writes direction `i`'s pending bytes to the peer and tells the program.
+    async fn flush_pending(&self, i: usize, ready: &mut Readiness) -> Result<(), End> {
+        let j = 1 - i;
+        let to_end = |e: std::io::Error| io_end(self.socks[j].side, &e, "send to peer");
+        loop {
+            let sent = {
+                let mut buf = self.dirs[i].pending();
+                if buf.is_empty() {
+                    return Ok(());
+                }
+                let sent = sys::send(self.socks[j].fd, &buf).map_err(to_end)?;
+                if let Some(n) = sent {
+                    buf.drain(..n);
+                }
+                sent
+            };
+            match sent {
+                Some(n) => {
+                    let d = &self.dirs[i];
+                    d.forwarded.fetch_add(n as u64, Ordering::Relaxed);
+                    self.maps
+                        .set_forwarded(self.socks[i].cookie, d.forwarded())
+                        .map_err(|e| {
+                            End::Session(SessionEnd::Error(self.socks[i].side, e.to_string()))
+                        })?;
+                    self.touch();
+                }
+                None => {
+                    if ready.writer.is_none() {
+                        ready.writer = Some(
+                            register(&self.socks[j].stream, Interest::WRITABLE).map_err(to_end)?,
+                        );
+                    }
+                    if let Some(w) = &ready.writer {
+                        let mut g = w.writable().await.map_err(to_end)?;
+                        g.clear_ready();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Direction `i` saw its FIN: once every byte before it is in the peer's send queue,
+    /// pass the FIN on with shutdown(SHUT_WR). The kernel does not do it by itself, and
+    /// doing it early loses the bytes still queued for redirect.
+    pub(super) async fn finish(&self, i: usize) -> Result<(), End> {
+        let j = 1 - i;
+        let started = Instant::now();
+        let mut delay = FIRST_POLL;
+        let mut ready = Readiness::default();
+        loop {
+            let f = self.flow(i)?;
+            // The FIN takes one sequence number, counted in `received`.
+            let received = self
+                .progress(i)
+                .map_err(|e| io_end(self.socks[i].side, &e, "source TCP_INFO"))?
+                .received
+                .saturating_sub(self.socks[i].consumed0)
+                .saturating_sub(1);
+            let read = self.dirs[i].read();
+            // Every received byte was redirected, passed (then read here) or read here.
+            if f.redirected + f.passed.max(read) < received {
+                if !self.attached(i) || read < f.passed {
+                    self.wait_drained(i).await?;
+                    self.flush_pending(i, &mut ready).await?;
+                    if self.read_some(i)?.unwrap_or(0) > 0 {
+                        delay = FIRST_POLL;
+                        continue;
+                    }
+                } else if started.elapsed() > STALL_AFTER {
+                    // The verdict never ran on the last bytes.
+                    return Err(End::Stall(i));
+                }
+                // The FIN woke us before the verdict or the psock delivered the last bytes.
+                if delay == MAX_POLL {
+                    debug!(from = %self.socks[i].side, received, redirected = f.redirected, passed = f.passed, read, attached = self.attached(i), "FIN seen; waiting for the bytes before it");
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(MAX_POLL);
+                continue;
+            }
+            self.wait_drained(i).await?;
+            self.flush_pending(i, &mut ready).await?;
+            let again = self.flow(i)?;
+            if again.redirected == f.redirected
+                && again.passed == f.passed
+                && self.dirs[i].read() == read
+            {
+                break;
+            }
+        }
+        sys::shutdown_write(self.socks[j].fd)
+            .map_err(|e| io_end(self.socks[j].side, &e, "shutdown peer"))?;
+        self.dirs[i].finished.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// After the program was detached: drains what the kernel still holds for both
+    /// directions into the peers, so the session can go on in userspace without losing
+    /// a byte. Kicks a peer whose redirect worker seems stuck. Errs if the kernel does
+    /// not give the bytes up.
+    pub(super) async fn reclaim(&self) -> Result<(), End> {
+        for i in 0..2 {
+            let j = 1 - i;
+            if self.dirs[i].finished.load(Ordering::Relaxed) {
+                continue;
+            }
+            let mut kicked = false;
+            loop {
+                match tokio::time::timeout(STALL_AFTER * 2, self.wait_drained(i)).await {
+                    Ok(Ok(())) => break,
+                    Ok(Err(End::Stall(_))) | Err(_) if !kicked => {
+                        kicked = true;
+                        let _ = sys::kick_write_space(self.socks[j].fd);
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {
+                        let f = self.flow(i)?;
+                        let p = self.peer_progress(j)?;
+                        let lost = backlog(&f, &p, self.socks[j].queued0, self.dirs[i].forwarded());
+                        return Err(End::Session(SessionEnd::Error(
+                            self.socks[j].side,
+                            format!("{lost} bytes stuck in the kernel's redirect queue"),
+                        )));
+                    }
+                }
+            }
+            let mut ready = Readiness::default();
+            self.flush_pending(i, &mut ready).await?;
+            // The passed bytes left in the socket: read them out before it leaves the
+            // maps (leaving purges them).
+            let passed = self.flow(i)?.passed;
+            let mut delay = FIRST_POLL;
+            let deadline = Instant::now() + STALL_AFTER;
+            while self.dirs[i].read() < passed {
+                if self.read_some(i)?.unwrap_or(0) == 0 {
+                    if Instant::now() > deadline {
+                        return Err(End::Session(SessionEnd::Error(
+                            self.socks[i].side,
+                            "passed bytes never reached the socket".into(),
+                        )));
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_POLL);
+                }
+                self.flush_pending(i, &mut ready).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(queued_total: u64, outq: u64) -> TcpProgress {
+        TcpProgress {
+            queued_total,
+            outq,
+            ..TcpProgress::default()
+        }
+    }
+
+    #[test]
+    fn backlog_counts_only_redirected_bytes_not_yet_queued() {
+        let f = Flow {
+            redirected: 1000,
+            ..Flow::default()
+        };
+        // 100 queued before insert, 300 written by the daemon, 500 of the redirected.
+        assert_eq!(backlog(&f, &peer(900, 0), 100, 300), 500);
+        assert_eq!(backlog(&f, &peer(1400, 0), 100, 300), 0);
+        // Counters read in the safe order never report more than was queued.
+        assert_eq!(backlog(&f, &peer(50, 0), 100, 0), 1000);
+    }
+
+    #[test]
+    fn watchdog_fires_only_when_stuck_with_room_for_long_enough() {
+        let t0 = Instant::now();
+        let mut w = Watchdog::default();
+        // The first sample is the baseline; stuck from the second one on.
+        assert!(!w.stalled(10, &peer(5, 0), t0));
+        assert!(!w.stalled(10, &peer(5, 0), t0 + Duration::from_secs(1)));
+        assert!(!w.stalled(10, &peer(5, 0), t0 + STALL_AFTER));
+        assert!(w.stalled(10, &peer(5, 0), t0 + Duration::from_secs(1) + STALL_AFTER));
+
+        // A slow reader: the peer's queue is full, so waiting is legitimate.
+        let mut w = Watchdog::default();
+        for s in 0..10 {
+            assert!(!w.stalled(10, &peer(5, 4096), t0 + Duration::from_secs(s)));
+        }
+        // Progress resets the clock.
+        let mut w = Watchdog::default();
+        assert!(!w.stalled(10, &peer(5, 0), t0));
+        assert!(!w.stalled(10, &peer(6, 0), t0 + STALL_AFTER));
+        assert!(!w.stalled(10, &peer(6, 0), t0 + STALL_AFTER + Duration::from_secs(1)));
+        // Nothing queued: nothing to watch.
+        let mut w = Watchdog::default();
+        assert!(!w.stalled(0, &peer(5, 0), t0));
+        assert!(!w.stalled(0, &peer(5, 0), t0 + STALL_AFTER * 3));
+    }
+}

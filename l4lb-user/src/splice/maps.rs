@@ -1,0 +1,89 @@
+//! The program's maps as the daemon uses them: raw bpf(2) commands on their fds, so every
+//! session works on them at once without a lock.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
+
+use aya::maps::MapData;
+use l4lb_ebpf::{Flow, FlowCtl};
+
+use super::sys;
+
+pub struct Maps {
+    pub flows: MapData,
+    pub ctl: MapData,
+    pub targets: MapData,
+    pub attached: MapData,
+    pub max_sockets: usize,
+}
+
+/// Entries of each map, for the stats line.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct MapCounts {
+    pub flows: usize,
+    pub ctl: usize,
+    pub targets: usize,
+    pub attached: usize,
+}
+
+fn fd(m: &MapData) -> BorrowedFd<'_> {
+    m.fd().as_fd()
+}
+
+impl Maps {
+    pub fn flow(&self, cookie: u64) -> io::Result<Flow> {
+        sys::map_lookup::<u64, Flow>(fd(&self.flows), &cookie)?
+            .ok_or_else(|| io::Error::other("flow state vanished from the kernel map"))
+    }
+
+    pub fn create_flow(&self, cookie: u64, peer: u64) -> io::Result<()> {
+        let flow = Flow {
+            peer,
+            ..Flow::default()
+        };
+        sys::map_update(fd(&self.flows), &cookie, &flow, sys::BPF_NOEXIST)
+    }
+
+    pub fn set_forwarded(&self, cookie: u64, forwarded: u64) -> io::Result<()> {
+        sys::map_update(fd(&self.ctl), &cookie, &FlowCtl { forwarded }, sys::BPF_ANY)
+    }
+
+    pub fn insert_target(&self, cookie: u64, sock: RawFd) -> io::Result<()> {
+        sys::map_update(fd(&self.targets), &cookie, &(sock as u64), sys::BPF_NOEXIST)
+    }
+
+    pub fn insert_attached(&self, cookie: u64, sock: RawFd) -> io::Result<()> {
+        sys::map_update(
+            fd(&self.attached),
+            &cookie,
+            &(sock as u64),
+            sys::BPF_NOEXIST,
+        )
+    }
+
+    pub fn remove_attached(&self, cookie: u64) -> io::Result<bool> {
+        sys::map_delete(fd(&self.attached), &cookie)
+    }
+
+    pub fn remove_target(&self, cookie: u64) -> io::Result<bool> {
+        sys::map_delete(fd(&self.targets), &cookie)
+    }
+
+    /// Forgets a socket's flow and control state (hash map entries do not leave by
+    /// themselves when the socket closes, unlike sockmap entries).
+    pub fn remove_state(&self, cookie: u64) -> io::Result<()> {
+        sys::map_delete(fd(&self.flows), &cookie)?;
+        sys::map_delete(fd(&self.ctl), &cookie)?;
+        Ok(())
+    }
+
+    pub fn counts(&self) -> io::Result<MapCounts> {
+        let limit = self.max_sockets + 1;
+        Ok(MapCounts {
+            flows: sys::map_count_u64(fd(&self.flows), limit)?,
+            ctl: sys::map_count_u64(fd(&self.ctl), limit)?,
+            targets: sys::map_count_u64(fd(&self.targets), limit)?,
+            attached: sys::map_count_u64(fd(&self.attached), limit)?,
+        })
+    }
+}

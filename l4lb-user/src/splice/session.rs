@@ -1,0 +1,415 @@
+//! One spliced session: insert both sockets into the maps, watch for FIN, errors,
+//! held directions and idleness, propagate half-close once every byte reached the peer, and take
+//! the session out of the kernel cleanly at the end (or to userspace on a stall).
+
+use std::io;
+use std::net::TcpStream as StdTcpStream;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::mpsc::{self, UnboundedReceiver};
+use tracing::{debug, warn};
+
+use super::maps::Maps;
+use super::sys::{self, TcpProgress};
+use super::watch::{Event, Route, Watcher};
+use super::STATS;
+use crate::proxy::copy::{CopyLimits, Transfer};
+use crate::proxy::{SessionEnd, Side};
+
+/// How a spliced stretch of a session ended.
+#[derive(Debug)]
+pub enum End {
+    Session(SessionEnd),
+    /// Direction `.0` stopped making progress with bytes queued in the kernel.
+    Stall(usize),
+}
+
+/// An I/O error that ends the session, logged with where it happened.
+pub fn io_end(side: Side, e: &io::Error, what: &'static str) -> End {
+    debug!(%side, error = %e, what, "spliced session ends on an I/O error");
+    End::Session(SessionEnd::error(side, e))
+}
+
+impl From<SessionEnd> for End {
+    fn from(e: SessionEnd) -> Self {
+        End::Session(e)
+    }
+}
+
+/// A socket of the session and where its streams stood at insert time.
+pub struct Sock {
+    pub stream: StdTcpStream,
+    pub fd: RawFd,
+    pub cookie: u64,
+    pub side: Side,
+    /// `queued_total` at insert: later growth is bytes the other direction delivered.
+    pub queued0: u64,
+    /// Bytes received and consumed before insert (never seen by the verdict).
+    pub consumed0: u64,
+}
+
+/// Where a socket's streams stood just before insert.
+pub struct Snapshot {
+    fd: RawFd,
+    cookie: u64,
+    side: Side,
+    queued0: u64,
+    consumed0: u64,
+}
+
+impl Snapshot {
+    pub fn take(stream: &StdTcpStream, side: Side) -> io::Result<Snapshot> {
+        let fd = stream.as_raw_fd();
+        let cookie = sys::socket_cookie(fd)?;
+        let queued0 = sys::tcp_progress(fd)?.queued_total;
+        // Bytes may arrive between the two reads: repeat until they agree.
+        let mut consumed0 = None;
+        for _ in 0..8 {
+            let before = sys::tcp_progress(fd)?.received;
+            let unread = sys::inq(fd)?;
+            if sys::tcp_progress(fd)?.received == before {
+                consumed0 = Some(before.saturating_sub(unread));
+                break;
+            }
+        }
+        let consumed0 =
+            consumed0.ok_or_else(|| io::Error::other("receive counters kept moving"))?;
+        Ok(Snapshot {
+            fd,
+            cookie,
+            side,
+            queued0,
+            consumed0,
+        })
+    }
+
+    pub fn with(self, stream: StdTcpStream) -> Sock {
+        Sock {
+            stream,
+            fd: self.fd,
+            cookie: self.cookie,
+            side: self.side,
+            queued0: self.queued0,
+            consumed0: self.consumed0,
+        }
+    }
+}
+
+/// Userspace state of one direction (bytes read from `socks[i]`, written to the other).
+#[derive(Default)]
+pub struct Dir {
+    /// Bytes this daemon read from the source itself (passed bytes first, then bytes
+    /// read while the source was out of the attached map).
+    pub read: AtomicU64,
+    /// Of those, bytes written to the peer.
+    pub forwarded: AtomicU64,
+    /// Bytes read from the source and not yet written: kept outside the direction's
+    /// future so a takeover after cancellation loses none.
+    pub pending: Mutex<Vec<u8>>,
+    /// The FIN was passed on.
+    pub finished: AtomicBool,
+}
+
+impl Dir {
+    pub fn read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+
+    pub fn forwarded(&self) -> u64 {
+        self.forwarded.load(Ordering::Relaxed)
+    }
+
+    pub fn pending(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Which maps a socket is in, so teardown (also on cancellation) undoes exactly that.
+#[derive(Default, Clone, Copy)]
+struct Inserted {
+    state: bool,
+    watched: bool,
+    target: bool,
+    attached: bool,
+}
+
+pub struct Session<'a> {
+    pub maps: &'a Maps,
+    watcher: &'a Watcher,
+    pub socks: [Sock; 2],
+    pub dirs: [Dir; 2],
+    inserted: [Mutex<Inserted>; 2],
+    /// CLOCK_MONOTONIC ns of the last byte this daemon moved or saw the kernel move.
+    pub last_user_ns: AtomicU64,
+}
+
+/// Why the sockets could not be spliced.
+pub struct InsertError {
+    pub error: io::Error,
+    /// A socket was already attached: bytes may be in the kernel, so the way back to
+    /// userspace must drain them first.
+    pub attached: bool,
+}
+
+impl<'a> Session<'a> {
+    pub fn new(maps: &'a Maps, watcher: &'a Watcher, client: Sock, backend: Sock) -> Session<'a> {
+        STATS.active.fetch_add(1, Ordering::Relaxed);
+        Session {
+            maps,
+            watcher,
+            socks: [client, backend],
+            dirs: [Dir::default(), Dir::default()],
+            inserted: [
+                Mutex::new(Inserted::default()),
+                Mutex::new(Inserted::default()),
+            ],
+            last_user_ns: AtomicU64::new(sys::monotonic_ns()),
+        }
+    }
+
+    fn inserted(&self, i: usize) -> MutexGuard<'_, Inserted> {
+        self.inserted[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn mark(&self, i: usize, f: impl FnOnce(&mut Inserted)) {
+        f(&mut self.inserted(i));
+    }
+
+    /// Flow state, event routes, redirect targets, then the attached map: no skb ever
+    /// finds its state or its peer missing. Returns the two directions' event streams.
+    pub fn insert(&self) -> Result<[UnboundedReceiver<Event>; 2], InsertError> {
+        let plain = |error| InsertError {
+            error,
+            attached: false,
+        };
+        let (tx0, rx0) = mpsc::unbounded_channel();
+        let (tx1, rx1) = mpsc::unbounded_channel();
+        let [a, b] = &self.socks;
+        self.maps.create_flow(a.cookie, b.cookie).map_err(plain)?;
+        self.mark(0, |m| m.state = true);
+        self.maps.create_flow(b.cookie, a.cookie).map_err(plain)?;
+        self.mark(1, |m| m.state = true);
+        self.watcher
+            .add(
+                a.fd,
+                a.cookie,
+                Route {
+                    own: tx0.clone(),
+                    peer: tx1.clone(),
+                },
+            )
+            .map_err(plain)?;
+        self.mark(0, |m| m.watched = true);
+        self.watcher
+            .add(
+                b.fd,
+                b.cookie,
+                Route {
+                    own: tx1,
+                    peer: tx0,
+                },
+            )
+            .map_err(plain)?;
+        self.mark(1, |m| m.watched = true);
+        for (i, s) in self.socks.iter().enumerate() {
+            self.maps.insert_target(s.cookie, s.fd).map_err(plain)?;
+            self.mark(i, |m| m.target = true);
+        }
+        for (i, s) in self.socks.iter().enumerate() {
+            self.maps
+                .insert_attached(s.cookie, s.fd)
+                .map_err(|error| InsertError {
+                    error,
+                    attached: i > 0,
+                })?;
+            self.mark(i, |m| m.attached = true);
+        }
+        for s in &self.socks {
+            // Bytes that arrived before the insert wait for the next segment otherwise.
+            if let Err(e) = sys::set_rcvlowat_one(s.fd) {
+                debug!(error = %e, "SO_RCVLOWAT kick failed");
+            }
+        }
+        Ok([rx0, rx1])
+    }
+
+    /// Stops the verdict on both sockets; redirects already queued still drain.
+    pub fn detach(&self) {
+        for i in 0..2 {
+            self.detach_one(i);
+        }
+    }
+
+    /// Stops the verdict on socket `i`; what arrives later stays in its receive queue.
+    /// Caution, measured on 6.18: skbs the kernel is handing to the verdict at that very
+    /// moment are dropped (it finds no program), so this is only done when the session
+    /// ends or its kernel path is stuck anyway.
+    fn detach_one(&self, i: usize) {
+        if self.inserted(i).attached {
+            if let Err(e) = self.maps.remove_attached(self.socks[i].cookie) {
+                warn!(error = %e, "cannot remove a socket from the attached sockmap");
+            }
+            self.mark(i, |m| m.attached = false);
+        }
+    }
+
+    pub fn attached(&self, i: usize) -> bool {
+        self.inserted(i).attached
+    }
+
+    /// Takes both sockets out of every map and the watcher. Idempotent.
+    pub fn teardown(&self) {
+        self.detach();
+        for (i, s) in self.socks.iter().enumerate() {
+            let ins = *self.inserted(i);
+            if ins.target {
+                if let Err(e) = self.maps.remove_target(s.cookie) {
+                    warn!(error = %e, "cannot remove a socket from the target sockmap");
+                }
+            }
+            if ins.watched {
+                self.watcher.remove(s.fd, s.cookie);
+            }
+            if ins.state {
+                if let Ok(f) = self.maps.flow(s.cookie) {
+                    STATS.holds.fetch_add(f.holds, Ordering::Relaxed);
+                }
+                if let Err(e) = self.maps.remove_state(s.cookie) {
+                    warn!(error = %e, "cannot remove a flow from the kernel map");
+                }
+            }
+            *self.inserted(i) = Inserted::default();
+        }
+    }
+
+    /// Leaves the kernel: duplicates of both sockets (the originals close with the
+    /// session) and the bytes this daemon forwarded so far.
+    pub fn into_streams(self) -> io::Result<(StdTcpStream, StdTcpStream, u64)> {
+        self.teardown();
+        let client = self.socks[0].stream.try_clone()?;
+        let backend = self.socks[1].stream.try_clone()?;
+        Ok((client, backend, self.userspace_bytes()))
+    }
+
+    /// Copies the kernel counters into the access log's counters.
+    pub fn publish(&self, transfer: &Transfer) {
+        for (i, counter) in [(0, &transfer.upload), (1, &transfer.download)] {
+            if let Ok(f) = self.maps.flow(self.socks[i].cookie) {
+                let total = f.redirected + self.dirs[i].forwarded();
+                counter.fetch_max(total, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn userspace_bytes(&self) -> u64 {
+        self.dirs[0].forwarded() + self.dirs[1].forwarded()
+    }
+
+    pub fn touch(&self) {
+        self.last_user_ns
+            .store(sys::monotonic_ns(), Ordering::Relaxed);
+    }
+
+    pub fn progress(&self, i: usize) -> io::Result<TcpProgress> {
+        sys::tcp_progress(self.socks[i].fd)
+    }
+
+    /// Runs both directions until both FINs were passed on, an error, idleness, or a stall.
+    pub async fn splice(
+        &self,
+        rx: [UnboundedReceiver<Event>; 2],
+        limits: CopyLimits,
+        transfer: &Transfer,
+    ) -> End {
+        let [mut rx0, mut rx1] = rx;
+        let both =
+            async { tokio::try_join!(self.direction(0, &mut rx0), self.direction(1, &mut rx1)) };
+        let end = tokio::select! {
+            r = both => match r {
+                Ok(_) => End::Session(SessionEnd::Closed),
+                Err(e) => e,
+            },
+            e = self.idle(limits.idle_timeout, transfer) => e,
+        };
+        self.publish(transfer);
+        end
+    }
+
+    /// Resolves when no byte moved in either direction for `timeout`.
+    async fn idle(&self, timeout: Duration, transfer: &Transfer) -> End {
+        let timeout_ns = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+        loop {
+            let mut last = self.last_user_ns.load(Ordering::Relaxed);
+            for s in &self.socks {
+                match self.maps.flow(s.cookie) {
+                    Ok(f) => last = last.max(f.last_ns),
+                    Err(e) => return End::Session(SessionEnd::Error(s.side, e.to_string())),
+                }
+            }
+            self.publish(transfer);
+            let now = sys::monotonic_ns();
+            let idle_for = now.saturating_sub(last);
+            if idle_for >= timeout_ns {
+                return End::Session(SessionEnd::IdleTimeout);
+            }
+            tokio::time::sleep(Duration::from_nanos(timeout_ns - idle_for)).await;
+        }
+    }
+
+    /// One direction: reacts to its events and checks on it now and then.
+    async fn direction(&self, i: usize, rx: &mut UnboundedReceiver<Event>) -> Result<(), End> {
+        let j = 1 - i;
+        let mut check = super::accounting::Check::default();
+        loop {
+            let ev = tokio::select! {
+                ev = rx.recv() => ev,
+                () = tokio::time::sleep(check.interval()) => None,
+            };
+            match ev {
+                Some(Event::Held) => {
+                    self.relieve(i).await?;
+                    check.reset();
+                }
+                Some(Event::Own(bits)) => {
+                    if bits & libc::EPOLLERR as u32 != 0 {
+                        if let Some(e) = sys::take_socket_error(self.socks[i].fd).ok().flatten() {
+                            return Err(io_end(self.socks[i].side, &e, "source socket error"));
+                        }
+                    }
+                    if bits & (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32 != 0 {
+                        self.finish(i).await?;
+                        return Ok(());
+                    }
+                }
+                Some(Event::Peer(bits)) => {
+                    if bits & libc::EPOLLERR as u32 != 0 {
+                        if let Some(e) = sys::take_socket_error(self.socks[j].fd).ok().flatten() {
+                            return Err(io_end(self.socks[j].side, &e, "peer socket error"));
+                        }
+                    }
+                }
+                None => {
+                    if rx.is_closed() {
+                        return Err(SessionEnd::Error(
+                            self.socks[i].side,
+                            "splice watcher gone".into(),
+                        )
+                        .into());
+                    }
+                    self.tick(i, &mut check).await?;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        // Also runs when the session's task is cancelled (daemon shutdown).
+        self.teardown();
+        STATS.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,318 @@
+//! Thin wrappers over the syscalls the kernel path needs: bpf(2) map commands on raw map
+//! fds (shared by every session without a lock, unlike aya's `&mut` map types) and the
+//! socket options and ioctls that tell how far the kernel got.
+
+use std::io;
+use std::mem::{size_of, MaybeUninit};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+/// Update flag: fail if the key exists.
+pub const BPF_NOEXIST: u64 = 1;
+/// Update flag: create or replace.
+pub const BPF_ANY: u64 = 0;
+
+/// `union bpf_attr` as the map element commands use it.
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value_or_next_key: u64,
+    flags: u64,
+}
+
+fn bpf_map_cmd(
+    cmd: libc::c_long,
+    fd: BorrowedFd<'_>,
+    key: u64,
+    value: u64,
+    flags: u64,
+) -> io::Result<()> {
+    let mut attr = MapElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key,
+        value_or_next_key: value,
+        flags,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for the map element commands, its size is
+    // passed, and the key/value pointers in it point to live buffers of the map's sizes
+    // (the callers take `&K`/`&mut V` of the map's own types).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(&mut attr),
+            size_of::<MapElemAttr>(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+pub fn map_update<K, V>(fd: BorrowedFd<'_>, key: &K, value: &V, flags: u64) -> io::Result<()> {
+    bpf_map_cmd(
+        BPF_MAP_UPDATE_ELEM,
+        fd,
+        std::ptr::from_ref(key) as u64,
+        std::ptr::from_ref(value) as u64,
+        flags,
+    )
+}
+
+/// The value at `key`, `None` if absent. `V` must be the map's plain-data value type.
+pub fn map_lookup<K, V: Copy + Default>(fd: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
+    let mut value = V::default();
+    match bpf_map_cmd(
+        BPF_MAP_LOOKUP_ELEM,
+        fd,
+        std::ptr::from_ref(key) as u64,
+        std::ptr::from_mut(&mut value) as u64,
+        0,
+    ) {
+        Ok(()) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes `key`; `Ok(false)` if it was not there.
+pub fn map_delete<K>(fd: BorrowedFd<'_>, key: &K) -> io::Result<bool> {
+    match bpf_map_cmd(
+        BPF_MAP_DELETE_ELEM,
+        fd,
+        std::ptr::from_ref(key) as u64,
+        0,
+        0,
+    ) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Entries of a map with u64 keys, counting at most `limit`.
+pub fn map_count_u64(fd: BorrowedFd<'_>, limit: usize) -> io::Result<usize> {
+    let mut count = 0;
+    let mut prev: Option<u64> = None;
+    while count < limit {
+        // A null key asks for the first one.
+        let key_ptr = prev.as_ref().map_or(0, |k| std::ptr::from_ref(k) as u64);
+        let mut found: u64 = 0;
+        match bpf_map_cmd(
+            BPF_MAP_GET_NEXT_KEY,
+            fd,
+            key_ptr,
+            std::ptr::from_mut(&mut found) as u64,
+            0,
+        ) {
+            Ok(()) => {
+                count += 1;
+                prev = Some(found);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(count)
+}
+
+fn getsockopt<T: Copy>(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
+    let mut value = MaybeUninit::<T>::zeroed();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` has room for `len` bytes; the kernel writes at most that many.
+    let rc = unsafe { libc::getsockopt(fd, level, name, value.as_mut_ptr().cast(), &mut len) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zero-initialised plain data, partly or fully overwritten by the kernel.
+    Ok(unsafe { value.assume_init() })
+}
+
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: passes a pointer to a live c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            std::ptr::from_ref(&value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The socket's cookie, the key of every map.
+pub fn socket_cookie(fd: RawFd) -> io::Result<u64> {
+    getsockopt::<u64>(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
+}
+
+/// The pending socket error (reading it clears it), if any.
+pub fn take_socket_error(fd: RawFd) -> io::Result<Option<io::Error>> {
+    let e = getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_ERROR)?;
+    Ok((e != 0).then(|| io::Error::from_raw_os_error(e)))
+}
+
+/// `SO_RCVLOWAT = 1`: runs the verdict at once on bytes queued before the insert.
+pub fn set_rcvlowat_one(fd: RawFd) -> io::Result<()> {
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
+}
+
+/// Re-sets `SO_SNDBUF` to its current size: the kernel calls the socket's write-space
+/// callback, which reschedules a stalled sockmap redirect worker.
+pub fn kick_write_space(fd: RawFd) -> io::Result<()> {
+    let current = getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_SNDBUF)?;
+    // getsockopt reports the doubled value the kernel keeps.
+    setsockopt_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUF,
+        (current / 2).max(4096),
+    )
+}
+
+pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
+    // SAFETY: no memory is passed.
+    let rc = unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOTCONN) {
+            return Ok(());
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The prefix of `struct tcp_info` this module reads (the kernel copies what fits).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RawTcpInfo {
+    state: u8,
+    _u8s: [u8; 7],
+    _u32s: [u32; 24],
+    _pacing_rate: u64,
+    _max_pacing_rate: u64,
+    bytes_acked: u64,
+    bytes_received: u64,
+    _segs_out: u32,
+    _segs_in: u32,
+    notsent_bytes: u32,
+    _min_rtt: u32,
+}
+
+/// How far one socket's byte streams have got, from TCP_INFO and ioctls.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpProgress {
+    /// `write_seq` minus a per-socket constant: every byte ever queued to send (acked
+    /// plus still queued). Only differences are meaningful.
+    pub queued_total: u64,
+    /// Bytes queued but not yet acked (SIOCOUTQ).
+    pub outq: u64,
+    /// Bytes received in order (rcv_nxt minus a constant).
+    pub received: u64,
+    /// Bytes queued but not yet sent.
+    pub notsent: u64,
+    /// TCP state is CLOSE: the connection is gone (reset).
+    pub closed: bool,
+}
+
+const TCP_CLOSE: u8 = 7;
+
+pub fn tcp_progress(fd: RawFd) -> io::Result<TcpProgress> {
+    let info = getsockopt::<RawTcpInfo>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+    let outq = ioctl_int(fd, libc::TIOCOUTQ)?;
+    // Acked first, queue second: bytes acked in between make the sum low, never high,
+    // so a caller waiting for it to reach a target waits a little longer, never less.
+    Ok(TcpProgress {
+        queued_total: info.bytes_acked + outq,
+        outq,
+        received: info.bytes_received,
+        notsent: u64::from(info.notsent_bytes),
+        closed: info.state == TCP_CLOSE,
+    })
+}
+
+/// Bytes in the receive queue not yet read (FIONREAD).
+pub fn inq(fd: RawFd) -> io::Result<u64> {
+    ioctl_int(fd, libc::FIONREAD)
+}
+
+fn ioctl_int(fd: RawFd, request: libc::Ioctl) -> io::Result<u64> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: both ioctls write one c_int.
+    let rc = unsafe { libc::ioctl(fd, request, std::ptr::from_mut(&mut value)) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(value).unwrap_or(0))
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// Non-blocking recv; `Ok(None)` when nothing is there now.
+pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    // SAFETY: the buffer is valid for `buf.len()` bytes.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    match n {
+        n if n >= 0 => Ok(Some(n as usize)),
+        _ => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted {
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Non-blocking send; `Ok(None)` when the send buffer is full.
+pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<Option<usize>> {
+    // SAFETY: the buffer is valid for `buf.len()` bytes.
+    let n = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    match n {
+        n if n >= 0 => Ok(Some(n as usize)),
+        _ => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted {
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
