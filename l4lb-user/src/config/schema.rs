@@ -91,8 +91,10 @@ pub struct RawServer {
 #[serde(rename_all = "snake_case")]
 pub enum SpliceMode {
     /// Kernel path when it loads, else userspace copy with one warning.
-    #[default]
     Auto,
+    /// The default until the kernel path has backpressure: a slow reader would let the
+    /// kernel queue a whole transfer.
+    #[default]
     Off,
     /// Refuse to start when the kernel path cannot load.
     Required,

@@ -26,7 +26,7 @@ fn defaults_follow_nginx() {
     assert_eq!(s.proxy_next_upstream_tries, 0);
     assert_eq!(s.proxy_next_upstream_timeout, Duration::ZERO);
     assert_eq!((s.proxy_upload_rate, s.proxy_download_rate), (0, 0));
-    assert_eq!(s.splice, SpliceMode::Auto);
+    assert_eq!(s.splice, SpliceMode::Off);
     let u = &c.upstreams["db"];
     assert_eq!(u.balance, Balance::RoundRobin);
     let p = &u.servers[0];
