@@ -1,6 +1,8 @@
-//! Project tasks: `cargo xtask run`, `cargo xtask test`, `cargo xtask setup`.
+//! Project tasks: `cargo xtask run`, `cargo xtask test`, `cargo xtask setup`,
+//! `cargo xtask bench`.
 //! Every task first installs what a fresh machine lacks, idempotently.
 
+mod bench;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +29,8 @@ enum Task {
     },
     /// Formatting, lints and every test (unit and end-to-end, kernel path included).
     Test,
+    /// Benchmark l4lb against nginx stream, haproxy and a direct connection.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -49,6 +53,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Task::Bench(args) => bench::run(args),
         Task::Test => {
             setup::all(setup::Purpose::Test)?;
             cargo(&["fmt", "--all", "--", "--check"])?;
