@@ -39,9 +39,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::all(setup::Purpose::Test),
         Task::Run { config } => {
-            setup::all(setup::Purpose::Run)?;
-            cargo(&["build", "--release", "-p", "l4lb"])?;
-            let bin = root.join("target/release/l4lb");
+            let bin = build_daemon(&root)?;
             let status = Command::new(&bin)
                 .arg("run")
                 .arg("-c")
@@ -68,6 +66,14 @@ fn main() -> Result<()> {
             cargo(&["test", "--workspace", "--no-fail-fast"])
         }
     }
+}
+
+/// Installs the build prerequisites and builds the release daemon; returns its path.
+/// `run` and `bench` share it so both get the same binary (kernel path included).
+pub fn build_daemon(root: &Path) -> Result<PathBuf> {
+    setup::all(setup::Purpose::Run)?;
+    cargo(&["build", "--release", "-p", "l4lb"])?;
+    Ok(root.join("target/release/l4lb"))
 }
 
 fn project_root() -> Result<PathBuf> {

@@ -199,11 +199,13 @@ fn nginx_conf(routes: &[Route], dir: &Path, opts: Options) -> String {
 }
 
 fn haproxy_conf(routes: &[Route], splice: bool, opts: Options) -> String {
+    // haproxy refuses to start unless the fd limit covers 2 per connection plus, for
+    // splicing, a pipe (2 fds) per 4 connections: size both variants alike for that.
+    let conns = opts.max_fds.saturating_sub(200) * 2 / 5;
     let mut s = format!(
         "global\n  nbthread 1\n  maxconn {conns}\n\
          defaults\n  mode tcp\n  maxconn {conns}\n  timeout connect 5s\n  \
-         timeout client 10m\n  timeout server 10m\n",
-        conns = opts.max_conns()
+         timeout client 10m\n  timeout server 10m\n"
     );
     if splice {
         s.push_str("  option splice-auto\n");

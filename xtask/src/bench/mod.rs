@@ -87,10 +87,8 @@ pub struct Results {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let started = Instant::now();
-    setup::all(setup::Purpose::Run)?;
     setup::apt_install(BENCH_PACKAGES)?;
-    crate::cargo(&["build", "--release", "-p", "l4lb"])?;
-    let l4lb_bin = std::env::current_dir()?.join("target/release/l4lb");
+    let l4lb_bin = crate::build_daemon(&std::env::current_dir()?)?;
     let max_fds = cpu::raise_nofile()?;
     // Each idle session holds a client and an upstream descriptor, in the harness
     // (client and sink side) and in the balancer alike.

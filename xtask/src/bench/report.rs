@@ -58,9 +58,16 @@ fn table(header: &[String], rows: &[Vec<String>]) -> String {
     s
 }
 
-fn header(first: &str) -> Vec<String> {
+/// The columns of the workloads that ran.
+fn columns(r: &Results) -> impl Iterator<Item = &'static summary::Column> + '_ {
+    COLUMNS
+        .iter()
+        .filter(|c| r.meta.workloads.contains(&c.workload))
+}
+
+fn header(r: &Results, first: &str) -> Vec<String> {
     std::iter::once(first.to_string())
-        .chain(COLUMNS.iter().map(|c| c.title.to_string()))
+        .chain(columns(r).map(|c| c.title.to_string()))
         .collect()
 }
 
@@ -84,15 +91,11 @@ pub fn results_table(r: &Results) -> String {
         .iter()
         .map(|&who| {
             std::iter::once(label(r, who))
-                .chain(
-                    COLUMNS
-                        .iter()
-                        .map(|c| cell(stat(r, who, c.workload, c.metric))),
-                )
+                .chain(columns(r).map(|c| cell(stat(r, who, c.workload, c.metric))))
                 .collect()
         })
         .collect();
-    table(&header("contender"), &rows)
+    table(&header(r, "contender"), &rows)
 }
 
 fn ratio_table(r: &Results, base: impl Fn(&summary::Column) -> Option<f64>) -> String {
@@ -102,13 +105,13 @@ fn ratio_table(r: &Results, base: impl Fn(&summary::Column) -> Option<f64>) -> S
         .iter()
         .map(|&who| {
             std::iter::once(label(r, who))
-                .chain(COLUMNS.iter().map(|c| {
+                .chain(columns(r).map(|c| {
                     ratio_to(r, who, c, base(c)).map_or_else(|| "n/a".into(), |x| format!("{x:.2}"))
                 }))
                 .collect()
         })
         .collect();
-    table(&header("contender"), &rows)
+    table(&header(r, "contender"), &rows)
 }
 
 fn cpu_table(r: &Results) -> String {
