@@ -2,7 +2,8 @@
 //! a process tree's own time (/proc/PID/stat), and reaped load generators' time
 //! (getrusage(RUSAGE_CHILDREN)).
 
-use std::time::Instant;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -21,6 +22,9 @@ pub struct CpuUse {
     pub loadgen_s: f64,
     /// The backend servers (iperf3 -s, redis-server, mariadbd).
     pub backend_s: f64,
+    /// Other user-space processes alive at both ends of the run (other sessions'
+    /// builds and tests share this machine): a lower bound of the interference.
+    pub others_s: f64,
 }
 
 impl CpuUse {
@@ -38,12 +42,14 @@ pub struct CpuMeter {
     proxy: Vec<(u32, u64)>,
     backend: Vec<(u32, u64)>,
     children: f64,
+    everyone: HashMap<u32, u64>,
 }
 
 impl CpuMeter {
     pub fn start(proxy_pids: &[u32], backend_pids: &[u32]) -> Result<CpuMeter> {
         let snap = |pids: &[u32]| pids.iter().map(|&p| (p, process_ticks(p))).collect();
         Ok(CpuMeter {
+            everyone: user_process_ticks(),
             proxy: snap(proxy_pids),
             backend: snap(backend_pids),
             children: children_secs(),
@@ -66,8 +72,66 @@ impl CpuMeter {
             proxy_s: delta(&self.proxy),
             loadgen_s: (children_secs() - self.children).max(0.0),
             backend_s: delta(&self.backend),
+            others_s: self.others() as f64 / hz,
         })
     }
+
+    fn others(&self) -> u64 {
+        let ours: Vec<u32> = self
+            .proxy
+            .iter()
+            .chain(&self.backend)
+            .map(|&(p, _)| p)
+            .chain([std::process::id()])
+            .collect();
+        user_process_ticks()
+            .into_iter()
+            .filter(|(p, _)| !ours.contains(p))
+            .filter_map(|(p, t)| Some(t.saturating_sub(*self.everyone.get(&p)?)))
+            .sum()
+    }
+}
+
+/// Other sessions may share this machine (builds, tests): waits, at most `patience`,
+/// until fewer than `max_cpus` CPUs are busy over half a second, so a measurement does
+/// not start in the middle of someone's build. Returns the last reading.
+pub fn wait_quiet(max_cpus: f64, patience: Duration) -> Result<f64> {
+    let deadline = Instant::now() + patience;
+    loop {
+        let (ticks, start) = (machine_busy_ticks()?, Instant::now());
+        std::thread::sleep(Duration::from_millis(500));
+        let busy = machine_busy_ticks()?.saturating_sub(ticks) as f64
+            / ticks_per_second()
+            / start.elapsed().as_secs_f64();
+        if busy <= max_cpus || Instant::now() > deadline {
+            return Ok(busy);
+        }
+    }
+}
+
+/// utime + stime of every user-space process; kernel threads are left out because
+/// their softirq and kworker time is partly the balancers' own work.
+fn user_process_ticks() -> HashMap<u32, u64> {
+    let mut out = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Some(f) = stat_fields(pid) else { continue };
+        let at = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+        // Kernel threads are kthreadd (pid 2) and its children.
+        if pid != 2 && at(1) != 2 {
+            out.insert(pid, at(11) + at(12));
+        }
+    }
+    out
 }
 
 fn ticks_per_second() -> f64 {

@@ -40,6 +40,10 @@ const BENCH_PACKAGES: &[&str] = &[
     "fonts-dejavu-core",
 ];
 
+/// Busy CPUs below which the machine counts as quiet, and how long to wait for that.
+const QUIET_CPUS: f64 = 0.25;
+const QUIET_PATIENCE: Duration = Duration::from_secs(120);
+
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// One round of about 2 s per workload (the smoke test's mode).
@@ -73,6 +77,8 @@ pub struct Sample {
     pub workload: Workload,
     #[serde(flatten)]
     pub measured: Measured,
+    /// Busy CPUs on the machine just before the run (after waiting for quiet).
+    pub busy_before: f64,
     pub error: Option<String>,
 }
 
@@ -233,12 +239,13 @@ fn run_contender(plan: &Plan, backends: &Backends, who: Contender, round: usize)
         .copied()
         .filter(|&w| !(w == Workload::Idle && who == Contender::Direct))
         .collect();
-    let sample = |workload, result: Result<Measured>| match result {
+    let sample = |workload, busy_before, result: Result<Measured>| match result {
         Ok(measured) => Sample {
             round,
             contender: who,
             workload,
             measured,
+            busy_before,
             error: None,
         },
         Err(e) => {
@@ -248,6 +255,7 @@ fn run_contender(plan: &Plan, backends: &Backends, who: Contender, round: usize)
                 contender: who,
                 workload,
                 measured: Measured::default(),
+                busy_before,
                 error: Some(format!("{e:#}")),
             }
         }
@@ -275,7 +283,7 @@ fn run_contender(plan: &Plan, backends: &Backends, who: Contender, round: usize)
             let msg = format!("{e:#}");
             return workloads
                 .into_iter()
-                .map(|w| sample(w, Err(anyhow::anyhow!("start failed: {msg}"))))
+                .map(|w| sample(w, 0.0, Err(anyhow::anyhow!("start failed: {msg}"))))
                 .collect();
         }
     };
@@ -292,6 +300,10 @@ fn run_contender(plan: &Plan, backends: &Backends, who: Contender, round: usize)
     };
     let mut out = Vec::new();
     for w in workloads {
+        let busy_before = cpu::wait_quiet(QUIET_CPUS, QUIET_PATIENCE).unwrap_or(f64::NAN);
+        if busy_before > QUIET_CPUS {
+            eprintln!("bench:   machine still busy ({busy_before:.2} CPUs) after {QUIET_PATIENCE:?}; measuring anyway");
+        }
         let result = workloads::run(w, &ctx).and_then(|m| {
             // A balancer that crashed under load must not pass as a fast one.
             running.check_alive()?;
@@ -300,7 +312,7 @@ fn run_contender(plan: &Plan, backends: &Backends, who: Contender, round: usize)
         if let Ok(m) = &result {
             eprintln!("bench:   {} {}", w.name(), report::brief(m));
         }
-        out.push(sample(w, result));
+        out.push(sample(w, busy_before, result));
     }
     out
 }

@@ -197,6 +197,7 @@ fn markdown(r: &Results) -> String {
         if m.rounds > 1 { " (min–max)" } else { "" },
         results_table(r)
     );
+    s.push_str(&interference(r));
     let direct =
         |c: &summary::Column| stat(r, Contender::Direct, c.workload, c.metric).map(|s| s.median);
     let _ = write!(
@@ -227,6 +228,34 @@ fn markdown(r: &Results) -> String {
     s
 }
 
+/// How much other sessions on the machine disturbed the measurements.
+fn interference(r: &Results) -> String {
+    let ok = || r.samples.iter().filter(|x| x.error.is_none());
+    let before = ok().map(|x| x.busy_before).fold(0.0, f64::max);
+    let during: Vec<(f64, &super::Sample)> = ok()
+        .filter_map(|x| {
+            let c = x.measured.cpu?;
+            (c.wall_s > 0.0).then(|| (c.others_s / c.wall_s, x))
+        })
+        .collect();
+    let worst = during.iter().max_by(|a, b| a.0.total_cmp(&b.0));
+    let median = Stat::of(&during.iter().map(|d| d.0).collect::<Vec<_>>());
+    match (worst, median) {
+        (Some((w, x)), Some(m)) => format!(
+            "Interference from other processes on the machine: before a run at most {} busy \
+             CPUs (the harness waits for < 0.25); during runs a median {} and at most {} \
+             CPUs ({} {} round {}), a lower bound (processes alive at both ends).\n\n",
+            num(before),
+            num(m.median),
+            num(*w),
+            x.contender.name(),
+            x.workload.name(),
+            x.round + 1
+        ),
+        _ => String::new(),
+    }
+}
+
 const METHOD: &str = "## Method\n\n\
 - Everything runs on 127.0.0.1 on this one machine; load generators, backends and the \
   balancer share its CPUs, so absolute numbers are loopback numbers: compare contenders.\n\
@@ -251,6 +280,9 @@ const METHOD: &str = "## Method\n\n\
   (most of a sockmap splice) is not in it. Net CPU-s = machine − load generator \
   (getrusage of the reaped child) − backend servers (/proc/PID/stat): the balancer's \
   whole cost including unattributed kernel work, plus background noise.\n\
+- Other sessions may share the machine: before each workload the harness waits (up to \
+  2 min) until fewer than 0.25 CPUs are busy, and it records the CPU time of other \
+  processes during each run (`others_s` in the JSON).\n\
 - The l4lb path line comes from a probe before the runs: the same config with the \
   access log on, one session, and the `path=` it logged.\n";
 
