@@ -93,13 +93,13 @@ impl CpuMeter {
 }
 
 /// Other sessions may share this machine (builds, tests): waits, at most `patience`,
-/// until fewer than `max_cpus` CPUs are busy over half a second, so a measurement does
+/// until fewer than `max_cpus` CPUs are busy over a second, so a measurement does
 /// not start in the middle of someone's build. Returns the last reading.
 pub fn wait_quiet(max_cpus: f64, patience: Duration) -> Result<f64> {
     let deadline = Instant::now() + patience;
     loop {
         let (ticks, start) = (machine_busy_ticks()?, Instant::now());
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_secs(1));
         let busy = machine_busy_ticks()?.saturating_sub(ticks) as f64
             / ticks_per_second()
             / start.elapsed().as_secs_f64();
