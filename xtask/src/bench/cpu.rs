@@ -2,11 +2,12 @@
 //! a process tree's own time (/proc/PID/stat), and reaped load generators' time
 //! (getrusage(RUSAGE_CHILDREN)).
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
+
+use super::others::OthersWatch;
 
 /// CPU seconds spent during one measurement.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -22,8 +23,8 @@ pub struct CpuUse {
     pub loadgen_s: f64,
     /// The backend servers (iperf3 -s, redis-server, mariadbd).
     pub backend_s: f64,
-    /// Other user-space processes alive at both ends of the run (other sessions'
-    /// builds and tests share this machine): a lower bound of the interference.
+    /// User-space processes outside the harness's tree (other sessions' builds and
+    /// tests share this machine), sampled every 100 ms.
     pub others_s: f64,
 }
 
@@ -42,14 +43,14 @@ pub struct CpuMeter {
     proxy: Vec<(u32, u64)>,
     backend: Vec<(u32, u64)>,
     children: f64,
-    everyone: HashMap<u32, u64>,
+    others: OthersWatch,
 }
 
 impl CpuMeter {
     pub fn start(proxy_pids: &[u32], backend_pids: &[u32]) -> Result<CpuMeter> {
         let snap = |pids: &[u32]| pids.iter().map(|&p| (p, process_ticks(p))).collect();
         Ok(CpuMeter {
-            everyone: user_process_ticks(),
+            others: OthersWatch::start(),
             proxy: snap(proxy_pids),
             backend: snap(backend_pids),
             children: children_secs(),
@@ -58,7 +59,7 @@ impl CpuMeter {
         })
     }
 
-    pub fn finish(&self) -> Result<CpuUse> {
+    pub fn finish(self) -> Result<CpuUse> {
         let hz = ticks_per_second();
         let delta = |snap: &[(u32, u64)]| -> f64 {
             snap.iter()
@@ -72,23 +73,8 @@ impl CpuMeter {
             proxy_s: delta(&self.proxy),
             loadgen_s: (children_secs() - self.children).max(0.0),
             backend_s: delta(&self.backend),
-            others_s: self.others() as f64 / hz,
+            others_s: self.others.finish() as f64 / hz,
         })
-    }
-
-    fn others(&self) -> u64 {
-        let ours: Vec<u32> = self
-            .proxy
-            .iter()
-            .chain(&self.backend)
-            .map(|&(p, _)| p)
-            .chain([std::process::id()])
-            .collect();
-        user_process_ticks()
-            .into_iter()
-            .filter(|(p, _)| !ours.contains(p))
-            .filter_map(|(p, t)| Some(t.saturating_sub(*self.everyone.get(&p)?)))
-            .sum()
     }
 }
 
@@ -107,31 +93,6 @@ pub fn wait_quiet(max_cpus: f64, patience: Duration) -> Result<f64> {
             return Ok(busy);
         }
     }
-}
-
-/// utime + stime of every user-space process; kernel threads are left out because
-/// their softirq and kworker time is partly the balancers' own work.
-fn user_process_ticks() -> HashMap<u32, u64> {
-    let mut out = HashMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Some(f) = stat_fields(pid) else { continue };
-        let at = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
-        // Kernel threads are kthreadd (pid 2) and its children.
-        if pid != 2 && at(1) != 2 {
-            out.insert(pid, at(11) + at(12));
-        }
-    }
-    out
 }
 
 fn ticks_per_second() -> f64 {
@@ -158,7 +119,7 @@ fn machine_busy_ticks() -> Result<u64> {
 }
 
 /// The fields of /proc/PID/stat after the command name (which may hold spaces).
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
+pub fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 1..];
     Some(rest.split_whitespace().map(str::to_string).collect())

@@ -7,6 +7,7 @@ mod chart;
 mod contenders;
 mod cpu;
 mod machine;
+mod others;
 mod proc;
 mod report;
 mod summary;
@@ -42,10 +43,8 @@ const BENCH_PACKAGES: &[&str] = &[
 
 /// Busy CPUs below which the machine counts as quiet, and how long to wait for that.
 const QUIET_CPUS: f64 = 0.25;
-const QUIET_PATIENCE: Duration = Duration::from_secs(120);
-/// Other processes' CPUs during a run above which it is repeated, and the most runs.
+/// Other processes' CPUs during a run above which it is repeated.
 const NOISY_CPUS: f64 = 0.15;
-const MAX_ATTEMPTS: u32 = 3;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -142,6 +141,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         l4lb_bin: &l4lb_bin,
         dir: tmp.path(),
         max_fds,
+        // The quick mode checks the harness, not the numbers: it does not wait long.
+        quiet_patience: Duration::from_secs(if args.quick { 10 } else { 120 }),
+        max_attempts: if args.quick { 1 } else { 3 },
     };
     let mut samples = Vec::new();
     for round in 0..rounds {
@@ -212,6 +214,8 @@ struct Plan<'a> {
     l4lb_bin: &'a Path,
     dir: &'a Path,
     max_fds: u64,
+    quiet_patience: Duration,
+    max_attempts: u32,
 }
 
 fn probe_path(
@@ -317,7 +321,7 @@ fn run_contender(plan: &Plan, backends: &Backends, who: Contender, round: usize)
     };
     workloads
         .into_iter()
-        .map(|w| sample(w, measure(w, &ctx, &mut running)))
+        .map(|w| sample(w, measure(plan, w, &ctx, &mut running)))
         .collect()
 }
 
@@ -327,17 +331,22 @@ struct Measurement {
     result: Result<Measured>,
 }
 
-/// Runs one workload once the machine is quiet, and again (`MAX_ATTEMPTS` runs in all)
+/// Runs one workload once the machine is quiet, and again (`max_attempts` runs in all)
 /// when other processes took more than `NOISY_CPUS` during the run.
-fn measure(w: Workload, ctx: &workloads::Ctx, running: &mut contenders::Running) -> Measurement {
+fn measure(
+    plan: &Plan,
+    w: Workload,
+    ctx: &workloads::Ctx,
+    running: &mut contenders::Running,
+) -> Measurement {
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let busy_before = cpu::wait_quiet(QUIET_CPUS, QUIET_PATIENCE).unwrap_or(f64::NAN);
+        let busy_before = cpu::wait_quiet(QUIET_CPUS, plan.quiet_patience).unwrap_or(f64::NAN);
         if busy_before > QUIET_CPUS {
             eprintln!(
-                "bench:   machine still busy ({busy_before:.2} CPUs) after {QUIET_PATIENCE:?}; \
-                 measuring anyway"
+                "bench:   machine still busy ({busy_before:.2} CPUs) after {:?}; measuring anyway",
+                plan.quiet_patience
             );
         }
         let result = workloads::run(w, ctx).and_then(|m| {
@@ -355,7 +364,7 @@ fn measure(w: Workload, ctx: &workloads::Ctx, running: &mut contenders::Running)
             .map(|c| c.others_s / c.wall_s.max(1e-3))
             .filter(|&o| o > NOISY_CPUS);
         match others {
-            Some(o) if attempts < MAX_ATTEMPTS => {
+            Some(o) if attempts < plan.max_attempts => {
                 eprintln!("bench:   other processes used {o:.2} CPUs during the run; repeating it");
             }
             _ => {

@@ -244,7 +244,7 @@ fn interference(r: &Results) -> String {
         (Some((w, x)), Some(m)) => format!(
             "Interference from other processes on the machine: before a run at most {} busy \
              CPUs (the harness waits for < 0.25); during runs a median {} and at most {} \
-             CPUs ({} {} round {}), a lower bound (processes alive at both ends).\n\n",
+             CPUs ({} {} round {}).\n\n",
             num(before),
             num(m.median),
             num(*w),
@@ -281,10 +281,10 @@ const METHOD: &str = "## Method\n\n\
   (getrusage of the reaped child) − backend servers (/proc/PID/stat): the balancer's \
   whole cost including unattributed kernel work, plus background noise.\n\
 - Other sessions may share the machine: before each workload the harness waits (up to \
-  2 min) until fewer than 0.25 CPUs are busy over a second; it records the CPU time of \
-  other processes during each run (`others_s` in the JSON, a lower bound: processes \
-  alive at both ends) and repeats a run (3 runs at most, `attempts`) when they used \
-  more than 0.15 CPUs.\n\
+  2 min; 10 s in quick mode) until fewer than 0.25 CPUs are busy over a second; it \
+  samples the CPU time of processes outside its own tree every 100 ms during each run \
+  (`others_s` in the JSON) and repeats a run (3 runs at most, `attempts`; once in quick \
+  mode) when they used more than 0.15 CPUs.\n\
 - The l4lb path line comes from a probe before the runs: the same config with the \
   access log on, one session, and the `path=` it logged.\n";
 
