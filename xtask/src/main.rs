@@ -1,6 +1,8 @@
-//! Project tasks: `cargo xtask run`, `cargo xtask test`, `cargo xtask setup`.
+//! Project tasks: `cargo xtask run`, `cargo xtask test`, `cargo xtask setup`,
+//! `cargo xtask bench`.
 //! Every task first installs what a fresh machine lacks, idempotently.
 
+mod bench;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +29,8 @@ enum Task {
     },
     /// Formatting, lints and every test (unit and end-to-end, kernel path included).
     Test,
+    /// Benchmark l4lb against nginx stream, haproxy and a direct connection.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -35,9 +39,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::all(setup::Purpose::Test),
         Task::Run { config } => {
-            setup::all(setup::Purpose::Run)?;
-            cargo(&["build", "--release", "-p", "l4lb"])?;
-            let bin = root.join("target/release/l4lb");
+            let bin = build_daemon(&root)?;
             let status = Command::new(&bin)
                 .arg("run")
                 .arg("-c")
@@ -49,6 +51,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Task::Bench(args) => bench::run(args),
         Task::Test => {
             setup::all(setup::Purpose::Test)?;
             cargo(&["fmt", "--all", "--", "--check"])?;
@@ -63,6 +66,14 @@ fn main() -> Result<()> {
             cargo(&["test", "--workspace", "--no-fail-fast"])
         }
     }
+}
+
+/// Installs the build prerequisites and builds the release daemon; returns its path.
+/// `run` and `bench` share it so both get the same binary (kernel path included).
+pub fn build_daemon(root: &Path) -> Result<PathBuf> {
+    setup::all(setup::Purpose::Run)?;
+    cargo(&["build", "--release", "-p", "l4lb"])?;
+    Ok(root.join("target/release/l4lb"))
 }
 
 fn project_root() -> Result<PathBuf> {
