@@ -68,7 +68,7 @@ pub fn draw(r: &Results, path: &Path) -> Result<()> {
         .iter()
         .flat_map(|(_, bars)| bars.iter().flatten().map(|b| b.2))
         .fold(1.0_f64, f64::max)
-        * 1.15;
+        * 1.35; // headroom for the legend box
 
     let root = BitMapBackend::new(path, (1280, 640)).into_drawing_area();
     root.fill(&WHITE)?;
