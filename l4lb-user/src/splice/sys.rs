@@ -276,21 +276,23 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
+/// Maps a non-blocking recv/send return: a byte count, `None` for "try again later".
+fn nonblocking_result(n: isize) -> io::Result<Option<usize>> {
+    if n >= 0 {
+        return Ok(Some(n as usize));
+    }
+    let e = io::Error::last_os_error();
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
+        _ => Err(e),
+    }
+}
+
 /// Non-blocking recv; `Ok(None)` when nothing is there now.
 pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
     // SAFETY: the buffer is valid for `buf.len()` bytes.
     let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-    match n {
-        n if n >= 0 => Ok(Some(n as usize)),
-        _ => {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted {
-                Ok(None)
-            } else {
-                Err(e)
-            }
-        }
-    }
+    nonblocking_result(n)
 }
 
 /// Non-blocking send; `Ok(None)` when the send buffer is full.
@@ -304,15 +306,5 @@ pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<Option<usize>> {
             libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
         )
     };
-    match n {
-        n if n >= 0 => Ok(Some(n as usize)),
-        _ => {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted {
-                Ok(None)
-            } else {
-                Err(e)
-            }
-        }
-    }
+    nonblocking_result(n)
 }
