@@ -206,8 +206,18 @@ async fn recv_stream<R: AsyncReadExt + Unpin>(
             }
             let k = got.len().min(have);
             if got[..k] != expect[at..at + k] {
+                let d = (0..k).find(|&x| got[x] != expect[at + x]).unwrap();
+                let m = total + d as u64;
+                let pat: Vec<u8> = got[d..(d + 16).min(got.len())].to_vec();
+                let lo = m.saturating_sub(64 << 20) & !7;
+                let mut g = Stream::new(seed);
+                let mut skip = vec![0u8; 8];
+                for _ in 0..lo / 8 { g.fill(&mut skip); }
+                let mut win = vec![0u8; 128 << 20];
+                g.fill(&mut win);
+                let found = win.windows(pat.len()).position(|w| w == &pat[..]);
                 return Err(std::io::Error::other(format!(
-                    "byte mismatch near offset {total}"
+                    "byte mismatch near offset {total} (at {m}; chunk read {n}; got bytes found at {:?}, shift {:?})", found.map(|f| lo + f as u64), found.map(|f| (lo + f as u64) as i64 - m as i64)
                 )));
             }
             got = &got[k..];
@@ -633,19 +643,21 @@ async fn slow_readers_both_ways_lose_nothing() {
         d.log()
     );
     let line = access_lines(&d, 1, Duration::from_secs(10)).remove(0);
+    for l in d.log().lines().filter(|l| l.contains("backpressure") || l.contains("FIN")) { eprintln!("DBG {l}"); }
     assert_eq!(log_field(&line, "path"), Some("kernel"), "{line}");
     assert_eq!(log_field(&line, "end"), Some("closed"), "{line}");
     let s = stats(&d);
     eprintln!(
         "MEASURE slow readers 4 MiB/s: in flight max down {:.1} MiB, up {:.1} MiB; daemon RSS {} -> max {} KiB; \
-         userspace {} of {} bytes; holds {}",
+         userspace {} of {} bytes; holds {}; pauses {}",
         max_down as f64 / MIB as f64,
         max_up as f64 / MIB as f64,
         rss0,
         max_rss,
         stat(&s, "bytes_copied"),
         2 * size,
-        stat(&s, "holds")
+        stat(&s, "holds"),
+        stat(&s, "pauses")
     );
     assert!(
         max_rss < rss0 + 32 * 1024,

@@ -12,7 +12,7 @@ pub const CTL_MAP: &str = "L4LB_CTL";
 pub const TARGETS_MAP: &str = "L4LB_TARGETS";
 /// SockHash with the verdict program attached: sockets whose ingress is spliced.
 pub const ATTACHED_MAP: &str = "L4LB_ATTACHED";
-/// Ring buffer of [`HoldEvent`]s.
+/// Ring buffer of [`Event`]s.
 pub const EVENTS_MAP: &str = "L4LB_EVENTS";
 /// The stream-verdict program.
 pub const VERDICT_PROG: &str = "l4lb_verdict";
@@ -52,12 +52,22 @@ pub struct FlowCtl {
     pub forwarded: u64,
 }
 
-/// Sent on [`EVENTS_MAP`] when a direction starts holding.
+/// [`Event::kind`]: the direction started holding.
+pub const EVENT_HELD: u64 = 1;
+/// [`Event::kind`]: the direction redirected another `1 << PROGRESS_SHIFT` bytes, so the
+/// daemon looks at how far the peer is behind (backpressure).
+pub const EVENT_PROGRESS: u64 = 2;
+/// log2 of the bytes between two [`EVENT_PROGRESS`] events of one direction (1 MiB).
+pub const PROGRESS_SHIFT: u32 = 20;
+
+/// Sent on [`EVENTS_MAP`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HoldEvent {
-    /// Cookie of the socket whose direction holds.
+pub struct Event {
+    /// Cookie of the socket the direction reads from.
     pub cookie: u64,
+    /// `EVENT_*`.
+    pub kind: u64,
 }
 
 #[cfg(feature = "user")]
@@ -67,5 +77,5 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowCtl {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::HoldEvent {}
+    unsafe impl aya::Pod for super::Event {}
 }

@@ -1,7 +1,10 @@
 //! The stream verdict: every non-empty skb arriving on a spliced socket is redirected to
-//! the egress of its peer. Should a redirect fail (the peer left the redirect map), the
-//! direction holds: skbs are passed to the socket itself, the daemon is told on the ring
-//! buffer and forwards them, and redirecting resumes once it has, so the byte order holds.
+//! the egress of its peer, and every MiB redirected the daemon is told so it can check how
+//! far the peer lags (backpressure is the daemon's: it takes a socket that runs ahead out
+//! of the attached map, see `l4lb-user/src/splice/accounting.rs`). Should a redirect fail
+//! (the peer left the redirect map), the direction holds: skbs are passed to the socket
+//! itself, the daemon is told on the ring buffer and forwards them, and redirecting
+//! resumes once it has, so the byte order holds.
 
 use core::cell::UnsafeCell;
 use core::ffi::c_void;
@@ -17,7 +20,10 @@ use aya_ebpf::maps::{HashMap, RingBuf};
 use aya_ebpf::programs::SkBuffContext;
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::warn;
-use l4lb_ebpf::{Flow, FlowCtl, HoldEvent, DEFAULT_MAX_SOCKETS, FLOW_HELD};
+use l4lb_ebpf::{
+    Event, Flow, FlowCtl, DEFAULT_MAX_SOCKETS, EVENT_HELD, EVENT_PROGRESS, FLOW_HELD,
+    PROGRESS_SHIFT,
+};
 
 /// A SockHash with 8-byte values (aya-ebpf's has 4-byte ones, which bpftool cannot dump).
 #[repr(transparent)]
@@ -105,8 +111,19 @@ pub fn l4lb_verdict(ctx: SkBuffContext) -> u32 {
         warn!(&ctx, "l4lb: redirect from {} to {} failed", cookie, peer);
         return hold(&ctx, flow, cookie, len);
     }
+    let before = flow.redirected;
     add(&mut flow.redirected, len);
+    if before >> PROGRESS_SHIFT != (before + u64::from(len)) >> PROGRESS_SHIFT {
+        notify(&ctx, cookie, EVENT_PROGRESS);
+    }
     SK_PASS
+}
+
+fn notify(ctx: &SkBuffContext, cookie: u64, kind: u64) {
+    if L4LB_EVENTS.output(Event { cookie, kind }, 0).is_err() {
+        // The daemon also checks every flow now and then, so a full ring only delays it.
+        warn!(ctx, "l4lb: event ring full");
+    }
 }
 
 /// Stops redirecting until the daemon has forwarded every byte passed from here on, and
@@ -115,10 +132,7 @@ fn hold(ctx: &SkBuffContext, flow: &mut Flow, cookie: u64, len: u32) -> u32 {
     if flow.flags & FLOW_HELD == 0 {
         flow.flags |= FLOW_HELD;
         add(&mut flow.holds, 1);
-        if L4LB_EVENTS.output(HoldEvent { cookie }, 0).is_err() {
-            // The daemon also checks the flow now and then, so a full ring only delays it.
-            warn!(ctx, "l4lb: hold event ring full");
-        }
+        notify(ctx, cookie, EVENT_HELD);
     }
     pass(flow, len)
 }

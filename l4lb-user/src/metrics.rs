@@ -16,15 +16,19 @@ pub enum CopyReason {
     InsertFailed,
     /// A spliced session stalled and was moved to userspace.
     Watchdog,
+    /// A side closed while backpressure held its bytes back: a closing socket cannot
+    /// rejoin the sockmap, so the rest of the session is copied.
+    ClosedWhilePaused,
 }
 
 impl CopyReason {
-    pub const ALL: [CopyReason; 5] = [
+    pub const ALL: [CopyReason; 6] = [
         CopyReason::SpliceOff,
         CopyReason::RateLimited,
         CopyReason::KernelUnavailable,
         CopyReason::InsertFailed,
         CopyReason::Watchdog,
+        CopyReason::ClosedWhilePaused,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -34,6 +38,7 @@ impl CopyReason {
             CopyReason::KernelUnavailable => "kernel_unavailable",
             CopyReason::InsertFailed => "insert_failed",
             CopyReason::Watchdog => "watchdog",
+            CopyReason::ClosedWhilePaused => "closed_while_paused",
         }
     }
 }

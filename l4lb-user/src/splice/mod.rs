@@ -60,6 +60,8 @@ pub struct SpliceOutcome {
 /// Counters of the kernel path, logged on SIGUSR1 with the map sizes.
 struct Stats {
     active: AtomicU64,
+    /// Backpressure pauses (a source left the attached map while its peer caught up).
+    pauses: AtomicU64,
     holds: AtomicU64,
     watchdog: AtomicU64,
     insert_failed: AtomicU64,
@@ -67,6 +69,7 @@ struct Stats {
 
 static STATS: Stats = Stats {
     active: AtomicU64::new(0),
+    pauses: AtomicU64::new(0),
     holds: AtomicU64::new(0),
     watchdog: AtomicU64::new(0),
     insert_failed: AtomicU64::new(0),
@@ -180,30 +183,45 @@ impl Splicer {
             End::Session(end) => kernel_end(&session, End::Session(end), Path::Kernel),
             End::Stall(i) => {
                 STATS.watchdog.fetch_add(1, Ordering::Relaxed);
-                let side = session.socks[i].side;
-                session.detach();
-                if let Err(end) = session.reclaim().await {
-                    return kernel_end(&session, end, Path::Copy(CopyReason::Watchdog));
-                }
-                session.publish(transfer);
-                let err = io::Error::other(format!(
+                warn!(from = %session.socks[i].side, "spliced session stalled; continuing it in userspace");
+                let why = io::Error::other(format!(
                     "no progress towards the {} for {:?}",
                     session.socks[1 - i].side,
                     accounting::STALL_AFTER
                 ));
-                match session.into_streams() {
-                    Ok((c, b, already)) => {
-                        warn!(from = %side, "spliced session stalled; continuing it in userspace");
-                        fallback(c, b, limits, transfer, CopyReason::Watchdog, &err, already).await
-                    }
-                    Err(e) => SpliceOutcome {
-                        end: SessionEnd::Error(side, e.to_string()),
-                        path: Path::Copy(CopyReason::Watchdog),
-                        userspace_bytes: 0,
-                    },
-                }
+                leave(session, i, CopyReason::Watchdog, why, limits, transfer).await
+            }
+            End::ClosedWhilePaused(i) => {
+                let why = io::Error::from_raw_os_error(libc::EOPNOTSUPP);
+                leave(session, i, CopyReason::ClosedWhilePaused, why, limits, transfer).await
             }
         }
+    }
+}
+
+/// Takes a running session out of the kernel without losing a byte and continues it in
+/// userspace; `i` is the direction that made it leave.
+async fn leave(
+    session: Session<'_>,
+    i: usize,
+    reason: CopyReason,
+    why: io::Error,
+    limits: CopyLimits,
+    transfer: &Transfer,
+) -> SpliceOutcome {
+    let side = session.socks[i].side;
+    session.detach();
+    if let Err(end) = session.reclaim().await {
+        return kernel_end(&session, end, Path::Copy(reason));
+    }
+    session.publish(transfer);
+    match session.into_streams() {
+        Ok((c, b, already)) => fallback(c, b, limits, transfer, reason, &why, already).await,
+        Err(e) => SpliceOutcome {
+            end: SessionEnd::Error(side, e.to_string()),
+            path: Path::Copy(reason),
+            userspace_bytes: 0,
+        },
     }
 }
 
@@ -211,6 +229,9 @@ fn kernel_end(session: &Session<'_>, end: End, path: Path) -> SpliceOutcome {
     let end = match end {
         End::Session(e) => e,
         End::Stall(i) => SessionEnd::Error(session.socks[i].side, "stalled in the kernel".into()),
+        End::ClosedWhilePaused(i) => {
+            SessionEnd::Error(session.socks[i].side, "closed while paused".into())
+        }
     };
     SpliceOutcome {
         end,
@@ -230,8 +251,9 @@ async fn fallback(
     already_userspace: u64,
 ) -> SpliceOutcome {
     if why.raw_os_error() == Some(libc::EOPNOTSUPP) {
-        // Expected for a client that sent its data and FIN at once.
-        info!(reason = reason.as_str(), error = %why, "session not spliced (no longer established); copying in userspace");
+        // Expected for a client that sent its data and FIN at once, and for a side that
+        // closed while backpressure held it.
+        info!(reason = reason.as_str(), error = %why, "socket no longer established; copying in userspace");
     } else {
         warn!(reason = reason.as_str(), error = %why, "session leaves the kernel path; copying in userspace");
     }
@@ -263,6 +285,7 @@ fn spawn_stats_on_sigusr1(maps: Arc<Maps>, watcher: Arc<Watcher>) -> anyhow::Res
                     targets = c.targets,
                     attached = c.attached,
                     watched = watcher.routes_len(),
+                    pauses = STATS.pauses.load(Ordering::Relaxed),
                     holds = STATS.holds.load(Ordering::Relaxed),
                     watchdog = STATS.watchdog.load(Ordering::Relaxed),
                     insert_failed = STATS.insert_failed.load(Ordering::Relaxed),

@@ -25,6 +25,11 @@ pub enum End {
     Session(SessionEnd),
     /// Direction `.0` stopped making progress with bytes queued in the kernel.
     Stall(usize),
+    /// The source of direction `.0` closed while paused: it cannot rejoin the attached
+    /// map, and a socket out of it but still in a sockmap cannot be read from userspace
+    /// (tcp_bpf's recvmsg refuses while its receive queue is not empty), so the session
+    /// leaves the kernel.
+    ClosedWhilePaused(usize),
 }
 
 /// An I/O error that ends the session, logged with where it happened.
@@ -111,6 +116,8 @@ pub struct Dir {
     pub pending: Mutex<Vec<u8>>,
     /// The FIN was passed on.
     pub finished: AtomicBool,
+    /// The source is out of the attached map because the peer lags (backpressure).
+    pub paused: AtomicBool,
 }
 
 impl Dir {
@@ -188,6 +195,11 @@ impl<'a> Session<'a> {
         let (tx0, rx0) = mpsc::unbounded_channel();
         let (tx1, rx1) = mpsc::unbounded_channel();
         let [a, b] = &self.socks;
+        for s in &self.socks {
+            // What a paused source can still take in is its window: cap it (autotuning
+            // would grow it to net.ipv4.tcp_rmem's maximum).
+            sys::set_rcvbuf(s.fd, super::accounting::SPLICE_RCVBUF).map_err(plain)?;
+        }
         self.maps.create_flow(a.cookie, b.cookie).map_err(plain)?;
         self.mark(0, |m| m.state = true);
         self.maps.create_flow(b.cookie, a.cookie).map_err(plain)?;
@@ -258,6 +270,45 @@ impl<'a> Session<'a> {
 
     pub fn attached(&self, i: usize) -> bool {
         self.inserted(i).attached
+    }
+
+    pub fn paused(&self, i: usize) -> bool {
+        self.dirs[i].paused.load(Ordering::Relaxed)
+    }
+
+    /// Backpressure: socket `i` leaves the attached map, so what arrives from now on stays
+    /// in its receive queue, charged to it, and its TCP window closes. The verdict keeps
+    /// its program (the kernel stops calling it for new skbs only), so skbs it is handling
+    /// right now are still redirected. The peer is watched for room to write.
+    pub fn pause(&self, i: usize) -> Result<(), End> {
+        let j = 1 - i;
+        self.detach_one(i);
+        self.dirs[i].paused.store(true, Ordering::Relaxed);
+        STATS.pauses.fetch_add(1, Ordering::Relaxed);
+        self.watcher
+            .want_writable(self.socks[j].fd, self.socks[j].cookie, true)
+            .map_err(|e| io_end(self.socks[j].side, &e, "watch peer for room"))
+    }
+
+    /// Ends a pause: socket `i` rejoins the attached map and the kick hands what queued
+    /// meanwhile to the verdict, in order.
+    pub fn resume(&self, i: usize) -> Result<(), End> {
+        let j = 1 - i;
+        let s = &self.socks[i];
+        self.dirs[i].paused.store(false, Ordering::Relaxed);
+        let _ = self
+            .watcher
+            .want_writable(self.socks[j].fd, self.socks[j].cookie, false);
+        match self.maps.insert_attached(s.cookie, s.fd) {
+            Ok(()) => {
+                self.mark(i, |m| m.attached = true);
+                sys::set_rcvlowat_one(s.fd).map_err(|e| io_end(s.side, &e, "kick after pause"))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                Err(End::ClosedWhilePaused(i))
+            }
+            Err(e) => Err(io_end(s.side, &e, "rejoin the attached map")),
+        }
     }
 
     /// Takes both sockets out of every map and the watcher. Idempotent.
@@ -373,6 +424,7 @@ impl<'a> Session<'a> {
                     self.relieve(i).await?;
                     check.reset();
                 }
+                Some(Event::Progress) => self.regulate(i, &mut check)?,
                 Some(Event::Own(bits)) => {
                     if bits & libc::EPOLLERR as u32 != 0 {
                         if let Some(e) = sys::take_socket_error(self.socks[i].fd).ok().flatten() {
@@ -380,6 +432,9 @@ impl<'a> Session<'a> {
                         }
                     }
                     if bits & (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32 != 0 {
+                        if self.paused(i) {
+                            return Err(End::ClosedWhilePaused(i));
+                        }
                         self.finish(i).await?;
                         return Ok(());
                     }
@@ -389,6 +444,9 @@ impl<'a> Session<'a> {
                         if let Some(e) = sys::take_socket_error(self.socks[j].fd).ok().flatten() {
                             return Err(io_end(self.socks[j].side, &e, "peer socket error"));
                         }
+                    }
+                    if bits & libc::EPOLLOUT as u32 != 0 && self.paused(i) {
+                        self.regulate(i, &mut check)?;
                     }
                 }
                 None => {

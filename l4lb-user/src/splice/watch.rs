@@ -1,8 +1,9 @@
-//! The private epoll that watches spliced sockets for FIN (EPOLLRDHUP) and errors only.
-//! Spliced sockets must stay out of tokio's reactor: every redirected skb wakes EPOLLIN
-//! waiters, and the kernel filters those wakeups cheaply for an epoll that never asked
-//! for EPOLLIN. The same epoll carries the hold-event ring buffer and the eBPF log ring; one
-//! tokio task drains it and routes each event to its session.
+//! The private epoll that watches spliced sockets for FIN (EPOLLRDHUP) and errors, and for
+//! room to write (EPOLLOUT) only while a direction towards them is paused. Spliced sockets
+//! must stay out of tokio's reactor: every redirected skb wakes EPOLLIN waiters, and the
+//! kernel filters those wakeups cheaply for an epoll that never asked for EPOLLIN. The
+//! same epoll carries the program's event ring and the eBPF log ring; one tokio task
+//! drains it and routes each event to its session.
 
 use std::collections::HashMap;
 use std::io;
@@ -10,7 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use aya::maps::{MapData, RingBuf};
-use l4lb_ebpf::HoldEvent;
+use l4lb_ebpf::{Event as RingEvent, EVENT_HELD, EVENT_PROGRESS};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::mpsc::UnboundedSender;
@@ -19,6 +20,10 @@ use tracing::{debug, error, info, trace, warn};
 /// epoll tokens of the two rings; socket tokens are socket cookies (small counters).
 const TOKEN_EVENTS: u64 = u64::MAX;
 const TOKEN_LOG: u64 = u64::MAX - 1;
+
+/// What every watched socket is watched for. Edge-triggered: FIN and errors are state
+/// changes.
+const BASE_INTEREST: u32 = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
 
 /// Something a session must look at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +34,8 @@ pub enum Event {
     Peer(u32),
     /// The program holds this direction (a redirect failed).
     Held,
+    /// The program redirected another MiB in this direction.
+    Progress,
 }
 
 /// Where a socket's events go: the direction reading from it and the one writing to it.
@@ -71,20 +78,30 @@ impl Watcher {
         self.routes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts watching a socket. Edge-triggered: FIN and errors are state changes.
+    /// Starts watching a socket.
     pub fn add(&self, fd: RawFd, cookie: u64, route: Route) -> io::Result<()> {
         self.routes().insert(cookie, route);
-        let events = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
         epoll_ctl(
             self.epoll.as_raw_fd(),
             libc::EPOLL_CTL_ADD,
             fd,
-            events,
+            BASE_INTEREST,
             cookie,
         )
         .inspect_err(|_| {
             self.routes().remove(&cookie);
         })
+    }
+
+    /// Adds or drops EPOLLOUT for a watched socket. Adding reports at once if there is
+    /// room already (epoll polls the socket on modify).
+    pub fn want_writable(&self, fd: RawFd, cookie: u64, on: bool) -> io::Result<()> {
+        let events = if on {
+            BASE_INTEREST | libc::EPOLLOUT as u32
+        } else {
+            BASE_INTEREST
+        };
+        epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_MOD, fd, events, cookie)
     }
 
     pub fn remove(&self, fd: RawFd, cookie: u64) {
@@ -104,9 +121,14 @@ impl Watcher {
         }
     }
 
-    fn held(&self, cookie: u64) {
-        if let Some(r) = self.routes().get(&cookie) {
-            let _ = r.own.send(Event::Held);
+    fn ring_event(&self, ev: RingEvent) {
+        let event = match ev.kind {
+            EVENT_HELD => Event::Held,
+            EVENT_PROGRESS => Event::Progress,
+            _ => return,
+        };
+        if let Some(r) = self.routes().get(&ev.cookie) {
+            let _ = r.own.send(event);
         }
     }
 }
@@ -175,8 +197,8 @@ pub fn start(
                     match ev.u64 {
                         TOKEN_EVENTS => {
                             while let Some(item) = events.next() {
-                                if let Some(cookie) = hold_cookie(&item) {
-                                    w.held(cookie);
+                                if let Some(ev) = ring_event(&item) {
+                                    w.ring_event(ev);
                                 }
                             }
                         }
@@ -198,11 +220,14 @@ pub fn start(
     Ok(watcher)
 }
 
-fn hold_cookie(item: &[u8]) -> Option<u64> {
-    let raw = item.get(..std::mem::size_of::<HoldEvent>())?;
-    let mut cookie = [0u8; 8];
-    cookie.copy_from_slice(&raw[..8]);
-    Some(u64::from_ne_bytes(cookie))
+fn ring_event(item: &[u8]) -> Option<RingEvent> {
+    let word = |at: usize| -> Option<u64> {
+        Some(u64::from_ne_bytes(item.get(at..at + 8)?.try_into().ok()?))
+    };
+    Some(RingEvent {
+        cookie: word(0)?,
+        kind: word(8)?,
+    })
 }
 
 /// Sends the program's aya-log records to `tracing` (target `ebpf`).
