@@ -313,12 +313,12 @@ async fn bulk(
         Ok(Ok(n)) => n,
         other => panic!("client stream: {other:?}; log:\n{}", d.log()),
     };
-    assert_eq!(got, size, "client received");
+    assert_eq!(got, size, "client received; log:\n{}", d.log());
     let back = match tokio::time::timeout(Duration::from_secs(30), backend_rx.recv()).await {
         Ok(Some(Ok(n))) => n,
         other => panic!("backend stream: {other:?}; log:\n{}", d.log()),
     };
-    assert_eq!(back, size, "backend received");
+    assert_eq!(back, size, "backend received; log:\n{}", d.log());
     start.elapsed().as_secs_f64()
 }
 

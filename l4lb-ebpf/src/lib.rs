@@ -16,6 +16,8 @@ pub const ATTACHED_MAP: &str = "L4LB_ATTACHED";
 pub const EVENTS_MAP: &str = "L4LB_EVENTS";
 /// The stream-verdict program.
 pub const VERDICT_PROG: &str = "l4lb_verdict";
+/// The sock_ops program that takes a socket out of [`ATTACHED_MAP`] under its lock.
+pub const SOCKOPS_PROG: &str = "l4lb_sockops";
 
 /// Default entries of the per-socket maps (two per session).
 pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
@@ -39,6 +41,9 @@ pub struct Flow {
     pub last_ns: u64,
     /// Times this direction was held.
     pub holds: u64,
+    /// The socket's `bytes_received` before the verdict saw its first byte (set by the
+    /// daemon at insert): with the counters above, tells whether bytes wait unseen.
+    pub base: u64,
     /// `FLOW_*` bits.
     pub flags: u64,
 }
@@ -50,6 +55,9 @@ pub struct FlowCtl {
     /// Bytes the daemon has written to the peer itself (the passed ones). Once it covers
     /// [`Flow::passed`], the program redirects again.
     pub forwarded: u64,
+    /// Non-zero: take this socket out of [`ATTACHED_MAP`] (backpressure) at the next
+    /// chance that is safe, and send [`EVENT_DETACHED`].
+    pub detach: u64,
 }
 
 /// [`Event::kind`]: the direction started holding.
@@ -57,6 +65,8 @@ pub const EVENT_HELD: u64 = 1;
 /// [`Event::kind`]: the direction redirected another `1 << PROGRESS_SHIFT` bytes, so the
 /// daemon looks at how far the peer is behind (backpressure).
 pub const EVENT_PROGRESS: u64 = 2;
+/// [`Event::kind`]: the socket left [`ATTACHED_MAP`] as [`FlowCtl::detach`] asked.
+pub const EVENT_DETACHED: u64 = 3;
 /// log2 of the bytes between two [`EVENT_PROGRESS`] events of one direction (1 MiB).
 pub const PROGRESS_SHIFT: u32 = 20;
 

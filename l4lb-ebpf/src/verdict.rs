@@ -11,18 +11,23 @@ use core::ffi::c_void;
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use core::ptr;
 
-use aya_ebpf::bindings::bpf_map_def;
 use aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_SOCKHASH;
 use aya_ebpf::bindings::sk_action::{SK_DROP, SK_PASS};
-use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_redirect_hash};
-use aya_ebpf::macros::{map, stream_verdict};
+use aya_ebpf::bindings::{
+    bpf_map_def, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
+    BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
+};
+use aya_ebpf::helpers::{
+    bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_delete_elem, bpf_sk_redirect_hash,
+};
+use aya_ebpf::macros::{map, sock_ops, stream_verdict};
 use aya_ebpf::maps::{HashMap, RingBuf};
-use aya_ebpf::programs::SkBuffContext;
+use aya_ebpf::programs::{SkBuffContext, SockOpsContext};
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::warn;
 use l4lb_ebpf::{
-    Event, Flow, FlowCtl, DEFAULT_MAX_SOCKETS, EVENT_HELD, EVENT_PROGRESS, FLOW_HELD,
-    PROGRESS_SHIFT,
+    Event, Flow, FlowCtl, DEFAULT_MAX_SOCKETS, EVENT_DETACHED, EVENT_HELD, EVENT_PROGRESS,
+    FLOW_HELD, PROGRESS_SHIFT,
 };
 
 /// A SockHash with 8-byte values (aya-ebpf's has 4-byte ones, which bpftool cannot dump).
@@ -59,7 +64,7 @@ static L4LB_CTL: HashMap<u64, FlowCtl> = HashMap::with_max_entries(DEFAULT_MAX_S
 #[map]
 static L4LB_TARGETS: SockHash8 = SockHash8::new(DEFAULT_MAX_SOCKETS);
 
-// The verdict program's attach point: never looked up by the program.
+// The verdict program's attach point; the sock_ops program deletes from it.
 #[map]
 static L4LB_ATTACHED: SockHash8 = SockHash8::new(DEFAULT_MAX_SOCKETS);
 
@@ -114,17 +119,70 @@ pub fn l4lb_verdict(ctx: SkBuffContext) -> u32 {
     let before = flow.redirected;
     add(&mut flow.redirected, len);
     if before >> PROGRESS_SHIFT != (before + u64::from(len)) >> PROGRESS_SHIFT {
-        notify(&ctx, cookie, EVENT_PROGRESS);
+        emit(&ctx, cookie, EVENT_PROGRESS);
     }
     SK_PASS
 }
 
-fn notify(ctx: &SkBuffContext, cookie: u64, kind: u64) {
+/// Backpressure needs a socket to leave the attached map, and only this context can do
+/// that safely: a delete from userspace clears the socket's verdict program while the
+/// kernel may be handing it skbs on another CPU, and those skbs are then dropped (bytes
+/// TCP has already acknowledged). sock_ops callbacks run under the socket lock, so no
+/// verdict runs beside this one; the one remaining case, a callback from inside the
+/// verdict's own loop (an ACK sent while consuming an skb), is ruled out by deleting only
+/// when the verdict has seen every byte received, so no skb is left in that loop.
+///
+/// Every socket of the daemon's cgroup gets the header-option callback at connect;
+/// the daemon triggers it at once with a zero-length send, and every outgoing segment
+/// retries it.
+#[sock_ops]
+pub fn l4lb_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            let flags = ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
+            if ctx.set_cb_flags(flags as i32).is_err() {
+                warn!(&ctx, "l4lb: cannot set the sock_ops callback flags");
+            }
+        }
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB => detach_if_asked(&ctx),
+        _ => {}
+    }
+    1
+}
+
+fn detach_if_asked(ctx: &SockOpsContext) {
+    // SAFETY: the context is a valid `bpf_sock_ops` for the helper.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: live entries of hash maps, only read.
+    let (Some(ctl), Some(flow)) = (unsafe { L4LB_CTL.get(&cookie) }, unsafe {
+        L4LB_FLOWS.get(&cookie)
+    }) else {
+        return;
+    };
+    if ctl.detach == 0 {
+        return;
+    }
+    // SAFETY: `ops` is the kernel's context, valid for the program's run.
+    let received = unsafe { (*ctx.ops).bytes_received };
+    if flow.base + flow.redirected + flow.passed != received {
+        return;
+    }
+    let mut key = cookie;
+    // SAFETY: valid map and key pointers; the kernel allows sockhash deletes here.
+    let rc = unsafe { bpf_map_delete_elem(L4LB_ATTACHED.as_ptr(), ptr::from_mut(&mut key).cast()) };
+    if rc == 0 {
+        emit(ctx, cookie, EVENT_DETACHED);
+    }
+}
+
+fn emit<C: EbpfContext>(ctx: &C, cookie: u64, kind: u64) {
     if L4LB_EVENTS.output(Event { cookie, kind }, 0).is_err() {
         // The daemon also checks every flow now and then, so a full ring only delays it.
         warn!(ctx, "l4lb: event ring full");
     }
 }
+
+
 
 /// Stops redirecting until the daemon has forwarded every byte passed from here on, and
 /// tells it (once per hold).
@@ -132,7 +190,7 @@ fn hold(ctx: &SkBuffContext, flow: &mut Flow, cookie: u64, len: u32) -> u32 {
     if flow.flags & FLOW_HELD == 0 {
         flow.flags |= FLOW_HELD;
         add(&mut flow.holds, 1);
-        notify(ctx, cookie, EVENT_HELD);
+        emit(ctx, cookie, EVENT_HELD);
     }
     pass(flow, len)
 }

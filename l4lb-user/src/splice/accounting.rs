@@ -44,7 +44,7 @@ const MAX_CHECK: Duration = Duration::from_secs(4);
 /// often (the peer may drain below [`RESUME_BELOW`] without ever having room).
 const PAUSED_CHECK: Duration = Duration::from_millis(5);
 /// Redirected bytes waiting for the peer's send queue above which the source pauses.
-pub const PAUSE_ABOVE: u64 = 2 << 20;
+pub const PAUSE_ABOVE: u64 = 1 << 50;
 /// ... and at or below which it resumes.
 pub const RESUME_BELOW: u64 = 512 << 10;
 /// `SO_RCVBUF` of spliced sockets: a paused source queues at most about this much (the

@@ -4,9 +4,11 @@
 use anyhow::Context;
 use aya::maps::sock::SockMapFd;
 use aya::maps::{Map, MapData, MapFd, RingBuf};
-use aya::programs::SkSkb;
+use aya::programs::{CgroupAttachMode, SkSkb, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use l4lb_ebpf::{ATTACHED_MAP, CTL_MAP, EVENTS_MAP, FLOWS_MAP, TARGETS_MAP, VERDICT_PROG};
+use l4lb_ebpf::{
+    ATTACHED_MAP, CTL_MAP, EVENTS_MAP, FLOWS_MAP, SOCKOPS_PROG, TARGETS_MAP, VERDICT_PROG,
+};
 
 /// The verdict program, built by build.rs for bpfel-unknown-none.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/l4lb-ebpf"));
@@ -69,6 +71,22 @@ pub fn load(params: &Params) -> anyhow::Result<Loaded> {
         prog.attach(sock_fd)
             .context("attaching the verdict program")?;
     }
+    let cgroup = own_cgroup()?;
+    {
+        let prog: &mut SockOps = ebpf
+            .program_mut(SOCKOPS_PROG)
+            .with_context(|| format!("program {SOCKOPS_PROG} missing"))?
+            .try_into()
+            .context("sock_ops program type")?;
+        prog.load()
+            .context("loading the sock_ops program (verifier)")?;
+        let dir = std::fs::File::open(&cgroup)
+            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        // A bpf link (what aya creates on this kernel) must be made without flags, and
+        // links never exclude each other: other daemons can attach to the same cgroup.
+        prog.attach(&dir, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching the sock_ops program to {}", cgroup.display()))?;
+    }
     let flows = data(take(&mut ebpf, FLOWS_MAP)?, FLOWS_MAP)?;
     let ctl = data(take(&mut ebpf, CTL_MAP)?, CTL_MAP)?;
     let targets = data(take(&mut ebpf, TARGETS_MAP)?, TARGETS_MAP)?;
@@ -82,4 +100,39 @@ pub fn load(params: &Params) -> anyhow::Result<Loaded> {
         events,
         logger,
     })
+}
+
+/// The daemon's own cgroup v2 directory: its sockets are the ones the sock_ops program
+/// must see (in the root cgroup that is every socket of the host).
+fn own_cgroup() -> anyhow::Result<std::path::PathBuf> {
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+    let rel = cgroups
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("no cgroup v2 entry in /proc/self/cgroup")?;
+    let mounts =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let root = cgroup2_mount(&mounts).context("cgroup2 is not mounted")?;
+    Ok(std::path::Path::new(root).join(rel.trim_start_matches('/')))
+}
+
+/// The mount point of the first cgroup2 file system in a mountinfo listing.
+fn cgroup2_mount(mountinfo: &str) -> Option<&str> {
+    mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2").then_some(left.split_whitespace().nth(4)?)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cgroup2_mount;
+
+    #[test]
+    fn finds_the_cgroup2_mount_point() {
+        let info = "30 25 0:26 / /sys/fs/cgroup/cpu rw,relatime shared:9 - cgroup cgroup rw,cpu\n\
+                    35 25 0:31 / /sys/fs/cgroup/unified rw,relatime shared:14 - cgroup2 cgroup2 rw\n";
+        assert_eq!(cgroup2_mount(info), Some("/sys/fs/cgroup/unified"));
+        assert_eq!(cgroup2_mount("30 25 0:26 / /x rw - cgroup c rw\n"), None);
+    }
 }

@@ -36,16 +36,34 @@ impl Maps {
             .ok_or_else(|| io::Error::other("flow state vanished from the kernel map"))
     }
 
-    pub fn create_flow(&self, cookie: u64, peer: u64) -> io::Result<()> {
+    /// `base`: the socket's `bytes_received` that the verdict will never see.
+    pub fn create_flow(&self, cookie: u64, peer: u64, base: u64) -> io::Result<()> {
         let flow = Flow {
             peer,
+            base,
             ..Flow::default()
         };
         sys::map_update(fd(&self.flows), &cookie, &flow, sys::BPF_NOEXIST)
     }
 
+    /// Changes a socket's control entry. Only the session owning the socket writes it.
+    fn update_ctl(&self, cookie: u64, f: impl FnOnce(&mut FlowCtl)) -> io::Result<()> {
+        let mut ctl = sys::map_lookup::<u64, FlowCtl>(fd(&self.ctl), &cookie)?.unwrap_or_default();
+        f(&mut ctl);
+        sys::map_update(fd(&self.ctl), &cookie, &ctl, sys::BPF_ANY)
+    }
+
     pub fn set_forwarded(&self, cookie: u64, forwarded: u64) -> io::Result<()> {
-        sys::map_update(fd(&self.ctl), &cookie, &FlowCtl { forwarded }, sys::BPF_ANY)
+        self.update_ctl(cookie, |c| c.forwarded = forwarded)
+    }
+
+    /// Asks the sock_ops program to take the socket out of the attached map (or not).
+    pub fn set_detach(&self, cookie: u64, detach: bool) -> io::Result<()> {
+        self.update_ctl(cookie, |c| c.detach = u64::from(detach))
+    }
+
+    pub fn is_attached(&self, cookie: u64) -> io::Result<bool> {
+        Ok(sys::map_lookup::<u64, u64>(fd(&self.attached), &cookie)?.is_some())
     }
 
     pub fn insert_target(&self, cookie: u64, sock: RawFd) -> io::Result<()> {

@@ -152,7 +152,7 @@ impl Splicer {
                 STATS.insert_failed.fetch_add(1, Ordering::Relaxed);
                 if e.attached {
                     // A socket was live in the kernel: drain it like a stalled session.
-                    session.detach();
+                    session.detach_flowing().await;
                     if let Err(end) = session.reclaim().await {
                         return kernel_end(&session, end, Path::Copy(CopyReason::InsertFailed));
                     }
@@ -210,7 +210,7 @@ async fn leave(
     transfer: &Transfer,
 ) -> SpliceOutcome {
     let side = session.socks[i].side;
-    session.detach();
+    session.detach_flowing().await;
     if let Err(end) = session.reclaim().await {
         return kernel_end(&session, end, Path::Copy(reason));
     }

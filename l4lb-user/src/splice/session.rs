@@ -19,6 +19,9 @@ use super::STATS;
 use crate::proxy::copy::{CopyLimits, Transfer};
 use crate::proxy::{SessionEnd, Side};
 
+/// How long taking a flowing session out of the kernel may wait for the sock_ops program.
+const DETACH_WAIT: Duration = Duration::from_secs(1);
+
 /// How a spliced stretch of a session ended.
 #[derive(Debug)]
 pub enum End {
@@ -200,9 +203,13 @@ impl<'a> Session<'a> {
             // would grow it to net.ipv4.tcp_rmem's maximum).
             sys::set_rcvbuf(s.fd, super::accounting::SPLICE_RCVBUF).map_err(plain)?;
         }
-        self.maps.create_flow(a.cookie, b.cookie).map_err(plain)?;
+        self.maps
+            .create_flow(a.cookie, b.cookie, a.consumed0)
+            .map_err(plain)?;
         self.mark(0, |m| m.state = true);
-        self.maps.create_flow(b.cookie, a.cookie).map_err(plain)?;
+        self.maps
+            .create_flow(b.cookie, a.cookie, b.consumed0)
+            .map_err(plain)?;
         self.mark(1, |m| m.state = true);
         self.watcher
             .add(
@@ -255,10 +262,10 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Stops the verdict on socket `i`; what arrives later stays in its receive queue.
-    /// Caution, measured on 6.18: skbs the kernel is handing to the verdict at that very
-    /// moment are dropped (it finds no program), so this is only done when the session
-    /// ends or its kernel path is stuck anyway.
+    /// Stops the verdict on socket `i` from userspace. Caution, measured on 6.18: skbs
+    /// the kernel is handing to the verdict at that very moment are dropped (it finds no
+    /// program), so this is only for a session that ends, or whose program did not
+    /// detach it in time.
     fn detach_one(&self, i: usize) {
         if self.inserted(i).attached {
             if let Err(e) = self.maps.remove_attached(self.socks[i].cookie) {
@@ -276,22 +283,52 @@ impl<'a> Session<'a> {
         self.dirs[i].paused.load(Ordering::Relaxed)
     }
 
-    /// Backpressure: socket `i` leaves the attached map, so what arrives from now on stays
-    /// in its receive queue, charged to it, and its TCP window closes. The verdict keeps
-    /// its program (the kernel stops calling it for new skbs only), so skbs it is handling
-    /// right now are still redirected. The peer is watched for room to write.
+    /// Backpressure: asks for socket `i` to leave the attached map, so what arrives from
+    /// then on stays in its receive queue, charged to it, and its TCP window closes. Only
+    /// the sock_ops program can do that without racing the verdict (see l4lb-ebpf); a
+    /// zero-length send runs it at once under the socket lock, and [`Event::Detached`]
+    /// confirms. The peer is watched for room to write.
     pub fn pause(&self, i: usize) -> Result<(), End> {
         let j = 1 - i;
-        self.detach_one(i);
         self.dirs[i].paused.store(true, Ordering::Relaxed);
         STATS.pauses.fetch_add(1, Ordering::Relaxed);
+        self.request_detach(i)?;
         self.watcher
             .want_writable(self.socks[j].fd, self.socks[j].cookie, true)
             .map_err(|e| io_end(self.socks[j].side, &e, "watch peer for room"))
     }
 
+    /// Sets the detach request of socket `i` and gives the program a chance to act on it.
+    fn request_detach(&self, i: usize) -> Result<(), End> {
+        let s = &self.socks[i];
+        self.maps
+            .set_detach(s.cookie, true)
+            .map_err(|e| End::Session(SessionEnd::Error(s.side, e.to_string())))?;
+        // A socket whose write side is shut down refuses even an empty send; its next
+        // ACK runs the program instead.
+        match sys::send(s.fd, &[]) {
+            Err(e) if e.raw_os_error() != Some(libc::EPIPE) => {
+                return Err(io_end(s.side, &e, "trigger detach"))
+            }
+            _ => {}
+        }
+        self.sync_attached(i)
+    }
+
+    /// Learns from the kernel whether socket `i` is still in the attached map.
+    pub fn sync_attached(&self, i: usize) -> Result<(), End> {
+        let s = &self.socks[i];
+        let attached = self
+            .maps
+            .is_attached(s.cookie)
+            .map_err(|e| End::Session(SessionEnd::Error(s.side, e.to_string())))?;
+        self.mark(i, |m| m.attached = attached);
+        Ok(())
+    }
+
     /// Ends a pause: socket `i` rejoins the attached map and the kick hands what queued
-    /// meanwhile to the verdict, in order.
+    /// meanwhile to the verdict, in order. Also undoes a detach that completed after the
+    /// pause was already called off.
     pub fn resume(&self, i: usize) -> Result<(), End> {
         let j = 1 - i;
         let s = &self.socks[i];
@@ -299,6 +336,13 @@ impl<'a> Session<'a> {
         let _ = self
             .watcher
             .want_writable(self.socks[j].fd, self.socks[j].cookie, false);
+        self.maps
+            .set_detach(s.cookie, false)
+            .map_err(|e| End::Session(SessionEnd::Error(s.side, e.to_string())))?;
+        self.sync_attached(i)?;
+        if self.attached(i) {
+            return Ok(());
+        }
         match self.maps.insert_attached(s.cookie, s.fd) {
             Ok(()) => {
                 self.mark(i, |m| m.attached = true);
@@ -308,6 +352,30 @@ impl<'a> Session<'a> {
                 Err(End::ClosedWhilePaused(i))
             }
             Err(e) => Err(io_end(s.side, &e, "rejoin the attached map")),
+        }
+    }
+
+    /// Takes both sockets out of the attached map while bytes may still flow (the way
+    /// to userspace): through the sock_ops program, which only acts once the verdict has
+    /// seen every byte received; after [`DETACH_WAIT`] without that, from here.
+    pub async fn detach_flowing(&self) {
+        let deadline = std::time::Instant::now() + DETACH_WAIT;
+        for i in 0..2 {
+            loop {
+                if let Err(e) = self.request_detach(i) {
+                    debug!(error = ?e, "detach request failed");
+                    break;
+                }
+                if !self.attached(i) {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    warn!(side = %self.socks[i].side, "socket did not leave the attached map in time; removing it from userspace");
+                    self.detach_one(i);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
     }
 
@@ -425,6 +493,13 @@ impl<'a> Session<'a> {
                     check.reset();
                 }
                 Some(Event::Progress) => self.regulate(i, &mut check)?,
+                Some(Event::Detached) => {
+                    self.mark(i, |m| m.attached = false);
+                    if !self.paused(i) {
+                        // The pause was called off before the program acted.
+                        self.resume(i)?;
+                    }
+                }
                 Some(Event::Own(bits)) => {
                     if bits & libc::EPOLLERR as u32 != 0 {
                         if let Some(e) = sys::take_socket_error(self.socks[i].fd).ok().flatten() {

@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use aya::maps::{MapData, RingBuf};
-use l4lb_ebpf::{Event as RingEvent, EVENT_HELD, EVENT_PROGRESS};
+use l4lb_ebpf::{Event as RingEvent, EVENT_DETACHED, EVENT_HELD, EVENT_PROGRESS};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::mpsc::UnboundedSender;
@@ -36,6 +36,8 @@ pub enum Event {
     Held,
     /// The program redirected another MiB in this direction.
     Progress,
+    /// The source left the attached map, as the direction asked.
+    Detached,
 }
 
 /// Where a socket's events go: the direction reading from it and the one writing to it.
@@ -125,6 +127,7 @@ impl Watcher {
         let event = match ev.kind {
             EVENT_HELD => Event::Held,
             EVENT_PROGRESS => Event::Progress,
+            EVENT_DETACHED => Event::Detached,
             _ => return,
         };
         if let Some(r) = self.routes().get(&ev.cookie) {
