@@ -212,7 +212,9 @@ async fn recv_stream<R: AsyncReadExt + Unpin>(
                 let lo = m.saturating_sub(64 << 20) & !7;
                 let mut g = Stream::new(seed);
                 let mut skip = vec![0u8; 8];
-                for _ in 0..lo / 8 { g.fill(&mut skip); }
+                for _ in 0..lo / 8 {
+                    g.fill(&mut skip);
+                }
                 let mut win = vec![0u8; 128 << 20];
                 g.fill(&mut win);
                 let found = win.windows(pat.len()).position(|w| w == &pat[..]);
@@ -347,7 +349,11 @@ async fn gib_each_way_kernel_vs_copy_byte_exact() {
     let kernel_s = bulk(&d, kport, &mut brx, size).await;
     let (kernel_cpu, kernel_machine) = (d.cpu_seconds() - cpu0, machine_cpu_seconds() - m0);
     let line = access_lines(&d, 1, Duration::from_secs(10)).remove(0);
-    assert_eq!(log_field(&line, "path"), Some("kernel"), "{line}");
+    // A loopback sender outruns the kernel's redirect worker: past the lag cap the session
+    // leaves the kernel for the copy path, which has TCP's backpressure. Either way, not
+    // a byte may be lost, doubled or left uncounted.
+    let path = log_field(&line, "path").unwrap_or_default();
+    assert!(path == "kernel" || path == "copy:lagging", "{line}");
     assert_eq!(log_field(&line, "end"), Some("closed"), "{line}");
     assert_eq!(log_field(&line, "sent"), Some("1073741824"), "{line}");
     assert_eq!(log_field(&line, "received"), Some("1073741824"), "{line}");
@@ -358,10 +364,12 @@ async fn gib_each_way_kernel_vs_copy_byte_exact() {
     let copied = stat(&s, "bytes_copied") - stat(&s0, "bytes_copied");
     let spliced = stat(&s, "bytes_spliced") - stat(&s0, "bytes_spliced");
     assert_eq!(copied + spliced, 2 * size, "{s}");
-    assert!(
-        copied * 100 <= 2 * size,
-        "more than 1% through userspace: {s}"
-    );
+    if path == "kernel" {
+        assert!(
+            copied * 100 <= 2 * size,
+            "more than 1% through userspace: {s}"
+        );
+    }
 
     let (cpu1, m1) = (d.cpu_seconds(), machine_cpu_seconds());
     let copy_s = bulk(&d, cport, &mut brx, size).await;
@@ -372,7 +380,7 @@ async fn gib_each_way_kernel_vs_copy_byte_exact() {
     let gb = 2.0 * size as f64 / 1e9;
     eprintln!(
         "MEASURE 1 GiB each way (test endpoints included in machine CPU): kernel {:.2} s ({:.2} Gbit/s, \
-         daemon CPU {:.3} s/GB, machine CPU {:.2} s/GB, userspace {} of {} bytes, holds {}); \
+         daemon CPU {:.3} s/GB, machine CPU {:.2} s/GB, path {path}, userspace {} of {} bytes, holds {}); \
          copy {:.2} s ({:.2} Gbit/s, daemon CPU {:.3} s/GB, machine CPU {:.2} s/GB)",
         kernel_s,
         gb * 8.0 / kernel_s,
@@ -575,17 +583,18 @@ async fn clients_closing_early_leak_nothing() {
     assert!(d.fd_count() <= fds0 + 2, "fds {} -> {}", fds0, d.fd_count());
 }
 
-/// Slow readers both ways: nothing lost, the idle timeout does not fire while bytes move
-/// slowly, the daemon's memory stays flat. Scaled to 48 MiB at 4 MiB/s each way (about
-/// 12 s) to keep the file to a few minutes. What the kernel buffers meanwhile is printed,
-/// not asserted: backpressure is not solved yet (see `l4lb-user/src/splice/accounting.rs`),
-/// so a fast sender fills the kernel with what the reader has not taken.
+/// Slow readers both ways, 256 MiB at 4 MiB/s each way (about a minute): nothing lost,
+/// the idle timeout does not fire while bytes move slowly, the daemon's memory stays
+/// flat, and what is buffered between sender and reader stays bounded: the session
+/// leaves the kernel once a reader lags by the cap (see
+/// `l4lb-user/src/splice/accounting.rs`), where an unguarded splice queues nearly all of
+/// it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_readers_both_ways_lose_nothing() {
     if !kernel_wanted("slow_readers_both_ways_lose_nothing") {
         return;
     }
-    let size = 48 * MIB;
+    let size = 256 * MIB;
     let rate = 4 * MIB;
     let backend_plan = Plan {
         send: size,
@@ -610,7 +619,7 @@ async fn slow_readers_both_ways_lose_nothing() {
     let mut max_down = 0u64;
     let mut max_up = 0u64;
     let mut max_rss = 0u64;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(150);
     while !run.is_finished() {
         assert!(Instant::now() < deadline, "slow transfer did not finish");
         // Bytes a sender has handed to its kernel that the reader has not read yet:
@@ -643,13 +652,12 @@ async fn slow_readers_both_ways_lose_nothing() {
         d.log()
     );
     let line = access_lines(&d, 1, Duration::from_secs(10)).remove(0);
-    for l in d.log().lines().filter(|l| l.contains("backpressure") || l.contains("FIN")) { eprintln!("DBG {l}"); }
-    assert_eq!(log_field(&line, "path"), Some("kernel"), "{line}");
+    assert_eq!(log_field(&line, "path"), Some("copy:lagging"), "{line}");
     assert_eq!(log_field(&line, "end"), Some("closed"), "{line}");
     let s = stats(&d);
     eprintln!(
         "MEASURE slow readers 4 MiB/s: in flight max down {:.1} MiB, up {:.1} MiB; daemon RSS {} -> max {} KiB; \
-         userspace {} of {} bytes; holds {}; pauses {}",
+         userspace {} of {} bytes; holds {}; lagging {}",
         max_down as f64 / MIB as f64,
         max_up as f64 / MIB as f64,
         rss0,
@@ -657,11 +665,18 @@ async fn slow_readers_both_ways_lose_nothing() {
         stat(&s, "bytes_copied"),
         2 * size,
         stat(&s, "holds"),
-        stat(&s, "pauses")
+        stat(&s, "lagging")
     );
     assert!(
         max_rss < rss0 + 32 * 1024,
         "daemon RSS grew from {rss0} to {max_rss} KiB"
+    );
+    // The cap, plus what the four sockets on the way buffer themselves (receive buffers
+    // autotune up to net.ipv4.tcp_rmem's maximum, 32 MiB on these machines).
+    let bound = 160 * MIB;
+    assert!(
+        max_down < bound && max_up < bound,
+        "in flight down {max_down}, up {max_up} bytes; bound {bound}"
     );
 }
 

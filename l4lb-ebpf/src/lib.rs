@@ -55,18 +55,16 @@ pub struct FlowCtl {
     /// Bytes the daemon has written to the peer itself (the passed ones). Once it covers
     /// [`Flow::passed`], the program redirects again.
     pub forwarded: u64,
-    /// Non-zero: take this socket out of [`ATTACHED_MAP`] (backpressure) at the next
-    /// chance that is safe, and send [`EVENT_DETACHED`].
+    /// Non-zero: the sock_ops program takes this socket out of [`ATTACHED_MAP`] at the
+    /// next chance that is safe.
     pub detach: u64,
 }
 
 /// [`Event::kind`]: the direction started holding.
 pub const EVENT_HELD: u64 = 1;
 /// [`Event::kind`]: the direction redirected another `1 << PROGRESS_SHIFT` bytes, so the
-/// daemon looks at how far the peer is behind (backpressure).
+/// daemon looks at how far the peer is behind (the lag cap).
 pub const EVENT_PROGRESS: u64 = 2;
-/// [`Event::kind`]: the socket left [`ATTACHED_MAP`] as [`FlowCtl::detach`] asked.
-pub const EVENT_DETACHED: u64 = 3;
 /// log2 of the bytes between two [`EVENT_PROGRESS`] events of one direction (1 MiB).
 pub const PROGRESS_SHIFT: u32 = 20;
 

@@ -1,7 +1,6 @@
 //! The stream verdict: every non-empty skb arriving on a spliced socket is redirected to
 //! the egress of its peer, and every MiB redirected the daemon is told so it can check how
-//! far the peer lags (backpressure is the daemon's: it takes a socket that runs ahead out
-//! of the attached map, see `l4lb-user/src/splice/accounting.rs`). Should a redirect fail
+//! far the peer lags (see `l4lb-user/src/splice/accounting.rs`). Should a redirect fail
 //! (the peer left the redirect map), the direction holds: skbs are passed to the socket
 //! itself, the daemon is told on the ring buffer and forwards them, and redirecting
 //! resumes once it has, so the byte order holds.
@@ -26,8 +25,8 @@ use aya_ebpf::programs::{SkBuffContext, SockOpsContext};
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::warn;
 use l4lb_ebpf::{
-    Event, Flow, FlowCtl, DEFAULT_MAX_SOCKETS, EVENT_DETACHED, EVENT_HELD, EVENT_PROGRESS,
-    FLOW_HELD, PROGRESS_SHIFT,
+    Event, Flow, FlowCtl, DEFAULT_MAX_SOCKETS, EVENT_HELD, EVENT_PROGRESS, FLOW_HELD,
+    PROGRESS_SHIFT,
 };
 
 /// A SockHash with 8-byte values (aya-ebpf's has 4-byte ones, which bpftool cannot dump).
@@ -124,17 +123,17 @@ pub fn l4lb_verdict(ctx: SkBuffContext) -> u32 {
     SK_PASS
 }
 
-/// Backpressure needs a socket to leave the attached map, and only this context can do
-/// that safely: a delete from userspace clears the socket's verdict program while the
+/// Taking a session out of the kernel while bytes flow needs its sockets to leave the
+/// attached map, and only this context can do that safely: a delete from userspace clears the socket's verdict program while the
 /// kernel may be handing it skbs on another CPU, and those skbs are then dropped (bytes
 /// TCP has already acknowledged). sock_ops callbacks run under the socket lock, so no
 /// verdict runs beside this one; the one remaining case, a callback from inside the
 /// verdict's own loop (an ACK sent while consuming an skb), is ruled out by deleting only
 /// when the verdict has seen every byte received, so no skb is left in that loop.
 ///
-/// Every socket of the daemon's cgroup gets the header-option callback at connect;
-/// the daemon triggers it at once with a zero-length send, and every outgoing segment
-/// retries it.
+/// Every socket of the daemon's cgroup gets the header-option callback at connect (a
+/// map lookup per outgoing segment for sockets not spliced); the daemon triggers it at
+/// once with a zero-length send, and every outgoing segment retries it.
 #[sock_ops]
 pub fn l4lb_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
@@ -169,20 +168,15 @@ fn detach_if_asked(ctx: &SockOpsContext) {
     }
     let mut key = cookie;
     // SAFETY: valid map and key pointers; the kernel allows sockhash deletes here.
-    let rc = unsafe { bpf_map_delete_elem(L4LB_ATTACHED.as_ptr(), ptr::from_mut(&mut key).cast()) };
-    if rc == 0 {
-        emit(ctx, cookie, EVENT_DETACHED);
-    }
+    unsafe { bpf_map_delete_elem(L4LB_ATTACHED.as_ptr(), ptr::from_mut(&mut key).cast()) };
 }
 
-fn emit<C: EbpfContext>(ctx: &C, cookie: u64, kind: u64) {
+fn emit(ctx: &SkBuffContext, cookie: u64, kind: u64) {
     if L4LB_EVENTS.output(Event { cookie, kind }, 0).is_err() {
         // The daemon also checks every flow now and then, so a full ring only delays it.
         warn!(ctx, "l4lb: event ring full");
     }
 }
-
-
 
 /// Stops redirecting until the daemon has forwarded every byte passed from here on, and
 /// tells it (once per hold).

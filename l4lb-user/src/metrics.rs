@@ -16,9 +16,9 @@ pub enum CopyReason {
     InsertFailed,
     /// A spliced session stalled and was moved to userspace.
     Watchdog,
-    /// A side closed while backpressure held its bytes back: a closing socket cannot
-    /// rejoin the sockmap, so the rest of the session is copied.
-    ClosedWhilePaused,
+    /// A peer fell so far behind that the kernel would queue more than the lag cap for
+    /// it; the userspace copy has TCP's own backpressure.
+    Lagging,
 }
 
 impl CopyReason {
@@ -28,7 +28,7 @@ impl CopyReason {
         CopyReason::KernelUnavailable,
         CopyReason::InsertFailed,
         CopyReason::Watchdog,
-        CopyReason::ClosedWhilePaused,
+        CopyReason::Lagging,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -38,7 +38,7 @@ impl CopyReason {
             CopyReason::KernelUnavailable => "kernel_unavailable",
             CopyReason::InsertFailed => "insert_failed",
             CopyReason::Watchdog => "watchdog",
-            CopyReason::ClosedWhilePaused => "closed_while_paused",
+            CopyReason::Lagging => "lagging",
         }
     }
 }

@@ -1,21 +1,23 @@
 //! Where every byte of a spliced session is, from the program's counters and the
-//! sockets' TCP_INFO: how far a peer lags behind what was redirected to it
-//! (backpressure); bytes the program held back (passed to the source socket after a
-//! failed redirect), forwarded here; a FIN passed on only once every byte before it is in
-//! the peer's send queue; a direction with bytes stuck in the kernel (the watchdog).
+//! sockets' TCP_INFO: how far a peer lags behind what was redirected to it (the lag
+//! cap); bytes the program held back (passed to the source socket after a failed
+//! redirect), forwarded here; a FIN passed on only once every byte before it is in the
+//! peer's send queue; a direction with bytes stuck in the kernel (the watchdog).
 //!
 //! Backpressure: a redirect uncharges the bytes from the source socket, so its TCP
 //! window never closes, and the kernel queues for a slow peer whatever a fast sender
-//! pushes. So the program reports every MiB redirected, and when the redirected bytes
-//! not yet in the peer's send queue exceed [`PAUSE_ABOVE`], the source socket leaves the
-//! attached map: later bytes stay in its receive queue, charged to it, and its window
-//! closes. Once the peer is down to [`RESUME_BELOW`] (looked at whenever it has room to
-//! write), the socket rejoins and the kick hands the queued bytes to the verdict in order.
-//! No byte goes through userspace for this. Two things measured on 6.18 rule out the
-//! simpler designs: passing skbs to the source socket does not close its window (a fast
-//! sender put 48 MiB into a held socket within 100 ms while its receive buffer was
-//! 1.6 MiB), and reading a detached socket from userspace while bytes flow lost data
-//! (6.5 MiB in a 1 GiB run).
+//! pushes. The program reports every MiB redirected; once the redirected bytes not yet
+//! in the peer's send queue exceed [`LAG_CAP`], the session leaves the kernel for the
+//! userspace copy, which stops reading when the peer stops. Pausing in the kernel
+//! instead (the source leaves the attached map until the peer catches up, then rejoins)
+//! bounded the queue, but on 6.18 it made corruption likely: the window closing and
+//! reopening brings retransmissions that overlap bytes already received, and the
+//! verdict path (`tcp_read_skb`) hands such skbs on whole, duplicating the overlap
+//! (one 65,483-byte segment in about one 2 GiB run in five). Two simpler designs fail
+//! outright: passing skbs to the source socket does not close its window, and removing
+//! the socket from the attached map from userspace drops the skbs the kernel is handing
+//! to the verdict at that moment. Leaving the kernel goes through the sock_ops program,
+//! which detaches under the socket lock.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -40,18 +42,10 @@ const MAX_POLL: Duration = Duration::from_millis(20);
 const MIN_CHECK: Duration = Duration::from_millis(20);
 const ACTIVE_CHECK: Duration = Duration::from_millis(500);
 const MAX_CHECK: Duration = Duration::from_secs(4);
-/// A paused direction is looked at when its peer has room to write, and at least this
-/// often (the peer may drain below [`RESUME_BELOW`] without ever having room).
-const PAUSED_CHECK: Duration = Duration::from_millis(5);
-/// Redirected bytes waiting for the peer's send queue above which the source pauses.
-pub const PAUSE_ABOVE: u64 = 1 << 50;
-/// ... and at or below which it resumes.
-pub const RESUME_BELOW: u64 = 512 << 10;
-/// `SO_RCVBUF` of spliced sockets: a paused source queues at most about this much (the
-/// kernel doubles it for overhead), and the window it offers stays below it. 2 MiB keeps
-/// loopback and LAN sessions at full speed; a 50 ms path would be window-bound at
-/// about 300 Mbit/s.
-pub const SPLICE_RCVBUF: usize = 2 << 20;
+/// Redirected bytes a peer may lag behind before the session leaves the kernel. With
+/// the peer's send queue (at most net.ipv4.tcp_wmem's maximum) this bounds the kernel
+/// memory of one direction. High enough that a reader keeping up stays in the kernel.
+pub const LAG_CAP: u64 = 64 << 20;
 
 /// Bytes redirected in direction `flow` that have not reached the peer's send queue.
 /// `peer` is the peer's progress; `queued0` its `queued_total` at insert; `forwarded`
@@ -155,8 +149,7 @@ impl Session<'_> {
         Ok(p)
     }
 
-    /// Backpressure for direction `i`: pauses it when its peer lags by more than
-    /// [`PAUSE_ABOVE`], resumes it at [`RESUME_BELOW`]. Also the watchdog's sample.
+    /// Direction `i`'s lag against [`LAG_CAP`]; also the watchdog's sample.
     pub(super) fn regulate(&self, i: usize, check: &mut Check) -> Result<(), End> {
         let j = 1 - i;
         let f = self.flow(i)?;
@@ -168,39 +161,28 @@ impl Session<'_> {
         if check.watchdog.stalled(lag, &p, Instant::now()) {
             return Err(End::Stall(i));
         }
+        if lag > LAG_CAP {
+            debug!(from = %self.socks[i].side, lag, outq = p.outq, "peer lags past the cap");
+            return Err(End::Lagging(i));
+        }
         check.last_redirected = f.redirected;
         check.last_backlog = lag;
-        if self.paused(i) {
-            if lag <= RESUME_BELOW {
-                debug!(from = %self.socks[i].side, lag, "backpressure: resume");
-                self.resume(i)?;
-            }
-        } else if lag > PAUSE_ABOVE && self.attached(i) {
-            debug!(from = %self.socks[i].side, lag, outq = p.outq, "backpressure: pause");
-            self.pause(i)?;
-        }
-        check.interval = if self.paused(i) {
-            PAUSED_CHECK
-        } else {
-            ACTIVE_CHECK
-        };
+        check.interval = ACTIVE_CHECK;
         Ok(())
     }
 
-    /// A periodic look at a running direction: a hold whose event was lost, a pause to
-    /// end, or a stall.
+    /// A periodic look at a running direction: a hold whose event was lost, the lag, or a
+    /// stall.
     pub(super) async fn tick(&self, i: usize, check: &mut Check) -> Result<(), End> {
-        if !self.paused(i) {
-            let f = self.flow(i)?;
-            if f.passed > self.dirs[i].read() {
-                self.relieve(i).await?;
-                check.reset();
-                return Ok(());
-            }
-            if f.redirected == check.last_redirected && check.last_backlog == 0 {
-                check.interval = (check.interval * 2).min(MAX_CHECK);
-                return Ok(());
-            }
+        let f = self.flow(i)?;
+        if f.passed > self.dirs[i].read() {
+            self.relieve(i).await?;
+            check.reset();
+            return Ok(());
+        }
+        if f.redirected == check.last_redirected && check.last_backlog == 0 {
+            check.interval = (check.interval * 2).min(MAX_CHECK);
+            return Ok(());
         }
         self.regulate(i, check)
     }
@@ -411,16 +393,18 @@ impl Session<'_> {
             if self.dirs[i].finished.load(Ordering::Relaxed) {
                 continue;
             }
+            // A slow peer may take long to drain a full backlog; only a stall (no
+            // progress with room to send) ends the wait. A redirect worker that missed a
+            // wakeup gets one kick.
             let mut kicked = false;
             loop {
-                match tokio::time::timeout(STALL_AFTER * 2, self.wait_drained(i)).await {
-                    Ok(Ok(())) => break,
-                    Ok(Err(End::Stall(_))) | Err(_) if !kicked => {
+                match self.wait_drained(i).await {
+                    Ok(()) => break,
+                    Err(End::Stall(_)) if !kicked => {
                         kicked = true;
                         let _ = sys::kick_write_space(self.socks[j].fd);
                     }
-                    Ok(Err(e)) => return Err(e),
-                    Err(_) => {
+                    Err(End::Stall(_)) => {
                         let f = self.flow(i)?;
                         let p = self.peer_progress(j)?;
                         let lost = backlog(&f, &p, self.socks[j].queued0, self.dirs[i].forwarded());
@@ -429,6 +413,7 @@ impl Session<'_> {
                             format!("{lost} bytes stuck in the kernel's redirect queue"),
                         )));
                     }
+                    Err(e) => return Err(e),
                 }
             }
             let mut ready = Readiness::default();

@@ -105,7 +105,8 @@ pub fn load(params: &Params) -> anyhow::Result<Loaded> {
 /// The daemon's own cgroup v2 directory: its sockets are the ones the sock_ops program
 /// must see (in the root cgroup that is every socket of the host).
 fn own_cgroup() -> anyhow::Result<std::path::PathBuf> {
-    let cgroups = std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+    let cgroups =
+        std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
     let rel = cgroups
         .lines()
         .find_map(|l| l.strip_prefix("0::"))

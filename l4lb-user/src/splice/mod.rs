@@ -60,8 +60,8 @@ pub struct SpliceOutcome {
 /// Counters of the kernel path, logged on SIGUSR1 with the map sizes.
 struct Stats {
     active: AtomicU64,
-    /// Backpressure pauses (a source left the attached map while its peer caught up).
-    pauses: AtomicU64,
+    /// Sessions moved to userspace because a peer lagged past the cap.
+    lagging: AtomicU64,
     holds: AtomicU64,
     watchdog: AtomicU64,
     insert_failed: AtomicU64,
@@ -69,7 +69,7 @@ struct Stats {
 
 static STATS: Stats = Stats {
     active: AtomicU64::new(0),
-    pauses: AtomicU64::new(0),
+    lagging: AtomicU64::new(0),
     holds: AtomicU64::new(0),
     watchdog: AtomicU64::new(0),
     insert_failed: AtomicU64::new(0),
@@ -191,9 +191,14 @@ impl Splicer {
                 ));
                 leave(session, i, CopyReason::Watchdog, why, limits, transfer).await
             }
-            End::ClosedWhilePaused(i) => {
-                let why = io::Error::from_raw_os_error(libc::EOPNOTSUPP);
-                leave(session, i, CopyReason::ClosedWhilePaused, why, limits, transfer).await
+            End::Lagging(i) => {
+                STATS.lagging.fetch_add(1, Ordering::Relaxed);
+                let why = io::Error::other(format!(
+                    "the {} lags by more than {} MiB",
+                    session.socks[1 - i].side,
+                    accounting::LAG_CAP >> 20
+                ));
+                leave(session, i, CopyReason::Lagging, why, limits, transfer).await
             }
         }
     }
@@ -229,9 +234,7 @@ fn kernel_end(session: &Session<'_>, end: End, path: Path) -> SpliceOutcome {
     let end = match end {
         End::Session(e) => e,
         End::Stall(i) => SessionEnd::Error(session.socks[i].side, "stalled in the kernel".into()),
-        End::ClosedWhilePaused(i) => {
-            SessionEnd::Error(session.socks[i].side, "closed while paused".into())
-        }
+        End::Lagging(i) => SessionEnd::Error(session.socks[1 - i].side, "lagging".into()),
     };
     SpliceOutcome {
         end,
@@ -251,8 +254,7 @@ async fn fallback(
     already_userspace: u64,
 ) -> SpliceOutcome {
     if why.raw_os_error() == Some(libc::EOPNOTSUPP) {
-        // Expected for a client that sent its data and FIN at once, and for a side that
-        // closed while backpressure held it.
+        // Expected for a client that sent its data and FIN at once.
         info!(reason = reason.as_str(), error = %why, "socket no longer established; copying in userspace");
     } else {
         warn!(reason = reason.as_str(), error = %why, "session leaves the kernel path; copying in userspace");
@@ -285,7 +287,7 @@ fn spawn_stats_on_sigusr1(maps: Arc<Maps>, watcher: Arc<Watcher>) -> anyhow::Res
                     targets = c.targets,
                     attached = c.attached,
                     watched = watcher.routes_len(),
-                    pauses = STATS.pauses.load(Ordering::Relaxed),
+                    lagging = STATS.lagging.load(Ordering::Relaxed),
                     holds = STATS.holds.load(Ordering::Relaxed),
                     watchdog = STATS.watchdog.load(Ordering::Relaxed),
                     insert_failed = STATS.insert_failed.load(Ordering::Relaxed),

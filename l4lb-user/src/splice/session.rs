@@ -28,11 +28,9 @@ pub enum End {
     Session(SessionEnd),
     /// Direction `.0` stopped making progress with bytes queued in the kernel.
     Stall(usize),
-    /// The source of direction `.0` closed while paused: it cannot rejoin the attached
-    /// map, and a socket out of it but still in a sockmap cannot be read from userspace
-    /// (tcp_bpf's recvmsg refuses while its receive queue is not empty), so the session
-    /// leaves the kernel.
-    ClosedWhilePaused(usize),
+    /// The peer of direction `.0` lags by more than the cap: the session leaves the
+    /// kernel for the userspace copy, whose reads stop when the peer stops.
+    Lagging(usize),
 }
 
 /// An I/O error that ends the session, logged with where it happened.
@@ -119,8 +117,6 @@ pub struct Dir {
     pub pending: Mutex<Vec<u8>>,
     /// The FIN was passed on.
     pub finished: AtomicBool,
-    /// The source is out of the attached map because the peer lags (backpressure).
-    pub paused: AtomicBool,
 }
 
 impl Dir {
@@ -198,11 +194,6 @@ impl<'a> Session<'a> {
         let (tx0, rx0) = mpsc::unbounded_channel();
         let (tx1, rx1) = mpsc::unbounded_channel();
         let [a, b] = &self.socks;
-        for s in &self.socks {
-            // What a paused source can still take in is its window: cap it (autotuning
-            // would grow it to net.ipv4.tcp_rmem's maximum).
-            sys::set_rcvbuf(s.fd, super::accounting::SPLICE_RCVBUF).map_err(plain)?;
-        }
         self.maps
             .create_flow(a.cookie, b.cookie, a.consumed0)
             .map_err(plain)?;
@@ -279,26 +270,8 @@ impl<'a> Session<'a> {
         self.inserted(i).attached
     }
 
-    pub fn paused(&self, i: usize) -> bool {
-        self.dirs[i].paused.load(Ordering::Relaxed)
-    }
-
-    /// Backpressure: asks for socket `i` to leave the attached map, so what arrives from
-    /// then on stays in its receive queue, charged to it, and its TCP window closes. Only
-    /// the sock_ops program can do that without racing the verdict (see l4lb-ebpf); a
-    /// zero-length send runs it at once under the socket lock, and [`Event::Detached`]
-    /// confirms. The peer is watched for room to write.
-    pub fn pause(&self, i: usize) -> Result<(), End> {
-        let j = 1 - i;
-        self.dirs[i].paused.store(true, Ordering::Relaxed);
-        STATS.pauses.fetch_add(1, Ordering::Relaxed);
-        self.request_detach(i)?;
-        self.watcher
-            .want_writable(self.socks[j].fd, self.socks[j].cookie, true)
-            .map_err(|e| io_end(self.socks[j].side, &e, "watch peer for room"))
-    }
-
-    /// Sets the detach request of socket `i` and gives the program a chance to act on it.
+    /// Sets the detach request of socket `i` and gives the program a chance to act on it
+    /// at once: a zero-length send runs it under the socket lock.
     fn request_detach(&self, i: usize) -> Result<(), End> {
         let s = &self.socks[i];
         self.maps
@@ -312,12 +285,6 @@ impl<'a> Session<'a> {
             }
             _ => {}
         }
-        self.sync_attached(i)
-    }
-
-    /// Learns from the kernel whether socket `i` is still in the attached map.
-    pub fn sync_attached(&self, i: usize) -> Result<(), End> {
-        let s = &self.socks[i];
         let attached = self
             .maps
             .is_attached(s.cookie)
@@ -326,38 +293,10 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Ends a pause: socket `i` rejoins the attached map and the kick hands what queued
-    /// meanwhile to the verdict, in order. Also undoes a detach that completed after the
-    /// pause was already called off.
-    pub fn resume(&self, i: usize) -> Result<(), End> {
-        let j = 1 - i;
-        let s = &self.socks[i];
-        self.dirs[i].paused.store(false, Ordering::Relaxed);
-        let _ = self
-            .watcher
-            .want_writable(self.socks[j].fd, self.socks[j].cookie, false);
-        self.maps
-            .set_detach(s.cookie, false)
-            .map_err(|e| End::Session(SessionEnd::Error(s.side, e.to_string())))?;
-        self.sync_attached(i)?;
-        if self.attached(i) {
-            return Ok(());
-        }
-        match self.maps.insert_attached(s.cookie, s.fd) {
-            Ok(()) => {
-                self.mark(i, |m| m.attached = true);
-                sys::set_rcvlowat_one(s.fd).map_err(|e| io_end(s.side, &e, "kick after pause"))
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                Err(End::ClosedWhilePaused(i))
-            }
-            Err(e) => Err(io_end(s.side, &e, "rejoin the attached map")),
-        }
-    }
-
     /// Takes both sockets out of the attached map while bytes may still flow (the way
-    /// to userspace): through the sock_ops program, which only acts once the verdict has
-    /// seen every byte received; after [`DETACH_WAIT`] without that, from here.
+    /// to userspace). Only the sock_ops program can do that without racing the verdict
+    /// (see l4lb-ebpf); it acts once the verdict has seen every byte received. After
+    /// [`DETACH_WAIT`] without that, from here.
     pub async fn detach_flowing(&self) {
         let deadline = std::time::Instant::now() + DETACH_WAIT;
         for i in 0..2 {
@@ -493,13 +432,6 @@ impl<'a> Session<'a> {
                     check.reset();
                 }
                 Some(Event::Progress) => self.regulate(i, &mut check)?,
-                Some(Event::Detached) => {
-                    self.mark(i, |m| m.attached = false);
-                    if !self.paused(i) {
-                        // The pause was called off before the program acted.
-                        self.resume(i)?;
-                    }
-                }
                 Some(Event::Own(bits)) => {
                     if bits & libc::EPOLLERR as u32 != 0 {
                         if let Some(e) = sys::take_socket_error(self.socks[i].fd).ok().flatten() {
@@ -507,9 +439,6 @@ impl<'a> Session<'a> {
                         }
                     }
                     if bits & (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32 != 0 {
-                        if self.paused(i) {
-                            return Err(End::ClosedWhilePaused(i));
-                        }
                         self.finish(i).await?;
                         return Ok(());
                     }
@@ -519,9 +448,6 @@ impl<'a> Session<'a> {
                         if let Some(e) = sys::take_socket_error(self.socks[j].fd).ok().flatten() {
                             return Err(io_end(self.socks[j].side, &e, "peer socket error"));
                         }
-                    }
-                    if bits & libc::EPOLLOUT as u32 != 0 && self.paused(i) {
-                        self.regulate(i, &mut check)?;
                     }
                 }
                 None => {
