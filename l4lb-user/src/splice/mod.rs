@@ -1,14 +1,15 @@
-//! The kernel splice path (sockmap + SK_SKB verdict program): established TCP sessions
-//! whose bytes the kernel moves between the two sockets, with the daemon only watching
-//! for FIN, errors, held directions and idleness.
+//! The kernel splice path (sockmap + SK_SKB verdict program, and a sock_ops program that
+//! detaches sockets safely): established TCP sessions whose bytes the kernel moves
+//! between the two sockets, with the daemon only watching for FIN, errors, held
+//! directions, lag and idleness.
 //!
 //! Modules: `loader` (aya), `maps` and `sys` (syscalls), `watch` (private epoll),
 //! `session` (one session's life), `accounting` (where every byte is: held bytes,
-//! half-close, watchdog).
+//! half-close, the lag cap, watchdog).
 //!
-//! Not solved yet: backpressure. A redirect uncharges the bytes from the source socket,
-//! so its TCP window never closes and a slow reader lets the kernel queue what a fast
-//! sender pushes. See the module docs of `accounting` for what was measured.
+//! Backpressure: the kernel redirect has none, so a session whose peer lags by more
+//! than a cap moves to the userspace copy. See the module docs of `accounting` for what
+//! was measured, including why in-kernel pause/resume is not used.
 
 mod accounting;
 mod loader;
