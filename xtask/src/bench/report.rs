@@ -85,29 +85,24 @@ fn short_path(path: &str) -> &str {
 
 /// Medians (min–max) per contender: the table printed at the end and put in the README.
 pub fn results_table(r: &Results) -> String {
-    let rows: Vec<Vec<String>> = r
-        .meta
-        .contenders
-        .iter()
-        .map(|&who| {
-            std::iter::once(label(r, who))
-                .chain(columns(r).map(|c| cell(stat(r, who, c.workload, c.metric))))
-                .collect()
-        })
-        .collect();
-    table(&header(r, "contender"), &rows)
+    contender_table(r, |who, c| cell(stat(r, who, c.workload, c.metric)))
 }
 
 fn ratio_table(r: &Results, base: impl Fn(&summary::Column) -> Option<f64>) -> String {
+    contender_table(r, |who, c| {
+        ratio_to(r, who, c, base(c)).map_or_else(|| "n/a".into(), |x| format!("{x:.2}"))
+    })
+}
+
+/// One row per contender: its label, then `value` for each column.
+fn contender_table(r: &Results, value: impl Fn(Contender, &summary::Column) -> String) -> String {
     let rows: Vec<Vec<String>> = r
         .meta
         .contenders
         .iter()
         .map(|&who| {
             std::iter::once(label(r, who))
-                .chain(columns(r).map(|c| {
-                    ratio_to(r, who, c, base(c)).map_or_else(|| "n/a".into(), |x| format!("{x:.2}"))
-                }))
+                .chain(columns(r).map(|c| value(who, c)))
                 .collect()
         })
         .collect();
