@@ -25,6 +25,17 @@ pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
 /// [`Flow::flags`]: this direction passes skbs to its own socket for the daemon to
 /// forward, instead of redirecting them (a redirect failed).
 pub const FLOW_HELD: u64 = 1;
+/// [`Flow::flags`]: [`Flow::next_seq`] is set (from the socket's `copied_seq` at the
+/// first skb the verdict sees).
+pub const FLOW_SEQ: u64 = 2;
+
+/// Read-only global: `offsetof(struct sk_buff, sk)` on the running kernel (from BTF).
+pub const SKB_SK_OFF_GLOBAL: &str = "L4LB_SKB_SK_OFF";
+/// Read-only global: `offsetof(struct sk_buff, cb)`; TCP keeps a segment's sequence
+/// number in the first four bytes of `cb` (`TCP_SKB_CB(skb)->seq`).
+pub const SKB_CB_OFF_GLOBAL: &str = "L4LB_SKB_CB_OFF";
+/// Read-only global: `offsetof(struct tcp_sock, copied_seq)`.
+pub const TCP_COPIED_SEQ_OFF_GLOBAL: &str = "L4LB_TCP_COPIED_SEQ_OFF";
 
 /// One direction of a spliced session, keyed by the cookie of the socket that receives
 /// its bytes.
@@ -46,6 +57,11 @@ pub struct Flow {
     pub base: u64,
     /// `FLOW_*` bits.
     pub flags: u64,
+    /// TCP sequence number of the next byte the verdict has not seen (low 32 bits).
+    pub next_seq: u64,
+    /// Bytes cut from the head of skbs because they repeated bytes already seen (a
+    /// retransmission that partly overlaps, which TCP queues untrimmed).
+    pub trimmed: u64,
 }
 
 /// The daemon's side of one direction, keyed like [`Flow`].
@@ -56,15 +72,20 @@ pub struct FlowCtl {
     /// [`Flow::passed`], the program redirects again.
     pub forwarded: u64,
     /// Non-zero: the sock_ops program takes this socket out of [`ATTACHED_MAP`] at the
-    /// next chance that is safe.
+    /// next chance that is safe, and sends [`EVENT_DETACHED`].
     pub detach: u64,
 }
 
 /// [`Event::kind`]: the direction started holding.
 pub const EVENT_HELD: u64 = 1;
 /// [`Event::kind`]: the direction redirected another `1 << PROGRESS_SHIFT` bytes, so the
-/// daemon looks at how far the peer is behind (the lag cap).
+/// daemon looks at how far the peer is behind (backpressure).
 pub const EVENT_PROGRESS: u64 = 2;
+/// [`Event::kind`]: the verdict could not keep this direction's stream intact (it
+/// could not cut repeated bytes off an skb); the daemon resets the session.
+pub const EVENT_BROKEN: u64 = 3;
+/// [`Event::kind`]: the socket left [`ATTACHED_MAP`] as [`FlowCtl::detach`] asked.
+pub const EVENT_DETACHED: u64 = 4;
 /// log2 of the bytes between two [`EVENT_PROGRESS`] events of one direction (1 MiB).
 pub const PROGRESS_SHIFT: u32 = 20;
 

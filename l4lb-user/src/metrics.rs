@@ -19,16 +19,20 @@ pub enum CopyReason {
     /// A peer fell so far behind that the kernel would queue more than the lag cap for
     /// it; the userspace copy has TCP's own backpressure.
     Lagging,
+    /// A paused source closed: it cannot rejoin the attached map, so what it still
+    /// holds is read here.
+    ClosedWhilePaused,
 }
 
 impl CopyReason {
-    pub const ALL: [CopyReason; 6] = [
+    pub const ALL: [CopyReason; 7] = [
         CopyReason::SpliceOff,
         CopyReason::RateLimited,
         CopyReason::KernelUnavailable,
         CopyReason::InsertFailed,
         CopyReason::Watchdog,
         CopyReason::Lagging,
+        CopyReason::ClosedWhilePaused,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -39,6 +43,7 @@ impl CopyReason {
             CopyReason::InsertFailed => "insert_failed",
             CopyReason::Watchdog => "watchdog",
             CopyReason::Lagging => "lagging",
+            CopyReason::ClosedWhilePaused => "closed_while_paused",
         }
     }
 }

@@ -6,18 +6,20 @@
 //!
 //! Backpressure: a redirect uncharges the bytes from the source socket, so its TCP
 //! window never closes, and the kernel queues for a slow peer whatever a fast sender
-//! pushes. The program reports every MiB redirected; once the redirected bytes not yet
-//! in the peer's send queue exceed [`LAG_CAP`], the session leaves the kernel for the
-//! userspace copy, which stops reading when the peer stops. Pausing in the kernel
-//! instead (the source leaves the attached map until the peer catches up, then rejoins)
-//! bounded the queue, but on 6.18 it made corruption likely: the window closing and
-//! reopening brings retransmissions that overlap bytes already received, and the
-//! verdict path (`tcp_read_skb`) hands such skbs on whole, duplicating the overlap
-//! (one 65,483-byte segment in about one 2 GiB run in five). Two simpler designs fail
-//! outright: passing skbs to the source socket does not close its window, and removing
-//! the socket from the attached map from userspace drops the skbs the kernel is handing
-//! to the verdict at that moment. Leaving the kernel goes through the sock_ops program,
-//! which detaches under the socket lock.
+//! pushes. So the program reports every MiB redirected, and when the redirected bytes
+//! not yet in the peer's send queue exceed [`PAUSE_ABOVE`], the source socket leaves the
+//! attached map: later bytes stay in its receive queue, charged to it, and its window
+//! closes. Once the peer is down to [`RESUME_BELOW`] (looked at whenever it has room to
+//! write), the socket rejoins and the kick hands the queued bytes to the verdict in order.
+//! No byte goes through userspace for this. The window closing and reopening brings
+//! retransmissions that overlap bytes already received; the verdict cuts those (see
+//! l4lb-ebpf), or every pause would risk doubling a segment. Should a pause fail to hold
+//! the peer's lag (the source never leaves the map), [`LAG_CAP`] sends the session to
+//! the userspace copy. Two simpler designs fail outright on 6.18: passing skbs to the
+//! source socket does not close its window (they queue uncharged behind the other
+//! direction's redirects), and removing the socket from the attached map from userspace
+//! drops the skbs the kernel is handing to the verdict at that moment; so the sock_ops
+//! program detaches, under the socket lock.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -42,9 +44,17 @@ const MAX_POLL: Duration = Duration::from_millis(20);
 const MIN_CHECK: Duration = Duration::from_millis(20);
 const ACTIVE_CHECK: Duration = Duration::from_millis(500);
 const MAX_CHECK: Duration = Duration::from_secs(4);
-/// Redirected bytes a peer may lag behind before the session leaves the kernel. With
-/// the peer's send queue (at most net.ipv4.tcp_wmem's maximum) this bounds the kernel
-/// memory of one direction. High enough that a reader keeping up stays in the kernel.
+/// A paused direction is looked at when its peer has room to write, and at least this
+/// often (the peer may drain below [`RESUME_BELOW`] without ever having room).
+const PAUSED_CHECK: Duration = Duration::from_millis(5);
+/// Redirected bytes waiting for the peer's send queue above which the source pauses.
+/// Progress events come every MiB, so the lag seen can be up to a MiB past it.
+pub const PAUSE_ABOVE: u64 = 4 << 20;
+/// ... and at or below which it resumes: enough left to keep the peer busy while the
+/// source's queued bytes come through.
+pub const RESUME_BELOW: u64 = 1 << 20;
+/// The failsafe: a peer lagging this far means pausing did not hold, and the session
+/// leaves the kernel for the userspace copy.
 pub const LAG_CAP: u64 = 64 << 20;
 
 /// Bytes redirected in direction `flow` that have not reached the peer's send queue.
@@ -149,7 +159,8 @@ impl Session<'_> {
         Ok(p)
     }
 
-    /// Direction `i`'s lag against [`LAG_CAP`]; also the watchdog's sample.
+    /// Backpressure for direction `i`: pauses it when its peer lags by more than
+    /// [`PAUSE_ABOVE`], resumes it at [`RESUME_BELOW`]. Also the watchdog's sample.
     pub(super) fn regulate(&self, i: usize, check: &mut Check) -> Result<(), End> {
         let j = 1 - i;
         let f = self.flow(i)?;
@@ -167,22 +178,37 @@ impl Session<'_> {
         }
         check.last_redirected = f.redirected;
         check.last_backlog = lag;
-        check.interval = ACTIVE_CHECK;
+        if self.paused(i) {
+            if lag <= RESUME_BELOW {
+                debug!(from = %self.socks[i].side, lag, "backpressure: resume");
+                self.resume(i)?;
+            }
+        } else if lag > PAUSE_ABOVE && self.attached(i) {
+            debug!(from = %self.socks[i].side, lag, outq = p.outq, "backpressure: pause");
+            self.pause(i)?;
+        }
+        check.interval = if self.paused(i) {
+            PAUSED_CHECK
+        } else {
+            ACTIVE_CHECK
+        };
         Ok(())
     }
 
-    /// A periodic look at a running direction: a hold whose event was lost, the lag, or a
-    /// stall.
+    /// A periodic look at a running direction: a hold whose event was lost, a pause to
+    /// end, the lag, or a stall.
     pub(super) async fn tick(&self, i: usize, check: &mut Check) -> Result<(), End> {
-        let f = self.flow(i)?;
-        if f.passed > self.dirs[i].read() {
-            self.relieve(i).await?;
-            check.reset();
-            return Ok(());
-        }
-        if f.redirected == check.last_redirected && check.last_backlog == 0 {
-            check.interval = (check.interval * 2).min(MAX_CHECK);
-            return Ok(());
+        if !self.paused(i) {
+            let f = self.flow(i)?;
+            if f.passed > self.dirs[i].read() {
+                self.relieve(i).await?;
+                check.reset();
+                return Ok(());
+            }
+            if f.redirected == check.last_redirected && check.last_backlog == 0 {
+                check.interval = (check.interval * 2).min(MAX_CHECK);
+                return Ok(());
+            }
         }
         self.regulate(i, check)
     }

@@ -1,4 +1,5 @@
-//! Loads the embedded eBPF object with aya, sets its read-only globals, attaches the
+//! Loads the embedded eBPF object with aya, sets its read-only globals (log level,
+//! kernel structure offsets), attaches the
 //! verdict program and hands out the maps.
 
 use anyhow::Context;
@@ -7,7 +8,8 @@ use aya::maps::{Map, MapData, MapFd, RingBuf};
 use aya::programs::{CgroupAttachMode, SkSkb, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use l4lb_ebpf::{
-    ATTACHED_MAP, CTL_MAP, EVENTS_MAP, FLOWS_MAP, SOCKOPS_PROG, TARGETS_MAP, VERDICT_PROG,
+    ATTACHED_MAP, CTL_MAP, EVENTS_MAP, FLOWS_MAP, SKB_CB_OFF_GLOBAL, SKB_SK_OFF_GLOBAL,
+    SOCKOPS_PROG, TARGETS_MAP, TCP_COPIED_SEQ_OFF_GLOBAL, VERDICT_PROG,
 };
 
 /// The verdict program, built by build.rs for bpfel-unknown-none.
@@ -45,8 +47,12 @@ fn data(map: Map, name: &str) -> anyhow::Result<MapData> {
 }
 
 pub fn load(params: &Params) -> anyhow::Result<Loaded> {
+    let offsets = super::offsets::from_kernel()?;
     let mut ebpf = EbpfLoader::new()
         .override_global(aya_log::LEVEL, &params.log_level, false)
+        .override_global(SKB_SK_OFF_GLOBAL, &offsets.skb_sk, true)
+        .override_global(SKB_CB_OFF_GLOBAL, &offsets.skb_cb, true)
+        .override_global(TCP_COPIED_SEQ_OFF_GLOBAL, &offsets.tcp_copied_seq, true)
         .map_max_entries(FLOWS_MAP, params.max_sockets)
         .map_max_entries(CTL_MAP, params.max_sockets)
         .map_max_entries(TARGETS_MAP, params.max_sockets)

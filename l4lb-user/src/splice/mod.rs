@@ -14,6 +14,7 @@
 mod accounting;
 mod loader;
 mod maps;
+mod offsets;
 mod session;
 mod sys;
 mod watch;
@@ -63,7 +64,11 @@ struct Stats {
     active: AtomicU64,
     /// Sessions moved to userspace because a peer lagged past the cap.
     lagging: AtomicU64,
+    /// Backpressure pauses (a source left the attached map while its peer caught up).
+    pauses: AtomicU64,
     holds: AtomicU64,
+    /// Bytes the verdict cut off skbs because they repeated bytes already seen.
+    trimmed: AtomicU64,
     watchdog: AtomicU64,
     insert_failed: AtomicU64,
 }
@@ -71,7 +76,9 @@ struct Stats {
 static STATS: Stats = Stats {
     active: AtomicU64::new(0),
     lagging: AtomicU64::new(0),
+    pauses: AtomicU64::new(0),
     holds: AtomicU64::new(0),
+    trimmed: AtomicU64::new(0),
     watchdog: AtomicU64::new(0),
     insert_failed: AtomicU64::new(0),
 };
@@ -201,6 +208,10 @@ impl Splicer {
                 ));
                 leave(session, i, CopyReason::Lagging, why, limits, transfer).await
             }
+            End::ClosedWhilePaused(i) => {
+                let why = io::Error::from_raw_os_error(libc::EOPNOTSUPP);
+                leave(session, i, CopyReason::ClosedWhilePaused, why, limits, transfer).await
+            }
         }
     }
 }
@@ -236,6 +247,9 @@ fn kernel_end(session: &Session<'_>, end: End, path: Path) -> SpliceOutcome {
         End::Session(e) => e,
         End::Stall(i) => SessionEnd::Error(session.socks[i].side, "stalled in the kernel".into()),
         End::Lagging(i) => SessionEnd::Error(session.socks[1 - i].side, "lagging".into()),
+        End::ClosedWhilePaused(i) => {
+            SessionEnd::Error(session.socks[i].side, "closed while paused".into())
+        }
     };
     SpliceOutcome {
         end,
@@ -255,7 +269,8 @@ async fn fallback(
     already_userspace: u64,
 ) -> SpliceOutcome {
     if why.raw_os_error() == Some(libc::EOPNOTSUPP) {
-        // Expected for a client that sent its data and FIN at once.
+        // Expected for a client that sent its data and FIN at once, and for a source
+        // that closed while backpressure held it.
         info!(reason = reason.as_str(), error = %why, "socket no longer established; copying in userspace");
     } else {
         warn!(reason = reason.as_str(), error = %why, "session leaves the kernel path; copying in userspace");
@@ -289,7 +304,9 @@ fn spawn_stats_on_sigusr1(maps: Arc<Maps>, watcher: Arc<Watcher>) -> anyhow::Res
                     attached = c.attached,
                     watched = watcher.routes_len(),
                     lagging = STATS.lagging.load(Ordering::Relaxed),
+                    pauses = STATS.pauses.load(Ordering::Relaxed),
                     holds = STATS.holds.load(Ordering::Relaxed),
+                    trimmed = STATS.trimmed.load(Ordering::Relaxed),
                     watchdog = STATS.watchdog.load(Ordering::Relaxed),
                     insert_failed = STATS.insert_failed.load(Ordering::Relaxed),
                     bytes_spliced = METRICS.bytes_spliced.load(Ordering::Relaxed),

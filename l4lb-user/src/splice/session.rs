@@ -31,6 +31,10 @@ pub enum End {
     /// The peer of direction `.0` lags by more than the cap: the session leaves the
     /// kernel for the userspace copy, whose reads stop when the peer stops.
     Lagging(usize),
+    /// The source of direction `.0` closed while paused: it cannot rejoin the attached
+    /// map (only established sockets can), and a socket out of it but still in a
+    /// sockmap cannot be read from userspace, so the session leaves the kernel.
+    ClosedWhilePaused(usize),
 }
 
 /// An I/O error that ends the session, logged with where it happened.
@@ -117,6 +121,8 @@ pub struct Dir {
     pub pending: Mutex<Vec<u8>>,
     /// The FIN was passed on.
     pub finished: AtomicBool,
+    /// The source is out of the attached map because the peer lags (backpressure).
+    pub paused: AtomicBool,
 }
 
 impl Dir {
@@ -270,6 +276,63 @@ impl<'a> Session<'a> {
         self.inserted(i).attached
     }
 
+    pub fn paused(&self, i: usize) -> bool {
+        self.dirs[i].paused.load(Ordering::Relaxed)
+    }
+
+    /// Backpressure: asks for socket `i` to leave the attached map, so what arrives from
+    /// then on stays in its receive queue, charged to it, and its TCP window closes.
+    /// [`Event::Detached`] confirms; the peer is watched for room to write.
+    pub fn pause(&self, i: usize) -> Result<(), End> {
+        let j = 1 - i;
+        self.dirs[i].paused.store(true, Ordering::Relaxed);
+        STATS.pauses.fetch_add(1, Ordering::Relaxed);
+        self.request_detach(i)?;
+        self.watcher
+            .want_writable(self.socks[j].fd, self.socks[j].cookie, true)
+            .map_err(|e| io_end(self.socks[j].side, &e, "watch peer for room"))
+    }
+
+    /// Ends a pause: socket `i` rejoins the attached map and the kick hands what queued
+    /// meanwhile to the verdict, in order (it cuts what retransmissions repeat). Also
+    /// undoes a detach that completed after the pause was already called off.
+    pub fn resume(&self, i: usize) -> Result<(), End> {
+        let j = 1 - i;
+        let s = &self.socks[i];
+        self.dirs[i].paused.store(false, Ordering::Relaxed);
+        let _ = self
+            .watcher
+            .want_writable(self.socks[j].fd, self.socks[j].cookie, false);
+        self.maps
+            .set_detach(s.cookie, false)
+            .map_err(|e| End::Session(SessionEnd::Error(s.side, e.to_string())))?;
+        self.sync_attached(i)?;
+        if self.attached(i) {
+            return Ok(());
+        }
+        match self.maps.insert_attached(s.cookie, s.fd) {
+            Ok(()) => {
+                self.mark(i, |m| m.attached = true);
+                sys::set_rcvlowat_one(s.fd).map_err(|e| io_end(s.side, &e, "kick after pause"))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                Err(End::ClosedWhilePaused(i))
+            }
+            Err(e) => Err(io_end(s.side, &e, "rejoin the attached map")),
+        }
+    }
+
+    /// Learns from the kernel whether socket `i` is still in the attached map.
+    fn sync_attached(&self, i: usize) -> Result<(), End> {
+        let s = &self.socks[i];
+        let attached = self
+            .maps
+            .is_attached(s.cookie)
+            .map_err(|e| End::Session(SessionEnd::Error(s.side, e.to_string())))?;
+        self.mark(i, |m| m.attached = attached);
+        Ok(())
+    }
+
     /// Sets the detach request of socket `i` and gives the program a chance to act on it
     /// at once: a zero-length send runs it under the socket lock.
     fn request_detach(&self, i: usize) -> Result<(), End> {
@@ -285,12 +348,7 @@ impl<'a> Session<'a> {
             }
             _ => {}
         }
-        let attached = self
-            .maps
-            .is_attached(s.cookie)
-            .map_err(|e| End::Session(SessionEnd::Error(s.side, e.to_string())))?;
-        self.mark(i, |m| m.attached = attached);
-        Ok(())
+        self.sync_attached(i)
     }
 
     /// Takes both sockets out of the attached map while bytes may still flow (the way
@@ -334,6 +392,7 @@ impl<'a> Session<'a> {
             if ins.state {
                 if let Ok(f) = self.maps.flow(s.cookie) {
                     STATS.holds.fetch_add(f.holds, Ordering::Relaxed);
+                    STATS.trimmed.fetch_add(f.trimmed, Ordering::Relaxed);
                 }
                 if let Err(e) = self.maps.remove_state(s.cookie) {
                     warn!(error = %e, "cannot remove a flow from the kernel map");
@@ -432,6 +491,20 @@ impl<'a> Session<'a> {
                     check.reset();
                 }
                 Some(Event::Progress) => self.regulate(i, &mut check)?,
+                Some(Event::Detached) => {
+                    self.mark(i, |m| m.attached = false);
+                    if !self.paused(i) {
+                        // The pause was called off before the program acted.
+                        self.resume(i)?;
+                    }
+                }
+                Some(Event::Broken) => {
+                    return Err(SessionEnd::Error(
+                        self.socks[i].side,
+                        "the kernel could not keep the byte stream intact".into(),
+                    )
+                    .into())
+                }
                 Some(Event::Own(bits)) => {
                     if bits & libc::EPOLLERR as u32 != 0 {
                         if let Some(e) = sys::take_socket_error(self.socks[i].fd).ok().flatten() {
@@ -439,6 +512,9 @@ impl<'a> Session<'a> {
                         }
                     }
                     if bits & (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32 != 0 {
+                        if self.paused(i) || !self.attached(i) {
+                            return Err(End::ClosedWhilePaused(i));
+                        }
                         self.finish(i).await?;
                         return Ok(());
                     }
@@ -448,6 +524,9 @@ impl<'a> Session<'a> {
                         if let Some(e) = sys::take_socket_error(self.socks[j].fd).ok().flatten() {
                             return Err(io_end(self.socks[j].side, &e, "peer socket error"));
                         }
+                    }
+                    if bits & libc::EPOLLOUT as u32 != 0 && self.paused(i) {
+                        self.regulate(i, &mut check)?;
                     }
                 }
                 None => {

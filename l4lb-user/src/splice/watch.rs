@@ -1,7 +1,7 @@
-//! The private epoll that watches spliced sockets for FIN (EPOLLRDHUP) and errors only.
-//! Spliced sockets must stay out of tokio's reactor: every redirected skb wakes EPOLLIN
-//! waiters, and the kernel filters those wakeups cheaply for an epoll that never asked
-//! for EPOLLIN. The same epoll carries the program's event ring and the eBPF log ring; one
+//! The private epoll that watches spliced sockets for FIN (EPOLLRDHUP) and errors, and for
+//! room to write (EPOLLOUT) only while a direction towards them is paused. Spliced sockets
+//! must stay out of tokio's reactor: every redirected skb wakes EPOLLIN waiters, and the
+//! kernel filters those wakeups cheaply for an epoll that never asked for EPOLLIN. The same epoll carries the program's event ring and the eBPF log ring; one
 //! tokio task drains it and routes each event to its session.
 
 use std::collections::HashMap;
@@ -10,7 +10,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use aya::maps::{MapData, RingBuf};
-use l4lb_ebpf::{Event as RingEvent, EVENT_HELD, EVENT_PROGRESS};
+use l4lb_ebpf::{
+    Event as RingEvent, EVENT_BROKEN, EVENT_DETACHED, EVENT_HELD, EVENT_PROGRESS,
+};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::mpsc::UnboundedSender;
@@ -22,7 +24,7 @@ const TOKEN_LOG: u64 = u64::MAX - 1;
 
 /// What every watched socket is watched for. Edge-triggered: FIN and errors are state
 /// changes.
-const INTEREST: u32 = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+const BASE_INTEREST: u32 = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
 
 /// Something a session must look at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +37,10 @@ pub enum Event {
     Held,
     /// The program redirected another MiB in this direction.
     Progress,
+    /// The program could not keep this direction's stream intact.
+    Broken,
+    /// The source left the attached map, as the direction asked.
+    Detached,
 }
 
 /// Where a socket's events go: the direction reading from it and the one writing to it.
@@ -84,12 +90,23 @@ impl Watcher {
             self.epoll.as_raw_fd(),
             libc::EPOLL_CTL_ADD,
             fd,
-            INTEREST,
+            BASE_INTEREST,
             cookie,
         )
         .inspect_err(|_| {
             self.routes().remove(&cookie);
         })
+    }
+
+    /// Adds or drops EPOLLOUT for a watched socket. Adding reports at once if there is
+    /// room already (epoll polls the socket on modify).
+    pub fn want_writable(&self, fd: RawFd, cookie: u64, on: bool) -> io::Result<()> {
+        let events = if on {
+            BASE_INTEREST | libc::EPOLLOUT as u32
+        } else {
+            BASE_INTEREST
+        };
+        epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_MOD, fd, events, cookie)
     }
 
     pub fn remove(&self, fd: RawFd, cookie: u64) {
@@ -113,6 +130,8 @@ impl Watcher {
         let event = match ev.kind {
             EVENT_HELD => Event::Held,
             EVENT_PROGRESS => Event::Progress,
+            EVENT_BROKEN => Event::Broken,
+            EVENT_DETACHED => Event::Detached,
             _ => return,
         };
         if let Some(r) = self.routes().get(&ev.cookie) {
