@@ -53,6 +53,11 @@ pub const PAUSE_ABOVE: u64 = 4 << 20;
 /// ... and at or below which it resumes: enough left to keep the peer busy while the
 /// source's queued bytes come through.
 pub const RESUME_BELOW: u64 = 1 << 20;
+/// `SO_RCVBUF` of spliced sockets: a paused source queues at most about this much (the
+/// kernel doubles it for overhead), and the window it offers stays below it. 4 MiB keeps
+/// loopback and LAN sessions at full speed; a path with 50 ms round trips would be
+/// window-bound at about 600 Mbit/s.
+pub const SPLICE_RCVBUF: usize = 4 << 20;
 /// The failsafe: a peer lagging this far means pausing did not hold, and the session
 /// leaves the kernel for the userspace copy.
 pub const LAG_CAP: u64 = 64 << 20;
@@ -183,7 +188,10 @@ impl Session<'_> {
                 debug!(from = %self.socks[i].side, lag, "backpressure: resume");
                 self.resume(i)?;
             }
-        } else if lag > PAUSE_ABOVE && self.attached(i) {
+        } else if lag > PAUSE_ABOVE
+            && self.attached(i)
+            && !self.dirs[i].no_pause.load(Ordering::Relaxed)
+        {
             debug!(from = %self.socks[i].side, lag, outq = p.outq, "backpressure: pause");
             self.pause(i)?;
         }
@@ -360,6 +368,7 @@ impl Session<'_> {
     pub(super) async fn finish(&self, i: usize) -> Result<(), End> {
         let j = 1 - i;
         let started = Instant::now();
+        let mut last_read = started;
         let mut delay = FIRST_POLL;
         let mut ready = Readiness::default();
         loop {
@@ -379,7 +388,12 @@ impl Session<'_> {
                     self.flush_pending(i, &mut ready).await?;
                     if self.read_some(i)?.unwrap_or(0) > 0 {
                         delay = FIRST_POLL;
+                        last_read = Instant::now();
                         continue;
+                    }
+                    if last_read.elapsed() > STALL_AFTER {
+                        // A paused source that closed: its bytes could not be read.
+                        return Err(End::ClosedWhilePaused(i));
                     }
                 } else if started.elapsed() > STALL_AFTER {
                     // The verdict never ran on the last bytes.
@@ -402,6 +416,16 @@ impl Session<'_> {
             {
                 break;
             }
+        }
+        // Once shut down for writing, the peer could not rejoin the attached map after a
+        // pause of its own: let a pause end first (bounded, as a peer that never resumes
+        // only costs the userspace fallback).
+        self.dirs[j].no_pause.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + STALL_AFTER;
+        let mut delay = FIRST_POLL;
+        while self.paused(j) && Instant::now() < deadline {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(MAX_POLL);
         }
         sys::shutdown_write(self.socks[j].fd)
             .map_err(|e| io_end(self.socks[j].side, &e, "shutdown peer"))?;

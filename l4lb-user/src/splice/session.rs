@@ -31,9 +31,10 @@ pub enum End {
     /// The peer of direction `.0` lags by more than the cap: the session leaves the
     /// kernel for the userspace copy, whose reads stop when the peer stops.
     Lagging(usize),
-    /// The source of direction `.0` closed while paused: it cannot rejoin the attached
-    /// map (only established sockets can), and a socket out of it but still in a
-    /// sockmap cannot be read from userspace, so the session leaves the kernel.
+    /// The source of direction `.0` cannot rejoin the attached map after a pause (it is
+    /// no longer established: its write side was shut down), or it closed while paused
+    /// and reading what it holds from userspace made no progress: the session leaves the
+    /// kernel.
     ClosedWhilePaused(usize),
 }
 
@@ -123,6 +124,10 @@ pub struct Dir {
     pub finished: AtomicBool,
     /// The source is out of the attached map because the peer lags (backpressure).
     pub paused: AtomicBool,
+    /// The source is about to have its write side shut down (the other direction's FIN
+    /// is passed on), after which it could not rejoin the attached map (only
+    /// established sockets can): it must not pause any more. The lag cap still holds.
+    pub no_pause: AtomicBool,
 }
 
 impl Dir {
@@ -200,6 +205,12 @@ impl<'a> Session<'a> {
         let (tx0, rx0) = mpsc::unbounded_channel();
         let (tx1, rx1) = mpsc::unbounded_channel();
         let [a, b] = &self.socks;
+        for s in &self.socks {
+            // What a paused source queues, and hands to the verdict in one burst when it
+            // resumes, is its receive buffer: cap it (autotuning would grow it to
+            // net.ipv4.tcp_rmem's maximum).
+            sys::set_rcvbuf(s.fd, super::accounting::SPLICE_RCVBUF).map_err(plain)?;
+        }
         self.maps
             .create_flow(a.cookie, b.cookie, a.consumed0)
             .map_err(plain)?;
@@ -293,6 +304,16 @@ impl<'a> Session<'a> {
             .map_err(|e| io_end(self.socks[j].side, &e, "watch peer for room"))
     }
 
+    /// Calls off a pause for good (the source closed): what it still holds is read here.
+    pub fn end_pause(&self, i: usize) {
+        let j = 1 - i;
+        if self.dirs[i].paused.swap(false, Ordering::Relaxed) {
+            let _ = self
+                .watcher
+                .want_writable(self.socks[j].fd, self.socks[j].cookie, false);
+        }
+    }
+
     /// Ends a pause: socket `i` rejoins the attached map and the kick hands what queued
     /// meanwhile to the verdict, in order (it cuts what retransmissions repeat). Also
     /// undoes a detach that completed after the pause was already called off.
@@ -316,7 +337,14 @@ impl<'a> Session<'a> {
                 sys::set_rcvlowat_one(s.fd).map_err(|e| io_end(s.side, &e, "kick after pause"))
             }
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                Err(End::ClosedWhilePaused(i))
+                if self.dirs[j].finished.load(Ordering::Relaxed) {
+                    // Its write side was shut down (half-close passed on) meanwhile.
+                    return Err(End::ClosedWhilePaused(i));
+                }
+                // The source sent its FIN (or was reset) while paused: its EPOLLRDHUP
+                // (or error) follows, and the rest is read here.
+                debug!(side = %s.side, "paused source closed; it stays out of the kernel");
+                Ok(())
             }
             Err(e) => Err(io_end(s.side, &e, "rejoin the attached map")),
         }
@@ -493,7 +521,7 @@ impl<'a> Session<'a> {
                 Some(Event::Progress) => self.regulate(i, &mut check)?,
                 Some(Event::Detached) => {
                     self.mark(i, |m| m.attached = false);
-                    if !self.paused(i) {
+                    if !self.paused(i) && !self.dirs[i].finished.load(Ordering::Relaxed) {
                         // The pause was called off before the program acted.
                         self.resume(i)?;
                     }
@@ -512,9 +540,7 @@ impl<'a> Session<'a> {
                         }
                     }
                     if bits & (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32 != 0 {
-                        if self.paused(i) || !self.attached(i) {
-                            return Err(End::ClosedWhilePaused(i));
-                        }
+                        self.end_pause(i);
                         self.finish(i).await?;
                         return Ok(());
                     }

@@ -175,6 +175,17 @@ pub fn set_rcvlowat_one(fd: RawFd) -> io::Result<()> {
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
 }
 
+/// Fixes the receive buffer at `bytes` (the kernel doubles it for overhead), which also
+/// stops its autotuning and so caps the TCP window the socket offers.
+pub fn set_rcvbuf(fd: RawFd, bytes: usize) -> io::Result<()> {
+    setsockopt_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUF,
+        libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX),
+    )
+}
+
 /// Re-sets `SO_SNDBUF` to its current size: the kernel calls the socket's write-space
 /// callback, which reschedules a stalled sockmap redirect worker.
 pub fn kick_write_space(fd: RawFd) -> io::Result<()> {
