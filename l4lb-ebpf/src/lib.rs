@@ -36,6 +36,19 @@ pub const SKB_SK_OFF_GLOBAL: &str = "L4LB_SKB_SK_OFF";
 pub const SKB_CB_OFF_GLOBAL: &str = "L4LB_SKB_CB_OFF";
 /// Read-only global: `offsetof(struct tcp_sock, copied_seq)`.
 pub const TCP_COPIED_SEQ_OFF_GLOBAL: &str = "L4LB_TCP_COPIED_SEQ_OFF";
+/// Read-only global: `offsetof(struct tcp_sock, bytes_acked)`.
+pub const TCP_BYTES_ACKED_OFF_GLOBAL: &str = "L4LB_TCP_BYTES_ACKED_OFF";
+/// Read-only global: `offsetof(struct tcp_sock, write_seq)`.
+pub const TCP_WRITE_SEQ_OFF_GLOBAL: &str = "L4LB_TCP_WRITE_SEQ_OFF";
+/// Read-only global: `offsetof(struct tcp_sock, snd_una)`.
+pub const TCP_SND_UNA_OFF_GLOBAL: &str = "L4LB_TCP_SND_UNA_OFF";
+
+/// Backpressure: redirected bytes not yet in the peer's send queue above which the
+/// verdict asks for its socket to pause (leave the attached map, so its window closes).
+pub const PAUSE_ABOVE: u64 = 4 << 20;
+/// log2 of the bytes between two looks of the verdict at the peer (256 KiB): how far
+/// the lag may pass [`PAUSE_ABOVE`] before a pause is asked for.
+pub const PAUSE_CHECK_SHIFT: u32 = 18;
 
 /// One direction of a spliced session, keyed by the cookie of the socket that receives
 /// its bytes.
@@ -62,6 +75,9 @@ pub struct Flow {
     /// Bytes cut from the head of skbs because they repeated bytes already seen (a
     /// retransmission that partly overlaps, which TCP queues untrimmed).
     pub trimmed: u64,
+    /// Pauses the verdict asked for; the socket is paused while this exceeds
+    /// [`FlowCtl::resumes`].
+    pub pauses: u64,
 }
 
 /// The daemon's side of one direction, keyed like [`Flow`].
@@ -74,6 +90,14 @@ pub struct FlowCtl {
     /// Non-zero: the sock_ops program takes this socket out of [`ATTACHED_MAP`] at the
     /// next chance that is safe, and sends [`EVENT_DETACHED`].
     pub detach: u64,
+    /// The peer's `bytes_acked + (write_seq - snd_una)` at insert: the peer's growth past
+    /// it, less [`FlowCtl::forwarded`], is what it took of the redirected bytes.
+    pub peer_queued0: u64,
+    /// Pauses the daemon has ended (it sets this to [`Flow::pauses`] on resume).
+    pub resumes: u64,
+    /// Non-zero: do not pause any more (the socket's write side is about to be shut
+    /// down, after which it could not rejoin the attached map).
+    pub no_pause: u64,
 }
 
 /// [`Event::kind`]: the direction started holding.
@@ -84,8 +108,11 @@ pub const EVENT_PROGRESS: u64 = 2;
 /// [`Event::kind`]: the verdict could not keep this direction's stream intact (it
 /// could not cut repeated bytes off an skb); the daemon resets the session.
 pub const EVENT_BROKEN: u64 = 3;
-/// [`Event::kind`]: the socket left [`ATTACHED_MAP`] as [`FlowCtl::detach`] asked.
+/// [`Event::kind`]: the socket left [`ATTACHED_MAP`] as [`FlowCtl::detach`] or a pause
+/// asked.
 pub const EVENT_DETACHED: u64 = 4;
+/// [`Event::kind`]: the verdict asked for a pause (the peer lags past [`PAUSE_ABOVE`]).
+pub const EVENT_PAUSED: u64 = 5;
 /// log2 of the bytes between two [`EVENT_PROGRESS`] events of one direction (1 MiB).
 pub const PROGRESS_SHIFT: u32 = 20;
 

@@ -1,6 +1,9 @@
 //! The stream verdict: every non-empty skb arriving on a spliced socket is redirected to
-//! the egress of its peer, and every MiB redirected the daemon is told so it can check how
-//! far the peer lags (see `l4lb-user/src/splice/accounting.rs`). Should a redirect fail
+//! the egress of its peer. Every 256 KiB it looks at how many of the redirected bytes
+//! the peer has taken into its send queue, and past [`PAUSE_ABOVE`] it asks for a pause:
+//! the sock_ops program below takes the socket out of the attached map, its window
+//! closes, and the daemon lets it rejoin once the peer caught up (see
+//! `l4lb-user/src/splice/accounting.rs`). Every MiB redirected the daemon is told too. Should a redirect fail
 //! (the peer left the redirect map), the direction holds: skbs are passed to the socket
 //! itself, the daemon is told on the ring buffer and forwards them, and redirecting
 //! resumes once it has, so the byte order holds.
@@ -23,8 +26,9 @@ use aya_ebpf::bindings::{
     BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
 };
 use aya_ebpf::helpers::{
-    bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_delete_elem, bpf_probe_read_kernel,
-    bpf_sk_redirect_hash, bpf_skb_adjust_room,
+    bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_delete_elem, bpf_map_lookup_elem,
+    bpf_probe_read_kernel, bpf_sk_redirect_hash, bpf_sk_release, bpf_skb_adjust_room,
+    bpf_skc_to_tcp_sock,
 };
 use aya_ebpf::macros::{map, sock_ops, stream_verdict};
 use aya_ebpf::maps::{HashMap, RingBuf};
@@ -33,8 +37,8 @@ use aya_ebpf::EbpfContext;
 use aya_log_ebpf::{error, warn};
 use l4lb_ebpf::{
     Event, Flow, FlowCtl, DEFAULT_MAX_SOCKETS, EVENT_BROKEN, EVENT_DETACHED, EVENT_HELD,
-    EVENT_PROGRESS,
-    FLOW_HELD, FLOW_SEQ, PROGRESS_SHIFT,
+    EVENT_PAUSED, EVENT_PROGRESS, FLOW_HELD, FLOW_SEQ, PAUSE_ABOVE, PAUSE_CHECK_SHIFT,
+    PROGRESS_SHIFT,
 };
 
 // Kernel structure offsets, set by the daemon from the running kernel's BTF at load
@@ -45,6 +49,12 @@ static L4LB_SKB_SK_OFF: u32 = 0;
 static L4LB_SKB_CB_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 static L4LB_TCP_COPIED_SEQ_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static L4LB_TCP_BYTES_ACKED_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static L4LB_TCP_WRITE_SEQ_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static L4LB_TCP_SND_UNA_OFF: u32 = 0;
 
 /// `bpf_skb_adjust_room` cuts at most this much per call.
 const TRIM_STEP: u32 = 0xfff;
@@ -126,7 +136,10 @@ pub fn l4lb_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: no preconditions.
     flow.last_ns = unsafe { bpf_ktime_get_ns() };
     // SAFETY: a live entry of a hash map, only read.
-    let forwarded = unsafe { L4LB_CTL.get(&cookie) }.map_or(0, |c| c.forwarded);
+    let ctl = unsafe { L4LB_CTL.get(&cookie) }
+        .copied()
+        .unwrap_or_default();
+    let forwarded = ctl.forwarded;
     if flow.flags & FLOW_HELD != 0 {
         if forwarded < flow.passed {
             // Passed bytes wait in this socket for the daemon: keep the order.
@@ -150,10 +163,53 @@ pub fn l4lb_verdict(ctx: SkBuffContext) -> u32 {
     }
     let before = flow.redirected;
     add(&mut flow.redirected, len);
-    if before >> PROGRESS_SHIFT != (before + u64::from(len)) >> PROGRESS_SHIFT {
+    let after = before + u64::from(len);
+    if before >> PROGRESS_SHIFT != after >> PROGRESS_SHIFT {
         emit(&ctx, cookie, EVENT_PROGRESS);
     }
+    if before >> PAUSE_CHECK_SHIFT != after >> PAUSE_CHECK_SHIFT
+        && ctl.no_pause == 0
+        && flow.pauses == ctl.resumes
+    {
+        if let Some(queued) = peer_queued(flow.peer) {
+            let taken = queued
+                .saturating_sub(ctl.peer_queued0)
+                .saturating_sub(ctl.forwarded);
+            if after.saturating_sub(taken) > PAUSE_ABOVE {
+                flow.pauses += 1;
+                emit(&ctx, cookie, EVENT_PAUSED);
+            }
+        }
+    }
     SK_PASS
+}
+
+/// Every byte ever queued on the peer socket: `bytes_acked` plus what waits in its send
+/// queue (the daemon computes the same from TCP_INFO and SIOCOUTQ).
+fn peer_queued(peer: u64) -> Option<u64> {
+    let mut key = peer;
+    // SAFETY: valid map and key pointers; a hit is a referenced socket, released below.
+    let sk = unsafe { bpf_map_lookup_elem(L4LB_TARGETS.as_ptr(), ptr::from_mut(&mut key).cast()) };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: `sk` is a socket from the lookup.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) };
+    let queued = if tp.is_null() {
+        None
+    } else {
+        let tp = tp as u64;
+        let acked: Result<u64, ()> = read_kernel(tp + global(&L4LB_TCP_BYTES_ACKED_OFF));
+        let write: Result<u32, ()> = read_kernel(tp + global(&L4LB_TCP_WRITE_SEQ_OFF));
+        let una: Result<u32, ()> = read_kernel(tp + global(&L4LB_TCP_SND_UNA_OFF));
+        match (acked, write, una) {
+            (Ok(a), Ok(w), Ok(u)) => Some(a + u64::from(w.wrapping_sub(u))),
+            _ => None,
+        }
+    };
+    // SAFETY: releases the reference the lookup took.
+    unsafe { bpf_sk_release(sk) };
+    queued
 }
 
 /// Pausing a direction (backpressure) or taking a session out of the kernel while bytes
@@ -192,7 +248,7 @@ fn detach_if_asked(ctx: &SockOpsContext) {
     }) else {
         return;
     };
-    if ctl.detach == 0 {
+    if ctl.detach == 0 && flow.pauses == ctl.resumes {
         return;
     }
     // SAFETY: `ops` is the kernel's context, valid for the program's run.

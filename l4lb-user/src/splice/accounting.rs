@@ -47,11 +47,9 @@ const MAX_CHECK: Duration = Duration::from_secs(4);
 /// A paused direction is looked at when its peer has room to write, and at least this
 /// often (the peer may drain below [`RESUME_BELOW`] without ever having room).
 const PAUSED_CHECK: Duration = Duration::from_millis(5);
-/// Redirected bytes waiting for the peer's send queue above which the source pauses.
-/// Progress events come every MiB, so the lag seen can be up to a MiB past it.
-pub const PAUSE_ABOVE: u64 = 4 << 20;
-/// ... and at or below which it resumes: enough left to keep the peer busy while the
-/// source's queued bytes come through.
+/// Redirected bytes waiting for the peer's send queue at or below which a paused source
+/// resumes (the program pauses it above `l4lb_ebpf::PAUSE_ABOVE`): enough left to keep
+/// the peer busy while the source's queued bytes come through.
 pub const RESUME_BELOW: u64 = 1 << 20;
 /// `SO_RCVBUF` of spliced sockets: a paused source queues at most about this much (the
 /// kernel doubles it for overhead), and the window it offers stays below it. 4 MiB keeps
@@ -183,17 +181,9 @@ impl Session<'_> {
         }
         check.last_redirected = f.redirected;
         check.last_backlog = lag;
-        if self.paused(i) {
-            if lag <= RESUME_BELOW {
-                debug!(from = %self.socks[i].side, lag, "backpressure: resume");
-                self.resume(i)?;
-            }
-        } else if lag > PAUSE_ABOVE
-            && self.attached(i)
-            && !self.dirs[i].no_pause.load(Ordering::Relaxed)
-        {
-            debug!(from = %self.socks[i].side, lag, outq = p.outq, "backpressure: pause");
-            self.pause(i)?;
+        if self.paused(i) && lag <= RESUME_BELOW {
+            debug!(from = %self.socks[i].side, lag, "backpressure: resume");
+            self.resume(i)?;
         }
         check.interval = if self.paused(i) {
             PAUSED_CHECK
@@ -420,7 +410,9 @@ impl Session<'_> {
         // Once shut down for writing, the peer could not rejoin the attached map after a
         // pause of its own: let a pause end first (bounded, as a peer that never resumes
         // only costs the userspace fallback).
-        self.dirs[j].no_pause.store(true, Ordering::Relaxed);
+        self.maps
+            .set_no_pause(self.socks[j].cookie)
+            .map_err(|e| End::Session(SessionEnd::Error(self.socks[j].side, e.to_string())))?;
         let deadline = Instant::now() + STALL_AFTER;
         let mut delay = FIRST_POLL;
         while self.paused(j) && Instant::now() < deadline {

@@ -9,7 +9,8 @@ use aya::programs::{CgroupAttachMode, SkSkb, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use l4lb_ebpf::{
     ATTACHED_MAP, CTL_MAP, EVENTS_MAP, FLOWS_MAP, SKB_CB_OFF_GLOBAL, SKB_SK_OFF_GLOBAL,
-    SOCKOPS_PROG, TARGETS_MAP, TCP_COPIED_SEQ_OFF_GLOBAL, VERDICT_PROG,
+    SOCKOPS_PROG, TARGETS_MAP, TCP_BYTES_ACKED_OFF_GLOBAL, TCP_COPIED_SEQ_OFF_GLOBAL,
+    TCP_SND_UNA_OFF_GLOBAL, TCP_WRITE_SEQ_OFF_GLOBAL, VERDICT_PROG,
 };
 
 /// The verdict program, built by build.rs for bpfel-unknown-none.
@@ -53,6 +54,9 @@ pub fn load(params: &Params) -> anyhow::Result<Loaded> {
         .override_global(SKB_SK_OFF_GLOBAL, &offsets.skb_sk, true)
         .override_global(SKB_CB_OFF_GLOBAL, &offsets.skb_cb, true)
         .override_global(TCP_COPIED_SEQ_OFF_GLOBAL, &offsets.tcp_copied_seq, true)
+        .override_global(TCP_BYTES_ACKED_OFF_GLOBAL, &offsets.tcp_bytes_acked, true)
+        .override_global(TCP_WRITE_SEQ_OFF_GLOBAL, &offsets.tcp_write_seq, true)
+        .override_global(TCP_SND_UNA_OFF_GLOBAL, &offsets.tcp_snd_una, true)
         .map_max_entries(FLOWS_MAP, params.max_sockets)
         .map_max_entries(CTL_MAP, params.max_sockets)
         .map_max_entries(TARGETS_MAP, params.max_sockets)

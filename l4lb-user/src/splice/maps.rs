@@ -46,6 +46,15 @@ impl Maps {
         sys::map_update(fd(&self.flows), &cookie, &flow, sys::BPF_NOEXIST)
     }
 
+    /// `peer_queued0`: the peer's `queued_total` at insert.
+    pub fn create_ctl(&self, cookie: u64, peer_queued0: u64) -> io::Result<()> {
+        let ctl = FlowCtl {
+            peer_queued0,
+            ..FlowCtl::default()
+        };
+        sys::map_update(fd(&self.ctl), &cookie, &ctl, sys::BPF_NOEXIST)
+    }
+
     /// Changes a socket's control entry. Only the session owning the socket writes it.
     fn update_ctl(&self, cookie: u64, f: impl FnOnce(&mut FlowCtl)) -> io::Result<()> {
         let mut ctl = sys::map_lookup::<u64, FlowCtl>(fd(&self.ctl), &cookie)?.unwrap_or_default();
@@ -60,6 +69,16 @@ impl Maps {
     /// Asks the sock_ops program to take the socket out of the attached map (or not).
     pub fn set_detach(&self, cookie: u64, detach: bool) -> io::Result<()> {
         self.update_ctl(cookie, |c| c.detach = u64::from(detach))
+    }
+
+    /// Ends the verdict's pause requests up to `pauses`.
+    pub fn set_resumes(&self, cookie: u64, pauses: u64) -> io::Result<()> {
+        self.update_ctl(cookie, |c| c.resumes = pauses)
+    }
+
+    /// Tells the verdict not to ask for pauses any more.
+    pub fn set_no_pause(&self, cookie: u64) -> io::Result<()> {
+        self.update_ctl(cookie, |c| c.no_pause = 1)
     }
 
     pub fn is_attached(&self, cookie: u64) -> io::Result<bool> {

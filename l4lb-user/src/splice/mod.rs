@@ -210,7 +210,15 @@ impl Splicer {
             }
             End::ClosedWhilePaused(i) => {
                 let why = io::Error::from_raw_os_error(libc::EOPNOTSUPP);
-                leave(session, i, CopyReason::ClosedWhilePaused, why, limits, transfer).await
+                leave(
+                    session,
+                    i,
+                    CopyReason::ClosedWhilePaused,
+                    why,
+                    limits,
+                    transfer,
+                )
+                .await
             }
         }
     }

@@ -12,6 +12,9 @@ pub struct Offsets {
     pub skb_sk: u32,
     pub skb_cb: u32,
     pub tcp_copied_seq: u32,
+    pub tcp_bytes_acked: u32,
+    pub tcp_write_seq: u32,
+    pub tcp_snd_una: u32,
 }
 
 pub fn from_kernel() -> anyhow::Result<Offsets> {
@@ -21,6 +24,9 @@ pub fn from_kernel() -> anyhow::Result<Offsets> {
         skb_sk: field(&btf, "sk_buff", "sk")?,
         skb_cb: field(&btf, "sk_buff", "cb")?,
         tcp_copied_seq: field(&btf, "tcp_sock", "copied_seq")?,
+        tcp_bytes_acked: field(&btf, "tcp_sock", "bytes_acked")?,
+        tcp_write_seq: field(&btf, "tcp_sock", "write_seq")?,
+        tcp_snd_una: field(&btf, "tcp_sock", "snd_una")?,
     })
 }
 
@@ -49,8 +55,9 @@ fn find(btf: &Btf, s: &btf_rs::Struct, member: &str) -> anyhow::Result<Option<u3
             return Ok(Some(m.bit_offset()));
         }
         if name.is_empty() {
-            if let Type::Struct(inner) | Type::Union(inner) =
-                btf.resolve_chained_type(m).context("kernel BTF member type")?
+            if let Type::Struct(inner) | Type::Union(inner) = btf
+                .resolve_chained_type(m)
+                .context("kernel BTF member type")?
             {
                 if let Some(off) = find(btf, &inner, member)? {
                     return Ok(Some(m.bit_offset() + off));

@@ -124,10 +124,6 @@ pub struct Dir {
     pub finished: AtomicBool,
     /// The source is out of the attached map because the peer lags (backpressure).
     pub paused: AtomicBool,
-    /// The source is about to have its write side shut down (the other direction's FIN
-    /// is passed on), after which it could not rejoin the attached map (only
-    /// established sockets can): it must not pause any more. The lag cap still holds.
-    pub no_pause: AtomicBool,
 }
 
 impl Dir {
@@ -219,6 +215,8 @@ impl<'a> Session<'a> {
             .create_flow(b.cookie, a.cookie, b.consumed0)
             .map_err(plain)?;
         self.mark(1, |m| m.state = true);
+        self.maps.create_ctl(a.cookie, b.queued0).map_err(plain)?;
+        self.maps.create_ctl(b.cookie, a.queued0).map_err(plain)?;
         self.watcher
             .add(
                 a.fd,
@@ -291,14 +289,21 @@ impl<'a> Session<'a> {
         self.dirs[i].paused.load(Ordering::Relaxed)
     }
 
-    /// Backpressure: asks for socket `i` to leave the attached map, so what arrives from
-    /// then on stays in its receive queue, charged to it, and its TCP window closes.
-    /// [`Event::Detached`] confirms; the peer is watched for room to write.
-    pub fn pause(&self, i: usize) -> Result<(), End> {
-        let j = 1 - i;
+    /// Backpressure: the program asked for socket `i` to leave the attached map, so what
+    /// arrives from then on stays in its receive queue, charged to it, and its TCP window
+    /// closes. The sock_ops program does it at the next outgoing segment (a zero-length
+    /// send makes one at once); [`Event::Detached`] confirms. The peer is watched for
+    /// room to write, when the pause may end.
+    pub fn paused_by_program(&self, i: usize) -> Result<(), End> {
+        let (j, s) = (1 - i, &self.socks[i]);
         self.dirs[i].paused.store(true, Ordering::Relaxed);
         STATS.pauses.fetch_add(1, Ordering::Relaxed);
-        self.request_detach(i)?;
+        match sys::send(s.fd, &[]) {
+            Err(e) if e.raw_os_error() != Some(libc::EPIPE) => {
+                return Err(io_end(s.side, &e, "trigger pause"))
+            }
+            _ => {}
+        }
         self.watcher
             .want_writable(self.socks[j].fd, self.socks[j].cookie, true)
             .map_err(|e| io_end(self.socks[j].side, &e, "watch peer for room"))
@@ -324,9 +329,9 @@ impl<'a> Session<'a> {
         let _ = self
             .watcher
             .want_writable(self.socks[j].fd, self.socks[j].cookie, false);
-        self.maps
-            .set_detach(s.cookie, false)
-            .map_err(|e| End::Session(SessionEnd::Error(s.side, e.to_string())))?;
+        let to_end = |e: io::Error| End::Session(SessionEnd::Error(s.side, e.to_string()));
+        let pauses = self.maps.flow(s.cookie).map_err(to_end)?.pauses;
+        self.maps.set_resumes(s.cookie, pauses).map_err(to_end)?;
         self.sync_attached(i)?;
         if self.attached(i) {
             return Ok(());
@@ -337,7 +342,8 @@ impl<'a> Session<'a> {
                 sys::set_rcvlowat_one(s.fd).map_err(|e| io_end(s.side, &e, "kick after pause"))
             }
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                if self.dirs[j].finished.load(Ordering::Relaxed) {
+                let fin = self.progress(i).map(|p| p.fin_received).unwrap_or(false);
+                if !fin {
                     // Its write side was shut down (half-close passed on) meanwhile.
                     return Err(End::ClosedWhilePaused(i));
                 }
@@ -519,6 +525,7 @@ impl<'a> Session<'a> {
                     check.reset();
                 }
                 Some(Event::Progress) => self.regulate(i, &mut check)?,
+                Some(Event::Paused) => self.paused_by_program(i)?,
                 Some(Event::Detached) => {
                     self.mark(i, |m| m.attached = false);
                     if !self.paused(i) && !self.dirs[i].finished.load(Ordering::Relaxed) {

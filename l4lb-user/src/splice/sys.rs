@@ -243,9 +243,15 @@ pub struct TcpProgress {
     pub notsent: u64,
     /// TCP state is CLOSE: the connection is gone (reset).
     pub closed: bool,
+    /// The other end's FIN has arrived.
+    pub fin_received: bool,
 }
 
+const TCP_TIME_WAIT: u8 = 6;
 const TCP_CLOSE: u8 = 7;
+const TCP_CLOSE_WAIT: u8 = 8;
+const TCP_LAST_ACK: u8 = 9;
+const TCP_CLOSING: u8 = 11;
 
 pub fn tcp_progress(fd: RawFd) -> io::Result<TcpProgress> {
     let info = getsockopt::<RawTcpInfo>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
@@ -258,6 +264,10 @@ pub fn tcp_progress(fd: RawFd) -> io::Result<TcpProgress> {
         received: info.bytes_received,
         notsent: u64::from(info.notsent_bytes),
         closed: info.state == TCP_CLOSE,
+        fin_received: matches!(
+            info.state,
+            TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_TIME_WAIT
+        ),
     })
 }
 

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use aya::maps::{MapData, RingBuf};
 use l4lb_ebpf::{
-    Event as RingEvent, EVENT_BROKEN, EVENT_DETACHED, EVENT_HELD, EVENT_PROGRESS,
+    Event as RingEvent, EVENT_BROKEN, EVENT_DETACHED, EVENT_HELD, EVENT_PAUSED, EVENT_PROGRESS,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -39,8 +39,10 @@ pub enum Event {
     Progress,
     /// The program could not keep this direction's stream intact.
     Broken,
-    /// The source left the attached map, as the direction asked.
+    /// The source left the attached map, as the direction or a pause asked.
     Detached,
+    /// The program asked for a pause of this direction (its peer lags).
+    Paused,
 }
 
 /// Where a socket's events go: the direction reading from it and the one writing to it.
@@ -106,7 +108,13 @@ impl Watcher {
         } else {
             BASE_INTEREST
         };
-        epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_MOD, fd, events, cookie)
+        epoll_ctl(
+            self.epoll.as_raw_fd(),
+            libc::EPOLL_CTL_MOD,
+            fd,
+            events,
+            cookie,
+        )
     }
 
     pub fn remove(&self, fd: RawFd, cookie: u64) {
@@ -132,6 +140,7 @@ impl Watcher {
             EVENT_PROGRESS => Event::Progress,
             EVENT_BROKEN => Event::Broken,
             EVENT_DETACHED => Event::Detached,
+            EVENT_PAUSED => Event::Paused,
             _ => return,
         };
         if let Some(r) = self.routes().get(&ev.cookie) {
