@@ -352,7 +352,7 @@ async fn gib_each_way_kernel_vs_copy_byte_exact() {
     let path = log_field(&line, "path").unwrap_or_default();
     // Pauses keep the kernel's queues bounded, so the session stays in the kernel; a
     // paused source that closes hands its last bytes to userspace, well under 1%.
-    assert_eq!(path, "kernel", "{line}");
+    assert_eq!(path, "kernel", "{line}; log:\n{}", d.log());
     assert_eq!(log_field(&line, "end"), Some("closed"), "{line}");
     assert_eq!(log_field(&line, "sent"), Some("1073741824"), "{line}");
     assert_eq!(log_field(&line, "received"), Some("1073741824"), "{line}");

@@ -95,9 +95,6 @@ pub struct FlowCtl {
     pub peer_queued0: u64,
     /// Pauses the daemon has ended (it sets this to [`Flow::pauses`] on resume).
     pub resumes: u64,
-    /// Non-zero: do not pause any more (the socket's write side is about to be shut
-    /// down, after which it could not rejoin the attached map).
-    pub no_pause: u64,
 }
 
 /// [`Event::kind`]: the direction started holding.

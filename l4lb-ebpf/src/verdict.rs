@@ -167,10 +167,7 @@ pub fn l4lb_verdict(ctx: SkBuffContext) -> u32 {
     if before >> PROGRESS_SHIFT != after >> PROGRESS_SHIFT {
         emit(&ctx, cookie, EVENT_PROGRESS);
     }
-    if before >> PAUSE_CHECK_SHIFT != after >> PAUSE_CHECK_SHIFT
-        && ctl.no_pause == 0
-        && flow.pauses == ctl.resumes
-    {
+    if before >> PAUSE_CHECK_SHIFT != after >> PAUSE_CHECK_SHIFT && flow.pauses == ctl.resumes {
         if let Some(queued) = peer_queued(flow.peer) {
             let taken = queued
                 .saturating_sub(ctl.peer_queued0)

@@ -56,6 +56,11 @@ pub const RESUME_BELOW: u64 = 1 << 20;
 /// loopback and LAN sessions at full speed; a path with 50 ms round trips would be
 /// window-bound at about 600 Mbit/s.
 pub const SPLICE_RCVBUF: usize = 4 << 20;
+/// A direction whose source sent its FIN passes it on once the other direction has been
+/// quiet this long (see `defer_half_close`) ...
+const HALF_CLOSE_QUIET: Duration = Duration::from_millis(50);
+/// ... or after this long at most.
+const HALF_CLOSE_DEFER: Duration = Duration::from_secs(2);
 /// The failsafe: a peer lagging this far means pausing did not hold, and the session
 /// leaves the kernel for the userspace copy.
 pub const LAG_CAP: u64 = 64 << 20;
@@ -209,6 +214,25 @@ impl Session<'_> {
             }
         }
         self.regulate(i, check)
+    }
+
+    /// Before the FIN of direction `i` is passed on: once shut down for writing, the peer
+    /// socket could not rejoin the attached map after a pause of its own direction (only
+    /// established sockets can), and that direction would have to finish in userspace.
+    /// So while it still moves bytes (or is paused, and so will resume), the FIN waits,
+    /// at most [`HALF_CLOSE_DEFER`].
+    async fn defer_half_close(&self, i: usize) -> Result<(), End> {
+        let j = 1 - i;
+        let quiet_ns = u64::try_from(HALF_CLOSE_QUIET.as_nanos()).unwrap_or(u64::MAX);
+        let deadline = Instant::now() + HALF_CLOSE_DEFER;
+        while Instant::now() < deadline && !self.dirs[j].finished.load(Ordering::Relaxed) {
+            let last_ns = self.flow(j)?.last_ns;
+            if !self.paused(j) && sys::monotonic_ns().saturating_sub(last_ns) >= quiet_ns {
+                break;
+            }
+            tokio::time::sleep(FIRST_POLL * 5).await;
+        }
+        Ok(())
     }
 
     /// Waits until every byte redirected in direction `i` is in the peer's send queue.
@@ -407,18 +431,7 @@ impl Session<'_> {
                 break;
             }
         }
-        // Once shut down for writing, the peer could not rejoin the attached map after a
-        // pause of its own: let a pause end first (bounded, as a peer that never resumes
-        // only costs the userspace fallback).
-        self.maps
-            .set_no_pause(self.socks[j].cookie)
-            .map_err(|e| End::Session(SessionEnd::Error(self.socks[j].side, e.to_string())))?;
-        let deadline = Instant::now() + STALL_AFTER;
-        let mut delay = FIRST_POLL;
-        while self.paused(j) && Instant::now() < deadline {
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(MAX_POLL);
-        }
+        self.defer_half_close(i).await?;
         sys::shutdown_write(self.socks[j].fd)
             .map_err(|e| io_end(self.socks[j].side, &e, "shutdown peer"))?;
         self.dirs[i].finished.store(true, Ordering::Relaxed);

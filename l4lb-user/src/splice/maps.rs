@@ -76,11 +76,6 @@ impl Maps {
         self.update_ctl(cookie, |c| c.resumes = pauses)
     }
 
-    /// Tells the verdict not to ask for pauses any more.
-    pub fn set_no_pause(&self, cookie: u64) -> io::Result<()> {
-        self.update_ctl(cookie, |c| c.no_pause = 1)
-    }
-
     pub fn is_attached(&self, cookie: u64) -> io::Result<bool> {
         Ok(sys::map_lookup::<u64, u64>(fd(&self.attached), &cookie)?.is_some())
     }

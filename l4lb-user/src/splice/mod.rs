@@ -202,9 +202,14 @@ impl Splicer {
             End::Lagging(i) => {
                 STATS.lagging.fetch_add(1, Ordering::Relaxed);
                 let why = io::Error::other(format!(
-                    "the {} lags by more than {} MiB",
+                    "the {} lags by more than {} MiB{}",
                     session.socks[1 - i].side,
-                    accounting::LAG_CAP >> 20
+                    accounting::LAG_CAP >> 20,
+                    if session.dirs[1 - i].finished.load(Ordering::Relaxed) {
+                        " (no pauses once its write side is shut down)"
+                    } else {
+                        ""
+                    }
                 ));
                 leave(session, i, CopyReason::Lagging, why, limits, transfer).await
             }
