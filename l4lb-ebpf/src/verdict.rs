@@ -56,6 +56,8 @@ static L4LB_TCP_WRITE_SEQ_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 static L4LB_TCP_SND_UNA_OFF: u32 = 0;
 
+/// `TCP_ESTABLISHED` of the kernel's TCP states.
+const TCP_ESTABLISHED: u32 = 1;
 /// `bpf_skb_adjust_room` cuts at most this much per call.
 const TRIM_STEP: u32 = 0xfff;
 /// Bounds the trimming loop: 64 steps cover 256 KiB, more than any TCP skb here.
@@ -167,7 +169,10 @@ pub fn l4lb_verdict(ctx: SkBuffContext) -> u32 {
     if before >> PROGRESS_SHIFT != after >> PROGRESS_SHIFT {
         emit(&ctx, cookie, EVENT_PROGRESS);
     }
-    if before >> PAUSE_CHECK_SHIFT != after >> PAUSE_CHECK_SHIFT && flow.pauses == ctl.resumes {
+    if before >> PAUSE_CHECK_SHIFT != after >> PAUSE_CHECK_SHIFT
+        && flow.pauses == ctl.resumes
+        && established(&ctx)
+    {
         if let Some(queued) = peer_queued(flow.peer) {
             let taken = queued
                 .saturating_sub(ctl.peer_queued0)
@@ -179,6 +184,16 @@ pub fn l4lb_verdict(ctx: SkBuffContext) -> u32 {
         }
     }
     SK_PASS
+}
+
+/// Whether this socket could rejoin the attached map after a pause: only established
+/// sockets can, so one whose write side was shut down (a half-close passed on) is not
+/// paused; the daemon's lag cap still bounds it.
+fn established(ctx: &SkBuffContext) -> bool {
+    // SAFETY: a valid context; the kernel fills `sk` for stream verdicts.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    // SAFETY: checked for null; the verifier allows reading `state` of this pointer.
+    !sk.is_null() && unsafe { (*sk).state } == TCP_ESTABLISHED
 }
 
 /// Every byte ever queued on the peer socket: `bytes_acked` plus what waits in its send
