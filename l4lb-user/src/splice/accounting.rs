@@ -6,20 +6,24 @@
 //!
 //! Backpressure: a redirect uncharges the bytes from the source socket, so its TCP
 //! window never closes, and the kernel queues for a slow peer whatever a fast sender
-//! pushes. So the program reports every MiB redirected, and when the redirected bytes
-//! not yet in the peer's send queue exceed [`PAUSE_ABOVE`], the source socket leaves the
-//! attached map: later bytes stay in its receive queue, charged to it, and its window
-//! closes. Once the peer is down to [`RESUME_BELOW`] (looked at whenever it has room to
-//! write), the socket rejoins and the kick hands the queued bytes to the verdict in order.
-//! No byte goes through userspace for this. The window closing and reopening brings
+//! pushes. So the program looks at the peer every 256 KiB, and when the redirected
+//! bytes not yet in the peer's send queue exceed `l4lb_ebpf::PAUSE_ABOVE` it asks for a
+//! pause: the sock_ops program takes the source socket out of the attached map, later
+//! bytes stay in its receive queue, charged to it, and its window closes. Once the peer
+//! is down to [`RESUME_BELOW`] (looked at whenever it has room to write), the socket
+//! rejoins here and the kick hands the queued bytes to the verdict in order. No byte
+//! goes through userspace for this. The pause is decided in the kernel because the
+//! daemon reacts too late under load: on 2 cores its task was starved for tens of ms
+//! while 60+ MiB were redirected. The window closing and reopening brings
 //! retransmissions that overlap bytes already received; the verdict cuts those (see
-//! l4lb-ebpf), or every pause would risk doubling a segment. Should a pause fail to hold
-//! the peer's lag (the source never leaves the map), [`LAG_CAP`] sends the session to
+//! l4lb-ebpf), or every pause would risk doubling a segment. Only established sockets
+//! can rejoin, so a socket whose write side was shut down never pauses, and the FIN
+//! that would shut it waits while its direction still moves bytes
+//! (`defer_half_close`). Should a peer lag past [`LAG_CAP`] anyway, the session goes to
 //! the userspace copy. Two simpler designs fail outright on 6.18: passing skbs to the
 //! source socket does not close its window (they queue uncharged behind the other
-//! direction's redirects), and removing the socket from the attached map from userspace
-//! drops the skbs the kernel is handing to the verdict at that moment; so the sock_ops
-//! program detaches, under the socket lock.
+//! direction's redirects), and removing the socket from the attached map from
+//! userspace drops the skbs the kernel is handing to the verdict at that moment.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -61,8 +65,8 @@ pub const SPLICE_RCVBUF: usize = 4 << 20;
 const HALF_CLOSE_QUIET: Duration = Duration::from_millis(50);
 /// ... or after this long at most.
 const HALF_CLOSE_DEFER: Duration = Duration::from_secs(2);
-/// The failsafe: a peer lagging this far means pausing did not hold, and the session
-/// leaves the kernel for the userspace copy.
+/// The failsafe: a peer lagging this far means pausing did not hold (or the source can
+/// no longer pause), and the session leaves the kernel for the userspace copy.
 pub const LAG_CAP: u64 = 64 << 20;
 
 /// Bytes redirected in direction `flow` that have not reached the peer's send queue.
@@ -167,8 +171,8 @@ impl Session<'_> {
         Ok(p)
     }
 
-    /// Backpressure for direction `i`: pauses it when its peer lags by more than
-    /// [`PAUSE_ABOVE`], resumes it at [`RESUME_BELOW`]. Also the watchdog's sample.
+    /// Direction `i`'s lag: a pause the program asked for ends at [`RESUME_BELOW`], and
+    /// past [`LAG_CAP`] the session leaves the kernel. Also the watchdog's sample.
     pub(super) fn regulate(&self, i: usize, check: &mut Check) -> Result<(), End> {
         let j = 1 - i;
         let f = self.flow(i)?;
