@@ -230,8 +230,12 @@ impl Session<'_> {
         let quiet_ns = u64::try_from(HALF_CLOSE_QUIET.as_nanos()).unwrap_or(u64::MAX);
         let deadline = Instant::now() + HALF_CLOSE_DEFER;
         while Instant::now() < deadline && !self.dirs[j].finished.load(Ordering::Relaxed) {
-            let last_ns = self.flow(j)?.last_ns;
-            if !self.paused(j) && sys::monotonic_ns().saturating_sub(last_ns) >= quiet_ns {
+            let f = self.flow(j)?;
+            // Only a direction that has carried more than a pause's worth can need one;
+            // request/response sessions pass their FIN on at once.
+            let streaming = f.redirected > l4lb_ebpf::PAUSE_ABOVE
+                && sys::monotonic_ns().saturating_sub(f.last_ns) < quiet_ns;
+            if !self.paused(j) && !streaming {
                 break;
             }
             tokio::time::sleep(FIRST_POLL * 5).await;
