@@ -17,10 +17,11 @@ pub enum CopyReason {
     /// A spliced session stalled and was moved to userspace.
     Watchdog,
     /// A peer fell so far behind that the kernel would queue more than the lag cap for
-    /// it; the userspace copy has TCP's own backpressure.
+    /// it (pausing did not hold, or the source could no longer pause); the userspace copy
+    /// has TCP's own backpressure.
     Lagging,
-    /// A paused source closed: it cannot rejoin the attached map, so what it still
-    /// holds is read here.
+    /// A paused source could not rejoin the kernel path (its write side was shut down
+    /// meanwhile, or reading what it held made no progress).
     ClosedWhilePaused,
 }
 

@@ -1,15 +1,17 @@
 //! The kernel splice path (sockmap + SK_SKB verdict program, and a sock_ops program that
 //! detaches sockets safely): established TCP sessions whose bytes the kernel moves
 //! between the two sockets, with the daemon only watching for FIN, errors, held
-//! directions, lag and idleness.
+//! directions, pauses, lag and idleness.
 //!
-//! Modules: `loader` (aya), `maps` and `sys` (syscalls), `watch` (private epoll),
-//! `session` (one session's life), `accounting` (where every byte is: held bytes,
-//! half-close, the lag cap, watchdog).
+//! Modules: `loader` (aya), `offsets` (kernel structure offsets from BTF), `maps` and
+//! `sys` (syscalls), `watch` (private epoll), `session` (one session's life),
+//! `accounting` (where every byte is: held bytes, half-close, pause/resume, the lag cap,
+//! watchdog).
 //!
-//! Backpressure: the kernel redirect has none, so a session whose peer lags by more
-//! than a cap moves to the userspace copy. See the module docs of `accounting` for what
-//! was measured, including why in-kernel pause/resume is not used.
+//! Backpressure: the kernel redirect has none, so the program pauses a direction whose
+//! peer lags (its socket leaves the attached map and its window closes) and the daemon
+//! resumes it once the peer caught up. See the module docs of `accounting` for what was
+//! measured, and `l4lb-ebpf` for the repeated bytes the verdict cuts.
 
 mod accounting;
 mod loader;
