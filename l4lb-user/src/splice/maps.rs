@@ -66,9 +66,9 @@ impl Maps {
         self.update_ctl(cookie, |c| c.forwarded = forwarded)
     }
 
-    /// Asks the sock_ops program to take the socket out of the attached map (or not).
-    pub fn set_detach(&self, cookie: u64, detach: bool) -> io::Result<()> {
-        self.update_ctl(cookie, |c| c.detach = u64::from(detach))
+    /// Asks the sock_ops program to take the socket out of the attached map for good.
+    pub fn set_detach(&self, cookie: u64) -> io::Result<()> {
+        self.update_ctl(cookie, |c| c.detach = 1)
     }
 
     /// Ends the verdict's pause requests up to `pauses`.

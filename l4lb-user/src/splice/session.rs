@@ -309,7 +309,8 @@ impl<'a> Session<'a> {
             .map_err(|e| io_end(self.socks[j].side, &e, "watch peer for room"))
     }
 
-    /// Calls off a pause for good (the source closed): what it still holds is read here.
+    /// Stops treating direction `i` as paused (also for good, when the source closed:
+    /// what it still holds is then read here).
     pub fn end_pause(&self, i: usize) {
         let j = 1 - i;
         if self.dirs[i].paused.swap(false, Ordering::Relaxed) {
@@ -323,12 +324,8 @@ impl<'a> Session<'a> {
     /// meanwhile to the verdict, in order (it cuts what retransmissions repeat). Also
     /// undoes a detach that completed after the pause was already called off.
     pub fn resume(&self, i: usize) -> Result<(), End> {
-        let j = 1 - i;
         let s = &self.socks[i];
-        self.dirs[i].paused.store(false, Ordering::Relaxed);
-        let _ = self
-            .watcher
-            .want_writable(self.socks[j].fd, self.socks[j].cookie, false);
+        self.end_pause(i);
         let to_end = |e: io::Error| End::Session(SessionEnd::Error(s.side, e.to_string()));
         let pauses = self.maps.flow(s.cookie).map_err(to_end)?.pauses;
         self.maps.set_resumes(s.cookie, pauses).map_err(to_end)?;
@@ -372,7 +369,7 @@ impl<'a> Session<'a> {
     fn request_detach(&self, i: usize) -> Result<(), End> {
         let s = &self.socks[i];
         self.maps
-            .set_detach(s.cookie, true)
+            .set_detach(s.cookie)
             .map_err(|e| End::Session(SessionEnd::Error(s.side, e.to_string())))?;
         // A socket whose write side is shut down refuses even an empty send; its next
         // ACK runs the program instead.
