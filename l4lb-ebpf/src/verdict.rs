@@ -125,6 +125,7 @@ pub fn l4lb_verdict(ctx: SkBuffContext) -> u32 {
     // so this program is the only writer of the non-atomic fields.
     let flow = unsafe { &mut *flow };
     let len = match unseen(&ctx, flow) {
+        // Nothing in it the verdict has not seen.
         Ok(0) => return SK_DROP,
         Ok(n) => n,
         Err(()) => {
@@ -141,9 +142,8 @@ pub fn l4lb_verdict(ctx: SkBuffContext) -> u32 {
     let ctl = unsafe { L4LB_CTL.get(&cookie) }
         .copied()
         .unwrap_or_default();
-    let forwarded = ctl.forwarded;
     if flow.flags & FLOW_HELD != 0 {
-        if forwarded < flow.passed {
+        if ctl.forwarded < flow.passed {
             // Passed bytes wait in this socket for the daemon: keep the order.
             return pass(flow, len);
         }
