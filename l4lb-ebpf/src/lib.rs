@@ -78,6 +78,10 @@ pub struct Flow {
     /// Pauses the verdict asked for; the socket is paused while this exceeds
     /// [`FlowCtl::resumes`].
     pub pauses: u64,
+    /// The peer's `bytes_acked + (write_seq - snd_una)` at insert (set by the daemon):
+    /// the peer's growth past it, less [`FlowCtl::forwarded`], is what it took of the
+    /// redirected bytes.
+    pub peer_queued0: u64,
 }
 
 /// The daemon's side of one direction, keyed like [`Flow`].
@@ -90,9 +94,6 @@ pub struct FlowCtl {
     /// Non-zero: the sock_ops program takes this socket out of [`ATTACHED_MAP`] at the
     /// next chance that is safe, and sends [`EVENT_DETACHED`].
     pub detach: u64,
-    /// The peer's `bytes_acked + (write_seq - snd_una)` at insert: the peer's growth past
-    /// it, less [`FlowCtl::forwarded`], is what it took of the redirected bytes.
-    pub peer_queued0: u64,
     /// Pauses the daemon has ended (it sets this to [`Flow::pauses`] on resume).
     pub resumes: u64,
 }

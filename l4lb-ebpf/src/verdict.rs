@@ -175,7 +175,7 @@ pub fn l4lb_verdict(ctx: SkBuffContext) -> u32 {
     {
         if let Some(queued) = peer_queued(flow.peer) {
             let taken = queued
-                .saturating_sub(ctl.peer_queued0)
+                .saturating_sub(flow.peer_queued0)
                 .saturating_sub(ctl.forwarded);
             if after.saturating_sub(taken) > PAUSE_ABOVE {
                 flow.pauses += 1;
@@ -254,12 +254,15 @@ pub fn l4lb_sockops(ctx: SockOpsContext) -> u32 {
 fn detach_if_asked(ctx: &SockOpsContext) {
     // SAFETY: the context is a valid `bpf_sock_ops` for the helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: live entries of hash maps, only read.
-    let (Some(ctl), Some(flow)) = (unsafe { L4LB_CTL.get(&cookie) }, unsafe {
-        L4LB_FLOWS.get(&cookie)
-    }) else {
+    // SAFETY: a live entry of a hash map, only read.
+    let Some(flow) = (unsafe { L4LB_FLOWS.get(&cookie) }) else {
         return;
     };
+    // The daemon writes a control entry only once it has something to say.
+    // SAFETY: as above.
+    let ctl = unsafe { L4LB_CTL.get(&cookie) }
+        .copied()
+        .unwrap_or_default();
     if ctl.detach == 0 && flow.pauses == ctl.resumes {
         return;
     }

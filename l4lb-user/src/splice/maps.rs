@@ -36,23 +36,22 @@ impl Maps {
             .ok_or_else(|| io::Error::other("flow state vanished from the kernel map"))
     }
 
-    /// `base`: the socket's `bytes_received` that the verdict will never see.
-    pub fn create_flow(&self, cookie: u64, peer: u64, base: u64) -> io::Result<()> {
+    /// `base`: the socket's `bytes_received` that the verdict will never see;
+    /// `peer_queued0`: the peer's `queued_total` at insert.
+    pub fn create_flow(
+        &self,
+        cookie: u64,
+        peer: u64,
+        base: u64,
+        peer_queued0: u64,
+    ) -> io::Result<()> {
         let flow = Flow {
             peer,
             base,
+            peer_queued0,
             ..Flow::default()
         };
         sys::map_update(fd(&self.flows), &cookie, &flow, sys::BPF_NOEXIST)
-    }
-
-    /// `peer_queued0`: the peer's `queued_total` at insert.
-    pub fn create_ctl(&self, cookie: u64, peer_queued0: u64) -> io::Result<()> {
-        let ctl = FlowCtl {
-            peer_queued0,
-            ..FlowCtl::default()
-        };
-        sys::map_update(fd(&self.ctl), &cookie, &ctl, sys::BPF_NOEXIST)
     }
 
     /// Changes a socket's control entry. Only the session owning the socket writes it.

@@ -208,15 +208,13 @@ impl<'a> Session<'a> {
             sys::set_rcvbuf(s.fd, super::accounting::SPLICE_RCVBUF).map_err(plain)?;
         }
         self.maps
-            .create_flow(a.cookie, b.cookie, a.consumed0)
+            .create_flow(a.cookie, b.cookie, a.consumed0, b.queued0)
             .map_err(plain)?;
         self.mark(0, |m| m.state = true);
         self.maps
-            .create_flow(b.cookie, a.cookie, b.consumed0)
+            .create_flow(b.cookie, a.cookie, b.consumed0, a.queued0)
             .map_err(plain)?;
         self.mark(1, |m| m.state = true);
-        self.maps.create_ctl(a.cookie, b.queued0).map_err(plain)?;
-        self.maps.create_ctl(b.cookie, a.queued0).map_err(plain)?;
         self.watcher
             .add(
                 a.fd,
