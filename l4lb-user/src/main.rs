@@ -7,6 +7,7 @@ mod daemon;
 mod discovery;
 mod health;
 mod metrics;
+mod panic;
 mod proxy;
 mod runtime;
 mod splice;
@@ -75,6 +76,7 @@ fn main() -> ExitCode {
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_writer(std::io::stderr)
                 .init();
+            panic::install_hook();
             let mut rt = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = config.global.worker_threads {
                 rt.worker_threads(n);

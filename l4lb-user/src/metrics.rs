@@ -60,6 +60,8 @@ pub struct Metrics {
     pub connect_failures: AtomicU64,
     pub no_server: AtomicU64,
     pub udp_sessions: AtomicU64,
+    /// Sessions whose code panicked (a bug; each is logged with its addresses).
+    pub session_panics: AtomicU64,
     /// Server sets a discovery source changed.
     pub discovery_updates: AtomicU64,
     /// Failed discovery fetches of any kind (the last good set stayed).
@@ -89,6 +91,7 @@ pub static METRICS: Metrics = Metrics {
     connect_failures: AtomicU64::new(0),
     no_server: AtomicU64::new(0),
     udp_sessions: AtomicU64::new(0),
+    session_panics: AtomicU64::new(0),
     discovery_updates: AtomicU64::new(0),
     discovery_errors: AtomicU64::new(0),
     discovery_bad_data: AtomicU64::new(0),

@@ -89,6 +89,7 @@ pub fn metrics() -> Value {
         "connect_failures": m.connect_failures.load(Relaxed),
         "no_server": m.no_server.load(Relaxed),
         "udp_sessions": m.udp_sessions.load(Relaxed),
+        "session_panics": m.session_panics.load(Relaxed),
         "discovery_updates": m.discovery_updates.load(Relaxed),
         "discovery_errors": m.discovery_errors.load(Relaxed),
         "discovery_bad_data": m.discovery_bad_data.load(Relaxed),

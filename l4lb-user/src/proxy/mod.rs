@@ -54,6 +54,8 @@ pub enum SessionEnd {
     Error(Side, String),
     /// The daemon stopped before the session finished.
     Shutdown,
+    /// A bug: the session's code panicked (counted in `session_panics`).
+    Panic,
 }
 
 impl SessionEnd {
@@ -75,6 +77,7 @@ impl fmt::Display for SessionEnd {
             SessionEnd::Reset(side) => write!(f, "{side}_reset"),
             SessionEnd::Error(side, e) => write!(f, "{side}_error({e})"),
             SessionEnd::Shutdown => f.write_str("shutdown"),
+            SessionEnd::Panic => f.write_str("panic"),
         }
     }
 }

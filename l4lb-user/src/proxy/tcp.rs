@@ -10,15 +10,17 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::connect::connect;
 use super::copy::{copy_bidirectional, CopyLimits, Transfer};
 use super::{is_resource_exhaustion, proxy_protocol, ListenerCtx, SessionEnd, SharedCtx};
 use crate::config::{ServerConfig, SpliceMode};
 use crate::metrics::{self, CopyReason, METRICS};
+use crate::panic;
 use crate::runtime::DataPath;
 use crate::splice::Path;
+use crate::upstream::Lease;
 
 /// How often an accept error (fd exhaustion, ...) is logged while it persists.
 const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
@@ -102,7 +104,7 @@ async fn session(
     let transfer = Transfer::default();
     let outcome = tokio::select! {
         o = proxy(&ctx, &dp, client, peer, &transfer) => o,
-        () = dp.shutdown.cancelled() => Outcome { backend: None, end: SessionEnd::Shutdown.to_string(), path: None },
+        () = dp.shutdown.cancelled() => Outcome::ended(None, SessionEnd::Shutdown),
     };
     METRICS.active.fetch_sub(1, Ordering::Relaxed);
     if dp.access_log.load(Ordering::Relaxed) {
@@ -127,6 +129,20 @@ struct Outcome {
     path: Option<Path>,
 }
 
+impl Outcome {
+    fn ended(backend: Option<SocketAddr>, end: impl ToString) -> Self {
+        Outcome {
+            backend,
+            end: end.to_string(),
+            path: None,
+        }
+    }
+}
+
+/// Runs a session in two caught phases. A panic while the backend is chosen and
+/// connected leaves the client socket here, so the client gets a clean close (FIN, not
+/// a reset); a panic while forwarding has already dropped the sockets in the unwind.
+/// Either way it is counted and logged once with the session's addresses.
 async fn proxy(
     ctx: &ListenerCtx,
     dp: &DataPath,
@@ -134,40 +150,68 @@ async fn proxy(
     peer: SocketAddr,
     transfer: &Transfer,
 ) -> Outcome {
-    let server = &ctx.server;
-    let Some(upstream) = ctx.upstream.as_ref() else {
-        return Outcome {
-            backend: None,
-            end: "no_upstream".into(),
-            path: None,
-        };
-    };
-    let _ = client.set_nodelay(true);
-    let (mut backend, lease) = match connect(upstream, server, peer).await {
-        Ok(pair) => pair,
-        Err(e) => {
-            warn!(client = %peer, listen = %server.listen, error = %e, "closing client: no upstream server reachable");
-            return Outcome {
-                backend: None,
-                end: "connect_failed".into(),
-                path: None,
-            };
+    let listen = &ctx.server.listen;
+    let (backend, lease) = match panic::catch(establish(ctx, &mut client, peer)).await {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(outcome)) => return outcome,
+        Err(panicked) => {
+            metrics::add(&METRICS.session_panics, 1);
+            error!(client = %peer, %listen, panic = %panicked, "session panicked before forwarding; closing the client");
+            close_cleanly(client).await;
+            return Outcome::ended(None, SessionEnd::Panic);
         }
     };
-    let backend_addr = Some(lease.spec.addr);
+    let backend_addr = lease.spec.addr;
+    match panic::catch(forward(ctx, dp, client, backend, lease, transfer)).await {
+        Ok(outcome) => outcome,
+        Err(panicked) => {
+            metrics::add(&METRICS.session_panics, 1);
+            error!(client = %peer, %listen, server = %backend_addr, panic = %panicked, "session panicked while forwarding");
+            Outcome::ended(Some(backend_addr), SessionEnd::Panic)
+        }
+    }
+}
+
+/// Chooses and connects a backend and sends the PROXY protocol header.
+async fn establish(
+    ctx: &ListenerCtx,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+) -> Result<(TcpStream, Lease), Outcome> {
+    let server = &ctx.server;
+    let Some(upstream) = ctx.upstream.as_ref() else {
+        return Err(Outcome::ended(None, "no_upstream"));
+    };
+    let _ = client.set_nodelay(true);
+    let (mut backend, lease) = connect(upstream, server, peer).await.map_err(|e| {
+        warn!(client = %peer, listen = %server.listen, error = %e, "closing client: no upstream server reachable");
+        Outcome::ended(None, "connect_failed")
+    })?;
     if let Some(header) = client
         .local_addr()
         .ok()
         .and_then(|local| proxy_protocol::header(server.proxy_protocol, peer, local))
     {
         if let Err(e) = backend.write_all(&header).await {
-            return Outcome {
-                backend: backend_addr,
-                end: SessionEnd::error(super::Side::Backend, &e).to_string(),
-                path: None,
-            };
+            return Err(Outcome::ended(
+                Some(lease.spec.addr),
+                SessionEnd::error(super::Side::Backend, &e),
+            ));
         }
     }
+    Ok((backend, lease))
+}
+
+/// Hands the connected pair to the kernel path or the userspace copy.
+async fn forward(
+    ctx: &ListenerCtx,
+    dp: &DataPath,
+    mut client: TcpStream,
+    mut backend: TcpStream,
+    lease: Lease,
+    transfer: &Transfer,
+) -> Outcome {
+    let server = &ctx.server;
     let limits = CopyLimits {
         idle_timeout: server.proxy_timeout,
         upload_rate: server.proxy_upload_rate,
@@ -196,10 +240,52 @@ async fn proxy(
             (end, Path::Copy(reason))
         }
     };
+    let backend_addr = Some(lease.spec.addr);
     drop(lease);
     Outcome {
         backend: backend_addr,
         end: end.to_string(),
         path: Some(path),
+    }
+}
+
+/// Closes a client we never forwarded for with a FIN: what it already sent is read and
+/// discarded first, since closing a socket with unread data sends a reset.
+async fn close_cleanly(mut client: TcpStream) {
+    let mut buf = [0u8; 4096];
+    // Bounded: a client streaming at us gets at most this much drained.
+    for _ in 0..16 {
+        match client.try_read(&mut buf) {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
+    }
+    let _ = client.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// A plain close with unread data sends a reset; the clean close must send a FIN.
+    #[tokio::test]
+    async fn clean_close_sends_fin_even_with_unread_data() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        client.write_all(b"PING\r\n").await.unwrap();
+        // Let the bytes reach the accepted socket's receive queue.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        close_cleanly(accepted).await;
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut buf))
+            .await
+            .expect("closed in time");
+        assert_eq!(read.ok(), Some(0), "EOF, not a reset");
     }
 }

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::copy::idle;
 use super::{ListenerCtx, SharedCtx};
 use crate::metrics::{self, METRICS};
+use crate::panic;
 use crate::runtime::DataPath;
 use crate::upstream::Lease;
 
@@ -61,10 +62,16 @@ pub async fn serve(socket: UdpSocket, ctx: SharedCtx, dp: Arc<DataPath>, stop: C
         let session = match existing {
             Some(s) => s,
             None => {
-                let Some(s) = open(&ctx.load_full(), &dp, &socket, &sessions, client).await else {
-                    continue;
-                };
-                s
+                let current = ctx.load_full();
+                match panic::catch(open(&current, &dp, &socket, &sessions, client)).await {
+                    Ok(Some(s)) => s,
+                    Ok(None) => continue,
+                    Err(panicked) => {
+                        metrics::add(&METRICS.session_panics, 1);
+                        error!(%client, listen = %ctx.load().server.listen, panic = %panicked, "udp session panicked while opening");
+                        continue;
+                    }
+                }
             }
         };
         session.touch();
@@ -84,6 +91,14 @@ pub async fn serve(socket: UdpSocket, ctx: SharedCtx, dp: Arc<DataPath>, stop: C
 
 fn lock(s: &Sessions) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<UdpSession>>> {
     s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Removes `session` from the table unless a newer session took the client's place.
+fn forget(sessions: &Sessions, client: SocketAddr, session: &Arc<UdpSession>) {
+    let mut map = lock(sessions);
+    if map.get(&client).is_some_and(|s| Arc::ptr_eq(s, session)) {
+        map.remove(&client);
+    }
 }
 
 async fn open(
@@ -124,7 +139,7 @@ async fn open(
     });
     lock(sessions).insert(client, Arc::clone(&session));
     metrics::add(&METRICS.udp_sessions, 1);
-    dp.sessions.spawn(replies(
+    let replying = replies(
         Arc::clone(ctx),
         Arc::clone(dp),
         Arc::clone(listener),
@@ -132,7 +147,15 @@ async fn open(
         Arc::clone(&session),
         client,
         lease,
-    ));
+    );
+    let (sessions, this) = (Arc::clone(sessions), Arc::clone(&session));
+    dp.sessions.spawn(async move {
+        if let Err(panicked) = panic::catch(replying).await {
+            metrics::add(&METRICS.session_panics, 1);
+            error!(%client, panic = %panicked, "udp session panicked");
+            forget(&sessions, client, &this);
+        }
+    });
     Some(session)
 }
 
@@ -179,12 +202,7 @@ async fn replies(
             () = dp.shutdown.cancelled() => break "shutdown".to_string(),
         }
     };
-    {
-        let mut map = lock(&sessions);
-        if map.get(&client).is_some_and(|s| Arc::ptr_eq(s, &session)) {
-            map.remove(&client);
-        }
-    }
+    forget(&sessions, client, &session);
     if dp.access_log.load(Ordering::Relaxed) {
         info!(
             target: "access",

@@ -1,7 +1,14 @@
 //! Balancing methods, as nginx's stream upstream modules define them.
+//!
+//! Every method decides on [`Candidate`]s: the eligible servers with their active
+//! connection counts read once when the decision started. Other threads open and close
+//! connections meanwhile; reading a count twice in one decision let two reads disagree
+//! (a least_conn tie set once came out empty and indexing it panicked). No function here
+//! indexes a slice: an empty or changed set yields `None`, never a panic.
 
+use std::cmp::Ordering;
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::Ordering as AtomicOrdering;
 
 use super::Peer;
 use crate::config::Balance;
@@ -34,76 +41,107 @@ impl Ring {
     }
 }
 
-/// Chooses among `candidates` (eligible peers, non-empty); `all` is the snapshot's peer
-/// list, which the hash methods map onto so that a server being down moves only its
-/// own clients.
+/// A server that may take this connection, with its load as of the start of the decision.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Candidate<'a> {
+    pub peer: &'a Peer,
+    /// Position in the snapshot's peer list (what the hash methods map onto).
+    pub index: usize,
+    /// Active connections, read once: every rule of one decision sees the same value.
+    pub active: u32,
+}
+
+impl Candidate<'_> {
+    /// Compares active/weight of two candidates without division.
+    fn cmp_load(&self, other: &Candidate<'_>) -> Ordering {
+        let mine = u64::from(self.active) * u64::from(other.peer.spec.weight);
+        let theirs = u64::from(other.active) * u64::from(self.peer.spec.weight);
+        mine.cmp(&theirs)
+    }
+}
+
+/// Chooses among `candidates`; `all` is the snapshot's peer list, which the hash methods
+/// map onto so that a server being unavailable moves only its own clients. `None` when
+/// there is no candidate.
 pub(super) fn choose<'a>(
     balance: Balance,
     all: &'a [Peer],
     ring: Option<&Ring>,
-    candidates: &[&'a Peer],
+    candidates: &[Candidate<'a>],
     client: IpAddr,
-    eligible: &dyn Fn(&Peer) -> bool,
 ) -> Option<&'a Peer> {
-    if candidates.is_empty() {
-        return None;
-    }
     match balance {
-        Balance::RoundRobin => Some(smooth_weighted(candidates)),
-        Balance::LeastConn => Some(least_conn(candidates)),
-        Balance::Hash { consistent: false } => {
-            hash_plain(all, client, eligible).or_else(|| Some(smooth_weighted(candidates)))
+        Balance::RoundRobin => smooth_weighted(candidates),
+        Balance::LeastConn => least_conn(candidates),
+        Balance::Hash { consistent } => {
+            let eligible = Eligible::new(all.len(), candidates);
+            let hashed = if consistent {
+                ring.and_then(|r| hash_ring(r, all, client, &eligible))
+            } else {
+                hash_plain(all, client, &eligible)
+            };
+            hashed.or_else(|| smooth_weighted(candidates))
         }
-        Balance::Hash { consistent: true } => ring
-            .and_then(|r| hash_ring(r, all, client, eligible))
-            .or_else(|| Some(smooth_weighted(candidates))),
-        Balance::Random { two } => Some(random(candidates, two)),
+        Balance::Random { two } => random(candidates, two),
+    }
+}
+
+/// Which of the snapshot's peers are candidates, by index.
+struct Eligible(Vec<bool>);
+
+impl Eligible {
+    fn new(len: usize, candidates: &[Candidate<'_>]) -> Self {
+        let mut ok = vec![false; len];
+        for c in candidates {
+            if let Some(slot) = ok.get_mut(c.index) {
+                *slot = true;
+            }
+        }
+        Eligible(ok)
+    }
+
+    fn get(&self, index: usize) -> bool {
+        self.0.get(index).copied().unwrap_or(false)
     }
 }
 
 /// nginx's smooth weighted round-robin: even spread, weights respected.
-fn smooth_weighted<'a>(candidates: &[&'a Peer]) -> &'a Peer {
-    let total: i64 = candidates.iter().map(|p| i64::from(p.spec.weight)).sum();
-    let mut best = candidates[0];
-    let mut best_cw = i64::MIN;
-    for p in candidates {
-        let w = i64::from(p.spec.weight);
-        let cw = p.state.current_weight.fetch_add(w, Ordering::Relaxed) + w;
-        if cw > best_cw {
-            best = p;
-            best_cw = cw;
+fn smooth_weighted<'a>(candidates: &[Candidate<'a>]) -> Option<&'a Peer> {
+    let total: i64 = candidates
+        .iter()
+        .map(|c| i64::from(c.peer.spec.weight))
+        .sum();
+    let mut best: Option<(&Peer, i64)> = None;
+    for c in candidates {
+        let w = i64::from(c.peer.spec.weight);
+        let cw = c
+            .peer
+            .state
+            .current_weight
+            .fetch_add(w, AtomicOrdering::Relaxed)
+            + w;
+        if best.is_none_or(|(_, best_cw)| cw > best_cw) {
+            best = Some((c.peer, cw));
         }
     }
-    best.state
+    let (peer, _) = best?;
+    peer.state
         .current_weight
-        .fetch_sub(total, Ordering::Relaxed);
-    best
+        .fetch_sub(total, AtomicOrdering::Relaxed);
+    Some(peer)
 }
 
 /// Fewest active connections relative to weight; ties go round-robin.
-fn least_conn<'a>(candidates: &[&'a Peer]) -> &'a Peer {
-    // a.active / a.weight < b.active / b.weight, without division.
-    let load = |p: &Peer| (u64::from(p.state.active()), u64::from(p.spec.weight));
-    let less = |a: (u64, u64), b: (u64, u64)| a.0 * b.1 < b.0 * a.1;
-    let mut best = load(candidates[0]);
-    for p in &candidates[1..] {
-        let l = load(p);
-        if less(l, best) {
-            best = l;
-        }
-    }
-    let tied: Vec<&Peer> = candidates
+fn least_conn<'a>(candidates: &[Candidate<'a>]) -> Option<&'a Peer> {
+    let least = candidates.iter().min_by(|a, b| a.cmp_load(b))?;
+    let tied: Vec<Candidate<'a>> = candidates
         .iter()
+        .filter(|c| c.cmp_load(least) == Ordering::Equal)
         .copied()
-        .filter(|p| {
-            let l = load(p);
-            !less(best, l) && !less(l, best)
-        })
         .collect();
-    if tied.len() == 1 {
-        tied[0]
-    } else {
-        smooth_weighted(&tied)
+    match tied.as_slice() {
+        [only] => Some(only.peer),
+        _ => smooth_weighted(&tied),
     }
 }
 
@@ -111,13 +149,16 @@ fn client_hash(client: IpAddr) -> u32 {
     crc32fast::hash(client.to_string().as_bytes())
 }
 
-fn hash_plain<'a>(
-    all: &'a [Peer],
-    client: IpAddr,
-    eligible: &dyn Fn(&Peer) -> bool,
-) -> Option<&'a Peer> {
-    let primaries: Vec<&Peer> = all.iter().filter(|p| !p.spec.backup).collect();
-    let total: u64 = primaries.iter().map(|p| u64::from(p.spec.weight)).sum();
+fn hash_plain<'a>(all: &'a [Peer], client: IpAddr, eligible: &Eligible) -> Option<&'a Peer> {
+    let primaries: Vec<(usize, &Peer)> = all
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| !p.spec.backup)
+        .collect();
+    let total: u64 = primaries
+        .iter()
+        .map(|(_, p)| u64::from(p.spec.weight))
+        .sum();
     if total == 0 {
         return None;
     }
@@ -125,15 +166,15 @@ fn hash_plain<'a>(
     for _ in 0..HASH_TRIES {
         let mut w = u64::from(h) % total;
         let mut chosen = None;
-        for p in &primaries {
+        for &(i, p) in &primaries {
             let pw = u64::from(p.spec.weight);
             if w < pw {
-                chosen = Some(*p);
+                chosen = Some((i, p));
                 break;
             }
             w -= pw;
         }
-        if let Some(p) = chosen.filter(|p| eligible(p)) {
+        if let Some((_, p)) = chosen.filter(|&(i, _)| eligible.get(i)) {
             return Some(p);
         }
         h = crc32fast::hash(&h.to_le_bytes());
@@ -145,51 +186,50 @@ fn hash_ring<'a>(
     ring: &Ring,
     all: &'a [Peer],
     client: IpAddr,
-    eligible: &dyn Fn(&Peer) -> bool,
+    eligible: &Eligible,
 ) -> Option<&'a Peer> {
-    if ring.points.is_empty() {
-        return None;
-    }
     let h = client_hash(client);
     let start = ring.points.partition_point(|&(point, _)| point < h);
-    (0..ring.points.len())
-        .map(|k| ring.points[(start + k) % ring.points.len()].1)
-        .map(|i| &all[i])
-        .find(|p| eligible(p))
+    // Clockwise from the client's point, wrapping once round the ring.
+    let (before, after) = ring.points.split_at(start);
+    after
+        .iter()
+        .chain(before)
+        .map(|&(_, i)| i)
+        .find(|&i| eligible.get(i))
+        .and_then(|i| all.get(i))
 }
 
-fn weighted_pick<'a>(candidates: &[&'a Peer]) -> &'a Peer {
-    let total: u64 = candidates.iter().map(|p| u64::from(p.spec.weight)).sum();
+fn weighted_pick<'a>(candidates: &[Candidate<'a>]) -> Option<Candidate<'a>> {
+    let total: u64 = candidates
+        .iter()
+        .map(|c| u64::from(c.peer.spec.weight))
+        .sum();
     let mut r = fastrand::u64(0..total.max(1));
-    for p in candidates {
-        let w = u64::from(p.spec.weight);
+    for c in candidates {
+        let w = u64::from(c.peer.spec.weight);
         if r < w {
-            return p;
+            return Some(*c);
         }
         r -= w;
     }
-    candidates[candidates.len() - 1]
+    candidates.last().copied()
 }
 
 /// nginx `random [two]`: a weighted pick, or two distinct weighted picks of which the
 /// one with fewer connections per weight wins.
-fn random<'a>(candidates: &[&'a Peer], two: bool) -> &'a Peer {
-    let a = weighted_pick(candidates);
-    if !two || candidates.len() < 2 {
-        return a;
+fn random<'a>(candidates: &[Candidate<'a>], two: bool) -> Option<&'a Peer> {
+    let a = weighted_pick(candidates)?;
+    if !two {
+        return Some(a.peer);
     }
-    let rest: Vec<&Peer> = candidates
+    let rest: Vec<Candidate<'a>> = candidates
         .iter()
+        .filter(|c| c.index != a.index)
         .copied()
-        .filter(|p| !std::ptr::eq(*p, a))
         .collect();
-    let b = weighted_pick(&rest);
-    // a.active / a.weight vs b.active / b.weight, without division.
-    let la = u64::from(a.state.active()) * u64::from(b.spec.weight);
-    let lb = u64::from(b.state.active()) * u64::from(a.spec.weight);
-    if lb < la {
-        b
-    } else {
-        a
+    match weighted_pick(&rest) {
+        Some(b) if b.cmp_load(&a) == Ordering::Less => Some(b.peer),
+        _ => Some(a.peer),
     }
 }

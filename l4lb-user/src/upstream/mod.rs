@@ -56,7 +56,10 @@ pub struct PeerState {
 
 impl PeerState {
     pub fn active(&self) -> u32 {
-        self.active.load(Ordering::Relaxed)
+        let n = self.active.load(Ordering::Relaxed);
+        #[cfg(test)]
+        tests::after_active_read(self);
+        n
     }
 
     /// Connections handed to this server since it appeared.
@@ -248,51 +251,46 @@ impl Upstream {
     }
 
     /// Picks a server for a new connection, skipping those in `tried`.
+    ///
+    /// Leases are only taken under `select_lock`, so while it is held active counts can
+    /// only fall (sessions ending): a server under its `max_conns` stays under it until
+    /// the lease is taken. The counts are read once, into the candidates, and every rule
+    /// of the decision works on those values.
     pub fn select(&self, client: IpAddr, tried: &[SocketAddr]) -> Option<Lease> {
+        let _guard = self.select_lock.lock().unwrap_or_else(|p| p.into_inner());
         let snap = self.current.load();
         let now = Instant::now();
-        let eligible = |p: &Peer| {
-            !p.spec.down
-                && !tried.contains(&p.spec.addr)
-                && (p.spec.max_conns == 0 || p.state.active() < p.spec.max_conns)
-                && p.state.health.is_available(now)
-        };
-        let primaries: Vec<&Peer> = snap
-            .peers
-            .iter()
-            .filter(|p| !p.spec.backup && eligible(p))
-            .collect();
-        let _guard = self.select_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if !primaries.is_empty() {
-            let chosen = balance::choose(
-                snap.balance,
-                &snap.peers,
-                snap.ring.as_ref(),
-                &primaries,
-                client,
-                &eligible,
-            );
-            return chosen.map(Lease::new);
+        let mut primaries = Vec::with_capacity(snap.peers.len());
+        let mut backups = Vec::new();
+        for (index, peer) in snap.peers.iter().enumerate() {
+            let active = peer.state.active();
+            let spec = &peer.spec;
+            let eligible = !spec.down
+                && !tried.contains(&spec.addr)
+                && (spec.max_conns == 0 || active < spec.max_conns)
+                && peer.state.health.is_available(now);
+            if eligible {
+                let candidate = balance::Candidate {
+                    peer,
+                    index,
+                    active,
+                };
+                if spec.backup {
+                    backups.push(candidate);
+                } else {
+                    primaries.push(candidate);
+                }
+            }
         }
-        let backups: Vec<&Peer> = snap
-            .peers
-            .iter()
-            .filter(|p| p.spec.backup && eligible(p))
-            .collect();
         // nginx's hash methods have no backups; fall back to weighted round-robin there.
         let backup_balance = match snap.balance {
             Balance::Hash { .. } => Balance::RoundRobin,
             other => other,
         };
-        balance::choose(
-            backup_balance,
-            &snap.peers,
-            None,
-            &backups,
-            client,
-            &eligible,
-        )
-        .map(Lease::new)
+        let ring = snap.ring.as_ref();
+        balance::choose(snap.balance, &snap.peers, ring, &primaries, client)
+            .or_else(|| balance::choose(backup_balance, &snap.peers, None, &backups, client))
+            .map(Lease::new)
     }
 }
 

@@ -250,3 +250,156 @@ fn reload_keeps_a_discovered_set_when_upsync_is_unchanged() {
     u.reconfigure(&reloaded);
     assert_eq!(u.snapshot().peers[0].spec.addr.port(), 1);
 }
+
+type ReadHook = Box<dyn Fn(&PeerState)>;
+
+thread_local! {
+    /// Runs right after a server's active count is read on this thread: stands in for
+    /// another worker thread opening or closing connections between two reads.
+    static AFTER_ACTIVE_READ: std::cell::RefCell<Option<ReadHook>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+pub(super) fn after_active_read(state: &PeerState) {
+    AFTER_ACTIVE_READ.with(|h| {
+        if let Some(hook) = h.borrow().as_ref() {
+            hook(state);
+        }
+    });
+}
+
+fn with_read_hook<T>(hook: impl Fn(&PeerState) + 'static, f: impl FnOnce() -> T) -> T {
+    AFTER_ACTIVE_READ.with(|h| *h.borrow_mut() = Some(Box::new(hook)));
+    let out = f();
+    AFTER_ACTIVE_READ.with(|h| *h.borrow_mut() = None);
+    out
+}
+
+const EVERY_METHOD: [Balance; 6] = [
+    Balance::RoundRobin,
+    Balance::LeastConn,
+    Balance::Hash { consistent: false },
+    Balance::Hash { consistent: true },
+    Balance::Random { two: false },
+    Balance::Random { two: true },
+];
+
+/// The race behind "index out of bounds: the len is 0" in least_conn: it read every
+/// count once to find the minimum and again to collect the ties, so a count that moved
+/// in between left the tie set empty. Here every count moves right after each read, on
+/// every decision; a decision must read each count once and always choose.
+#[test]
+fn counts_moving_between_reads_never_empty_a_decision() {
+    for balance in EVERY_METHOD {
+        let u = upstream(
+            balance,
+            vec![spec(1, 1), spec(2, 2), spec(3, 3), spec(4, 1), spec(5, 1)],
+        );
+        let reads = std::rc::Rc::new(std::cell::Cell::new(0u32));
+        let counter = std::rc::Rc::clone(&reads);
+        let decisions = 300u32;
+        let chosen: Vec<u16> = with_read_hook(
+            move |state| {
+                counter.set(counter.get() + 1);
+                // Alternately a burst of new connections and all of them ending.
+                if counter.get().is_multiple_of(2) {
+                    state.active.fetch_add(5, Ordering::Relaxed);
+                } else {
+                    let n = state.active.load(Ordering::Relaxed);
+                    state.active.fetch_sub(n.min(5), Ordering::Relaxed);
+                }
+            },
+            || {
+                (0..decisions)
+                    .map(|i| {
+                        let lease = u.select(client(i), &[]);
+                        port(&lease.unwrap_or_else(|| panic!("{balance:?}: no choice")))
+                    })
+                    .collect()
+            },
+        );
+        assert_eq!(
+            reads.get(),
+            5 * decisions,
+            "{balance:?}: each count must be read exactly once per decision"
+        );
+        assert!(chosen.iter().all(|p| (1..=5).contains(p)), "{balance:?}");
+    }
+}
+
+/// least_conn decides on the counts it read, whatever they became since.
+#[test]
+fn least_conn_uses_the_counts_it_read() {
+    let u = upstream(Balance::LeastConn, vec![spec(1, 1), spec(2, 1), spec(3, 1)]);
+    let snap = u.snapshot();
+    let reads: Vec<u32> = vec![4, 1, 4];
+    let candidates: Vec<balance::Candidate<'_>> = snap
+        .peers
+        .iter()
+        .enumerate()
+        .map(|(index, peer)| balance::Candidate {
+            peer,
+            index,
+            active: reads[index],
+        })
+        .collect();
+    // Meanwhile server 2 became the busiest by far.
+    snap.peers[1].state.active.store(100, Ordering::Relaxed);
+    let chosen = balance::choose(
+        Balance::LeastConn,
+        &snap.peers,
+        None,
+        &candidates,
+        client(0),
+    );
+    assert_eq!(chosen.map(|p| p.spec.addr.port()), Some(2));
+    snap.peers[1].state.active.store(0, Ordering::Relaxed);
+}
+
+#[test]
+fn no_method_chooses_from_an_empty_set() {
+    let u = upstream(Balance::RoundRobin, vec![spec(1, 1)]);
+    let snap = u.snapshot();
+    for balance in EVERY_METHOD {
+        assert!(balance::choose(balance, &snap.peers, None, &[], client(0)).is_none());
+    }
+}
+
+/// Many threads selecting and releasing at once: every decision chooses, and
+/// `max_conns` is never exceeded (leases are only taken under the selection lock).
+#[test]
+fn concurrent_selection_always_chooses_and_respects_max_conns() {
+    for balance in EVERY_METHOD {
+        let capped = ServerSpec {
+            max_conns: 3,
+            ..spec(3, 1)
+        };
+        let u = upstream(balance, vec![spec(1, 2), spec(2, 1), capped]);
+        let peak = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        std::thread::scope(|s| {
+            for t in 0..8u32 {
+                let (u, peak) = (&u, &peak);
+                s.spawn(move || {
+                    let mut held = std::collections::VecDeque::new();
+                    for i in 0..5_000u32 {
+                        let lease = u
+                            .select(client(t * 10_000 + i), &[])
+                            .unwrap_or_else(|| panic!("{balance:?}: no choice"));
+                        if lease.spec.addr.port() == 3 {
+                            peak.fetch_max(lease.state.active(), Ordering::Relaxed);
+                        }
+                        held.push_back(lease);
+                        if held.len() > 4 {
+                            held.pop_front();
+                        }
+                    }
+                });
+            }
+        });
+        assert!(
+            peak.load(Ordering::Relaxed) <= 3,
+            "{balance:?}: max_conns 3 exceeded: {}",
+            peak.load(Ordering::Relaxed)
+        );
+    }
+}
