@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 use crate::admin::AdminServer;
 use crate::config::{self, Config, Protocol, ServerConfig, SpliceMode};
 use crate::discovery::Discovery;
+use crate::health::HealthChecks;
 use crate::proxy::{tcp, udp, ListenerCtx, SharedCtx};
 use crate::runtime::DataPath;
 use crate::splice::Splicer;
@@ -40,6 +41,7 @@ pub struct Daemon {
     dp: Arc<DataPath>,
     listeners: HashMap<(Protocol, SocketAddr), Listener>,
     discovery: Discovery,
+    health: HealthChecks,
     admin: Option<AdminServer>,
 }
 
@@ -85,6 +87,8 @@ impl Daemon {
         // before any listener opens.
         let mut discovery = Discovery::default();
         discovery.start(&upstreams).await?;
+        let mut health = HealthChecks::default();
+        health.reconcile(&upstreams);
         let admin = match &config.admin {
             Some(cfg) => {
                 Some(AdminServer::start(cfg, Arc::clone(&upstreams), discovery.board()).await?)
@@ -98,6 +102,7 @@ impl Daemon {
             dp,
             listeners: HashMap::new(),
             discovery,
+            health,
             admin,
         };
         for server in &config.servers {
@@ -207,6 +212,7 @@ impl Daemon {
             .store(config.global.access_log, Ordering::Relaxed);
         self.upstreams.apply(&config.upstreams);
         self.discovery.reconcile(&self.upstreams).await;
+        self.health.reconcile(&self.upstreams);
         self.reload_admin(&config).await;
 
         let wanted: HashMap<_, _> = config.servers.iter().map(|s| (s.key(), s)).collect();
@@ -268,6 +274,7 @@ impl Daemon {
     async fn drain(mut self) {
         let grace = self.config.global.worker_shutdown_timeout;
         self.discovery.stop_all();
+        self.health.stop_all();
         if let Some(admin) = &self.admin {
             admin.stop();
         }

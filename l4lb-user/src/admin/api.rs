@@ -146,6 +146,7 @@ async fn one_server(
         peer,
         &snap.source.to_string(),
         std::time::Instant::now(),
+        up.config().health_check.is_some(),
     )))
 }
 

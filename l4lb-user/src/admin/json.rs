@@ -28,8 +28,9 @@ fn upsync_kind(k: UpsyncKind) -> &'static str {
     }
 }
 
-pub fn server(peer: &Peer, source: &str, now: Instant) -> Value {
+pub fn server(peer: &Peer, source: &str, now: Instant, checked: bool) -> Value {
     let s = &peer.spec;
+    let health_check = checked.then(|| peer.state.checks.report());
     json!({
         "address": s.addr.to_string(),
         "name": s.name,
@@ -42,7 +43,8 @@ pub fn server(peer: &Peer, source: &str, now: Instant) -> Value {
         "active": peer.state.active(),
         "total": peer.state.total(),
         "fails": peer.state.health.fails(),
-        "available": !s.down && peer.state.health.is_available(now),
+        "available": !s.down && peer.state.is_available(now),
+        "health_check": health_check,
         "source": source,
     })
 }
@@ -68,7 +70,18 @@ pub fn upstream(up: &Upstream, board: &Board) -> Value {
         "balance": balance(snap.balance),
         "source": source,
         "upsync": upsync,
-        "servers": snap.peers.iter().map(|p| server(p, &source, now)).collect::<Vec<_>>(),
+        "health_check": config.health_check.as_ref().map(|h| json!({
+            "type": h.kind.name(),
+            "interval": h.interval.as_secs_f64(),
+            "timeout": h.timeout.as_secs_f64(),
+            "fails": h.fails,
+            "passes": h.passes,
+        })),
+        "servers": snap
+            .peers
+            .iter()
+            .map(|p| server(p, &source, now, config.health_check.is_some()))
+            .collect::<Vec<_>>(),
     })
 }
 

@@ -27,15 +27,32 @@ pub fn server_line(spec: &ServerSpec) -> String {
     line
 }
 
+/// nginx-upsync's listing; with health checks, each line ends with a `#` comment
+/// (which nginx's parser skips) giving the check state, last result and why.
 pub fn render(up: &Upstream) -> String {
     let snap = up.snapshot();
+    let checked = up.config().health_check.is_some();
     let mut out = format!(
         "Upstream name: {};Backend server counts: {}\n",
         up.name,
         snap.peers.len()
     );
     for peer in &snap.peers {
-        let _ = writeln!(out, "        {}", server_line(&peer.spec));
+        let _ = write!(out, "        {}", server_line(&peer.spec));
+        if checked {
+            let r = peer.state.checks.report();
+            let _ = write!(out, " # health={}", r.status.as_str());
+            if let Some(last) = &r.last {
+                let _ = write!(
+                    out,
+                    " last={} latency_ms={:.1} reason={:?}",
+                    if last.ok { "pass" } else { "fail" },
+                    last.latency_ms,
+                    last.reason
+                );
+            }
+        }
+        out.push('\n');
     }
     out
 }

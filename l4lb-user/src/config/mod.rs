@@ -15,8 +15,10 @@ use serde::de::DeserializeOwned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
-pub use schema::{BalanceKind, Consistency, Protocol, ProxyProtocol, SpliceMode, UpsyncKind};
-use schema::{RawAdmin, RawGlobal, RawPeer, RawServer, RawUpstream, RawUpsync};
+pub use schema::{
+    BalanceKind, CheckType, Consistency, Protocol, ProxyProtocol, SpliceMode, UpsyncKind,
+};
+use schema::{RawAdmin, RawGlobal, RawHealthCheck, RawPeer, RawServer, RawUpstream, RawUpsync};
 
 /// nginx's defaults for `server` parameters inside `upstream`.
 pub const DEFAULT_WEIGHT: u32 = 1;
@@ -56,6 +58,90 @@ pub struct UpstreamConfig {
     pub balance: Balance,
     pub servers: Vec<ServerSpec>,
     pub upsync: Option<UpsyncConfig>,
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+/// Active health checks of an upstream's servers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthCheckConfig {
+    /// Between two checks of one server.
+    pub interval: Duration,
+    /// For one check, connect included.
+    pub timeout: Duration,
+    /// Consecutive failures that mark a server down.
+    pub fails: u32,
+    /// Consecutive successes that bring a down server back.
+    pub passes: u32,
+    pub kind: CheckKind,
+}
+
+#[derive(Clone, Debug)]
+pub enum CheckKind {
+    Tcp,
+    SendExpect {
+        send: Vec<u8>,
+        expect: regex::bytes::Regex,
+    },
+    Mysql,
+    Redis,
+}
+
+impl PartialEq for CheckKind {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (
+                CheckKind::SendExpect { send, expect },
+                CheckKind::SendExpect {
+                    send: send2,
+                    expect: expect2,
+                },
+            ) => send == send2 && expect.as_str() == expect2.as_str(),
+            (a, b) => std::mem::discriminant(a) == std::mem::discriminant(b),
+        }
+    }
+}
+
+impl CheckKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            CheckKind::Tcp => "tcp",
+            CheckKind::SendExpect { .. } => "send_expect",
+            CheckKind::Mysql => "mysql",
+            CheckKind::Redis => "redis",
+        }
+    }
+}
+
+/// Decodes the escapes a check's `send` may carry beyond TOML's own (which a literal
+/// 'single-quoted' string leaves alone): `\r`, `\n`, `\t`, `\\`, `\0` and `\xHH`.
+pub fn unescape(text: &str) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut bytes = text.bytes();
+    while let Some(b) = bytes.next() {
+        if b != b'\\' {
+            out.push(b);
+            continue;
+        }
+        match bytes.next() {
+            Some(b'r') => out.push(b'\r'),
+            Some(b'n') => out.push(b'\n'),
+            Some(b't') => out.push(b'\t'),
+            Some(b'0') => out.push(0),
+            Some(b'\\') => out.push(b'\\'),
+            Some(b'x') => {
+                let hex: Vec<u8> = bytes.by_ref().take(2).collect();
+                let byte = std::str::from_utf8(&hex)
+                    .ok()
+                    .filter(|h| h.len() == 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| "\\x needs two hex digits".to_string())?;
+                out.push(byte);
+            }
+            Some(other) => return Err(format!("unknown escape \\{}", other as char)),
+            None => return Err("a trailing \\ escapes nothing".to_string()),
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -522,6 +608,14 @@ impl Validator<'_> {
                 .unwrap_or(node);
             self.upsync(unode, &format!("{path}.upsync"), u)
         });
+        let health_check = raw.health_check.and_then(|h| {
+            let hnode = node
+                .get_ref()
+                .as_table()
+                .and_then(|t| t.get("health_check"))
+                .unwrap_or(node);
+            self.health_check(hnode, &format!("{path}.health_check"), h)
+        });
         if listed == 0 && upsync.is_none() {
             self.at(
                 node,
@@ -538,6 +632,80 @@ impl Validator<'_> {
             balance,
             servers,
             upsync,
+            health_check,
+        })
+    }
+
+    fn health_check(
+        &mut self,
+        node: &Node<'_>,
+        path: &str,
+        raw: RawHealthCheck,
+    ) -> Option<HealthCheckConfig> {
+        let errors_before = self.errors.len();
+        let interval = raw.interval.map_or(Duration::from_secs(5), |d| d.0);
+        if interval.is_zero() {
+            self.at(node, path, "interval", "must be greater than zero");
+        }
+        let timeout = raw.timeout.map_or(Duration::from_secs(1), |d| d.0);
+        if timeout.is_zero() {
+            self.at(node, path, "timeout", "must be greater than zero");
+        }
+        let fails = raw.fails.unwrap_or(1);
+        if fails == 0 {
+            self.at(node, path, "fails", "must be at least 1");
+        }
+        let passes = raw.passes.unwrap_or(1);
+        if passes == 0 {
+            self.at(node, path, "passes", "must be at least 1");
+        }
+        let kind = match raw.kind.unwrap_or_default() {
+            CheckType::SendExpect => {
+                let send = match raw.send.as_deref().map(unescape).transpose() {
+                    Ok(s) => s.unwrap_or_default(),
+                    Err(e) => {
+                        self.at(node, path, "send", e);
+                        Vec::new()
+                    }
+                };
+                match raw.expect.as_deref().map(regex::bytes::Regex::new) {
+                    Some(Ok(expect)) => Some(CheckKind::SendExpect { send, expect }),
+                    Some(Err(e)) => {
+                        let msg = format!("not a regular expression: {e}");
+                        self.at(node, path, "expect", msg.replace('\n', " "));
+                        None
+                    }
+                    None => {
+                        self.at(node, path, "expect", "type = \"send_expect\" needs expect");
+                        None
+                    }
+                }
+            }
+            other => {
+                for (key, given) in [
+                    ("send", raw.send.is_some()),
+                    ("expect", raw.expect.is_some()),
+                ] {
+                    if given {
+                        self.at(node, path, key, "only valid with type = \"send_expect\"");
+                    }
+                }
+                Some(match other {
+                    CheckType::Mysql => CheckKind::Mysql,
+                    CheckType::Redis => CheckKind::Redis,
+                    _ => CheckKind::Tcp,
+                })
+            }
+        };
+        if self.errors.len() > errors_before {
+            return None;
+        }
+        Some(HealthCheckConfig {
+            interval,
+            timeout,
+            fails,
+            passes,
+            kind: kind?,
         })
     }
 

@@ -36,6 +36,35 @@ pub struct RawUpstream {
     #[serde(default, rename = "servers")]
     pub _servers: serde::de::IgnoredAny,
     pub upsync: Option<RawUpsync>,
+    pub health_check: Option<RawHealthCheck>,
+}
+
+/// `[upstream.NAME.health_check]`, after NGINX Plus `health_check` and HAProxy `check`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    pub interval: Option<NgxDuration>,
+    pub timeout: Option<NgxDuration>,
+    pub fails: Option<u32>,
+    pub passes: Option<u32>,
+    #[serde(rename = "type")]
+    pub kind: Option<CheckType>,
+    pub send: Option<String>,
+    pub expect: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckType {
+    /// A TCP connect within the timeout.
+    #[default]
+    Tcp,
+    /// Send `send` (optional), read until the reply matches `expect`.
+    SendExpect,
+    /// The server's handshake packet (protocol 10), not an error packet.
+    Mysql,
+    /// `PING` answered with `+PONG`.
+    Redis,
 }
 
 #[derive(Debug, Deserialize)]

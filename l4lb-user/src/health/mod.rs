@@ -1,8 +1,17 @@
-//! Passive health: nginx's `max_fails` / `fail_timeout`.
+//! Server health. Passive (here): nginx's `max_fails` / `fail_timeout`, from the
+//! outcome of real connects. Active (`active`, `checker`, `probe`): checks of each
+//! server on a timer. A server takes traffic only when both allow it.
 //!
+//! Passive health:
 //! `max_fails` connect failures within `fail_timeout` make a server unavailable for
 //! `fail_timeout`. Once that has passed the server gets traffic again, but until a
 //! connection to it succeeds a single further failure takes it out again at once.
+
+pub mod active;
+mod checker;
+mod probe;
+
+pub use checker::HealthChecks;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

@@ -17,6 +17,7 @@ use arc_swap::ArcSwap;
 use tracing::warn;
 
 use crate::config::{Balance, ServerSpec, UpstreamConfig};
+use crate::health::active::ActiveHealth;
 use crate::health::{FailOutcome, PassiveHealth};
 
 /// Where the current server set of an upstream came from.
@@ -50,6 +51,7 @@ pub struct PeerState {
     active: AtomicU32,
     total: AtomicU64,
     pub health: PassiveHealth,
+    pub checks: ActiveHealth,
     /// Smooth weighted round-robin bookkeeping; only touched under the upstream's lock.
     current_weight: AtomicI64,
 }
@@ -65,6 +67,11 @@ impl PeerState {
     /// Connections handed to this server since it appeared.
     pub fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
+    }
+
+    /// Whether passive and active health both let the server take a connection.
+    pub fn is_available(&self, now: Instant) -> bool {
+        self.checks.allows() && self.health.is_available(now)
     }
 }
 
@@ -100,6 +107,8 @@ pub struct Upstream {
     select_lock: Mutex<()>,
     /// The configuration this upstream was built from (for reload decisions).
     config: ArcSwap<UpstreamConfig>,
+    /// Bumped on every published change, for control-plane followers (health checks).
+    changes: tokio::sync::watch::Sender<()>,
 }
 
 impl fmt::Debug for Upstream {
@@ -169,9 +178,22 @@ impl Upstream {
             states: Mutex::new(HashMap::new()),
             select_lock: Mutex::new(()),
             config: ArcSwap::from_pointee(config.clone()),
+            changes: tokio::sync::watch::Sender::new(()),
         };
-        up.set(config.balance, config.servers.clone(), source);
+        // The servers a process starts with are in service at once, as in nginx;
+        // checks then take down the ones that fail.
+        up.publish(
+            config.balance,
+            config.servers.clone(),
+            source,
+            PeerState::default,
+        );
         Arc::new(up)
+    }
+
+    /// Wakes when the server set changes.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<()> {
+        self.changes.subscribe()
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -183,7 +205,27 @@ impl Upstream {
     }
 
     /// Replaces the server set; returns false (and swaps nothing) when nothing changed.
+    /// With health checks configured, a server new to the upstream gets no traffic until
+    /// it has passed a check.
     pub fn set(&self, balance: Balance, servers: Vec<ServerSpec>, source: Source) -> bool {
+        let fresh: fn() -> PeerState = if self.config.load().health_check.is_some() {
+            || PeerState {
+                checks: ActiveHealth::pending(),
+                ..PeerState::default()
+            }
+        } else {
+            PeerState::default
+        };
+        self.publish(balance, servers, source, fresh)
+    }
+
+    fn publish(
+        &self,
+        balance: Balance,
+        servers: Vec<ServerSpec>,
+        source: Source,
+        fresh: fn() -> PeerState,
+    ) -> bool {
         let old = self.current.load();
         if old.balance == balance
             && old.source == source
@@ -201,7 +243,7 @@ impl Upstream {
                     .get(&spec.addr)
                     .and_then(Weak::upgrade)
                     .unwrap_or_else(|| {
-                        let s = Arc::new(PeerState::default());
+                        let s = Arc::new(fresh());
                         states.insert(spec.addr, Arc::downgrade(&s));
                         s
                     });
@@ -216,6 +258,7 @@ impl Upstream {
             source,
             ring,
         }));
+        self.changes.send_replace(());
         true
     }
 
@@ -268,7 +311,7 @@ impl Upstream {
             let eligible = !spec.down
                 && !tried.contains(&spec.addr)
                 && (spec.max_conns == 0 || active < spec.max_conns)
-                && peer.state.health.is_available(now);
+                && peer.state.is_available(now);
             if eligible {
                 let candidate = balance::Candidate {
                     peer,

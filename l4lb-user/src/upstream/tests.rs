@@ -19,6 +19,7 @@ fn upstream(balance: Balance, servers: Vec<ServerSpec>) -> Arc<Upstream> {
             balance,
             servers,
             upsync: None,
+            health_check: None,
         },
         Source::Config,
     )
@@ -232,6 +233,7 @@ fn reload_keeps_a_discovered_set_when_upsync_is_unchanged() {
         balance: Balance::RoundRobin,
         servers: vec![spec(1, 1)],
         upsync,
+        health_check: None,
     };
     let u = Upstream::new(&cfg, Source::Config);
     u.set_servers(vec![spec(7, 1)], Source::Consul);
