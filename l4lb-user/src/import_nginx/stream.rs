@@ -1,0 +1,412 @@
+//! `stream { }` and its `server { }` blocks: listeners and proxy settings.
+
+use std::net::SocketAddr;
+
+use super::convert::{source, Converter};
+use super::emit::{self, Section};
+use super::parser::Directive;
+use super::values::{duration, flag, is_host_port, no_variables, number, single, size};
+
+/// A proxy setting l4lb honours, from the stream level (inherited by every server, as
+/// in nginx) or from a server block.
+#[derive(Clone)]
+pub struct Setting {
+    pub key: &'static str,
+    pub value: String,
+    pub source: String,
+    directive: Directive,
+}
+
+struct Listen {
+    addr: String,
+    udp: bool,
+    source: String,
+}
+
+/// Directives of modules or features l4lb does not have, and what is missing.
+fn unsupported(name: &str) -> Option<&'static str> {
+    if name.starts_with("ssl_") || name.starts_with("proxy_ssl") {
+        return Some("l4lb does no TLS (neither terminating nor towards servers)");
+    }
+    if name.starts_with("js_") {
+        return Some("l4lb has no njs scripting");
+    }
+    if name.starts_with("limit_conn") || matches!(name, "allow" | "deny") {
+        return Some("l4lb has no access control or connection limits per client yet");
+    }
+    if name.starts_with("geoip") {
+        return Some("l4lb has no variables (geoip)");
+    }
+    Some(match name {
+        "proxy_bind" => "l4lb connects from the address the system picks",
+        "resolver" => "l4lb resolves server names once, at load; it has no resolver",
+        "map" | "geo" | "split_clients" | "set" => "l4lb has no variables",
+        "return" | "pass" => "an l4lb server block proxies (or shows upstreams), nothing else",
+        "proxy_requests" => {
+            "l4lb ends UDP sessions by proxy_timeout and proxy_responses, not by a request count"
+        }
+        "proxy_session_drop" => "l4lb keeps sessions to a server that is removed or marked down",
+        "set_real_ip_from" => "l4lb does not accept the PROXY protocol",
+        "health_check" | "health_check_timeout" | "match" => {
+            "l4lb has passive health checks only (max_fails/fail_timeout)"
+        }
+        _ => return None,
+    })
+}
+
+/// Directives without an l4lb meaning that only tune performance or resources.
+fn ignored(d: &Directive) -> Option<&'static str> {
+    let arg = d.args.first().map(String::as_str);
+    Some(match d.name.as_str() {
+        "proxy_buffer_size" => "l4lb sizes its copy buffers itself (adaptive, up to 256 KiB)",
+        "proxy_socket_keepalive" if arg == Some("off") => "l4lb does not set SO_KEEPALIVE either",
+        "proxy_socket_keepalive" => {
+            "l4lb does not set SO_KEEPALIVE on server connections; proxy_timeout closes idle sessions"
+        }
+        "tcp_nodelay" if arg == Some("off") => "l4lb always sets TCP_NODELAY",
+        "tcp_nodelay" => "l4lb always sets TCP_NODELAY (as this does)",
+        "proxy_half_close" if arg == Some("on") => "l4lb always passes a half-close on (as this does)",
+        "proxy_half_close" => {
+            "l4lb always passes a half-close on, where nginx with off closes the session"
+        }
+        "preread_buffer_size" | "preread_timeout" => {
+            "l4lb reads nothing from the client before choosing a server"
+        }
+        "proxy_protocol_timeout" => "l4lb does not accept the PROXY protocol on listen",
+        "resolver_timeout" => "l4lb has no resolver",
+        "variables_hash_max_size" | "variables_hash_bucket_size" => "l4lb has no variables",
+        "server_names_hash_max_size" | "server_names_hash_bucket_size" | "server_name" => {
+            "an l4lb listen address has one server block; names choose nothing"
+        }
+        "log_format" => "l4lb writes its own access log line (see the README's Access log)",
+        _ => return None,
+    })
+}
+
+impl Converter {
+    pub fn stream_block(&mut self, d: &Directive) {
+        if let Some(first) = &self.stream {
+            let msg = format!("is duplicate (the first stream block is at {first})");
+            return self.error(d, msg);
+        }
+        self.stream = Some(d.loc.clone());
+        let block = self.block_of(d);
+        // proxy_pass may name an upstream defined further down.
+        let names: Vec<&str> = block
+            .iter()
+            .filter(|x| x.name == "upstream")
+            .filter_map(|x| x.args.first().map(String::as_str))
+            .collect();
+        let mut inherited = Vec::new();
+        let mut servers = Vec::new();
+        let mut access_log = None;
+        for x in block {
+            match x.name.as_str() {
+                "upstream" => self.upstream(x),
+                "server" => servers.push(x),
+                "access_log" => access_log = self.access_log(x).or(access_log),
+                "error_log" => self.error_log(x),
+                _ => inherited.extend(self.proxy_setting(x)),
+            }
+        }
+        if access_log.is_none() && !self.has_global("access_log") {
+            self.set_global_with(
+                "access_log",
+                emit::value(toml::Value::Boolean(false)),
+                "nginx stream logs no sessions without access_log".into(),
+            );
+        }
+        for s in servers {
+            self.server(s, &inherited, &names);
+        }
+    }
+
+    /// `access_log off` or `access_log PATH FORMAT ...`: on or off for the whole process.
+    fn access_log(&mut self, d: &Directive) -> Option<bool> {
+        let on = match d.args.first().map(String::as_str) {
+            None => {
+                self.error(d, "takes off or a path and a format");
+                return None;
+            }
+            Some("off") => false,
+            Some(_) => {
+                self.ignore(
+                    d,
+                    "the path, format and options: l4lb writes its own line to stderr (target access)",
+                );
+                true
+            }
+        };
+        // Several access_log lines: any that logs makes l4lb log.
+        if !on && self.has_global("access_log") {
+            return Some(on);
+        }
+        self.set_global("access_log", emit::value(toml::Value::Boolean(on)), d);
+        Some(on)
+    }
+
+    /// A directive valid at stream or server level other than listen/proxy_pass.
+    fn proxy_setting(&mut self, d: &Directive) -> Option<Setting> {
+        let value = match d.name.as_str() {
+            "proxy_connect_timeout" | "proxy_timeout" | "proxy_next_upstream_timeout" => {
+                single(d).and_then(duration)
+            }
+            "proxy_next_upstream" => single(d)
+                .and_then(flag)
+                .map(|b| emit::value(toml::Value::Boolean(b))),
+            "proxy_next_upstream_tries" | "proxy_responses" => single(d).and_then(number),
+            "proxy_upload_rate" | "proxy_download_rate" => single(d).and_then(size),
+            "proxy_protocol" => single(d)
+                .and_then(flag)
+                .map(|on| emit::string(if on { "v1" } else { "off" })),
+            name => {
+                if let Some(why) = unsupported(name) {
+                    self.unsupported(d, why);
+                } else if let Some(why) = ignored(d) {
+                    self.ignore(d, why);
+                } else {
+                    self.error(d, "unknown directive in stream (not one l4lb can convert)");
+                }
+                return None;
+            }
+        };
+        let key = match d.name.as_str() {
+            "proxy_connect_timeout" => "proxy_connect_timeout",
+            "proxy_timeout" => "proxy_timeout",
+            "proxy_next_upstream_timeout" => "proxy_next_upstream_timeout",
+            "proxy_next_upstream" => "proxy_next_upstream",
+            "proxy_next_upstream_tries" => "proxy_next_upstream_tries",
+            "proxy_responses" => "proxy_responses",
+            "proxy_upload_rate" => "proxy_upload_rate",
+            "proxy_download_rate" => "proxy_download_rate",
+            _ => "proxy_protocol",
+        };
+        match value {
+            Ok(value) => Some(Setting {
+                key,
+                value,
+                source: source(d),
+                directive: d.clone(),
+            }),
+            Err(m) => {
+                self.error(d, m);
+                None
+            }
+        }
+    }
+
+    fn server(&mut self, d: &Directive, inherited: &[Setting], upstreams: &[&str]) {
+        let block = self.block_of(d);
+        let mut listens = Vec::new();
+        // A bad listen line is reported once, not again as a missing listen.
+        let mut listen_lines = 0;
+        let mut own: Vec<Setting> = Vec::new();
+        let mut proxy_pass: Option<(String, String)> = None;
+        let mut show: Option<&Directive> = None;
+        for x in block {
+            match x.name.as_str() {
+                "listen" => {
+                    listen_lines += 1;
+                    listens.extend(self.listen(x));
+                }
+                "proxy_pass" => proxy_pass = self.proxy_pass(x, upstreams).or(proxy_pass),
+                "upstream_show" => show = Some(x),
+                "access_log" | "error_log" => self.ignore(
+                    x,
+                    "l4lb's access log and level are for the whole process ([global]), set from the main and stream levels",
+                ),
+                _ => own.extend(self.proxy_setting(x)),
+            }
+        }
+        if listen_lines == 0 {
+            return self.error(d, "server block without listen");
+        }
+        match (&proxy_pass, show) {
+            (None, None) => {
+                return self.error(d, "server block without proxy_pass (or upstream_show)")
+            }
+            (Some(_), Some(s)) => {
+                return self.error(
+                    s,
+                    "in a server block with proxy_pass: l4lb serves one or the other",
+                )
+            }
+            _ => {}
+        }
+        // Server-level settings replace stream-level ones, as nginx merges them.
+        let mut settings: Vec<Setting> = inherited
+            .iter()
+            .filter(|i| !own.iter().any(|o| o.key == i.key))
+            .cloned()
+            .collect();
+        let inherited_count = settings.len();
+        settings.extend(own);
+        for l in listens {
+            let mut s = Section::new("[[server]]".into());
+            s.comment(format!("nginx: stream server {{ }} ({})", d.loc));
+            s.set("listen", emit::string(&l.addr), Some(l.source.clone()));
+            if l.udp {
+                s.set("protocol", emit::string("udp"), None);
+            }
+            if let Some((name, src)) = &proxy_pass {
+                s.set("proxy_pass", emit::string(name), Some(src.clone()));
+            }
+            if let Some(x) = show {
+                if l.udp {
+                    self.error(x, "needs a TCP listen (it answers HTTP)");
+                }
+                s.set(
+                    "upstream_show",
+                    emit::value(toml::Value::Boolean(true)),
+                    Some(source(x)),
+                );
+            }
+            for (i, st) in settings.iter().enumerate() {
+                let from_stream = i < inherited_count;
+                if show.is_some() {
+                    // Stream-level settings reach every server; only this block's own
+                    // are worth a note.
+                    if !from_stream {
+                        self.ignore(&st.directive, "an upstream_show server proxies nothing");
+                    }
+                    continue;
+                }
+                if st.key == "proxy_responses" && !l.udp {
+                    self.ignore(&st.directive, "UDP only; nginx ignores it for TCP too");
+                    continue;
+                }
+                if st.key == "proxy_protocol" && l.udp && st.value != emit::string("off") {
+                    self.unsupported(
+                        &st.directive,
+                        "l4lb sends PROXY protocol headers over TCP only",
+                    );
+                    continue;
+                }
+                let comment = if from_stream {
+                    format!("{}, from stream", st.source)
+                } else {
+                    st.source.clone()
+                };
+                s.set(st.key, st.value.clone(), Some(comment));
+            }
+            self.servers.push(s);
+        }
+    }
+
+    fn listen(&mut self, d: &Directive) -> Option<Listen> {
+        let Some((first, params)) = d.args.split_first() else {
+            self.error(d, "needs an address or a port");
+            return None;
+        };
+        let addr = if let Ok(port) = first.parse::<u16>() {
+            // nginx: `listen PORT` is every IPv4 address.
+            format!("0.0.0.0:{port}")
+        } else if let Some(port) = first.strip_prefix("*:").and_then(|p| p.parse::<u16>().ok()) {
+            format!("0.0.0.0:{port}")
+        } else if first.starts_with("unix:") {
+            self.unsupported(
+                d,
+                "l4lb listens on TCP and UDP ports, not UNIX-domain sockets",
+            );
+            return None;
+        } else if first.parse::<SocketAddr>().is_ok() {
+            first.clone()
+        } else {
+            self.error(
+                d,
+                format!("{first:?}: l4lb listens on PORT, IP:PORT or [IPv6]:PORT (no host names or port ranges)"),
+            );
+            return None;
+        };
+        let mut udp = false;
+        let mut ok = true;
+        for p in params {
+            let name = p.split('=').next().unwrap_or(p);
+            match name {
+                "udp" => udp = true,
+                "ssl" => {
+                    self.unsupported(d, "listen ... ssl: l4lb does no TLS");
+                    ok = false;
+                }
+                "proxy_protocol" => {
+                    self.unsupported(
+                        d,
+                        "listen ... proxy_protocol: l4lb does not accept the PROXY protocol",
+                    );
+                    ok = false;
+                }
+                "reuseport" => {
+                    self.ignore(d, "reuseport: l4lb is one process, one socket per address")
+                }
+                "default_server" => {
+                    self.ignore(d, "default_server: an l4lb address has one server block")
+                }
+                "backlog" | "rcvbuf" | "sndbuf" | "so_keepalive" | "fastopen" | "deferred"
+                | "bind" | "ipv6only" | "setfib" | "accept_filter" => self.ignore(
+                    d,
+                    &format!("{name}: l4lb's listening sockets keep the system defaults"),
+                ),
+                _ => {
+                    self.error(d, format!("unknown listen parameter {p:?}"));
+                    ok = false;
+                }
+            }
+        }
+        ok.then(|| Listen {
+            addr,
+            udp,
+            source: source(d),
+        })
+    }
+
+    /// The upstream a server proxies to: an upstream's name, or an address for which an
+    /// upstream is generated, as nginx makes an implicit one.
+    fn proxy_pass(&mut self, d: &Directive, upstreams: &[&str]) -> Option<(String, String)> {
+        let target = match single(d).and_then(no_variables) {
+            Ok(t) => t,
+            Err(m) => {
+                self.error(d, m);
+                return None;
+            }
+        };
+        if upstreams.contains(&target) {
+            return Some((target.to_string(), source(d)));
+        }
+        if target.starts_with("unix:") {
+            self.unsupported(
+                d,
+                "l4lb connects to TCP and UDP servers, not UNIX-domain sockets",
+            );
+            return None;
+        }
+        if !is_host_port(target) {
+            self.error(
+                d,
+                format!("{target:?} is neither an upstream of this stream block nor host:port"),
+            );
+            return None;
+        }
+        if !self.generated.iter().any(|g| g == target) {
+            self.generated.push(target.to_string());
+            let mut s = Section::new(format!("[upstream.{}]", emit::key(target)));
+            s.comment(format!(
+                "nginx: proxy_pass {target} ({}) names an address: nginx makes an implicit",
+                d.loc
+            ));
+            s.comment("upstream of it, named by the address; so does this section.");
+            s.set(
+                "servers",
+                emit::array_lines(&[(
+                    emit::inline_table(&[("address", emit::string(target))]),
+                    d.loc.to_string(),
+                )]),
+                None,
+            );
+            self.upstreams.push(s);
+        }
+        Some((
+            target.to_string(),
+            format!("{} (the upstream generated for it)", source(d)),
+        ))
+    }
+}
