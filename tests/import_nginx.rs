@@ -274,10 +274,15 @@ async fn upsync_setup_follows_consul() {
     let t = tags(format!("127.0.0.1:{lb}").parse().unwrap(), 10).await;
     let count = |tag: &str| t.iter().filter(|x| *x == tag).count();
     assert_eq!((count("a"), count("b")), (5, 5), "{t:?}");
-    let dumped = std::fs::read_to_string(&dump).unwrap_or_default();
+    // The dump file is written right after the set is applied.
+    let dumped = || std::fs::read_to_string(&dump).unwrap_or_default();
     assert!(
-        dumped.contains(&a.addr.to_string()),
-        "dump file: {dumped:?}"
+        wait_until(Duration::from_secs(5), || dumped()
+            .contains(&b.addr.to_string()))
+        .await
+        .is_some(),
+        "dump file: {:?}",
+        dumped()
     );
 }
 

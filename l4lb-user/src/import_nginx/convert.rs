@@ -71,6 +71,8 @@ pub struct Converter {
     pub declared: Vec<(String, Loc)>,
     /// Addresses given to proxy_pass for which an upstream was generated.
     pub generated: Vec<String>,
+    /// Listening addresses so far: address, UDP, the listen directive.
+    pub listening: Vec<(std::net::SocketAddr, bool, Directive)>,
 }
 
 impl Converter {

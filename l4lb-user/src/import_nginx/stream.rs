@@ -18,9 +18,19 @@ pub struct Setting {
 }
 
 struct Listen {
-    addr: String,
+    addr: SocketAddr,
     udp: bool,
-    source: String,
+    directive: Directive,
+}
+
+/// Whether two listening sockets on one protocol would clash. Linux refuses a wildcard
+/// and a specific address on one port, and `[::]` takes IPv4 too by default
+/// (net.ipv6.bindv6only=0); nginx binds only the wildcard then and sorts connections by
+/// address, which l4lb does not do.
+fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers =
+        |x: SocketAddr, y: SocketAddr| x.ip().is_unspecified() && (x.is_ipv6() || y.is_ipv4());
+    a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
 /// Directives of modules or features l4lb does not have, and what is missing.
@@ -242,9 +252,34 @@ impl Converter {
         let inherited_count = settings.len();
         settings.extend(own);
         for l in listens {
+            let other = self
+                .listening
+                .iter()
+                .find(|(a, udp, _)| *udp == l.udp && clash(*a, l.addr))
+                .map(|(a, _, o)| (*a, o.loc.clone()));
+            if let Some((a, at)) = other {
+                let msg = if a == l.addr {
+                    format!("{a} is already used by the listen at {at}")
+                } else {
+                    format!("{} and {a} (listen at {at}) share a port: l4lb opens one socket per listen and these would clash", l.addr)
+                };
+                self.unsupported(&l.directive, &msg);
+                continue;
+            }
+            if l.addr.is_ipv6() && l.addr.ip().is_unspecified() {
+                self.warn(
+                    &l.directive,
+                    "l4lb's [::] socket takes IPv4 connections too (unless net.ipv6.bindv6only=1), where nginx's is IPv6 only",
+                );
+            }
+            self.listening.push((l.addr, l.udp, l.directive.clone()));
             let mut s = Section::new("[[server]]".into());
             s.comment(format!("nginx: stream server {{ }} ({})", d.loc));
-            s.set("listen", emit::string(&l.addr), Some(l.source.clone()));
+            s.set(
+                "listen",
+                emit::string(&l.addr.to_string()),
+                Some(source(&l.directive)),
+            );
             if l.udp {
                 s.set("protocol", emit::string("udp"), None);
             }
@@ -298,19 +333,22 @@ impl Converter {
             self.error(d, "needs an address or a port");
             return None;
         };
-        let addr = if let Ok(port) = first.parse::<u16>() {
-            // nginx: `listen PORT` is every IPv4 address.
-            format!("0.0.0.0:{port}")
-        } else if let Some(port) = first.strip_prefix("*:").and_then(|p| p.parse::<u16>().ok()) {
-            format!("0.0.0.0:{port}")
+        let port = first
+            .strip_prefix("*:")
+            .unwrap_or(first)
+            .parse::<u16>()
+            .ok();
+        let addr = if let Some(port) = port {
+            // nginx: `listen PORT` and `listen *:PORT` are every IPv4 address.
+            SocketAddr::from(([0, 0, 0, 0], port))
         } else if first.starts_with("unix:") {
             self.unsupported(
                 d,
                 "l4lb listens on TCP and UDP ports, not UNIX-domain sockets",
             );
             return None;
-        } else if first.parse::<SocketAddr>().is_ok() {
-            first.clone()
+        } else if let Ok(addr) = first.parse::<SocketAddr>() {
+            addr
         } else {
             self.error(
                 d,
@@ -355,7 +393,7 @@ impl Converter {
         ok.then(|| Listen {
             addr,
             udp,
-            source: source(d),
+            directive: d.clone(),
         })
     }
 

@@ -539,3 +539,26 @@ fn no_stream_block_is_an_error() {
         ["nginx.conf: stream: no stream { } block: there is nothing for l4lb to proxy"]
     );
 }
+
+#[test]
+fn listens_that_would_clash_are_errors() {
+    let e = convert_err(
+        "stream {\nupstream a { server 127.0.0.1:1; }\nserver { listen 3307; listen [::]:3307; proxy_pass a; }\nserver { listen 127.0.0.1:3307; proxy_pass a; }\nserver { listen 127.0.0.1:9; proxy_pass a; }\nserver { listen 127.0.0.1:9; proxy_pass a; }\n}",
+    );
+    assert_eq!(e.len(), 3, "{e:#?}");
+    assert!(e[0].starts_with("nginx.conf:3: listen: not supported yet: [::]:3307 and 0.0.0.0:3307 (listen at nginx.conf:3) share a port"), "{e:#?}");
+    assert!(
+        e[1].starts_with(
+            "nginx.conf:4: listen: not supported yet: 127.0.0.1:3307 and 0.0.0.0:3307"
+        ),
+        "{e:#?}"
+    );
+    assert!(e[2].starts_with("nginx.conf:6: listen: not supported yet: 127.0.0.1:9 is already used by the listen at nginx.conf:5"), "{e:#?}");
+    let i = convert(
+        "stream {\nupstream a { server 127.0.0.1:1; }\nserver { listen 1; listen 1 udp; listen [::1]:1; listen [::]:2; proxy_pass a; }\n}",
+    );
+    assert_eq!(load(&i).servers.len(), 4);
+    assert!(notes(&i)
+        .iter()
+        .any(|n| n.contains("listen: note: l4lb's [::] socket takes IPv4")));
+}
