@@ -33,6 +33,19 @@ fn clash(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
+/// The proxy directives l4lb honours, under the same names in `[[server]]`.
+const PROXY_KEYS: [&str; 9] = [
+    "proxy_connect_timeout",
+    "proxy_timeout",
+    "proxy_next_upstream",
+    "proxy_next_upstream_tries",
+    "proxy_next_upstream_timeout",
+    "proxy_upload_rate",
+    "proxy_download_rate",
+    "proxy_responses",
+    "proxy_protocol",
+];
+
 /// Directives of modules or features l4lb does not have, and what is missing.
 fn unsupported(name: &str) -> Option<&'static str> {
     if name.starts_with("ssl_") || name.starts_with("proxy_ssl") {
@@ -157,10 +170,17 @@ impl Converter {
 
     /// A directive valid at stream or server level other than listen/proxy_pass.
     fn proxy_setting(&mut self, d: &Directive) -> Option<Setting> {
-        let value = match d.name.as_str() {
-            "proxy_connect_timeout" | "proxy_timeout" | "proxy_next_upstream_timeout" => {
-                single(d).and_then(duration)
+        let Some(&key) = PROXY_KEYS.iter().find(|k| **k == d.name) else {
+            if let Some(why) = unsupported(&d.name) {
+                self.unsupported(d, why);
+            } else if let Some(why) = ignored(d) {
+                self.ignore(d, why);
+            } else {
+                self.error(d, "unknown directive in stream (not one l4lb can convert)");
             }
+            return None;
+        };
+        let value = match key {
             "proxy_next_upstream" => single(d)
                 .and_then(flag)
                 .map(|b| emit::value(toml::Value::Boolean(b))),
@@ -169,27 +189,7 @@ impl Converter {
             "proxy_protocol" => single(d)
                 .and_then(flag)
                 .map(|on| emit::string(if on { "v1" } else { "off" })),
-            name => {
-                if let Some(why) = unsupported(name) {
-                    self.unsupported(d, why);
-                } else if let Some(why) = ignored(d) {
-                    self.ignore(d, why);
-                } else {
-                    self.error(d, "unknown directive in stream (not one l4lb can convert)");
-                }
-                return None;
-            }
-        };
-        let key = match d.name.as_str() {
-            "proxy_connect_timeout" => "proxy_connect_timeout",
-            "proxy_timeout" => "proxy_timeout",
-            "proxy_next_upstream_timeout" => "proxy_next_upstream_timeout",
-            "proxy_next_upstream" => "proxy_next_upstream",
-            "proxy_next_upstream_tries" => "proxy_next_upstream_tries",
-            "proxy_responses" => "proxy_responses",
-            "proxy_upload_rate" => "proxy_upload_rate",
-            "proxy_download_rate" => "proxy_download_rate",
-            _ => "proxy_protocol",
+            _ => single(d).and_then(duration),
         };
         match value {
             Ok(value) => Some(Setting {
@@ -212,6 +212,7 @@ impl Converter {
         let mut listen_lines = 0;
         let mut own: Vec<Setting> = Vec::new();
         let mut proxy_pass: Option<(String, String)> = None;
+        let mut proxy_pass_lines = 0;
         let mut show: Option<&Directive> = None;
         for x in block {
             match x.name.as_str() {
@@ -219,7 +220,10 @@ impl Converter {
                     listen_lines += 1;
                     listens.extend(self.listen(x));
                 }
-                "proxy_pass" => proxy_pass = self.proxy_pass(x, upstreams).or(proxy_pass),
+                "proxy_pass" => {
+                    proxy_pass_lines += 1;
+                    proxy_pass = self.proxy_pass(x, upstreams).or(proxy_pass);
+                }
                 "upstream_show" => show = Some(x),
                 "access_log" | "error_log" => self.ignore(
                     x,
@@ -232,9 +236,10 @@ impl Converter {
             return self.error(d, "server block without listen");
         }
         match (&proxy_pass, show) {
-            (None, None) => {
+            (None, None) if proxy_pass_lines == 0 => {
                 return self.error(d, "server block without proxy_pass (or upstream_show)")
             }
+            (None, None) => return,
             (Some(_), Some(s)) => {
                 return self.error(
                     s,

@@ -71,17 +71,16 @@ impl Converter {
                 _ => self.error(x, "unknown directive in upstream"),
             }
         }
-        if server_lines == 0 && upsync.is_none() && !block.iter().any(|x| x.name == "upsync") {
+        // A bad upsync line is reported once too.
+        let has_upsync = block.iter().any(|x| x.name == "upsync");
+        if server_lines == 0 && !has_upsync {
             self.error(d, "no servers are inside the upstream (and no upsync)");
         }
         if !servers.is_empty() {
             if upsync.is_some() {
-                s.comment(
-                    "These servers are the bootstrap set, used until the upsync source first",
-                );
-                s.comment(
-                    "answers, as in nginx; a dump file, when there is one, replaces them at start.",
-                );
+                s.comment("These servers are the bootstrap set, used until the upsync source");
+                s.comment("first answers, as in nginx (with strong_dependency off, a dump file");
+                s.comment("replaces them at start).");
             }
             s.set("servers", emit::array_lines(&servers), None);
         }
@@ -98,8 +97,8 @@ impl Converter {
                 u.comment("not set; l4lb writes a dump file only with dump_path.");
                 self.upstreams.push(u);
             }
-            (None, Some(x)) => self.error(x, "needs upsync in the same upstream"),
-            (None, None) => {}
+            (None, Some(x)) if !has_upsync => self.error(x, "needs upsync in the same upstream"),
+            (None, _) => {}
         }
     }
 
