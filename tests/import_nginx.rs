@@ -320,5 +320,9 @@ fn what_l4lb_cannot_honour_fails_with_file_and_line() {
 
     let o = l4lb(&["import-nginx", "/nonexistent/nginx.conf"]);
     assert!(!o.status.success());
-    assert!(text(&o.stderr).contains("/nonexistent/nginx.conf: cannot read"));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("/nonexistent/nginx.conf: cannot read") && err.contains("(1 error)"),
+        "{err}"
+    );
 }

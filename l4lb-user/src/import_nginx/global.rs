@@ -111,7 +111,7 @@ impl Converter {
             match n {
                 Some(n) => self.set_global_with(
                     "worker_threads",
-                    emit::value(toml::Value::Integer(n as i64)),
+                    emit::value(toml::Value::Integer(i64::try_from(n).unwrap_or(i64::MAX))),
                     format!(
                         "worker_processes {n} ({}): l4lb is one process with {n} threads",
                         d.loc
@@ -144,6 +144,10 @@ impl Converter {
                 // auto: nginx starts one worker per core of the host it runs on; the
                 // importing host is the best guess available here, and the comment says so.
                 let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                self.warn(
+                    d,
+                    &format!("max_connections counts worker_processes auto as the {cores} cores of this host; adjust it for the host l4lb runs on"),
+                );
                 (
                     cores,
                     format!(
@@ -155,7 +159,7 @@ impl Converter {
         let total = (per_worker.saturating_mul(workers) / 2).max(1);
         self.set_global_with(
             "max_connections",
-            emit::value(toml::Value::Integer(total as i64)),
+            emit::value(toml::Value::Integer(i64::try_from(total).unwrap_or(i64::MAX))),
             format!(
                 "worker_connections {per_worker} ({}) x {how} / 2: nginx counts both sides of a session",
                 d.loc

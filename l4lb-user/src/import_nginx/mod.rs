@@ -115,6 +115,10 @@ pub struct Imported {
 /// Reads `path` (and what it includes) and converts it.
 pub fn import(path: &Path) -> Result<Imported, ImportErrors> {
     let loaded = parser::load(path);
+    if loaded.files.is_empty() {
+        // The main file could not be read: nothing else to say.
+        return Err(ImportErrors(loaded.errors));
+    }
     let main = Loc {
         file: Arc::from(path),
         line: 0,

@@ -227,7 +227,9 @@ impl Loader {
                 return Vec::new();
             }
         };
-        self.files.push(path.to_path_buf());
+        if !self.files.iter().any(|f| f == path) {
+            self.files.push(path.to_path_buf());
+        }
         let file: Arc<Path> = Arc::from(path);
         let directives = parse(&text, &file, &mut self.errors);
         self.reading.push(canonical);
