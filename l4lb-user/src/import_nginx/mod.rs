@@ -123,22 +123,23 @@ pub fn import(path: &Path) -> Result<Imported, ImportErrors> {
         file: Arc::from(path),
         line: 0,
     };
-    let converted = convert::convert(&loaded.directives, &main);
+    let mut converted = convert::convert(&loaded.directives, &main);
+    // Files in reading order, then lines; one line keeps its order.
+    let order = |loc: &Loc| {
+        let file = loaded
+            .files
+            .iter()
+            .position(|f| **f == *loc.file)
+            .unwrap_or(usize::MAX);
+        (file, loc.line)
+    };
     let mut errors = loaded.errors;
-    errors.extend(converted.errors.iter().cloned());
+    errors.append(&mut converted.errors);
     if !errors.is_empty() {
-        // Files in reading order, then lines; errors on one line keep their order.
-        let order = |e: &ImportError| {
-            let file = loaded
-                .files
-                .iter()
-                .position(|f| **f == *e.loc.file)
-                .unwrap_or(usize::MAX);
-            (file, e.loc.line)
-        };
-        errors.sort_by_key(order);
+        errors.sort_by_key(|e| order(&e.loc));
         return Err(ImportErrors(errors));
     }
+    converted.notes.sort_by_key(|n| order(&n.loc));
     Ok(Imported {
         toml: convert::rendered(&loaded.files, &converted),
         notes: converted.notes,
