@@ -203,9 +203,8 @@ impl Loader {
         if self.reading.contains(&canonical) {
             if let Some(d) = from {
                 self.errors.push(d.error(format!(
-                    "{} includes itself (through {} files)",
-                    path.display(),
-                    self.reading.len()
+                    "{} includes itself, directly or through other files",
+                    path.display()
                 )));
             }
             return Vec::new();
@@ -285,7 +284,12 @@ impl Loader {
             self.errors.push(d.error("the pattern is not valid UTF-8"));
             return Vec::new();
         };
-        let matches = match glob::glob(pattern) {
+        // As glob(3), which nginx uses: `*` does not match a leading dot.
+        let options = glob::MatchOptions {
+            require_literal_leading_dot: true,
+            ..glob::MatchOptions::new()
+        };
+        let matches = match glob::glob_with(pattern, options) {
             Ok(m) => m,
             Err(e) => {
                 self.errors

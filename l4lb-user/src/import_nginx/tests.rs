@@ -181,6 +181,8 @@ fn include_with_glob_relative_to_the_main_file() {
         ("conf.d/b.conf", "server { listen 2; proxy_pass db; include snippets/t.conf; }\n"),
         ("conf.d/a.conf", "upstream db {\n  server 127.0.0.1:9;\n}\n"),
         ("snippets/t.conf", "\n\nproxy_timeout 5s;\n"),
+        // A hidden file: glob(3) does not match it, nor does the import.
+        ("conf.d/.hidden.conf", "garbage"),
     ]);
     let i = r.expect("converts");
     let names: Vec<String> = i
