@@ -11,6 +11,7 @@ mod emit;
 mod global;
 mod lexer;
 mod parser;
+mod server;
 mod stream;
 mod upstream;
 mod values;
