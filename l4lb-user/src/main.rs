@@ -6,6 +6,7 @@ mod config;
 mod daemon;
 mod discovery;
 mod health;
+mod import_nginx;
 mod metrics;
 mod panic;
 mod proxy;
@@ -39,11 +40,26 @@ enum Command {
         #[arg(short, long, default_value = "config/l4lb.toml")]
         config: PathBuf,
     },
+    /// Convert an nginx configuration (its stream block) to an l4lb configuration.
+    ImportNginx {
+        /// The nginx configuration file, e.g. /etc/nginx/nginx.conf.
+        file: PathBuf,
+        /// Where to write the l4lb configuration (standard output when absent).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::ImportNginx { file, output } => match import_nginx_cmd(&file, output.as_deref()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Check { config } => match config::load(&config) {
             Ok(_) => {
                 println!("l4lb: configuration file {} syntax is ok", config.display());
@@ -102,4 +118,47 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Notes go to stderr; the configuration to `output` or stdout, only when there is no
+/// error.
+fn import_nginx_cmd(
+    file: &std::path::Path,
+    output: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let imported = match import_nginx::import(file) {
+        Ok(i) => i,
+        Err(errors) => {
+            let n = errors.0.len();
+            anyhow::bail!(
+                "{errors}\nl4lb: {} cannot be converted ({n} error{})",
+                file.display(),
+                if n == 1 { "" } else { "s" }
+            );
+        }
+    };
+    for note in &imported.notes {
+        eprintln!("{note}");
+    }
+    match output {
+        Some(out) => {
+            std::fs::write(out, &imported.toml)
+                .with_context(|| format!("l4lb: cannot write {}", out.display()))?;
+            eprintln!(
+                "l4lb: converted {} ({} file{}) to {}",
+                file.display(),
+                imported.files.len(),
+                if imported.files.len() == 1 { "" } else { "s" },
+                out.display()
+            );
+        }
+        None => {
+            use std::io::Write;
+            std::io::stdout()
+                .write_all(imported.toml.as_bytes())
+                .context("l4lb: cannot write to standard output")?;
+        }
+    }
+    Ok(())
 }
