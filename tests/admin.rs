@@ -251,11 +251,11 @@ url = "http://127.0.0.1:9/v1/kv/upstreams/synced/"
     // Nothing of that changed the set.
     assert_eq!(count(&tags(s.lb, 2).await, "a"), 2);
 
-    let (status, body) = http_get(s.admin, "/api/metrics");
-    assert_eq!(status, 200);
-    let m: Value = serde_json::from_str(&body).unwrap();
-    assert!(m["accepted"].as_u64().unwrap() >= 2, "{m}");
-    assert!(m["discovery_errors"].as_u64().is_some(), "{m}");
+    let m = support::scrape(s.admin);
+    let accepted = support::metric(&m, "l4lb_accepted_total", &[]);
+    assert!(accepted >= Some(2.0), "{accepted:?}");
+    let errors = support::metric(&m, "l4lb_discovery_errors_total", &[("upstream", "synced")]);
+    assert!(errors.is_some(), "{:?}", m.samples);
     let ok = wait_until(Duration::from_secs(3), || {
         let (_, body) = http_get(s.admin, "/api/upstreams/synced");
         serde_json::from_str::<Value>(&body).is_ok_and(|v| {

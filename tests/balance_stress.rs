@@ -11,8 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use support::{connect_from, free_port, http_get, read_line, Backend, Behaviour, Daemon};
+use support::{connect_from, free_port, read_line, Backend, Behaviour, Daemon};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CONNECTIONS: usize = 20_000;
@@ -198,10 +197,13 @@ async fn every_method_under_concurrent_short_connections() {
             failures.push(format!("{label}: {e}"));
         }
     }
-    let (status, body) = http_get(admin, "/api/metrics");
-    assert_eq!(status, 200, "{body}");
-    let metrics: Value = serde_json::from_str(&body).expect("metrics json");
-    assert_eq!(metrics["session_panics"], 0, "{metrics}");
+    let m = support::scrape(admin);
+    assert_eq!(
+        support::metric(&m, "l4lb_session_panics_total", &[]),
+        Some(0.0),
+        "{:?}",
+        m.samples
+    );
     assert!(
         !d.log().contains("panic"),
         "the daemon logged a panic:\n{}",

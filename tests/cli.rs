@@ -123,3 +123,43 @@ fn run_refuses_an_invalid_config() {
         "{err}"
     );
 }
+
+#[test]
+fn health_check_errors_name_file_line_and_key() {
+    let (ok, _, err) = check(
+        r#"
+[upstream.db]
+servers = [{ address = "127.0.0.1:3306" }]
+
+[upstream.db.health_check]
+type = "send_expect"
+send = 'PING\q'
+expect = "PO(NG"
+
+[upstream.cache]
+servers = [{ address = "127.0.0.1:6379" }]
+
+[upstream.cache.health_check]
+type = "ping"
+
+[[server]]
+listen = "127.0.0.1:3307"
+proxy_pass = "db"
+"#,
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("FILE:7:")
+            && err.contains("upstream.db.health_check.send: unknown escape \\q"),
+        "{err}"
+    );
+    assert!(
+        err.contains("FILE:8:")
+            && err.contains("upstream.db.health_check.expect: not a regular expression"),
+        "{err}"
+    );
+    assert!(
+        err.contains("FILE:14:") && err.contains("upstream.cache.health_check.type"),
+        "{err}"
+    );
+}

@@ -93,13 +93,12 @@ async fn shows(d: &Daemon, p: &Ports, limit: Duration, cond: impl Fn(&str) -> bo
     }
 }
 
+/// A discovery counter of upstream `db`, from `/metrics`.
 fn metric(p: &Ports, name: &str) -> u64 {
-    let (status, body) = http_get(p.admin(), "/api/metrics");
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).expect("metrics json");
-    v[name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no metric {name} in {body}"))
+    let s = support::scrape(p.admin());
+    let full = format!("l4lb_{name}_total");
+    support::metric(&s, &full, &[("upstream", "db")])
+        .unwrap_or_else(|| panic!("no metric {full} in {:?}", s.samples)) as u64
 }
 
 /// The admin API shows no error since the source's last good answer.

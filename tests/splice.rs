@@ -26,11 +26,15 @@ fn kernel_wanted(test: &str) -> bool {
 }
 
 fn config(listen: u16, backend: SocketAddr, splice: &str, extra: &str) -> String {
+    let admin = free_port();
     format!(
         r#"
 [global]
 splice = "required"
 access_log = true
+
+[admin]
+listen = "127.0.0.1:{admin}"
 
 [upstream.u]
 servers = [{{ address = "{backend}" }}]
@@ -67,21 +71,47 @@ fn access_lines(d: &Daemon, count: usize, timeout: Duration) -> Vec<String> {
     }
 }
 
-/// Asks the daemon for its splice stats line (SIGUSR1) and returns it.
+/// The kernel path's figures from `/metrics`, as one ` name=value` line for [`stat`].
 fn stats(d: &Daemon) -> String {
-    let before = d.log().matches("splice stats").count();
-    d.signal(libc::SIGUSR1);
-    assert!(
-        d.wait_log_count("splice stats", before + 1, Duration::from_secs(5)),
-        "no stats line; log:\n{}",
-        d.log()
-    );
-    d.log()
-        .lines()
-        .filter(|l| l.contains("splice stats"))
-        .nth(before)
-        .map(str::to_string)
-        .unwrap_or_default()
+    let s = d.scrape();
+    let get = |name: &str, labels: &[(&str, &str)]| {
+        support::metric(&s, name, labels)
+            .unwrap_or_else(|| panic!("no {name} {labels:?} in /metrics")) as u64
+    };
+    let mut line = String::new();
+    for (key, name, labels) in [
+        ("sessions", "l4lb_kernel_sessions", &[][..]),
+        ("flows", "l4lb_kernel_map_entries", &[("map", "flows")][..]),
+        ("ctl", "l4lb_kernel_map_entries", &[("map", "ctl")][..]),
+        (
+            "targets",
+            "l4lb_kernel_map_entries",
+            &[("map", "targets")][..],
+        ),
+        (
+            "attached",
+            "l4lb_kernel_map_entries",
+            &[("map", "attached")][..],
+        ),
+        (
+            "watched",
+            "l4lb_kernel_map_entries",
+            &[("map", "watched")][..],
+        ),
+        ("pauses", "l4lb_kernel_pauses_total", &[][..]),
+        ("holds", "l4lb_kernel_holds_total", &[][..]),
+        ("trimmed", "l4lb_kernel_trimmed_bytes_total", &[][..]),
+        ("lagging", "l4lb_kernel_lag_moves_total", &[][..]),
+        (
+            "bytes_spliced",
+            "l4lb_bytes_total",
+            &[("path", "kernel")][..],
+        ),
+        ("bytes_copied", "l4lb_bytes_total", &[("path", "copy")][..]),
+    ] {
+        line.push_str(&format!(" {key}={}", get(name, labels)));
+    }
+    line
 }
 
 /// A field of a log line, without the quotes tracing puts around some values.

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -21,10 +20,13 @@ use crate::admin::AdminServer;
 use crate::config::{self, Config, Protocol, ServerConfig, SpliceMode};
 use crate::discovery::Discovery;
 use crate::health::HealthChecks;
+use crate::logging::AccessSink;
+use crate::metrics::ListenerMetrics;
 use crate::proxy::{tcp, udp, ListenerCtx, SharedCtx};
 use crate::runtime::DataPath;
 use crate::splice::Splicer;
 use crate::upstream::Upstreams;
+use prometheus_client::registry::Registry;
 
 /// Pending connections the kernel queues per listener (nginx's default on Linux is 511).
 const LISTEN_BACKLOG: u32 = 4096;
@@ -42,6 +44,7 @@ pub struct Daemon {
     listeners: HashMap<(Protocol, SocketAddr), Listener>,
     discovery: Discovery,
     health: HealthChecks,
+    registry: Arc<Registry>,
     admin: Option<AdminServer>,
 }
 
@@ -72,14 +75,18 @@ fn load_splicer(config: &Config) -> anyhow::Result<Option<Arc<Splicer>>> {
 }
 
 impl Daemon {
-    pub async fn start(config_path: &Path, config: Config) -> anyhow::Result<Daemon> {
+    pub async fn start(
+        config_path: &Path,
+        config: Config,
+        access_log: Arc<AccessSink>,
+    ) -> anyhow::Result<Daemon> {
         let splicer = load_splicer(&config)?;
         let dp = Arc::new(DataPath {
             splicer,
             conn_limit: Arc::new(Semaphore::new(config.global.max_connections)),
             sessions: TaskTracker::new(),
             shutdown: CancellationToken::new(),
-            access_log: AtomicBool::new(config.global.access_log),
+            access_log,
         });
         let upstreams = Arc::new(Upstreams::default());
         upstreams.apply(&config.upstreams);
@@ -89,10 +96,21 @@ impl Daemon {
         discovery.start(&upstreams).await?;
         let mut health = HealthChecks::default();
         health.reconcile(&upstreams);
+        let registry = Arc::new(crate::metrics::registry(
+            Arc::clone(&upstreams),
+            discovery.board(),
+            dp.splicer.clone(),
+        ));
         let admin = match &config.admin {
-            Some(cfg) => {
-                Some(AdminServer::start(cfg, Arc::clone(&upstreams), discovery.board()).await?)
-            }
+            Some(cfg) => Some(
+                AdminServer::start(
+                    cfg,
+                    Arc::clone(&upstreams),
+                    discovery.board(),
+                    Arc::clone(&registry),
+                )
+                .await?,
+            ),
             None => None,
         };
         let mut daemon = Daemon {
@@ -103,6 +121,7 @@ impl Daemon {
             listeners: HashMap::new(),
             discovery,
             health,
+            registry,
             admin,
         };
         for server in &config.servers {
@@ -121,6 +140,7 @@ impl Daemon {
 
     fn ctx_for(&self, server: &ServerConfig) -> ListenerCtx {
         ListenerCtx {
+            metrics: ListenerMetrics::new(&server.listen.to_string()),
             server: server.clone(),
             upstream: server
                 .proxy_pass
@@ -171,14 +191,20 @@ impl Daemon {
         Ok(())
     }
 
-    /// Runs until SIGTERM or SIGINT, reloading on SIGHUP.
+    /// Runs until SIGTERM or SIGINT, reloading on SIGHUP and reopening the access log
+    /// file on SIGUSR1 (whose default action would end the process).
     pub async fn run(mut self) -> anyhow::Result<()> {
         let mut hup = signal(SignalKind::hangup())?;
+        let mut usr1 = signal(SignalKind::user_defined1())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         loop {
             tokio::select! {
                 _ = hup.recv() => self.reload().await,
+                _ = usr1.recv() => match self.dp.access_log.reopen() {
+                    Ok(()) => info!("log files reopened"),
+                    Err(e) => error!(error = %e, "cannot reopen the access log; writing to the old file"),
+                },
                 _ = term.recv() => break,
                 _ = int.recv() => break,
             }
@@ -200,16 +226,19 @@ impl Daemon {
                 return;
             }
         };
-        if config.global.max_connections != self.config.global.max_connections
-            || config.global.worker_threads != self.config.global.worker_threads
-            || config.global.log_level != self.config.global.log_level
-            || config.global.splice != self.config.global.splice
+        let (new, old) = (&config.global, &self.config.global);
+        if new.max_connections != old.max_connections
+            || new.worker_threads != old.worker_threads
+            || new.log_level != old.log_level
+            || new.log_format != old.log_format
+            || new.access_log_format != old.access_log_format
+            || new.splice != old.splice
         {
-            warn!("changes to global max_connections, worker_threads, log_level or splice take effect at restart");
+            warn!("changes to global max_connections, worker_threads, log_level, log_format, access_log_format or splice take effect at restart");
         }
-        self.dp
-            .access_log
-            .store(config.global.access_log, Ordering::Relaxed);
+        if let Err(e) = self.dp.access_log.set(&new.access_log) {
+            error!(error = %e, "access log unchanged");
+        }
         self.upstreams.apply(&config.upstreams);
         self.discovery.reconcile(&self.upstreams).await;
         self.health.reconcile(&self.upstreams);
@@ -257,9 +286,14 @@ impl Daemon {
         self.admin = match (self.admin.take(), &config.admin) {
             (Some(admin), cfg) => admin.reload(cfg.as_ref()).await,
             (None, Some(cfg)) => {
-                match AdminServer::start(cfg, Arc::clone(&self.upstreams), self.discovery.board())
-                    .await
-                {
+                let started = AdminServer::start(
+                    cfg,
+                    Arc::clone(&self.upstreams),
+                    self.discovery.board(),
+                    Arc::clone(&self.registry),
+                )
+                .await;
+                match started {
                     Ok(a) => Some(a),
                     Err(e) => {
                         error!(error = %format!("{e:#}"), "admin API not started");

@@ -7,6 +7,7 @@ mod daemon;
 mod discovery;
 mod health;
 mod import_nginx;
+mod logging;
 mod metrics;
 mod panic;
 mod proxy;
@@ -18,7 +19,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(name = "l4lb", version, about)]
@@ -83,15 +83,13 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let filter = std::env::var("L4LB_LOG")
-                .ok()
-                .and_then(|f| EnvFilter::try_new(f).ok())
-                .unwrap_or_else(|| EnvFilter::new(&config.global.log_level));
-            tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_writer(std::io::stderr)
-                .init();
+            let access_log = match logging::init(&config.global) {
+                Ok(sink) => sink,
+                Err(e) => {
+                    eprintln!("l4lb: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             panic::install_hook();
             let mut rt = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = config.global.worker_threads {
@@ -105,7 +103,7 @@ fn main() -> ExitCode {
                 }
             };
             let result = rt.block_on(async {
-                let daemon = daemon::Daemon::start(&path, config).await?;
+                let daemon = daemon::Daemon::start(&path, config, access_log).await?;
                 daemon.run().await
             });
             match result {

@@ -1,12 +1,12 @@
 //! State shared by every listener of the data path.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::logging::AccessSink;
 use crate::splice::Splicer;
 
 pub struct DataPath {
@@ -18,5 +18,5 @@ pub struct DataPath {
     pub sessions: TaskTracker,
     /// Cancelled when the drain grace period is over: sessions still open end then.
     pub shutdown: CancellationToken,
-    pub access_log: AtomicBool,
+    pub access_log: Arc<AccessSink>,
 }

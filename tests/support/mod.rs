@@ -4,6 +4,7 @@
 
 pub mod consul;
 pub mod etcd;
+pub mod servers;
 pub mod tls;
 
 use std::io::{Read, Write};
@@ -204,6 +205,21 @@ impl Daemon {
         // SAFETY: sysconf has no memory-safety preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         ticks as f64 / hz
+    }
+
+    /// The `[admin] listen` address of the daemon's configuration.
+    pub fn admin(&self) -> SocketAddr {
+        let text = std::fs::read_to_string(&self.config_path).expect("read config");
+        let table: toml::Table = toml::from_str(&text).expect("config toml");
+        table["admin"]["listen"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .expect("the test config has [admin] listen")
+    }
+
+    /// The daemon's `/metrics`, parsed as Prometheus does.
+    pub fn scrape(&self) -> Scrape {
+        scrape(self.admin())
     }
 
     /// The access log lines (target `access`) written so far.
@@ -530,6 +546,36 @@ pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> Op
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+pub use prometheus_parse::Scrape;
+
+/// `GET /metrics` from an admin listener, parsed by a Prometheus text-format parser.
+pub fn scrape(admin: SocketAddr) -> Scrape {
+    let (status, body) = http_get(admin, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("prometheus text format")
+}
+
+/// The sum of the samples named `name` whose labels include all of `labels`; `None`
+/// when there is no such sample.
+pub fn metric(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for sample in s.samples.iter().filter(|x| x.metric == name) {
+        if labels.iter().all(|(k, v)| sample.labels.get(k) == Some(*v)) {
+            let v = match &sample.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => *v,
+                prometheus_parse::Value::Histogram(h) => {
+                    h.iter().map(|b| b.count).fold(0.0, f64::max)
+                }
+                prometheus_parse::Value::Summary(_) => 0.0,
+            };
+            found = Some(found.unwrap_or(0.0) + v);
+        }
+    }
+    found
 }
 
 /// The `upstream_show` text of one upstream.

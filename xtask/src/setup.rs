@@ -22,8 +22,17 @@ const BUILD_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
 ];
-/// Debian packages the tests use: a real etcd, `ip` and `ss`, openssl for test certificates.
-const TEST_PACKAGES: &[&str] = &["etcd-server", "etcd-client", "iproute2", "openssl"];
+/// Debian packages the tests use: a real etcd, `ip` and `ss`, openssl for test
+/// certificates, and real redis and MariaDB servers for the health checks (the *-core
+/// package carries mariadbd without a system service that would start).
+const TEST_PACKAGES: &[&str] = &[
+    "etcd-server",
+    "etcd-client",
+    "iproute2",
+    "openssl",
+    "redis-server",
+    "mariadb-server-core",
+];
 
 pub fn all(purpose: Purpose) -> Result<()> {
     let mut packages: Vec<&str> = BUILD_PACKAGES.to_vec();

@@ -25,10 +25,12 @@ use crate::config::ServerSpec;
 use crate::discovery::params::{FieldError, ServerParams, Strictness};
 use crate::discovery::Board;
 use crate::upstream::{Source, Upstream, Upstreams};
+use prometheus_client::registry::Registry;
 
 pub struct AdminState {
     pub upstreams: Arc<Upstreams>,
     pub board: Arc<Board>,
+    pub registry: Arc<Registry>,
     /// Swapped on reload; never logged.
     pub token: ArcSwapOption<String>,
     /// Serialises read-modify-write changes of a server set.
@@ -36,10 +38,16 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    pub fn new(upstreams: Arc<Upstreams>, board: Arc<Board>, token: Option<String>) -> Self {
+    pub fn new(
+        upstreams: Arc<Upstreams>,
+        board: Arc<Board>,
+        registry: Arc<Registry>,
+        token: Option<String>,
+    ) -> Self {
         AdminState {
             upstreams,
             board,
+            registry,
             token: ArcSwapOption::from(token.map(Arc::new)),
             changes: Mutex::new(()),
         }
@@ -59,7 +67,7 @@ pub fn router(state: Shared) -> Router {
                 .patch(patch_server)
                 .delete(delete_server),
         )
-        .route("/api/metrics", get(metrics))
+        .route("/metrics", get(metrics))
         .route("/upstream_show", get(upstream_show))
         .with_state(state)
 }
@@ -150,8 +158,20 @@ async fn one_server(
     )))
 }
 
-async fn metrics() -> Json<Value> {
-    Json(view::metrics())
+/// Prometheus text exposition (OpenMetrics flavour, which Prometheus reads natively).
+async fn metrics(State(st): State<Shared>) -> Response {
+    match crate::metrics::render(&st.registry) {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics")
+            .into_response(),
+    }
 }
 
 async fn upstream_show(

@@ -2,11 +2,10 @@
 
 use std::time::Instant;
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use crate::config::{Balance, UpsyncKind};
 use crate::discovery::Board;
-use crate::metrics::{CopyReason, METRICS};
 use crate::upstream::{Peer, Upstream};
 
 fn balance(b: Balance) -> &'static str {
@@ -82,30 +81,5 @@ pub fn upstream(up: &Upstream, board: &Board) -> Value {
             .iter()
             .map(|p| server(p, &source, now, config.health_check.is_some()))
             .collect::<Vec<_>>(),
-    })
-}
-
-pub fn metrics() -> Value {
-    use std::sync::atomic::Ordering::Relaxed;
-    let m = &METRICS;
-    let reasons: Map<String, Value> = CopyReason::ALL
-        .iter()
-        .map(|r| (r.as_str().to_string(), json!(m.copy_reason_count(*r))))
-        .collect();
-    json!({
-        "accepted": m.accepted.load(Relaxed),
-        "active": m.active.load(Relaxed),
-        "sessions_spliced": m.sessions_spliced.load(Relaxed),
-        "sessions_copied": m.sessions_copied.load(Relaxed),
-        "bytes_spliced": m.bytes_spliced.load(Relaxed),
-        "bytes_copied": m.bytes_copied.load(Relaxed),
-        "connect_failures": m.connect_failures.load(Relaxed),
-        "no_server": m.no_server.load(Relaxed),
-        "udp_sessions": m.udp_sessions.load(Relaxed),
-        "session_panics": m.session_panics.load(Relaxed),
-        "discovery_updates": m.discovery_updates.load(Relaxed),
-        "discovery_errors": m.discovery_errors.load(Relaxed),
-        "discovery_bad_data": m.discovery_bad_data.load(Relaxed),
-        "copy_reasons": reasons,
     })
 }

@@ -13,6 +13,7 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
+use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -80,11 +81,17 @@ impl AdminServer {
         cfg: &AdminConfig,
         upstreams: Arc<Upstreams>,
         board: Arc<Board>,
+        registry: Arc<Registry>,
     ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("cannot listen on {} for the admin API", cfg.listen))?;
-        let state = Arc::new(api::AdminState::new(upstreams, board, cfg.token.clone()));
+        let state = Arc::new(api::AdminState::new(
+            upstreams,
+            board,
+            registry,
+            cfg.token.clone(),
+        ));
         let stop = CancellationToken::new();
         let app = api::router(Arc::clone(&state));
         let until = stop.clone();
@@ -122,7 +129,8 @@ impl AdminServer {
         }
         let upstreams = Arc::clone(&self.state.upstreams);
         let board = Arc::clone(&self.state.board);
-        match AdminServer::start(cfg, upstreams, board).await {
+        let registry = Arc::clone(&self.state.registry);
+        match AdminServer::start(cfg, upstreams, board, registry).await {
             Ok(next) => {
                 self.stop();
                 Some(next)

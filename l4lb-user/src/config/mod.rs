@@ -16,9 +16,11 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
 pub use schema::{
-    BalanceKind, CheckType, Consistency, Protocol, ProxyProtocol, SpliceMode, UpsyncKind,
+    BalanceKind, CheckType, Consistency, LogFormat, Protocol, ProxyProtocol, SpliceMode, UpsyncKind,
 };
-use schema::{RawAdmin, RawGlobal, RawHealthCheck, RawPeer, RawServer, RawUpstream, RawUpsync};
+use schema::{
+    RawAccessLog, RawAdmin, RawGlobal, RawHealthCheck, RawPeer, RawServer, RawUpstream, RawUpsync,
+};
 
 /// nginx's defaults for `server` parameters inside `upstream`.
 pub const DEFAULT_WEIGHT: u32 = 1;
@@ -40,10 +42,21 @@ pub struct Global {
     /// Open client connections at once, like nginx's `worker_connections`.
     pub max_connections: usize,
     pub log_level: String,
-    pub access_log: bool,
+    /// Format of the error log (stderr).
+    pub log_format: LogFormat,
+    pub access_log: AccessLog,
+    pub access_log_format: LogFormat,
     pub splice: SpliceMode,
     /// How long SIGTERM waits for sessions to finish.
     pub worker_shutdown_timeout: Duration,
+}
+
+/// Where the access log goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccessLog {
+    Off,
+    Stderr,
+    File(PathBuf),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -376,6 +389,7 @@ impl Validator<'_> {
 
     fn config(&mut self, root: &DeTable<'_>) -> Option<Config> {
         let mut global = None;
+        let mut global_node = None;
         let mut admin = None;
         let mut upstreams = BTreeMap::new();
         // Names declared, valid or not, so proxy_pass to a broken upstream is not
@@ -385,7 +399,10 @@ impl Validator<'_> {
         let mut server_nodes = Vec::new();
         for (key, node) in root.iter() {
             match key.get_ref().as_ref() {
-                "global" => global = self.section::<RawGlobal>(node, "global"),
+                "global" => {
+                    global = self.section::<RawGlobal>(node, "global");
+                    global_node = Some(node.clone());
+                }
                 "admin" => {
                     if let Some(raw) = self.section::<RawAdmin>(node, "admin") {
                         admin = self.admin(node, raw);
@@ -430,7 +447,7 @@ impl Validator<'_> {
                 ),
             }
         }
-        let global = self.global(global.unwrap_or_default());
+        let global = self.global(global_node.as_ref(), global.unwrap_or_default());
         let mut listeners = Vec::new();
         let mut seen = HashSet::new();
         for ((path, raw), node) in servers.into_iter().zip(&server_nodes) {
@@ -455,12 +472,32 @@ impl Validator<'_> {
         })
     }
 
-    fn global(&mut self, raw: RawGlobal) -> Global {
+    fn global(&mut self, node: Option<&Node<'_>>, raw: RawGlobal) -> Global {
+        let access_log = match raw.access_log {
+            None | Some(RawAccessLog::Enabled(true)) => AccessLog::Stderr,
+            Some(RawAccessLog::Enabled(false)) => AccessLog::Off,
+            Some(RawAccessLog::Target(t)) => match t.as_str() {
+                "off" => AccessLog::Off,
+                "stderr" => AccessLog::Stderr,
+                path if path.starts_with('/') => AccessLog::File(PathBuf::from(path)),
+                other => {
+                    let msg =
+                        format!("{other:?}: expected \"off\", \"stderr\" or an absolute file path");
+                    match node {
+                        Some(n) => self.at(n, "global", "access_log", msg),
+                        None => self.push_span(None, "global.access_log", msg),
+                    }
+                    AccessLog::Stderr
+                }
+            },
+        };
         Global {
+            log_format: raw.log_format.unwrap_or_default(),
+            access_log_format: raw.access_log_format.unwrap_or_default(),
             worker_threads: raw.worker_threads.filter(|&n| n > 0),
             max_connections: raw.max_connections.unwrap_or(10_240),
             log_level: raw.log_level.unwrap_or_else(|| "info".into()),
-            access_log: raw.access_log.unwrap_or(true),
+            access_log,
             splice: raw.splice.unwrap_or_default(),
             worker_shutdown_timeout: raw
                 .worker_shutdown_timeout

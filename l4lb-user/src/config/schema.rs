@@ -11,7 +11,9 @@ pub struct RawGlobal {
     pub worker_threads: Option<usize>,
     pub max_connections: Option<usize>,
     pub log_level: Option<String>,
-    pub access_log: Option<bool>,
+    pub log_format: Option<LogFormat>,
+    pub access_log: Option<RawAccessLog>,
+    pub access_log_format: Option<LogFormat>,
     pub splice: Option<SpliceMode>,
     pub worker_shutdown_timeout: Option<NgxDuration>,
 }
@@ -114,6 +116,24 @@ pub struct RawServer {
     pub proxy_protocol: Option<ProxyProtocol>,
     pub splice: Option<SpliceMode>,
     pub upstream_show: Option<bool>,
+}
+
+/// `access_log = true | false | "off" | "stderr" | "/path/file"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawAccessLog {
+    Enabled(bool),
+    Target(String),
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// `key=value` lines, as today.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]

@@ -24,7 +24,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{ServerSpec, UpsyncConfig, UpsyncKind};
-use crate::metrics::{self, METRICS};
 use crate::upstream::{Source as Origin, Upstream, Upstreams};
 use params::{ServerParams, Strictness};
 
@@ -51,10 +50,6 @@ impl SourceError {
             key: key.into(),
             reason: reason.into(),
         }
-    }
-
-    fn is_bad_data(&self) -> bool {
-        matches!(self, SourceError::BadData { .. })
     }
 }
 
@@ -128,11 +123,13 @@ pub fn shown_url(url: &str) -> String {
     }
 }
 
-/// What the admin API shows of a discovery task.
+/// What the admin API and the metrics show of a discovery task.
 #[derive(Debug, Default)]
 pub struct TaskStatus {
     pub updates: AtomicU64,
     pub errors: AtomicU64,
+    /// Of `errors`, answers whose data was unusable (bad JSON, key, address, base64).
+    pub bad_data: AtomicU64,
     last_error: Mutex<Option<String>>,
     last_success_unix: AtomicU64,
 }
@@ -160,6 +157,9 @@ impl TaskStatus {
 
     fn failed(&self, e: &SourceError) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+        if matches!(e, SourceError::BadData { .. }) {
+            self.bad_data.fetch_add(1, Ordering::Relaxed);
+        }
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
     }
 }
@@ -173,6 +173,14 @@ pub struct Board {
 impl Board {
     pub fn get(&self, upstream: &str) -> Option<Arc<TaskStatus>> {
         self.lock().get(upstream).cloned()
+    }
+
+    /// Every running task's status, by upstream name.
+    pub fn all(&self) -> Vec<(String, Arc<TaskStatus>)> {
+        self.lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), Arc::clone(v)))
+            .collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<TaskStatus>>> {
@@ -195,7 +203,6 @@ impl Runner {
         if !self.upstream.set_servers(servers.clone(), self.origin) {
             return;
         }
-        metrics::add(&METRICS.discovery_updates, 1);
         self.status.updates.fetch_add(1, Ordering::Relaxed);
         info!(upstream = %self.upstream.name, source = %self.origin, servers = servers.len(), "server set updated");
         if let Some(path) = &self.cfg.dump_path {
@@ -206,10 +213,6 @@ impl Runner {
     }
 
     fn failed(&self, e: &SourceError) {
-        metrics::add(&METRICS.discovery_errors, 1);
-        if e.is_bad_data() {
-            metrics::add(&METRICS.discovery_bad_data, 1);
-        }
         self.status.failed(e);
         warn!(
             upstream = %self.upstream.name,

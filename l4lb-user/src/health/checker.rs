@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use super::active::{Outcome, Status, Transition};
 use super::probe;
 use crate::config::HealthCheckConfig;
+use crate::metrics::CheckSeries;
 use crate::upstream::{PeerState, Upstream, Upstreams};
 
 struct Task {
@@ -93,6 +94,7 @@ async fn follow(up: Arc<Upstream>, cfg: HealthCheckConfig, stop: CancellationTok
             let present = snap.peers.iter().any(|p| p.spec.addr == *addr);
             if !present {
                 token.cancel();
+                CheckSeries::forget(&up.name, &addr.to_string());
             }
             present
         });
@@ -133,6 +135,7 @@ async fn check_loop(
     } else {
         cfg.interval.mul_f64(fastrand::f64())
     };
+    let series = CheckSeries::new(&upstream, &addr.to_string());
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + first, cfg.interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -146,6 +149,11 @@ async fn check_loop(
             o = probe::check(&cfg.kind, addr, cfg.timeout) => o,
         };
         let latency = started.elapsed();
+        series.seconds.observe(latency.as_secs_f64());
+        match outcome {
+            Outcome::Pass => series.passed.inc(),
+            Outcome::Fail(_) => series.failed.inc(),
+        };
         match state
             .checks
             .record(&outcome, latency, cfg.fails, cfg.passes)

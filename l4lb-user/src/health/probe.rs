@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -13,25 +15,34 @@ use crate::config::CheckKind;
 /// The most a check reads from a server before it gives up matching.
 const MAX_REPLY: usize = 16 * 1024;
 
-/// Runs one check, all of it within `timeout`.
+/// Runs one check, all of it within `timeout`; a reply that came but did not match
+/// in time is quoted in the reason.
 pub async fn check(kind: &CheckKind, addr: SocketAddr, timeout: Duration) -> Outcome {
-    match tokio::time::timeout(timeout, exchange(kind, addr)).await {
-        Ok(Ok(())) => Outcome::Pass,
-        Ok(Err(why)) => Outcome::Fail(why),
-        Err(_) => Outcome::Fail(format!("timed out after {timeout:?}")),
+    let deadline = Instant::now() + timeout;
+    match exchange(kind, addr, deadline, timeout).await {
+        Ok(()) => Outcome::Pass,
+        Err(why) => Outcome::Fail(why),
     }
 }
 
-async fn exchange(kind: &CheckKind, addr: SocketAddr) -> Result<(), String> {
-    let mut stream = TcpStream::connect(addr)
+async fn exchange(
+    kind: &CheckKind,
+    addr: SocketAddr,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut stream = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
         .await
+        .map_err(|_| format!("connect timed out after {timeout:?}"))?
         .map_err(|e| format!("connect: {e}"))?;
+    let reader = Reader { deadline, timeout };
     let _ = stream.set_nodelay(true);
     let result = match kind {
         CheckKind::Tcp => Ok(Vec::new()),
         CheckKind::SendExpect { send, expect } => {
             send_all(&mut stream, send).await?;
-            read_until(&mut stream, |reply| expect.is_match(reply))
+            reader
+                .until(&mut stream, |reply| expect.is_match(reply))
                 .await
                 .map_err(|(why, reply)| {
                     format!("{why}; expected /{expect}/, got {}", shown(&reply))
@@ -39,7 +50,8 @@ async fn exchange(kind: &CheckKind, addr: SocketAddr) -> Result<(), String> {
         }
         CheckKind::Redis => {
             send_all(&mut stream, b"PING\r\n").await?;
-            read_until(&mut stream, |reply| reply.contains(&b'\n'))
+            reader
+                .until(&mut stream, |reply| reply.contains(&b'\n'))
                 .await
                 .map_err(|(why, reply)| format!("{why}; got {}", shown(&reply)))
                 .and_then(|reply| {
@@ -50,11 +62,17 @@ async fn exchange(kind: &CheckKind, addr: SocketAddr) -> Result<(), String> {
                     }
                 })
         }
-        CheckKind::Mysql => mysql_handshake(&mut stream).await,
+        CheckKind::Mysql => reader.mysql_handshake(&mut stream).await,
     };
     // A quiet close: no reset for the server to log.
     let _ = stream.shutdown().await;
     result.map(|_| ())
+}
+
+/// Reads of one check, each bounded by the check's deadline.
+struct Reader {
+    deadline: Instant,
+    timeout: Duration,
 }
 
 async fn send_all(stream: &mut TcpStream, bytes: &[u8]) -> Result<(), String> {
@@ -67,64 +85,81 @@ async fn send_all(stream: &mut TcpStream, bytes: &[u8]) -> Result<(), String> {
         .map_err(|e| format!("send: {e}"))
 }
 
-/// Reads until `done` holds for what has arrived; on failure returns why and what came.
-async fn read_until(
-    stream: &mut TcpStream,
-    done: impl Fn(&[u8]) -> bool,
-) -> Result<Vec<u8>, (String, Vec<u8>)> {
-    let mut reply = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = match stream.read(&mut buf).await {
-            Ok(n) => n,
-            Err(e) => return Err((format!("read: {e}"), reply)),
-        };
-        if n == 0 {
-            return Err(("closed before a match".to_string(), reply));
-        }
-        reply.extend_from_slice(&buf[..n]);
-        if done(&reply) {
-            return Ok(reply);
-        }
-        if reply.len() >= MAX_REPLY {
-            return Err((format!("no match in {MAX_REPLY} bytes"), reply));
-        }
+impl Reader {
+    fn timed_out(&self) -> String {
+        format!("timed out after {:?}", self.timeout)
     }
-}
 
-/// The first packet a MySQL/MariaDB server sends: protocol 10 handshake, or an error
-/// packet (too many connections, host blocked) whose message is the failure reason.
-async fn mysql_handshake(stream: &mut TcpStream) -> Result<Vec<u8>, String> {
-    let mut header = [0u8; 4];
-    stream
-        .read_exact(&mut header)
-        .await
-        .map_err(|e| format!("no handshake: {e}"))?;
-    let len = u32::from_le_bytes([header[0], header[1], header[2], 0]) as usize;
-    if len == 0 || len > MAX_REPLY {
-        return Err(format!("not a MySQL packet (length {len})"));
-    }
-    let mut payload = vec![0u8; len];
-    stream
-        .read_exact(&mut payload)
-        .await
-        .map_err(|e| format!("handshake cut short: {e}"))?;
-    match payload.first() {
-        Some(10) => Ok(payload),
-        // Error packet: 0xff, 2-byte code, then (in a handshake) the message.
-        Some(0xff) => {
-            let code = payload
-                .get(1..3)
-                .map_or(0, |c| u16::from_le_bytes([c[0], c[1]]));
-            let message = payload.get(3..).map_or_else(String::new, |m| {
-                String::from_utf8_lossy(m)
-                    .trim_start_matches('#')
-                    .to_string()
-            });
-            Err(format!("server error {code}: {message}"))
+    /// Reads until `done` holds for what has arrived; on failure returns why and what
+    /// came.
+    async fn until(
+        &self,
+        stream: &mut TcpStream,
+        done: impl Fn(&[u8]) -> bool,
+    ) -> Result<Vec<u8>, (String, Vec<u8>)> {
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = match tokio::time::timeout_at(self.deadline, stream.read(&mut buf)).await {
+                Err(_) => return Err((self.timed_out(), reply)),
+                Ok(Err(e)) => return Err((format!("read: {e}"), reply)),
+                Ok(Ok(n)) => n,
+            };
+            if n == 0 {
+                return Err(("closed before a match".to_string(), reply));
+            }
+            reply.extend_from_slice(&buf[..n]);
+            if done(&reply) {
+                return Ok(reply);
+            }
+            if reply.len() >= MAX_REPLY {
+                return Err((format!("no match in {MAX_REPLY} bytes"), reply));
+            }
         }
-        Some(v) => Err(format!("not a MySQL handshake (protocol byte {v})")),
-        None => Err("empty handshake".to_string()),
+    }
+
+    async fn exact(
+        &self,
+        stream: &mut TcpStream,
+        buf: &mut [u8],
+        what: &str,
+    ) -> Result<(), String> {
+        match tokio::time::timeout_at(self.deadline, stream.read_exact(buf)).await {
+            Err(_) => Err(format!("{what}: {}", self.timed_out())),
+            Ok(Err(e)) => Err(format!("{what}: {e}")),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+
+    /// The first packet a MySQL/MariaDB server sends: protocol 10 handshake, or an
+    /// error packet (too many connections, host blocked) whose message is the reason.
+    async fn mysql_handshake(&self, stream: &mut TcpStream) -> Result<Vec<u8>, String> {
+        let mut header = [0u8; 4];
+        self.exact(stream, &mut header, "no handshake").await?;
+        let len = u32::from_le_bytes([header[0], header[1], header[2], 0]) as usize;
+        if len == 0 || len > MAX_REPLY {
+            return Err(format!("not a MySQL packet (length {len})"));
+        }
+        let mut payload = vec![0u8; len];
+        self.exact(stream, &mut payload, "handshake cut short")
+            .await?;
+        match payload.first() {
+            Some(10) => Ok(payload),
+            // Error packet: 0xff, 2-byte code, then (in a handshake) the message.
+            Some(0xff) => {
+                let code = payload
+                    .get(1..3)
+                    .map_or(0, |c| u16::from_le_bytes([c[0], c[1]]));
+                let message = payload.get(3..).map_or_else(String::new, |m| {
+                    String::from_utf8_lossy(m)
+                        .trim_start_matches('#')
+                        .to_string()
+                });
+                Err(format!("server error {code}: {message}"))
+            }
+            Some(v) => Err(format!("not a MySQL handshake (protocol byte {v})")),
+            None => Err("empty handshake".to_string()),
+        }
     }
 }
 

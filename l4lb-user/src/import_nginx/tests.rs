@@ -279,7 +279,7 @@ fn classic_mysql_setup() {
     // 1024 per worker x 2 workers, halved: each session holds two connections in nginx.
     assert_eq!(c.global.max_connections, 1024);
     assert_eq!(c.global.log_level, "warn");
-    assert!(!c.global.access_log);
+    assert_eq!(c.global.access_log, crate::config::AccessLog::Off);
     let u = &c.upstreams["mysql_backend"];
     assert_eq!(u.balance, Balance::LeastConn);
     assert_eq!(u.servers.len(), 3);
@@ -517,7 +517,7 @@ fn names_needing_quotes_and_process_settings() {
         c.global.log_level, "info",
         "the most verbose error_log wins"
     );
-    assert!(c.global.access_log);
+    assert_eq!(c.global.access_log, crate::config::AccessLog::Stderr);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert_eq!(c.global.max_connections, (100 * cores / 2).max(1));
     let n = notes(&i);

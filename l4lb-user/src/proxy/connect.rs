@@ -7,7 +7,6 @@ use tokio::net::TcpStream;
 use tracing::warn;
 
 use crate::config::ServerConfig;
-use crate::metrics::{self, METRICS};
 use crate::upstream::{Lease, Upstream};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +34,6 @@ pub async fn connect(
     let mut tried: Vec<SocketAddr> = Vec::new();
     loop {
         let Some(lease) = upstream.select(client.ip(), &tried) else {
-            metrics::add(&METRICS.no_server, 1);
             return Err(if tried.is_empty() {
                 ConnectError::NoServer(upstream.name.clone())
             } else {
@@ -47,10 +45,14 @@ pub async fn connect(
         };
         let addr = lease.spec.addr;
         tried.push(addr);
+        let connecting = Instant::now();
         let err = match tokio::time::timeout(server.proxy_connect_timeout, TcpStream::connect(addr))
             .await
         {
             Ok(Ok(stream)) => {
+                upstream
+                    .connect_seconds
+                    .observe(connecting.elapsed().as_secs_f64());
                 lease.connect_succeeded();
                 // nginx's stream module sets TCP_NODELAY on both sides by default.
                 let _ = stream.set_nodelay(true);
@@ -65,7 +67,6 @@ pub async fn connect(
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("timed out after {:?}", server.proxy_connect_timeout),
         };
-        metrics::add(&METRICS.connect_failures, 1);
         lease.connect_failed(&upstream.name);
         warn!(%client, upstream = %upstream.name, server = %addr, error = %err, "connect to upstream failed");
         drop(lease);

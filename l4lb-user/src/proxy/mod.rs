@@ -14,6 +14,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::config::ServerConfig;
+use crate::metrics::ListenerMetrics;
 use crate::upstream::Upstream;
 
 /// What a listener needs per connection; swapped whole on reload, so established
@@ -22,6 +23,7 @@ use crate::upstream::Upstream;
 pub struct ListenerCtx {
     pub server: ServerConfig,
     pub upstream: Option<Arc<Upstream>>,
+    pub metrics: ListenerMetrics,
 }
 
 pub type SharedCtx = Arc<ArcSwap<ListenerCtx>>;

@@ -2,7 +2,6 @@
 //! kernel splice path or the userspace copy path, and write the access log line.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +11,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::connect::connect;
+use super::connect::{connect, ConnectError};
 use super::copy::{copy_bidirectional, CopyLimits, Transfer};
 use super::{is_resource_exhaustion, proxy_protocol, ListenerCtx, SessionEnd, SharedCtx};
 use crate::config::{ServerConfig, SpliceMode};
@@ -56,8 +55,8 @@ pub async fn serve(
         };
         match accepted {
             Ok((client, peer)) => {
-                metrics::add(&METRICS.accepted, 1);
                 let ctx = ctx.load_full();
+                ctx.metrics.accepted.inc();
                 let dp2 = Arc::clone(&dp);
                 dp.sessions.spawn(session(ctx, dp2, client, peer, permit));
             }
@@ -98,7 +97,7 @@ async fn session(
     peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
 ) {
-    METRICS.active.fetch_add(1, Ordering::Relaxed);
+    ctx.metrics.active.inc();
     let started = Instant::now();
     let server = &ctx.server;
     let transfer = Transfer::default();
@@ -106,8 +105,16 @@ async fn session(
         o = proxy(&ctx, &dp, client, peer, &transfer) => o,
         () = dp.shutdown.cancelled() => Outcome::ended(None, SessionEnd::Shutdown),
     };
-    METRICS.active.fetch_sub(1, Ordering::Relaxed);
-    if dp.access_log.load(Ordering::Relaxed) {
+    ctx.metrics.active.dec();
+    ctx.metrics
+        .session_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match outcome.path {
+        Some(Path::Kernel) => ctx.metrics.ended_on(None),
+        Some(Path::Copy(reason)) => ctx.metrics.ended_on(Some(reason)),
+        None => {}
+    }
+    if dp.access_log.enabled() {
         info!(
             target: "access",
             client = %peer,
@@ -155,7 +162,8 @@ async fn proxy(
         Ok(Ok(pair)) => pair,
         Ok(Err(outcome)) => return outcome,
         Err(panicked) => {
-            metrics::add(&METRICS.session_panics, 1);
+            METRICS.session_panics.inc();
+            ctx.metrics.panicked.inc();
             error!(client = %peer, %listen, panic = %panicked, "session panicked before forwarding; closing the client");
             close_cleanly(client).await;
             return Outcome::ended(None, SessionEnd::Panic);
@@ -165,7 +173,7 @@ async fn proxy(
     match panic::catch(forward(ctx, dp, client, backend, lease, transfer)).await {
         Ok(outcome) => outcome,
         Err(panicked) => {
-            metrics::add(&METRICS.session_panics, 1);
+            METRICS.session_panics.inc();
             error!(client = %peer, %listen, server = %backend_addr, panic = %panicked, "session panicked while forwarding");
             Outcome::ended(Some(backend_addr), SessionEnd::Panic)
         }
@@ -184,6 +192,10 @@ async fn establish(
     };
     let _ = client.set_nodelay(true);
     let (mut backend, lease) = connect(upstream, server, peer).await.map_err(|e| {
+        match e {
+            ConnectError::NoServer(_) => ctx.metrics.no_server.inc(),
+            _ => ctx.metrics.connect_failed.inc(),
+        };
         warn!(client = %peer, listen = %server.listen, error = %e, "closing client: no upstream server reachable");
         Outcome::ended(None, "connect_failed")
     })?;
@@ -217,29 +229,21 @@ async fn forward(
         upload_rate: server.proxy_upload_rate,
         download_rate: server.proxy_download_rate,
     };
+    let total = || transfer.upload() + transfer.download();
     let (end, path) = match (copy_reason(server, dp), dp.splicer.as_ref()) {
         (None, Some(splicer)) => {
             let o = splicer.run(client, backend, limits, transfer).await;
-            let total = transfer.upload() + transfer.download();
-            metrics::add(&METRICS.bytes_copied, o.userspace_bytes);
-            metrics::add(
-                &METRICS.bytes_spliced,
-                total.saturating_sub(o.userspace_bytes),
-            );
+            metrics::add_bytes(total().saturating_sub(o.userspace_bytes), o.userspace_bytes);
             (o.end, o.path)
         }
         (reason, _) => {
             let reason = reason.unwrap_or(CopyReason::KernelUnavailable);
-            METRICS.copied_because(reason);
-            metrics::add(&METRICS.sessions_copied, 1);
             let end = copy_bidirectional(&mut client, &mut backend, limits, transfer).await;
-            metrics::add(
-                &METRICS.bytes_copied,
-                transfer.upload() + transfer.download(),
-            );
+            metrics::add_bytes(0, total());
             (end, Path::Copy(reason))
         }
     };
+    lease.add_bytes(transfer.upload(), transfer.download());
     let backend_addr = Some(lease.spec.addr);
     drop(lease);
     Outcome {

@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 
 use super::copy::idle;
 use super::{ListenerCtx, SharedCtx};
-use crate::metrics::{self, METRICS};
+use crate::metrics::METRICS;
 use crate::panic;
 use crate::runtime::DataPath;
 use crate::upstream::Lease;
@@ -67,7 +67,7 @@ pub async fn serve(socket: UdpSocket, ctx: SharedCtx, dp: Arc<DataPath>, stop: C
                     Ok(Some(s)) => s,
                     Ok(None) => continue,
                     Err(panicked) => {
-                        metrics::add(&METRICS.session_panics, 1);
+                        METRICS.session_panics.inc();
                         error!(%client, listen = %ctx.load().server.listen, panic = %panicked, "udp session panicked while opening");
                         continue;
                     }
@@ -110,7 +110,7 @@ async fn open(
 ) -> Option<Arc<UdpSession>> {
     let upstream = ctx.upstream.as_ref()?;
     let Some(lease) = upstream.select(client.ip(), &[]) else {
-        metrics::add(&METRICS.no_server, 1);
+        ctx.metrics.no_server.inc();
         warn!(%client, upstream = %upstream.name, "no available server for udp session");
         return None;
     };
@@ -138,7 +138,7 @@ async fn open(
         upload: AtomicU64::new(0),
     });
     lock(sessions).insert(client, Arc::clone(&session));
-    metrics::add(&METRICS.udp_sessions, 1);
+    ctx.metrics.udp_sessions.inc();
     let replying = replies(
         Arc::clone(ctx),
         Arc::clone(dp),
@@ -151,7 +151,7 @@ async fn open(
     let (sessions, this) = (Arc::clone(sessions), Arc::clone(&session));
     dp.sessions.spawn(async move {
         if let Err(panicked) = panic::catch(replying).await {
-            metrics::add(&METRICS.session_panics, 1);
+            METRICS.session_panics.inc();
             error!(%client, panic = %panicked, "udp session panicked");
             forget(&sessions, client, &this);
         }
@@ -203,7 +203,7 @@ async fn replies(
         }
     };
     forget(&sessions, client, &session);
-    if dp.access_log.load(Ordering::Relaxed) {
+    if dp.access_log.enabled() {
         info!(
             target: "access",
             client = %client,

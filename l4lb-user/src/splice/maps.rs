@@ -17,7 +17,7 @@ pub struct Maps {
     pub max_sockets: usize,
 }
 
-/// Entries of each map, for the stats line.
+/// Entries of each map, for the metrics.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct MapCounts {
     pub flows: usize,

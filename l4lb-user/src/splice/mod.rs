@@ -31,7 +31,7 @@ use anyhow::Context;
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use crate::metrics::{self, CopyReason, METRICS};
+use crate::metrics::CopyReason;
 use crate::proxy::copy::{copy_bidirectional, CopyLimits, Transfer};
 use crate::proxy::{SessionEnd, Side};
 use maps::Maps;
@@ -61,7 +61,21 @@ pub struct SpliceOutcome {
     pub userspace_bytes: u64,
 }
 
-/// Counters of the kernel path, logged on SIGUSR1 with the map sizes.
+/// A copy of the kernel path's counters for the metrics registry.
+#[derive(Debug)]
+pub struct KernelStats {
+    pub sessions: u64,
+    pub pauses: u64,
+    pub holds: u64,
+    pub trimmed: u64,
+    pub lagging: u64,
+    pub watchdog: u64,
+    pub insert_failed: u64,
+    /// Entries per map, and the sockets the daemon watches.
+    pub maps: [(&'static str, u64); 5],
+}
+
+/// Counters of the kernel path, read by the metrics registry with the map sizes.
 struct Stats {
     active: AtomicU64,
     /// Sessions moved to userspace because a peer lagged past the cap.
@@ -111,12 +125,33 @@ impl Splicer {
             attached: loaded.attached,
             max_sockets: max_sockets as usize,
         });
-        spawn_stats_on_sigusr1(Arc::clone(&maps), Arc::clone(&watcher))?;
         Ok(Splicer {
             maps,
             watcher,
             _ebpf: loaded.ebpf,
         })
+    }
+
+    /// The kernel path's counters and map sizes (a map that cannot be counted shows 0).
+    pub fn stats(&self) -> KernelStats {
+        let counts = self.maps.counts().unwrap_or_default();
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        KernelStats {
+            sessions: load(&STATS.active),
+            pauses: load(&STATS.pauses),
+            holds: load(&STATS.holds),
+            trimmed: load(&STATS.trimmed),
+            lagging: load(&STATS.lagging),
+            watchdog: load(&STATS.watchdog),
+            insert_failed: load(&STATS.insert_failed),
+            maps: [
+                ("flows", counts.flows as u64),
+                ("ctl", counts.ctl as u64),
+                ("targets", counts.targets as u64),
+                ("attached", counts.attached as u64),
+                ("watched", self.watcher.routes_len() as u64),
+            ],
+        }
     }
 
     pub async fn run(
@@ -188,7 +223,6 @@ impl Splicer {
                 };
             }
         };
-        metrics::add(&METRICS.sessions_spliced, 1);
         match session.splice(rx, limits, transfer).await {
             End::Session(end) => kernel_end(&session, End::Session(end), Path::Kernel),
             End::Stall(i) => {
@@ -290,8 +324,6 @@ async fn fallback(
     } else {
         warn!(reason = reason.as_str(), error = %why, "session leaves the kernel path; copying in userspace");
     }
-    METRICS.copied_because(reason);
-    metrics::add(&METRICS.sessions_copied, 1);
     let before = transfer.upload() + transfer.download();
     let end = match (TcpStream::from_std(client), TcpStream::from_std(backend)) {
         (Ok(mut c), Ok(mut b)) => copy_bidirectional(&mut c, &mut b, limits, transfer).await,
@@ -303,34 +335,4 @@ async fn fallback(
         path: Path::Copy(reason),
         userspace_bytes: already_userspace + copied,
     }
-}
-
-fn spawn_stats_on_sigusr1(maps: Arc<Maps>, watcher: Arc<Watcher>) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut usr1 = signal(SignalKind::user_defined1())?;
-    tokio::spawn(async move {
-        while usr1.recv().await.is_some() {
-            match maps.counts() {
-                Ok(c) => info!(
-                    sessions = STATS.active.load(Ordering::Relaxed),
-                    flows = c.flows,
-                    ctl = c.ctl,
-                    targets = c.targets,
-                    attached = c.attached,
-                    watched = watcher.routes_len(),
-                    lagging = STATS.lagging.load(Ordering::Relaxed),
-                    pauses = STATS.pauses.load(Ordering::Relaxed),
-                    holds = STATS.holds.load(Ordering::Relaxed),
-                    trimmed = STATS.trimmed.load(Ordering::Relaxed),
-                    watchdog = STATS.watchdog.load(Ordering::Relaxed),
-                    insert_failed = STATS.insert_failed.load(Ordering::Relaxed),
-                    bytes_spliced = METRICS.bytes_spliced.load(Ordering::Relaxed),
-                    bytes_copied = METRICS.bytes_copied.load(Ordering::Relaxed),
-                    "splice stats"
-                ),
-                Err(e) => warn!(error = %e, "cannot count the splice maps"),
-            }
-        }
-    });
-    Ok(())
 }

@@ -19,6 +19,7 @@ use tracing::warn;
 use crate::config::{Balance, ServerSpec, UpstreamConfig};
 use crate::health::active::ActiveHealth;
 use crate::health::{FailOutcome, PassiveHealth};
+use crate::metrics::{UpstreamLabels, METRICS};
 
 /// Where the current server set of an upstream came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +51,10 @@ impl fmt::Display for Source {
 pub struct PeerState {
     active: AtomicU32,
     total: AtomicU64,
+    /// Bytes client to server and back, added as each session ends.
+    bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
+    connect_failures: AtomicU64,
     pub health: PassiveHealth,
     pub checks: ActiveHealth,
     /// Smooth weighted round-robin bookkeeping; only touched under the upstream's lock.
@@ -67,6 +72,18 @@ impl PeerState {
     /// Connections handed to this server since it appeared.
     pub fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
+    }
+
+    pub fn bytes_up(&self) -> u64 {
+        self.bytes_up.load(Ordering::Relaxed)
+    }
+
+    pub fn bytes_down(&self) -> u64 {
+        self.bytes_down.load(Ordering::Relaxed)
+    }
+
+    pub fn connect_failures(&self) -> u64 {
+        self.connect_failures.load(Ordering::Relaxed)
     }
 
     /// Whether passive and active health both let the server take a connection.
@@ -109,6 +126,8 @@ pub struct Upstream {
     config: ArcSwap<UpstreamConfig>,
     /// Bumped on every published change, for control-plane followers (health checks).
     changes: tokio::sync::watch::Sender<()>,
+    /// This upstream's backend connect times.
+    pub connect_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl fmt::Debug for Upstream {
@@ -140,8 +159,15 @@ impl Lease {
         self.state.health.record_success();
     }
 
+    /// Adds a finished session's bytes to the server's totals.
+    pub fn add_bytes(&self, up: u64, down: u64) {
+        self.state.bytes_up.fetch_add(up, Ordering::Relaxed);
+        self.state.bytes_down.fetch_add(down, Ordering::Relaxed);
+    }
+
     /// Counts a connect failure against the server (nginx's `max_fails`).
     pub fn connect_failed(&self, upstream: &str) {
+        self.state.connect_failures.fetch_add(1, Ordering::Relaxed);
         let outcome = self.state.health.record_failure(
             Instant::now(),
             self.spec.max_fails,
@@ -179,6 +205,11 @@ impl Upstream {
             select_lock: Mutex::new(()),
             config: ArcSwap::from_pointee(config.clone()),
             changes: tokio::sync::watch::Sender::new(()),
+            connect_seconds: METRICS
+                .connect_seconds
+                .get_or_create_owned(&UpstreamLabels {
+                    upstream: config.name.clone(),
+                }),
         };
         // The servers a process starts with are in service at once, as in nginx;
         // checks then take down the ones that fail.
