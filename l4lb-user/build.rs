@@ -1,4 +1,5 @@
-//! Builds the eBPF program (`l4lb-ebpf`, target bpfel-unknown-none) with the nightly
+//! Builds the eBPF programs (`l4lb-ebpf`: the splice verdict; `l4lb-xdp`: the access
+//! filter; target bpfel-unknown-none) with the nightly
 //! toolchain and bpf-linker; the daemon embeds the result with `include_bytes_aligned!`.
 //! Needs `rustup toolchain install nightly --component rust-src` and
 //! `cargo install bpf-linker`. `AYA_BUILD_SKIP=1` builds without it: the daemon then
@@ -13,9 +14,11 @@ fn main() -> anyhow::Result<()> {
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
     if std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
-        let out = PathBuf::from(std::env::var("OUT_DIR")?).join("l4lb-ebpf");
-        if !out.exists() {
-            std::fs::write(out, [])?;
+        for object in ["l4lb-ebpf", "l4lb-xdp"] {
+            let out = PathBuf::from(std::env::var("OUT_DIR")?).join(object);
+            if !out.exists() {
+                std::fs::write(out, [])?;
+            }
         }
     }
     aya_build::build_ebpf(

@@ -113,7 +113,7 @@ async fn wait_state(
     }
 }
 
-fn check_config(admin: u16, lb: u16, servers: &str, interval: &str) -> String {
+fn check_config(admin: u16, lb: u16, show: u16, servers: &str, interval: &str) -> String {
     format!(
         r#"
 [global]
@@ -142,8 +142,7 @@ proxy_connect_timeout = "1s"
 [[server]]
 listen = "127.0.0.1:{show}"
 upstream_show = true
-"#,
-        show = lb + 1
+"#
     )
 }
 
@@ -151,12 +150,14 @@ upstream_show = true
 async fn a_hung_backend_is_marked_down_and_comes_back_after_passes() {
     let a = Switchable::start("a").await;
     let b = Switchable::start("b").await;
-    let (admin_port, lb_port) = (free_port(), free_port());
+    let (admin_port, lb_port, show_port) = (free_port(), free_port(), free_port());
     let servers = format!(
         "{{ address = \"{}\" }}, {{ address = \"{}\" }}",
         a.addr, b.addr
     );
-    let d = Daemon::start(&check_config(admin_port, lb_port, &servers, "500ms"));
+    let d = Daemon::start(&check_config(
+        admin_port, lb_port, show_port, &servers, "500ms",
+    ));
     let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
     let lb = SocketAddr::from(([127, 0, 0, 1], lb_port));
     wait_state(admin, "u", a.addr, "up", Duration::from_secs(3)).await;
@@ -173,7 +174,7 @@ async fn a_hung_backend_is_marked_down_and_comes_back_after_passes() {
     let reason = s["health_check"]["last"]["reason"].as_str().unwrap_or("");
     assert!(reason.contains("timed out"), "{s}");
     assert_eq!(s["available"], false, "{s}");
-    let show = support::show(SocketAddr::from(([127, 0, 0, 1], lb_port + 1)), "u");
+    let show = support::show(SocketAddr::from(([127, 0, 0, 1], show_port)), "u");
     assert!(
         show.contains(&format!("server {} ", a.addr)) && show.contains("# health=down last=fail"),
         "{show}"
@@ -201,7 +202,9 @@ async fn a_hung_backend_is_marked_down_and_comes_back_after_passes() {
     let c = Switchable::start("c").await;
     c.answering.store(false, Ordering::SeqCst);
     let servers = format!("{servers}, {{ address = \"{}\" }}", c.addr);
-    d.reload(&check_config(admin_port, lb_port, &servers, "400ms"));
+    d.reload(&check_config(
+        admin_port, lb_port, show_port, &servers, "400ms",
+    ));
     assert_eq!(state(admin, "u", c.addr).0, "pending");
     assert_eq!(
         state(admin, "u", a.addr).0,

@@ -132,4 +132,44 @@ mod pod {
     unsafe impl aya::Pod for super::FlowCtl {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Event {}
+    // SAFETY: byte arrays only (alignment 1, no padding).
+    unsafe impl aya::Pod for super::AccessKey4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AccessKey6 {}
+}
+
+/// LPM trie of the XDP access filter for IPv4: [`AccessKey4`] -> [`ACCESS_DENY`] or
+/// [`ACCESS_ALLOW`]. The key's data is protocol, port, then the address, so the
+/// longest matching prefix is looked up per listener.
+pub const ACCESS4_MAP: &str = "L4LB_ACCESS4";
+/// The same for IPv6 with [`AccessKey6`].
+pub const ACCESS6_MAP: &str = "L4LB_ACCESS6";
+/// Per-CPU array with one u64: packets the XDP filter dropped.
+pub const XDP_DROPS_MAP: &str = "L4LB_XDP_DROPS";
+/// The XDP access filter program.
+pub const XDP_PROG: &str = "l4lb_xdp_access";
+/// Entries of each access trie.
+pub const ACCESS_MAX_ENTRIES: u32 = 16_384;
+pub const ACCESS_ALLOW: u8 = 0;
+pub const ACCESS_DENY: u8 = 1;
+/// Bits of protocol and port ahead of the address in an access key.
+pub const ACCESS_KEY_HEAD_BITS: u32 = 24;
+
+/// Data of an IPv4 access key: IP protocol (6 or 17), destination port and source
+/// address, both in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AccessKey4 {
+    pub proto: u8,
+    pub port: [u8; 2],
+    pub addr: [u8; 4],
+}
+
+/// Data of an IPv6 access key, as [`AccessKey4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AccessKey6 {
+    pub proto: u8,
+    pub port: [u8; 2],
+    pub addr: [u8; 16],
 }

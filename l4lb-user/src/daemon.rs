@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
@@ -26,6 +26,7 @@ use crate::proxy::{tcp, udp, ListenerCtx, SharedCtx};
 use crate::runtime::DataPath;
 use crate::splice::Splicer;
 use crate::upstream::Upstreams;
+use crate::xdp::XdpFilter;
 use prometheus_client::registry::Registry;
 
 /// Pending connections the kernel queues per listener (nginx's default on Linux is 511).
@@ -44,6 +45,7 @@ pub struct Daemon {
     listeners: HashMap<(Protocol, SocketAddr), Listener>,
     discovery: Discovery,
     health: HealthChecks,
+    xdp: Option<Arc<Mutex<XdpFilter>>>,
     registry: Arc<Registry>,
     admin: Option<AdminServer>,
 }
@@ -81,6 +83,14 @@ impl Daemon {
         access_log: Arc<AccessSink>,
     ) -> anyhow::Result<Daemon> {
         let splicer = load_splicer(&config)?;
+        let xdp = match &config.global.xdp_interface {
+            Some(interface) => {
+                let filter = XdpFilter::attach(interface, &config.servers)?;
+                info!(%interface, "XDP access filter attached");
+                Some(Arc::new(Mutex::new(filter)))
+            }
+            None => None,
+        };
         let dp = Arc::new(DataPath {
             splicer,
             conn_limit: Arc::new(Semaphore::new(config.global.max_connections)),
@@ -100,6 +110,7 @@ impl Daemon {
             Arc::clone(&upstreams),
             discovery.board(),
             dp.splicer.clone(),
+            xdp.clone(),
         ));
         let admin = match &config.admin {
             Some(cfg) => Some(
@@ -121,6 +132,7 @@ impl Daemon {
             listeners: HashMap::new(),
             discovery,
             health,
+            xdp,
             registry,
             admin,
         };
@@ -138,9 +150,15 @@ impl Daemon {
         Ok(daemon)
     }
 
-    fn ctx_for(&self, server: &ServerConfig) -> ListenerCtx {
+    /// A listener's settings; `previous` carries what outlives a reload (open
+    /// sessions per client for `limit_conn`, metric handles).
+    fn ctx_for(&self, server: &ServerConfig, previous: Option<&ListenerCtx>) -> ListenerCtx {
         ListenerCtx {
-            metrics: ListenerMetrics::new(&server.listen.to_string()),
+            metrics: previous.map_or_else(
+                || ListenerMetrics::new(&server.listen.to_string()),
+                |p| p.metrics.clone(),
+            ),
+            conn_limits: previous.map_or_else(Arc::default, |p| Arc::clone(&p.conn_limits)),
             server: server.clone(),
             upstream: server
                 .proxy_pass
@@ -150,7 +168,7 @@ impl Daemon {
     }
 
     async fn open_listener(&mut self, server: &ServerConfig) -> anyhow::Result<()> {
-        let ctx: SharedCtx = Arc::new(ArcSwap::from_pointee(self.ctx_for(server)));
+        let ctx: SharedCtx = Arc::new(ArcSwap::from_pointee(self.ctx_for(server, None)));
         let stop = CancellationToken::new();
         match server.protocol {
             Protocol::Tcp => {
@@ -233,8 +251,15 @@ impl Daemon {
             || new.log_format != old.log_format
             || new.access_log_format != old.access_log_format
             || new.splice != old.splice
+            || new.xdp_interface != old.xdp_interface
         {
-            warn!("changes to global max_connections, worker_threads, log_level, log_format, access_log_format or splice take effect at restart");
+            warn!("changes to global max_connections, worker_threads, log_level, log_format, access_log_format, splice or xdp_interface take effect at restart");
+        }
+        if let Some(xdp) = &self.xdp {
+            let mut filter = xdp.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = filter.update(&config.servers) {
+                error!(error = %format!("{e:#}"), "XDP access filter not updated; userspace access rules apply");
+            }
         }
         if let Err(e) = self.dp.access_log.set(&new.access_log) {
             error!(error = %e, "access log unchanged");
@@ -261,7 +286,8 @@ impl Daemon {
         for server in &config.servers {
             match self.listeners.get(&server.key()) {
                 Some(l) if l.ctx.load().server.upstream_show == server.upstream_show => {
-                    l.ctx.store(Arc::new(self.ctx_for(server)));
+                    let next = self.ctx_for(server, Some(&l.ctx.load()));
+                    l.ctx.store(Arc::new(next));
                 }
                 _ => {
                     if let Some(old) = self.listeners.remove(&server.key()) {

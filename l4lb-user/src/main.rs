@@ -14,6 +14,7 @@ mod proxy;
 mod runtime;
 mod splice;
 mod upstream;
+mod xdp;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

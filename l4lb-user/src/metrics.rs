@@ -8,7 +8,7 @@
 //! [`LiveState`], so series of a removed server disappear with it.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -21,6 +21,7 @@ use prometheus_client::registry::Registry;
 use crate::discovery::Board;
 use crate::splice::Splicer;
 use crate::upstream::Upstreams;
+use crate::xdp::XdpFilter;
 
 /// Why a TCP session was not (or no longer) spliced in the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,6 +158,7 @@ pub fn registry(
     upstreams: Arc<Upstreams>,
     board: Arc<Board>,
     splicer: Option<Arc<Splicer>>,
+    xdp: Option<Arc<Mutex<XdpFilter>>>,
 ) -> Registry {
     let m = &*METRICS;
     // Both paths show from the start, so a rate over them never starts from nothing.
@@ -167,7 +169,7 @@ pub fn registry(
     r.register("accepted", "TCP connections accepted", m.accepted.clone());
     r.register(
         "refused",
-        "Client connections closed without a backend (no_server, connect_failed, panic)",
+        "Client connections closed without a backend (no_server, connect_failed, panic, denied, limit_conn, proxy_protocol)",
         m.refused.clone(),
     );
     r.register("active_sessions", "TCP sessions open now", m.active.clone());
@@ -215,6 +217,7 @@ pub fn registry(
         upstreams,
         board,
         splicer,
+        xdp,
     }));
     r
 }
@@ -236,6 +239,9 @@ pub struct ListenerMetrics {
     pub no_server: Counter,
     pub connect_failed: Counter,
     pub panicked: Counter,
+    pub denied: Counter,
+    pub limit_conn: Counter,
+    pub proxy_protocol: Counter,
     kernel: Counter,
     copied: [Counter; CopyReason::ALL.len()],
 }
@@ -267,6 +273,9 @@ impl ListenerMetrics {
             no_server: refused("no_server"),
             connect_failed: refused("connect_failed"),
             panicked: refused("panic"),
+            denied: refused("denied"),
+            limit_conn: refused("limit_conn"),
+            proxy_protocol: refused("proxy_protocol"),
             kernel: path("kernel", "none"),
             copied: CopyReason::ALL.map(|r| path("copy", r.as_str())),
         }
@@ -339,6 +348,7 @@ struct LiveState {
     upstreams: Arc<Upstreams>,
     board: Arc<Board>,
     splicer: Option<Arc<Splicer>>,
+    xdp: Option<Arc<Mutex<XdpFilter>>>,
 }
 
 impl std::fmt::Debug for LiveState {
@@ -492,6 +502,17 @@ impl Collector for LiveState {
             "Unix time of the last good answer from a discovery source (0: none yet)",
             &last_success,
         )?;
+        if let Some(xdp) = &self.xdp {
+            let dropped = xdp.lock().unwrap_or_else(|p| p.into_inner()).drops();
+            let c = Counter::<u64>::default();
+            c.inc_by(dropped);
+            emit(
+                e,
+                "xdp_dropped",
+                "Packets the XDP access filter dropped (denied sources)",
+                &c,
+            )?;
+        }
         if let Some(splicer) = &self.splicer {
             let k = splicer.stats();
             let counters = [

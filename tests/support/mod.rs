@@ -57,27 +57,53 @@ impl Daemon {
 
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Daemon {
         let d = Self::spawn(config, env);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !d.log().contains("l4lb started") {
-            if let Some(status) = d.exited() {
-                panic!("l4lb exited ({status}) before starting; log:\n{}", d.log());
-            }
-            if Instant::now() > deadline {
-                panic!("l4lb did not start; log:\n{}", d.log());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        d.wait_started();
+        d
+    }
+
+    /// Starts the daemon inside network namespace `netns` and waits as [`Daemon::start`].
+    pub fn start_in_netns(netns: &str, config: &str) -> Daemon {
+        let d = Self::spawn_with(&["ip", "netns", "exec", netns], config, &[]);
+        d.wait_started();
         d
     }
 
     /// Starts the daemon without waiting for anything.
     pub fn spawn(config: &str, env: &[(&str, &str)]) -> Daemon {
+        Self::spawn_with(&[], config, env)
+    }
+
+    fn wait_started(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.log().contains("l4lb started") {
+            if let Some(status) = self.exited() {
+                panic!(
+                    "l4lb exited ({status}) before starting; log:\n{}",
+                    self.log()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!("l4lb did not start; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts `wrapper... l4lb run -c CONFIG` (the wrapper execs l4lb in place).
+    fn spawn_with(wrapper: &[&str], config: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("l4lb.toml");
         std::fs::write(&config_path, config).expect("write config");
         let log_path = dir.path().join("l4lb.log");
         let log = std::fs::File::create(&log_path).expect("create log");
-        let mut cmd = Command::new(l4lb_bin());
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(l4lb_bin());
+                c
+            }
+            None => Command::new(l4lb_bin()),
+        };
         cmd.arg("run")
             .arg("-c")
             .arg(&config_path)

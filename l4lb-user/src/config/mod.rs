@@ -49,6 +49,8 @@ pub struct Global {
     pub splice: SpliceMode,
     /// How long SIGTERM waits for sessions to finish.
     pub worker_shutdown_timeout: Duration,
+    /// Interface whose XDP hook enforces the listeners' deny rules.
+    pub xdp_interface: Option<String>,
 }
 
 /// Where the access log goes.
@@ -228,8 +230,55 @@ pub struct ServerConfig {
     pub proxy_download_rate: u64,
     pub proxy_responses: Option<u64>,
     pub proxy_protocol: ProxyProtocol,
+    pub proxy_protocol_in: bool,
+    pub proxy_protocol_timeout: Duration,
     pub splice: SpliceMode,
     pub upstream_show: bool,
+    /// Checked in order; the first rule whose prefix holds the client decides, and a
+    /// client no rule names is allowed (nginx's `allow`/`deny`).
+    pub access: Vec<AccessRule>,
+    /// 0 = no limit.
+    pub limit_conn: u32,
+}
+
+/// One `allow`/`deny` rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AccessRule {
+    pub allow: bool,
+    /// `all` is both `0.0.0.0/0` and `::/0`: `None`.
+    pub prefix: Option<ipnet::IpNet>,
+}
+
+impl AccessRule {
+    /// Whether the rule names `ip` (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn matches(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        self.prefix.is_none_or(|p| p.contains(&ip))
+    }
+
+    /// Parses `allow|deny PREFIX|ADDRESS|all`.
+    pub fn parse(text: &str) -> Result<AccessRule, String> {
+        let mut words = text.split_whitespace();
+        let allow = match words.next() {
+            Some("allow") => true,
+            Some("deny") => false,
+            _ => return Err(format!("{text:?}: expected \"allow ...\" or \"deny ...\"")),
+        };
+        let prefix = match (words.next(), words.next()) {
+            (Some("all"), None) => None,
+            (Some(p), None) => Some(
+                p.parse::<ipnet::IpNet>()
+                    .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| format!("{p:?} is not an address, a prefix or all"))?
+                    .trunc(),
+            ),
+            _ => return Err(format!("{text:?}: expected one address, prefix or all")),
+        };
+        Ok(AccessRule { allow, prefix })
+    }
 }
 
 impl ServerConfig {
@@ -502,6 +551,7 @@ impl Validator<'_> {
             worker_shutdown_timeout: raw
                 .worker_shutdown_timeout
                 .map_or(Duration::from_secs(30), |d| d.0),
+            xdp_interface: raw.xdp_interface,
         }
     }
 
@@ -904,6 +954,31 @@ impl Validator<'_> {
         if proxy_timeout.is_zero() {
             self.at(node, path, "proxy_timeout", "must be greater than zero");
         }
+        let proxy_protocol_in = raw.proxy_protocol_in.unwrap_or(false);
+        if proxy_protocol_in && protocol == Protocol::Udp {
+            self.at(
+                node,
+                path,
+                "proxy_protocol_in",
+                "PROXY protocol headers arrive on TCP only",
+            );
+        }
+        let mut access = Vec::new();
+        for (i, text) in raw.access.iter().flatten().enumerate() {
+            match AccessRule::parse(text) {
+                Ok(rule) => access.push(rule),
+                Err(e) => {
+                    let span = node
+                        .get_ref()
+                        .as_table()
+                        .and_then(|t| t.get("access"))
+                        .and_then(|a| a.get_ref().as_array())
+                        .and_then(|a| a.get(i))
+                        .map_or_else(|| node.span(), |v| v.span());
+                    self.push_span(Some(span), &format!("{path}.access[{i}]"), e);
+                }
+            }
+        }
         if self.errors.len() > errors_before {
             return None;
         }
@@ -922,8 +997,14 @@ impl Validator<'_> {
             proxy_download_rate: raw.proxy_download_rate.map_or(0, |s| s.0),
             proxy_responses: raw.proxy_responses,
             proxy_protocol: raw.proxy_protocol.unwrap_or_default(),
+            proxy_protocol_in,
+            proxy_protocol_timeout: raw
+                .proxy_protocol_timeout
+                .map_or(Duration::from_secs(30), |d| d.0),
             splice: raw.splice.unwrap_or(global.splice),
             upstream_show,
+            access,
+            limit_conn: raw.limit_conn.unwrap_or(0),
         })
     }
 }

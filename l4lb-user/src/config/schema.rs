@@ -16,6 +16,8 @@ pub struct RawGlobal {
     pub access_log_format: Option<LogFormat>,
     pub splice: Option<SpliceMode>,
     pub worker_shutdown_timeout: Option<NgxDuration>,
+    /// Enforce `access` deny rules in XDP on this interface.
+    pub xdp_interface: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,8 +116,16 @@ pub struct RawServer {
     pub proxy_download_rate: Option<NgxSize>,
     pub proxy_responses: Option<u64>,
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// Expect a PROXY protocol header (v1 or v2) from a load balancer in front.
+    pub proxy_protocol_in: Option<bool>,
+    /// How long to wait for that header (nginx's `proxy_protocol_timeout`).
+    pub proxy_protocol_timeout: Option<NgxDuration>,
     pub splice: Option<SpliceMode>,
     pub upstream_show: Option<bool>,
+    /// nginx's `allow`/`deny` in order: "allow 10.0.0.0/8", "deny all", ...
+    pub access: Option<Vec<String>>,
+    /// Connections at once per client address (nginx's `limit_conn`), 0 = no limit.
+    pub limit_conn: Option<u32>,
 }
 
 /// `access_log = true | false | "off" | "stderr" | "/path/file"`.

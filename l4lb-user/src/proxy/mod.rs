@@ -1,6 +1,7 @@
 //! The data path: TCP accept/connect/retry, the userspace copy path, UDP sessions.
 //! It only reads configuration snapshots and writes counters.
 
+pub mod access;
 pub mod connect;
 pub mod copy;
 pub mod proxy_protocol;
@@ -24,6 +25,8 @@ pub struct ListenerCtx {
     pub server: ServerConfig,
     pub upstream: Option<Arc<Upstream>>,
     pub metrics: ListenerMetrics,
+    /// Shared by every configuration of the listener, so reloads keep the counts.
+    pub conn_limits: Arc<access::ConnLimits>,
 }
 
 pub type SharedCtx = Arc<ArcSwap<ListenerCtx>>;

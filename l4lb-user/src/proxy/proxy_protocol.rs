@@ -1,7 +1,13 @@
-//! PROXY protocol headers (v1 text, v2 binary) sent to the backend before any client
-//! byte, so backends see the real client address.
+//! PROXY protocol headers (v1 text, v2 binary): read from a load balancer in front
+//! (`proxy_protocol_in`, parsed by the `ppp` crate) and sent to the backend before any
+//! client byte (`proxy_protocol`), so backends see the real client address.
 
 use std::net::SocketAddr;
+use std::time::Duration;
+
+use ppp::{v1, v2, HeaderResult, PartialResult};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 
 use crate::config::ProxyProtocol;
 
@@ -18,15 +24,24 @@ pub fn header(version: ProxyProtocol, src: SocketAddr, dst: SocketAddr) -> Optio
 
 fn v1(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
     let (src, dst) = same_family(src, dst);
-    let family = if src.is_ipv4() { "TCP4" } else { "TCP6" };
+    let (family, src_ip, dst_ip) = match (src, dst) {
+        (SocketAddr::V4(s), SocketAddr::V4(d)) => ("TCP4", s.ip().to_string(), d.ip().to_string()),
+        // A client from a PROXY header may be IPv6 on an IPv4 listener: both as IPv6.
+        (s, d) => ("TCP6", ip6(s).to_string(), ip6(d).to_string()),
+    };
     format!(
-        "PROXY {family} {} {} {} {}\r\n",
-        src.ip(),
-        dst.ip(),
+        "PROXY {family} {src_ip} {dst_ip} {} {}\r\n",
         src.port(),
         dst.port()
     )
     .into_bytes()
+}
+
+fn ip6(a: SocketAddr) -> std::net::Ipv6Addr {
+    match a {
+        SocketAddr::V4(v4) => v4.ip().to_ipv6_mapped(),
+        SocketAddr::V6(v6) => *v6.ip(),
+    }
 }
 
 fn v2(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
@@ -43,10 +58,6 @@ fn v2(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
             h.extend_from_slice(&d.port().to_be_bytes());
         }
         (s, d) => {
-            let ip6 = |a: SocketAddr| match a {
-                SocketAddr::V4(v4) => v4.ip().to_ipv6_mapped(),
-                SocketAddr::V6(v6) => *v6.ip(),
-            };
             h.push(0x21); // AF_INET6, STREAM
             h.extend_from_slice(&36u16.to_be_bytes());
             h.extend_from_slice(&ip6(s).octets());
@@ -70,9 +81,164 @@ fn same_family(src: SocketAddr, dst: SocketAddr) -> (SocketAddr, SocketAddr) {
     (canon(src), canon(dst))
 }
 
+/// Longest v1 header; a v2 header says its own length (at most 16 + 65,535 bytes).
+const V1_MAX: usize = 107;
+
+/// What a load balancer's PROXY header carried.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Received {
+    /// The client's address; `None` for a `LOCAL` (v2) or `UNKNOWN` (v1) header, sent
+    /// by the balancer's own health checks: the connection's peer is the client then.
+    pub client: Option<SocketAddr>,
+    /// Client bytes that arrived with the header, to forward before any other.
+    pub leftover: Vec<u8>,
+}
+
+/// Why a connection that must start with a PROXY header was closed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("no complete PROXY header within {0:?}")]
+    Timeout(Duration),
+    #[error("closed before a complete PROXY header")]
+    Closed,
+    #[error("not a PROXY header: {0}")]
+    Malformed(String),
+    #[error("reading the PROXY header: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads a v1 or v2 header from the start of `stream` within `timeout`.
+pub async fn receive(stream: &mut TcpStream, timeout: Duration) -> Result<Received, ReceiveError> {
+    tokio::time::timeout(timeout, read_header(stream))
+        .await
+        .map_err(|_| ReceiveError::Timeout(timeout))?
+}
+
+async fn read_header(stream: &mut TcpStream) -> Result<Received, ReceiveError> {
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(ReceiveError::Closed);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(received) = parse(&buf)? {
+            return Ok(received);
+        }
+    }
+}
+
+/// A complete header, `None` while more bytes may complete it, or why it never will.
+fn parse(buf: &[u8]) -> Result<Option<Received>, ReceiveError> {
+    // ppp reads any text as a possibly partial v1 header; reject what cannot become one.
+    let starts = |prefix: &[u8]| {
+        buf.len().min(prefix.len()) > 0 && prefix.starts_with(&buf[..buf.len().min(prefix.len())])
+    };
+    if !starts(b"PROXY ") && !starts(&V2_SIGNATURE) {
+        return Err(ReceiveError::Malformed(shown(buf)));
+    }
+    // A v1 line is judged whole: ppp takes a line cut between \r and \n as complete.
+    let v1_line_open = buf.starts_with(b"PROXY ") && !buf.windows(2).any(|w| w == b"\r\n");
+    let header = HeaderResult::parse(buf);
+    if v1_line_open || header.is_incomplete() {
+        if buf.starts_with(b"PROXY ") && buf.len() >= V1_MAX {
+            return Err(ReceiveError::Malformed(
+                "v1 header longer than 107 bytes".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    let (len, client) = match header {
+        HeaderResult::V1(Ok(h)) => (
+            h.header.len(),
+            match h.addresses {
+                v1::Addresses::Tcp4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+                v1::Addresses::Tcp6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+                v1::Addresses::Unknown => None,
+            },
+        ),
+        HeaderResult::V2(Ok(h)) => (
+            h.len(),
+            match (h.command, h.addresses) {
+                (v2::Command::Local, _) => None,
+                (v2::Command::Proxy, v2::Addresses::IPv4(a)) => {
+                    Some(SocketAddr::from((a.source_address, a.source_port)))
+                }
+                (v2::Command::Proxy, v2::Addresses::IPv6(a)) => {
+                    Some(SocketAddr::from((a.source_address, a.source_port)))
+                }
+                (v2::Command::Proxy, _) => None,
+            },
+        ),
+        HeaderResult::V1(Err(e)) => return Err(ReceiveError::Malformed(e.to_string())),
+        HeaderResult::V2(Err(e)) => return Err(ReceiveError::Malformed(e.to_string())),
+    };
+    Ok(Some(Received {
+        client,
+        leftover: buf.get(len..).unwrap_or_default().to_vec(),
+    }))
+}
+
+/// The first bytes of a bad header, escaped, for logs.
+fn shown(buf: &[u8]) -> String {
+    format!("{:?}", String::from_utf8_lossy(&buf[..buf.len().min(32)]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn received_headers_carry_the_client_and_keep_what_follows() {
+        for (version, client) in [
+            (ProxyProtocol::V1, "10.1.2.3:4567"),
+            (ProxyProtocol::V2, "10.1.2.3:4567"),
+            (ProxyProtocol::V1, "[2001:db8::7]:40000"),
+            (ProxyProtocol::V2, "[2001:db8::7]:40000"),
+        ] {
+            let mut bytes = header(version, addr(client), addr("127.0.0.1:3307")).unwrap();
+            let len = bytes.len();
+            bytes.extend_from_slice(b"HELLO");
+            // Every prefix of the header is incomplete, never an error.
+            for cut in 1..len {
+                assert!(
+                    parse(&bytes[..cut]).unwrap().is_none(),
+                    "{version:?} cut {cut}"
+                );
+            }
+            let got = parse(&bytes).unwrap().unwrap();
+            assert_eq!(got.client, Some(addr(client)), "{version:?}");
+            assert_eq!(got.leftover, b"HELLO");
+        }
+        let unknown = parse(b"PROXY UNKNOWN\r\nrest").unwrap().unwrap();
+        assert_eq!((unknown.client, unknown.leftover), (None, b"rest".to_vec()));
+        // v2 LOCAL (a balancer's own health check): no client address.
+        let mut local = V2_SIGNATURE.to_vec();
+        local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+        assert_eq!(parse(&local).unwrap().unwrap().client, None);
+    }
+
+    #[test]
+    fn what_is_not_a_header_is_malformed_at_once() {
+        for bad in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"\x16\x03\x01",
+            b"PROXY TCP4 10.0.0.1 nonsense 1 2\r\n",
+            b"PROXY TCP4 999.0.0.1 10.0.0.2 1 2\r\n",
+        ] {
+            assert!(
+                matches!(parse(bad), Err(ReceiveError::Malformed(_))),
+                "{bad:?}"
+            );
+        }
+        let long = [b"PROXY TCP4 ".as_slice(), &[b'1'; 120]].concat();
+        assert!(matches!(parse(&long), Err(ReceiveError::Malformed(_))));
+    }
 
     #[test]
     fn v1_text() {

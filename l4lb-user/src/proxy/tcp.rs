@@ -2,6 +2,7 @@
 //! kernel splice path or the userspace copy path, and write the access log line.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,8 +10,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
+use super::access::{self, ConnSlot};
 use super::connect::{connect, ConnectError};
 use super::copy::{copy_bidirectional, CopyLimits, Transfer};
 use super::{is_resource_exhaustion, proxy_protocol, ListenerCtx, SessionEnd, SharedCtx};
@@ -101,8 +103,10 @@ async fn session(
     let started = Instant::now();
     let server = &ctx.server;
     let transfer = Transfer::default();
+    // The client as the session knows it: a PROXY header from a balancer may name it.
+    let mut peer = peer;
     let outcome = tokio::select! {
-        o = proxy(&ctx, &dp, client, peer, &transfer) => o,
+        o = proxy(&ctx, &dp, client, &mut peer, &transfer) => o,
         () = dp.shutdown.cancelled() => Outcome::ended(None, SessionEnd::Shutdown),
     };
     ctx.metrics.active.dec();
@@ -154,13 +158,16 @@ async fn proxy(
     ctx: &ListenerCtx,
     dp: &DataPath,
     mut client: TcpStream,
-    peer: SocketAddr,
+    peer: &mut SocketAddr,
     transfer: &Transfer,
 ) -> Outcome {
     let listen = &ctx.server.listen;
-    let (backend, lease) = match panic::catch(establish(ctx, &mut client, peer)).await {
-        Ok(Ok(pair)) => pair,
-        Ok(Err(outcome)) => return outcome,
+    let established = match panic::catch(establish(ctx, &mut client, peer)).await {
+        Ok(Ok(e)) => e,
+        Ok(Err(outcome)) => {
+            close_cleanly(client).await;
+            return outcome;
+        }
         Err(panicked) => {
             METRICS.session_panics.inc();
             ctx.metrics.panicked.inc();
@@ -169,8 +176,8 @@ async fn proxy(
             return Outcome::ended(None, SessionEnd::Panic);
         }
     };
-    let backend_addr = lease.spec.addr;
-    match panic::catch(forward(ctx, dp, client, backend, lease, transfer)).await {
+    let backend_addr = established.lease.spec.addr;
+    match panic::catch(forward(ctx, dp, client, established, transfer)).await {
         Ok(outcome) => outcome,
         Err(panicked) => {
             METRICS.session_panics.inc();
@@ -180,13 +187,53 @@ async fn proxy(
     }
 }
 
-/// Chooses and connects a backend and sends the PROXY protocol header.
+/// A session with its backend connected, ready to forward.
+struct Established {
+    backend: TcpStream,
+    lease: Lease,
+    /// The client's place under `limit_conn`, held for the session.
+    _slot: Option<ConnSlot>,
+    /// Client bytes that came with a PROXY header and were sent on already.
+    early_bytes: u64,
+}
+
+/// Admits the client (PROXY header, `access`, `limit_conn`), then chooses and connects
+/// a backend and sends it the PROXY header and any early client bytes.
 async fn establish(
     ctx: &ListenerCtx,
     client: &mut TcpStream,
-    peer: SocketAddr,
-) -> Result<(TcpStream, Lease), Outcome> {
+    peer: &mut SocketAddr,
+) -> Result<Established, Outcome> {
     let server = &ctx.server;
+    let mut early = Vec::new();
+    if server.proxy_protocol_in {
+        match proxy_protocol::receive(client, server.proxy_protocol_timeout).await {
+            Ok(received) => {
+                *peer = received.client.unwrap_or(*peer);
+                early = received.leftover;
+            }
+            Err(e) => {
+                ctx.metrics.proxy_protocol.inc();
+                debug!(client = %peer, listen = %server.listen, error = %e, "closing client: no valid PROXY header");
+                return Err(Outcome::ended(None, "proxy_protocol_error"));
+            }
+        }
+    }
+    let peer = *peer;
+    if !access::allowed(&server.access, peer.ip()) {
+        ctx.metrics.denied.inc();
+        return Err(Outcome::ended(None, "denied"));
+    }
+    let slot = match server.limit_conn {
+        0 => None,
+        limit => match ctx.conn_limits.try_acquire(peer.ip(), limit) {
+            Some(slot) => Some(slot),
+            None => {
+                ctx.metrics.limit_conn.inc();
+                return Err(Outcome::ended(None, "limit_conn"));
+            }
+        },
+    };
     let Some(upstream) = ctx.upstream.as_ref() else {
         return Err(Outcome::ended(None, "no_upstream"));
     };
@@ -199,19 +246,26 @@ async fn establish(
         warn!(client = %peer, listen = %server.listen, error = %e, "closing client: no upstream server reachable");
         Outcome::ended(None, "connect_failed")
     })?;
-    if let Some(header) = client
+    let mut first = client
         .local_addr()
         .ok()
         .and_then(|local| proxy_protocol::header(server.proxy_protocol, peer, local))
-    {
-        if let Err(e) = backend.write_all(&header).await {
+        .unwrap_or_default();
+    first.extend_from_slice(&early);
+    if !first.is_empty() {
+        if let Err(e) = backend.write_all(&first).await {
             return Err(Outcome::ended(
                 Some(lease.spec.addr),
                 SessionEnd::error(super::Side::Backend, &e),
             ));
         }
     }
-    Ok((backend, lease))
+    Ok(Established {
+        backend,
+        lease,
+        _slot: slot,
+        early_bytes: early.len() as u64,
+    })
 }
 
 /// Hands the connected pair to the kernel path or the userspace copy.
@@ -219,10 +273,15 @@ async fn forward(
     ctx: &ListenerCtx,
     dp: &DataPath,
     mut client: TcpStream,
-    mut backend: TcpStream,
-    lease: Lease,
+    established: Established,
     transfer: &Transfer,
 ) -> Outcome {
+    let Established {
+        mut backend,
+        lease,
+        _slot,
+        early_bytes,
+    } = established;
     let server = &ctx.server;
     let limits = CopyLimits {
         idle_timeout: server.proxy_timeout,
@@ -243,6 +302,9 @@ async fn forward(
             (end, Path::Copy(reason))
         }
     };
+    // The paths count from zero; bytes sent on with the PROXY header come first.
+    transfer.upload.fetch_add(early_bytes, Ordering::Relaxed);
+    metrics::add_bytes(0, early_bytes);
     lease.add_bytes(transfer.upload(), transfer.download());
     let backend_addr = Some(lease.spec.addr);
     drop(lease);

@@ -12,6 +12,7 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::access::{self, ConnSlot};
 use super::copy::idle;
 use super::{ListenerCtx, SharedCtx};
 use crate::metrics::METRICS;
@@ -26,6 +27,8 @@ type Sessions = Arc<Mutex<HashMap<SocketAddr, Arc<UdpSession>>>>;
 
 struct UdpSession {
     backend: UdpSocket,
+    /// The client's place under `limit_conn`, held while the session lives.
+    _slot: Option<ConnSlot>,
     start: Instant,
     /// Milliseconds since `start` of the last datagram either way.
     last_activity: AtomicU64,
@@ -108,6 +111,21 @@ async fn open(
     sessions: &Sessions,
     client: SocketAddr,
 ) -> Option<Arc<UdpSession>> {
+    let server = &ctx.server;
+    if !access::allowed(&server.access, client.ip()) {
+        ctx.metrics.denied.inc();
+        return None;
+    }
+    let slot = match server.limit_conn {
+        0 => None,
+        limit => match ctx.conn_limits.try_acquire(client.ip(), limit) {
+            Some(slot) => Some(slot),
+            None => {
+                ctx.metrics.limit_conn.inc();
+                return None;
+            }
+        },
+    };
     let upstream = ctx.upstream.as_ref()?;
     let Some(lease) = upstream.select(client.ip(), &[]) else {
         ctx.metrics.no_server.inc();
@@ -133,6 +151,7 @@ async fn open(
     }
     let session = Arc::new(UdpSession {
         backend,
+        _slot: slot,
         start: Instant::now(),
         last_activity: AtomicU64::new(0),
         upload: AtomicU64::new(0),
