@@ -297,7 +297,7 @@ fn what_l4lb_cannot_honour_fails_with_file_and_line() {
     write(
         dir.path(),
         "servers.conf",
-        "upstream db { server 127.0.0.1:3306; }\nserver {\n    listen 3307;\n    ssl_certificate /etc/ssl/db.pem;\n    allow 10.0.0.0/8;\n    proxy_pass db;\n}\n",
+        "upstream db { server 127.0.0.1:3306; }\nserver {\n    listen 3307;\n    ssl_certificate /etc/ssl/db.pem;\n    proxy_bind 10.0.0.8;\n    proxy_pass db;\n}\n",
     );
     let out = dir.path().join("l4lb.toml");
     let o = l4lb(&[
@@ -311,7 +311,7 @@ fn what_l4lb_cannot_honour_fails_with_file_and_line() {
     let inc = dir.path().join("servers.conf");
     for line in [
         format!("{}:4: ssl_certificate: not supported yet", inc.display()),
-        format!("{}:5: allow: not supported yet", inc.display()),
+        format!("{}:5: proxy_bind: not supported yet", inc.display()),
         format!("l4lb: {} cannot be converted (2 errors)", main.display()),
     ] {
         assert!(err.contains(&line), "no {line:?} in:\n{err}");

@@ -73,6 +73,8 @@ pub struct Converter {
     pub generated: Vec<String>,
     /// Listening addresses so far: address, UDP, the listen directive.
     pub listening: Vec<(std::net::SocketAddr, bool, Directive)>,
+    /// `limit_conn_zone` names keyed by the client address (the one key l4lb limits by).
+    pub conn_zones: Vec<String>,
 }
 
 impl Converter {

@@ -12,6 +12,7 @@ use super::values::{is_host_port, no_variables, single};
 struct Listen {
     addr: SocketAddr,
     udp: bool,
+    proxy_protocol: bool,
     directive: Directive,
 }
 
@@ -35,8 +36,10 @@ impl Converter {
         let mut proxy_pass: Option<(String, String)> = None;
         let mut proxy_pass_lines = 0;
         let mut show: Option<&Directive> = None;
+        let mut rules = Vec::new();
         for x in block {
             match x.name.as_str() {
+                "allow" | "deny" => rules.push(x.clone()),
                 "listen" => {
                     listen_lines += 1;
                     listens.extend(self.listen(x));
@@ -53,6 +56,7 @@ impl Converter {
                 _ => own.extend(self.proxy_setting(x)),
             }
         }
+        own.extend(self.access_rules(&rules));
         if listen_lines == 0 {
             return self.error(d, "server block without listen");
         }
@@ -108,6 +112,13 @@ impl Converter {
             );
             if l.udp {
                 s.set("protocol", emit::string("udp"), None);
+            }
+            if l.proxy_protocol {
+                s.set(
+                    "proxy_protocol_in",
+                    emit::value(toml::Value::Boolean(true)),
+                    Some(source(&l.directive)),
+                );
             }
             if let Some((name, src)) = &proxy_pass {
                 s.set("proxy_pass", emit::string(name), Some(src.clone()));
@@ -183,6 +194,7 @@ impl Converter {
             return None;
         };
         let mut udp = false;
+        let mut proxy_protocol = false;
         let mut ok = true;
         for p in params {
             let name = p.split('=').next().unwrap_or(p);
@@ -192,13 +204,7 @@ impl Converter {
                     self.unsupported(d, "listen ... ssl: l4lb does no TLS");
                     ok = false;
                 }
-                "proxy_protocol" => {
-                    self.unsupported(
-                        d,
-                        "listen ... proxy_protocol: l4lb does not accept the PROXY protocol",
-                    );
-                    ok = false;
-                }
+                "proxy_protocol" => proxy_protocol = true,
                 "reuseport" => {
                     self.ignore(d, "reuseport: l4lb is one process, one socket per address")
                 }
@@ -216,9 +222,17 @@ impl Converter {
                 }
             }
         }
+        if udp && proxy_protocol {
+            self.unsupported(
+                d,
+                "listen ... udp proxy_protocol: PROXY headers arrive on TCP only",
+            );
+            ok = false;
+        }
         ok.then(|| Listen {
             addr,
             udp,
+            proxy_protocol,
             directive: d.clone(),
         })
     }

@@ -17,7 +17,7 @@ pub struct Setting {
 }
 
 /// The proxy directives l4lb honours, under the same names in `[[server]]`.
-const PROXY_KEYS: [&str; 9] = [
+const PROXY_KEYS: [&str; 10] = [
     "proxy_connect_timeout",
     "proxy_timeout",
     "proxy_next_upstream",
@@ -27,6 +27,7 @@ const PROXY_KEYS: [&str; 9] = [
     "proxy_download_rate",
     "proxy_responses",
     "proxy_protocol",
+    "proxy_protocol_timeout",
 ];
 
 /// Directives of modules or features l4lb does not have, and what is missing.
@@ -36,9 +37,6 @@ fn unsupported(name: &str) -> Option<&'static str> {
     }
     if name.starts_with("js_") {
         return Some("l4lb has no njs scripting");
-    }
-    if name.starts_with("limit_conn") || matches!(name, "allow" | "deny") {
-        return Some("l4lb has no access control or connection limits per client yet");
     }
     if name.starts_with("geoip") {
         return Some("l4lb has no variables (geoip)");
@@ -52,7 +50,6 @@ fn unsupported(name: &str) -> Option<&'static str> {
             "l4lb ends UDP sessions by proxy_timeout and proxy_responses, not by a request count"
         }
         "proxy_session_drop" => "l4lb keeps sessions to a server that is removed or marked down",
-        "set_real_ip_from" => "l4lb does not accept the PROXY protocol",
         "health_check" | "health_check_timeout" | "match" => {
             "l4lb has passive health checks only (max_fails/fail_timeout)"
         }
@@ -78,7 +75,12 @@ fn ignored(d: &Directive) -> Option<&'static str> {
         "preread_buffer_size" | "preread_timeout" => {
             "l4lb reads nothing from the client before choosing a server"
         }
-        "proxy_protocol_timeout" => "l4lb does not accept the PROXY protocol on listen",
+        "set_real_ip_from" => {
+            "on a proxy_protocol listen l4lb takes the client from the header of any peer: restrict the peers with allow/deny"
+        }
+        "limit_conn_log_level" | "limit_conn_dry_run" => {
+            "l4lb counts refused clients in l4lb_refused_total{reason=\"limit_conn\"} and the access log"
+        }
         "resolver_timeout" => "l4lb has no resolver",
         "variables_hash_max_size" | "variables_hash_bucket_size" => "l4lb has no variables",
         "server_names_hash_max_size" | "server_names_hash_bucket_size" | "server_name" => {
@@ -103,18 +105,26 @@ impl Converter {
             .filter(|x| x.name == "upstream")
             .filter_map(|x| x.args.first().map(String::as_str))
             .collect();
+        // limit_conn may name a zone defined further down.
+        for z in block.iter().filter(|x| x.name == "limit_conn_zone") {
+            self.conn_zone(z);
+        }
         let mut inherited = Vec::new();
         let mut servers = Vec::new();
         let mut access_log = None;
+        let mut rules = Vec::new();
         for x in block {
             match x.name.as_str() {
                 "upstream" => self.upstream(x),
                 "server" => servers.push(x),
                 "access_log" => access_log = self.access_log(x).or(access_log),
                 "error_log" => self.error_log(x),
+                "limit_conn_zone" => {}
+                "allow" | "deny" => rules.push(x.clone()),
                 _ => inherited.extend(self.proxy_setting(x)),
             }
         }
+        inherited.extend(self.access_rules(&rules));
         if access_log.is_none() && !self.has_global("access_log") {
             self.set_global_with(
                 "access_log",
@@ -151,8 +161,62 @@ impl Converter {
         Some(on)
     }
 
+    /// `limit_conn_zone KEY zone=NAME:SIZE`: l4lb limits by client address only.
+    fn conn_zone(&mut self, d: &Directive) {
+        let key = d.args.first().map(String::as_str);
+        let zone = d
+            .args
+            .iter()
+            .find_map(|a| a.strip_prefix("zone="))
+            .and_then(|z| z.split(':').next());
+        match (key, zone) {
+            (Some("$binary_remote_addr" | "$remote_addr"), Some(name)) => {
+                self.conn_zones.push(name.to_string());
+                self.ignore(
+                    d,
+                    "the zone size: l4lb keeps one count per client address in memory",
+                );
+            }
+            (Some(other), Some(_)) => self.unsupported(
+                d,
+                &format!(
+                    "a limit keyed by {other}: l4lb limits connections per client address only"
+                ),
+            ),
+            _ => self.error(d, "takes a key and zone=NAME:SIZE"),
+        }
+    }
+
+    /// `allow`/`deny` lines of one level, in order, as one `access` list (a level with
+    /// rules replaces the rules it would inherit, as in nginx).
+    pub fn access_rules(&mut self, rules: &[Directive]) -> Option<Setting> {
+        let first = rules.first()?.clone();
+        let mut items = Vec::new();
+        for d in rules {
+            match single(d) {
+                Ok(target) => {
+                    let rule = format!("{} {target}", d.name);
+                    match crate::config::AccessRule::parse(&rule) {
+                        Ok(_) => items.push((emit::string(&rule), d.loc.to_string())),
+                        Err(e) => self.error(d, e),
+                    }
+                }
+                Err(m) => self.error(d, m),
+            }
+        }
+        Some(Setting {
+            key: "access",
+            value: emit::array_lines(&items),
+            source: format!("allow/deny from {}", first.loc),
+            directive: first,
+        })
+    }
+
     /// A directive valid at stream or server level other than listen/proxy_pass.
     pub fn proxy_setting(&mut self, d: &Directive) -> Option<Setting> {
+        if d.name == "limit_conn" {
+            return self.limit_conn(d);
+        }
         let Some(&key) = PROXY_KEYS.iter().find(|k| **k == d.name) else {
             if let Some(why) = unsupported(&d.name) {
                 self.unsupported(d, why);
@@ -187,4 +251,38 @@ impl Converter {
             }
         }
     }
+
+    /// `limit_conn ZONE N` on a zone keyed by the client address.
+    fn limit_conn(&mut self, d: &Directive) -> Option<Setting> {
+        let [zone, n] = d.args.as_slice() else {
+            self.error(d, "takes a zone and a number");
+            return None;
+        };
+        if !self.conn_zones.contains(zone) {
+            self.error(
+                d,
+                format!("no limit_conn_zone {zone} keyed by the client address"),
+            );
+            return None;
+        }
+        match number_of(n) {
+            Some(value) => Some(Setting {
+                key: "limit_conn",
+                value,
+                source: source(d),
+                directive: d.clone(),
+            }),
+            None => {
+                self.error(d, format!("{n:?} is not a connection count"));
+                None
+            }
+        }
+    }
+}
+
+fn number_of(text: &str) -> Option<String> {
+    text.parse::<u32>()
+        .ok()
+        .filter(|n| *n > 0)
+        .map(|n| emit::value(toml::Value::Integer(i64::from(n))))
 }

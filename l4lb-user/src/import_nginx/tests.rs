@@ -450,7 +450,7 @@ fn what_l4lb_cannot_honour_is_an_error_each_time() {
         proxy_ssl on;
         proxy_bind 127.0.0.2;
         allow 127.0.0.1;
-        deny all;
+        deny everyone;
         limit_conn addr 1;
         js_preread main;
         proxy_pass a;
@@ -467,9 +467,8 @@ fn what_l4lb_cannot_honour_is_an_error_each_time() {
         "nginx.conf:7: ssl_certificate: not supported yet",
         "nginx.conf:8: proxy_ssl: not supported yet",
         "nginx.conf:9: proxy_bind: not supported yet",
-        "nginx.conf:10: allow: not supported yet",
-        "nginx.conf:11: deny: not supported yet",
-        "nginx.conf:12: limit_conn: not supported yet",
+        "nginx.conf:11: deny: \"everyone\" is not an address",
+        "nginx.conf:12: limit_conn: no limit_conn_zone addr",
         "nginx.conf:13: js_preread: not supported yet",
         "nginx.conf:15: frobnicate: unknown directive",
     ];
@@ -563,4 +562,64 @@ fn listens_that_would_clash_are_errors() {
     assert!(notes(&i)
         .iter()
         .any(|n| n.contains("listen: note: l4lb's [::] socket takes IPv4")));
+}
+
+#[test]
+fn access_rules_limits_and_proxy_protocol_listen() {
+    let i = convert(
+        r#"stream {
+    limit_conn_zone $binary_remote_addr zone=per_ip:10m;
+    allow 10.0.0.0/8;
+    deny all;
+    limit_conn per_ip 20;
+    upstream db { server 127.0.0.1:3306; }
+    server {
+        listen 3307 proxy_protocol;
+        proxy_protocol_timeout 5s;
+        proxy_pass db;
+    }
+    server {
+        listen 3308;
+        allow 192.0.2.0/24;
+        allow 2001:db8::/32;
+        deny all;
+        limit_conn per_ip 2;
+        proxy_pass db;
+    }
+}
+"#,
+    );
+    let c = load(&i);
+    let rules = |s: &config::ServerConfig| -> Vec<(bool, Option<String>)> {
+        s.access
+            .iter()
+            .map(|r| (r.allow, r.prefix.map(|p| p.to_string())))
+            .collect()
+    };
+    let (a, b) = (&c.servers[0], &c.servers[1]);
+    assert!(a.proxy_protocol_in);
+    assert_eq!(a.proxy_protocol_timeout, std::time::Duration::from_secs(5));
+    assert_eq!(
+        rules(a),
+        vec![(true, Some("10.0.0.0/8".into())), (false, None)]
+    );
+    assert_eq!(a.limit_conn, 20);
+    // A server's own rules replace the stream's, as nginx merges them.
+    assert_eq!(
+        rules(b),
+        vec![
+            (true, Some("192.0.2.0/24".into())),
+            (true, Some("2001:db8::/32".into())),
+            (false, None)
+        ]
+    );
+    assert_eq!((b.limit_conn, b.proxy_protocol_in), (2, false));
+    let e = convert_err(
+        "stream {\n limit_conn_zone $server_name zone=s:1m;\n upstream u { server 127.0.0.1:1; }\n server { listen 1; limit_conn s 1; proxy_pass u; }\n}\n",
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.contains("nginx.conf:2: limit_conn_zone: not supported yet")),
+        "{e:#?}"
+    );
 }
