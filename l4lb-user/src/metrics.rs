@@ -169,7 +169,7 @@ pub fn registry(
     r.register("accepted", "TCP connections accepted", m.accepted.clone());
     r.register(
         "refused",
-        "Client connections closed without a backend (no_server, connect_failed, panic, denied, limit_conn, proxy_protocol)",
+        "Client connections closed without a backend (no_server, connect_failed, panic, denied, limit_conn, proxy_protocol, max_connections: UDP datagrams of new sessions dropped at the limit)",
         m.refused.clone(),
     );
     r.register("active_sessions", "TCP sessions open now", m.active.clone());
@@ -242,6 +242,7 @@ pub struct ListenerMetrics {
     pub denied: Counter,
     pub limit_conn: Counter,
     pub proxy_protocol: Counter,
+    pub max_connections: Counter,
     kernel: Counter,
     copied: [Counter; CopyReason::ALL.len()],
 }
@@ -276,6 +277,7 @@ impl ListenerMetrics {
             denied: refused("denied"),
             limit_conn: refused("limit_conn"),
             proxy_protocol: refused("proxy_protocol"),
+            max_connections: refused("max_connections"),
             kernel: path("kernel", "none"),
             copied: CopyReason::ALL.map(|r| path("copy", r.as_str())),
         }

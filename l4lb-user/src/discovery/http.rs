@@ -93,8 +93,11 @@ pub async fn status_error(resp: Response) -> SourceError {
     }
 }
 
-/// The whole cause chain: reqwest's own message alone often says only "error sending request".
+/// The whole cause chain: reqwest's own message alone often says only "error sending
+/// request". Without the URL: it may carry user:password, and callers name the source
+/// by its shown URL anyway.
 pub fn transport(e: reqwest::Error) -> SourceError {
+    let e = e.without_url();
     let mut msg = e.to_string();
     let mut source = std::error::Error::source(&e);
     while let Some(s) = source {
@@ -103,4 +106,24 @@ pub fn transport(e: reqwest::Error) -> SourceError {
         source = s.source();
     }
     SourceError::Transport(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn transport_errors_never_carry_credentials() {
+        // Port 1 on loopback: nothing listens, the connect is refused at once.
+        let err = reqwest::Client::new()
+            .get("http://admin:s3cret-pass@127.0.0.1:1/v1/kv/upstreams/db?token=t0ken")
+            .send()
+            .await
+            .expect_err("nothing listens on port 1");
+        let SourceError::Transport(msg) = transport(err) else {
+            panic!("not a transport error");
+        };
+        assert!(!msg.contains("s3cret") && !msg.contains("t0ken"), "{msg}");
+        assert!(msg.contains("error sending request"), "{msg}");
+    }
 }

@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::access::{self, ConnSlot};
 use super::copy::idle;
@@ -29,6 +30,8 @@ struct UdpSession {
     backend: UdpSocket,
     /// The client's place under `limit_conn`, held while the session lives.
     _slot: Option<ConnSlot>,
+    /// A `max_connections` place, as nginx counts UDP sessions in `worker_connections`.
+    _permit: OwnedSemaphorePermit,
     start: Instant,
     /// Milliseconds since `start` of the last datagram either way.
     last_activity: AtomicU64,
@@ -126,6 +129,11 @@ async fn open(
             }
         },
     };
+    let Ok(permit) = Arc::clone(&dp.conn_limit).try_acquire_owned() else {
+        ctx.metrics.max_connections.inc();
+        debug!(%client, listen = %server.listen, "max_connections reached; datagram dropped");
+        return None;
+    };
     let upstream = ctx.upstream.as_ref()?;
     let Some(lease) = upstream.select(client.ip(), &[]) else {
         ctx.metrics.no_server.inc();
@@ -152,6 +160,7 @@ async fn open(
     let session = Arc::new(UdpSession {
         backend,
         _slot: slot,
+        _permit: permit,
         start: Instant::now(),
         last_activity: AtomicU64::new(0),
         upload: AtomicU64::new(0),
