@@ -21,6 +21,7 @@ use crate::admin::AdminServer;
 use crate::config::{self, Config, Protocol, ServerConfig, SpliceMode};
 use crate::discovery::Discovery;
 use crate::health::HealthChecks;
+use crate::notify;
 use crate::proxy::{tcp, udp, ListenerCtx, SharedCtx};
 use crate::runtime::DataPath;
 use crate::splice::Splicer;
@@ -68,6 +69,20 @@ fn load_splicer(config: &Config) -> anyhow::Result<Option<Arc<Splicer>>> {
             warn!(reason = %format!("{e:#}"), "kernel splice path unavailable; all TCP sessions use the userspace copy path");
             Ok(None)
         }
+    }
+}
+
+/// A port below 1024 refused for lack of a capability says which one.
+fn bind_error(e: std::io::Error, addr: SocketAddr) -> anyhow::Error {
+    let privileged = addr.port() < 1024 && e.kind() == std::io::ErrorKind::PermissionDenied;
+    let e = anyhow::Error::from(e);
+    if privileged {
+        e.context(format!(
+            "ports below 1024 need {}",
+            crate::capabilities::LOW_PORTS
+        ))
+    } else {
+        e
     }
 }
 
@@ -140,7 +155,9 @@ impl Daemon {
                     TcpSocket::new_v6()?
                 };
                 socket.set_reuseaddr(true)?;
-                socket.bind(server.listen)?;
+                socket
+                    .bind(server.listen)
+                    .map_err(|e| bind_error(e, server.listen))?;
                 let listener: TcpListener = socket.listen(LISTEN_BACKLOG)?;
                 if server.upstream_show {
                     tokio::spawn(crate::admin::serve_upstream_show(
@@ -158,7 +175,9 @@ impl Daemon {
                 }
             }
             Protocol::Udp => {
-                let socket = UdpSocket::bind(server.listen).await?;
+                let socket = UdpSocket::bind(server.listen)
+                    .await
+                    .map_err(|e| bind_error(e, server.listen))?;
                 tokio::spawn(udp::serve(
                     socket,
                     Arc::clone(&ctx),
@@ -176,6 +195,9 @@ impl Daemon {
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        // Only now: a SIGHUP before its handler exists would end the process, and a
+        // service manager may send one as soon as it sees READY=1.
+        notify::ready(&self.status());
         loop {
             tokio::select! {
                 _ = hup.recv() => self.reload().await,
@@ -183,12 +205,29 @@ impl Daemon {
                 _ = int.recv() => break,
             }
         }
+        notify::stopping();
         self.drain().await;
         Ok(())
     }
 
+    /// One line for `systemctl status`.
+    fn status(&self) -> String {
+        format!(
+            "{} listeners, {} upstreams",
+            self.listeners.len(),
+            self.config.upstreams.len()
+        )
+    }
+
     /// Re-reads the file and applies the difference; on any error keeps running as is.
+    /// The service manager hears RELOADING=1 first and READY=1 when done either way.
     async fn reload(&mut self) {
+        notify::reloading();
+        self.apply_reload().await;
+        notify::ready(&self.status());
+    }
+
+    async fn apply_reload(&mut self) {
         info!(config = %self.config_path.display(), "reloading configuration");
         let config = match config::load(&self.config_path) {
             Ok(c) => c,

@@ -22,8 +22,17 @@ const BUILD_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
 ];
-/// Debian packages the tests use: a real etcd, `ip` and `ss`, openssl for test certificates.
-const TEST_PACKAGES: &[&str] = &["etcd-server", "etcd-client", "iproute2", "openssl"];
+/// Debian packages the tests use: a real etcd, `ip` and `ss`, openssl for test
+/// certificates, `setpriv` (util-linux) to run the daemon with chosen capabilities,
+/// `systemd-analyze` to verify the unit.
+const TEST_PACKAGES: &[&str] = &[
+    "etcd-server",
+    "etcd-client",
+    "iproute2",
+    "openssl",
+    "util-linux",
+    "systemd",
+];
 
 pub fn all(purpose: Purpose) -> Result<()> {
     let mut packages: Vec<&str> = BUILD_PACKAGES.to_vec();
