@@ -22,6 +22,7 @@ use crate::discovery::Discovery;
 use crate::health::HealthChecks;
 use crate::logging::AccessSink;
 use crate::metrics::ListenerMetrics;
+use crate::notify;
 use crate::proxy::{tcp, udp, ListenerCtx, SharedCtx};
 use crate::runtime::DataPath;
 use crate::splice::Splicer;
@@ -73,6 +74,20 @@ fn load_splicer(config: &Config) -> anyhow::Result<Option<Arc<Splicer>>> {
             warn!(reason = %format!("{e:#}"), "kernel splice path unavailable; all TCP sessions use the userspace copy path");
             Ok(None)
         }
+    }
+}
+
+/// A port below 1024 refused for lack of a capability says which one.
+fn bind_error(e: std::io::Error, addr: SocketAddr) -> anyhow::Error {
+    let privileged = addr.port() < 1024 && e.kind() == std::io::ErrorKind::PermissionDenied;
+    let e = anyhow::Error::from(e);
+    if privileged {
+        e.context(format!(
+            "ports below 1024 need {}",
+            crate::capabilities::LOW_PORTS
+        ))
+    } else {
+        e
     }
 }
 
@@ -178,7 +193,9 @@ impl Daemon {
                     TcpSocket::new_v6()?
                 };
                 socket.set_reuseaddr(true)?;
-                socket.bind(server.listen)?;
+                socket
+                    .bind(server.listen)
+                    .map_err(|e| bind_error(e, server.listen))?;
                 let listener: TcpListener = socket.listen(LISTEN_BACKLOG)?;
                 if server.upstream_show {
                     tokio::spawn(crate::admin::serve_upstream_show(
@@ -196,7 +213,9 @@ impl Daemon {
                 }
             }
             Protocol::Udp => {
-                let socket = UdpSocket::bind(server.listen).await?;
+                let socket = UdpSocket::bind(server.listen)
+                    .await
+                    .map_err(|e| bind_error(e, server.listen))?;
                 tokio::spawn(udp::serve(
                     socket,
                     Arc::clone(&ctx),
@@ -216,6 +235,9 @@ impl Daemon {
         let mut usr1 = signal(SignalKind::user_defined1())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        // Only now: a SIGHUP before its handler exists would end the process, and a
+        // service manager may send one as soon as it sees READY=1.
+        notify::ready(&self.status());
         loop {
             tokio::select! {
                 _ = hup.recv() => self.reload().await,
@@ -227,12 +249,29 @@ impl Daemon {
                 _ = int.recv() => break,
             }
         }
+        notify::stopping();
         self.drain().await;
         Ok(())
     }
 
+    /// One line for `systemctl status`.
+    fn status(&self) -> String {
+        format!(
+            "{} listeners, {} upstreams",
+            self.listeners.len(),
+            self.config.upstreams.len()
+        )
+    }
+
     /// Re-reads the file and applies the difference; on any error keeps running as is.
+    /// The service manager hears RELOADING=1 first and READY=1 when done either way.
     async fn reload(&mut self) {
+        notify::reloading();
+        self.apply_reload().await;
+        notify::ready(&self.status());
+    }
+
+    async fn apply_reload(&mut self) {
         info!(config = %self.config_path.display(), "reloading configuration");
         let config = match config::load(&self.config_path) {
             Ok(c) => c,

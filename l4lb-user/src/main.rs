@@ -2,6 +2,7 @@
 //! established TCP sessions are spliced in the kernel by eBPF.
 
 mod admin;
+mod capabilities;
 mod config;
 mod daemon;
 mod discovery;
@@ -9,6 +10,7 @@ mod health;
 mod import_nginx;
 mod logging;
 mod metrics;
+mod notify;
 mod panic;
 mod proxy;
 mod runtime;
@@ -16,7 +18,7 @@ mod splice;
 mod upstream;
 mod xdp;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -32,14 +34,16 @@ struct Cli {
 enum Command {
     /// Run the load balancer.
     Run {
-        /// Configuration file.
-        #[arg(short, long, default_value = "config/l4lb.toml")]
-        config: PathBuf,
+        /// Configuration file [default: config/l4lb.toml if the working directory has
+        /// one, else /etc/l4lb/l4lb.toml].
+        #[arg(short, long)]
+        config: Option<PathBuf>,
     },
     /// Check a configuration file and exit (like `nginx -t`).
     Check {
-        #[arg(short, long, default_value = "config/l4lb.toml")]
-        config: PathBuf,
+        /// Configuration file [default: as for `run`].
+        #[arg(short, long)]
+        config: Option<PathBuf>,
     },
     /// Convert an nginx configuration (its stream block) to an l4lb configuration.
     ImportNginx {
@@ -61,70 +65,88 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Check { config } => match config::load(&config) {
-            Ok(_) => {
-                println!("l4lb: configuration file {} syntax is ok", config.display());
-                ExitCode::SUCCESS
-            }
-            Err(errors) => {
-                eprintln!("{errors}");
-                eprintln!(
-                    "l4lb: configuration file {} test failed ({} errors)",
-                    config.display(),
-                    errors.errors.len()
-                );
-                ExitCode::FAILURE
-            }
-        },
-        Command::Run { config: path } => {
-            let config = match config::load(&path) {
-                Ok(c) => c,
-                Err(errors) => {
-                    eprintln!("{errors}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let access_log = match logging::init(&config.global) {
-                Ok(sink) => sink,
-                Err(e) => {
-                    eprintln!("l4lb: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            panic::install_hook();
-            let mut rt = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = config.global.worker_threads {
-                rt.worker_threads(n);
-            }
-            let rt = match rt.enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("l4lb: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let result = rt.block_on(async {
-                let daemon = daemon::Daemon::start(&path, config, access_log).await?;
-                daemon.run().await
-            });
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    eprintln!("l4lb: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+        Command::Check { config } => check_cmd(&config_path(config)),
+        Command::Run { config } => run_cmd(&config_path(config)),
+    }
+}
+
+/// The working directory's config/l4lb.toml (a checkout, `cargo xtask run`) when it
+/// exists, else the installed /etc/l4lb/l4lb.toml: one rule for both commands.
+const LOCAL_CONFIG: &str = "config/l4lb.toml";
+const SYSTEM_CONFIG: &str = "/etc/l4lb/l4lb.toml";
+
+fn config_path(given: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(|| {
+        if Path::new(LOCAL_CONFIG).exists() {
+            PathBuf::from(LOCAL_CONFIG)
+        } else {
+            PathBuf::from(SYSTEM_CONFIG)
+        }
+    })
+}
+
+fn check_cmd(config: &Path) -> ExitCode {
+    match config::load(config) {
+        Ok(_) => {
+            println!("l4lb: configuration file {} syntax is ok", config.display());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!(
+                "l4lb: configuration file {} test failed ({} errors)",
+                config.display(),
+                errors.errors.len()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_cmd(path: &Path) -> ExitCode {
+    let config = match config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let access_log = match logging::init(&config.global) {
+        Ok(sink) => sink,
+        Err(e) => {
+            eprintln!("l4lb: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    panic::install_hook();
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.global.worker_threads {
+        rt.worker_threads(n);
+    }
+    let rt = match rt.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("l4lb: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let daemon = daemon::Daemon::start(path, config, access_log).await?;
+        daemon.run().await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("l4lb: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }
 
 /// Notes go to stderr; the configuration to `output` or stdout, only when there is no
 /// error.
-fn import_nginx_cmd(
-    file: &std::path::Path,
-    output: Option<&std::path::Path>,
-) -> anyhow::Result<()> {
+fn import_nginx_cmd(file: &Path, output: Option<&Path>) -> anyhow::Result<()> {
     use anyhow::Context;
     let imported = match import_nginx::import(file) {
         Ok(i) => i,

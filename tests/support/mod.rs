@@ -63,14 +63,15 @@ impl Daemon {
 
     /// Starts the daemon inside network namespace `netns` and waits as [`Daemon::start`].
     pub fn start_in_netns(netns: &str, config: &str) -> Daemon {
-        let d = Self::spawn_with(&["ip", "netns", "exec", netns], config, &[]);
+        let launcher = ["ip", "netns", "exec", netns].map(String::from);
+        let d = Self::spawn_via(config, &[], &launcher);
         d.wait_started();
         d
     }
 
     /// Starts the daemon without waiting for anything.
     pub fn spawn(config: &str, env: &[(&str, &str)]) -> Daemon {
-        Self::spawn_with(&[], config, env)
+        Self::spawn_via(config, env, &[])
     }
 
     fn wait_started(&self) {
@@ -89,20 +90,30 @@ impl Daemon {
         }
     }
 
-    /// Starts `wrapper... l4lb run -c CONFIG` (the wrapper execs l4lb in place).
-    fn spawn_with(wrapper: &[&str], config: &str, env: &[(&str, &str)]) -> Daemon {
+    /// Starts `LAUNCHER... l4lb run -c CONFIG` (e.g. setpriv with other credentials)
+    /// without waiting. With a launcher, the binary is copied next to the configuration
+    /// in a directory anyone may read, so an unprivileged user can run it wherever the
+    /// build lives.
+    pub fn spawn_via(config: &str, env: &[(&str, &str)], launcher: &[String]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("l4lb.toml");
         std::fs::write(&config_path, config).expect("write config");
         let log_path = dir.path().join("l4lb.log");
         let log = std::fs::File::create(&log_path).expect("create log");
-        let mut cmd = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(l4lb_bin());
-                c
-            }
+        let mut cmd = match launcher.split_first() {
             None => Command::new(l4lb_bin()),
+            Some((program, args)) => {
+                use std::os::unix::fs::PermissionsExt;
+                let bin = dir.path().join("l4lb");
+                std::fs::copy(l4lb_bin(), &bin).expect("copy l4lb");
+                for (path, mode) in [(dir.path(), 0o755), (config_path.as_path(), 0o644)] {
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                        .expect("chmod");
+                }
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(bin);
+                cmd
+            }
         };
         cmd.arg("run")
             .arg("-c")

@@ -1,15 +1,20 @@
 //! Project tasks: `cargo xtask run`, `cargo xtask test`, `cargo xtask setup`,
-//! `cargo xtask bench`.
+//! `cargo xtask install`, `cargo xtask bench`.
 //! Every task first installs what a fresh machine lacks, idempotently.
 
 mod bench;
+mod demo;
+mod install;
 mod setup;
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -21,12 +26,20 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install the toolchain pieces and system packages the project needs.
-    Setup,
-    /// Build in release mode and run the daemon on config/l4lb.toml (or --config).
+    Setup {
+        /// Only what building the daemon needs (no test servers): the container build.
+        #[arg(long)]
+        build_only: bool,
+    },
+    /// Build in release mode and run the daemon on config/l4lb.toml (or --config);
+    /// with the default configuration, demo backends answer on its upstream's ports.
     Run {
-        #[arg(short, long, default_value = "config/l4lb.toml")]
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Build in release mode and install the daemon, its configuration (if absent), the
+    /// systemd unit and the state directory.
+    Install(install::InstallArgs),
     /// Formatting, lints and every test (unit and end-to-end, kernel path included).
     Test,
     /// Benchmark l4lb against nginx stream, haproxy and a direct connection.
@@ -37,20 +50,13 @@ fn main() -> Result<()> {
     let root = project_root()?;
     std::env::set_current_dir(&root)?;
     match Cli::parse().command {
-        Task::Setup => setup::all(setup::Purpose::Test),
-        Task::Run { config } => {
-            let bin = build_daemon(&root)?;
-            let status = Command::new(&bin)
-                .arg("run")
-                .arg("-c")
-                .arg(&config)
-                .status()
-                .with_context(|| format!("cannot start {}", bin.display()))?;
-            if !status.success() {
-                bail!("l4lb exited with {status}");
-            }
-            Ok(())
-        }
+        Task::Setup { build_only } => setup::all(if build_only {
+            setup::Purpose::Run
+        } else {
+            setup::Purpose::Test
+        }),
+        Task::Run { config } => run_daemon(&root, &config),
+        Task::Install(args) => install::install(&root, &args),
         Task::Bench(args) => bench::run(args),
         Task::Test => {
             setup::all(setup::Purpose::Test)?;
@@ -66,6 +72,51 @@ fn main() -> Result<()> {
             cargo(&["test", "--workspace", "--no-fail-fast"])
         }
     }
+}
+
+const DEFAULT_CONFIG: &str = "config/l4lb.toml";
+
+/// Runs the daemon in the foreground until it exits. SIGINT, SIGTERM and SIGHUP are
+/// passed on to it, so stopping xtask drains the daemon first and the demo backends
+/// (threads of this process) outlive its sessions.
+fn run_daemon(root: &Path, config: &Path) -> Result<()> {
+    let bin = build_daemon(root)?;
+    if config == Path::new(DEFAULT_CONFIG) {
+        demo::start_where_free()?;
+    }
+    let mut cmd = Command::new(&bin);
+    cmd.arg("run").arg("-c").arg(config);
+    // SAFETY: prctl(2) is async-signal-safe and touches only the child's own state.
+    unsafe {
+        cmd.pre_exec(|| {
+            // Should xtask be killed outright, the daemon must not linger without it.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let pid = libc::pid_t::try_from(child.id()).context("child pid out of range")?;
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    let handle = signals.handle();
+    let forwarder = std::thread::spawn(move || {
+        for sig in signals.forever() {
+            // SAFETY: kill(2) on our own child has no memory-safety preconditions.
+            unsafe { libc::kill(pid, sig) };
+        }
+    });
+    let status = child.wait();
+    handle.close();
+    // The forwarder ends once its handle is closed; a panic in it changes nothing here.
+    let _ = forwarder.join();
+    let status = status.context("waiting for l4lb")?;
+    if !status.success() {
+        bail!("l4lb exited with {status}");
+    }
+    Ok(())
 }
 
 /// Installs the build prerequisites and builds the release daemon; returns its path.

@@ -23,8 +23,10 @@ const BUILD_PACKAGES: &[&str] = &[
     "zlib1g-dev",
 ];
 /// Debian packages the tests use: a real etcd, `ip` and `ss`, openssl for test
-/// certificates, and real redis and MariaDB servers for the health checks (the *-core
-/// package carries mariadbd without a system service that would start).
+/// certificates, real redis and MariaDB servers for the health checks (the *-core
+/// package carries mariadbd without a system service that would start), `setpriv`
+/// (util-linux) to run the daemon with chosen capabilities, `systemd-analyze` to
+/// verify the unit.
 const TEST_PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
@@ -32,6 +34,8 @@ const TEST_PACKAGES: &[&str] = &[
     "openssl",
     "redis-server",
     "mariadb-server-core",
+    "util-linux",
+    "systemd",
 ];
 
 pub fn all(purpose: Purpose) -> Result<()> {

@@ -31,6 +31,7 @@ use anyhow::Context;
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
+use crate::capabilities;
 use crate::metrics::CopyReason;
 use crate::proxy::copy::{copy_bidirectional, CopyLimits, Transfer};
 use crate::proxy::{SessionEnd, Side};
@@ -116,6 +117,14 @@ impl Splicer {
         let loaded = loader::load(&loader::Params {
             max_sockets,
             log_level: aya_log::Level::Warn as u8,
+        })
+        .map_err(|e| {
+            // The kernel's own error (EPERM, or a verifier message about a helper) does
+            // not say which capability was missing: name it first.
+            match capabilities::describe_missing(&capabilities::missing_for_kernel_path()) {
+                Some(missing) => e.context(missing),
+                None => e,
+            }
         })?;
         let watcher = watch::start(loaded.events, loaded.logger)?;
         let maps = Arc::new(Maps {
