@@ -44,6 +44,19 @@ enum Task {
     Test,
     /// Benchmark l4lb against nginx stream, haproxy and a direct connection.
     Bench(bench::BenchArgs),
+    /// Sessions streaming through churn and faults for a while; figures and bounds
+    /// (tests/soak.rs). `cargo xtask test` runs its quick form.
+    Soak {
+        /// How long (10 minutes unless --quick).
+        #[arg(long)]
+        minutes: Option<u64>,
+        /// About a minute, as CI runs it.
+        #[arg(long)]
+        quick: bool,
+        /// Client sessions streaming at once (500; 100 with --quick).
+        #[arg(long)]
+        sessions: Option<u64>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -58,6 +71,25 @@ fn main() -> Result<()> {
         Task::Run { config } => run_daemon(&root, &config),
         Task::Install(args) => install::install(&root, &args),
         Task::Bench(args) => bench::run(args),
+        Task::Soak {
+            minutes,
+            quick,
+            sessions,
+        } => {
+            setup::all(setup::Purpose::Test)?;
+            let seconds = match (minutes, quick) {
+                (Some(m), _) => m * 60,
+                (None, true) => 45,
+                (None, false) => 600,
+            };
+            let sessions = sessions.unwrap_or(if quick { 100 } else { 500 });
+            run(
+                Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                    .args(["test", "-p", "l4lb", "--test", "soak", "--", "--nocapture"])
+                    .env("L4LB_SOAK_SECONDS", seconds.to_string())
+                    .env("L4LB_SOAK_SESSIONS", sessions.to_string()),
+            )
+        }
         Task::Test => {
             setup::all(setup::Purpose::Test)?;
             cargo(&["fmt", "--all", "--", "--check"])?;
