@@ -24,7 +24,8 @@ const BUILD_PACKAGES: &[&str] = &[
 ];
 /// Debian packages the tests use: a real etcd, `ip` and `ss`, openssl for test
 /// certificates, `setpriv` (util-linux) to run the daemon with chosen capabilities,
-/// `systemd-analyze` to verify the unit.
+/// `systemd-analyze` to verify the unit, `strace` to hold the daemon's system calls
+/// against the unit's filter.
 const TEST_PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
@@ -32,6 +33,7 @@ const TEST_PACKAGES: &[&str] = &[
     "openssl",
     "util-linux",
     "systemd",
+    "strace",
 ];
 
 pub fn all(purpose: Purpose) -> Result<()> {
