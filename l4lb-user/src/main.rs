@@ -16,7 +16,7 @@ mod runtime;
 mod splice;
 mod upstream;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -33,16 +33,16 @@ struct Cli {
 enum Command {
     /// Run the load balancer.
     Run {
-        /// Configuration file [default: config/l4lb.toml if the working directory has
-        /// one, else /etc/l4lb/l4lb.toml].
-        #[arg(short, long)]
-        config: Option<PathBuf>,
+        /// Configuration file: by default config/l4lb.toml when the working directory
+        /// has one, else /etc/l4lb/l4lb.toml.
+        #[arg(short, long, default_value_os_t = default_config())]
+        config: PathBuf,
     },
     /// Check a configuration file and exit (like `nginx -t`).
     Check {
-        /// Configuration file [default: as for `run`].
-        #[arg(short, long)]
-        config: Option<PathBuf>,
+        /// Configuration file, with the same default as `run`.
+        #[arg(short, long, default_value_os_t = default_config())]
+        config: PathBuf,
     },
     /// Convert an nginx configuration (its stream block) to an l4lb configuration.
     ImportNginx {
@@ -52,6 +52,17 @@ enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+}
+
+/// The working directory's config/l4lb.toml (a checkout, `cargo xtask run`) when it
+/// exists, else the installed /etc/l4lb/l4lb.toml: one rule for `run` and `check`.
+fn default_config() -> PathBuf {
+    let local = PathBuf::from("config/l4lb.toml");
+    if local.exists() {
+        local
+    } else {
+        PathBuf::from("/etc/l4lb/l4lb.toml")
+    }
 }
 
 fn main() -> ExitCode {
@@ -64,90 +75,72 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Check { config } => check_cmd(&config_path(config)),
-        Command::Run { config } => run_cmd(&config_path(config)),
-    }
-}
-
-/// The working directory's config/l4lb.toml (a checkout, `cargo xtask run`) when it
-/// exists, else the installed /etc/l4lb/l4lb.toml: one rule for both commands.
-const LOCAL_CONFIG: &str = "config/l4lb.toml";
-const SYSTEM_CONFIG: &str = "/etc/l4lb/l4lb.toml";
-
-fn config_path(given: Option<PathBuf>) -> PathBuf {
-    given.unwrap_or_else(|| {
-        if Path::new(LOCAL_CONFIG).exists() {
-            PathBuf::from(LOCAL_CONFIG)
-        } else {
-            PathBuf::from(SYSTEM_CONFIG)
-        }
-    })
-}
-
-fn check_cmd(config: &Path) -> ExitCode {
-    match config::load(config) {
-        Ok(_) => {
-            println!("l4lb: configuration file {} syntax is ok", config.display());
-            ExitCode::SUCCESS
-        }
-        Err(errors) => {
-            eprintln!("{errors}");
-            eprintln!(
-                "l4lb: configuration file {} test failed ({} errors)",
-                config.display(),
-                errors.errors.len()
-            );
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run_cmd(path: &Path) -> ExitCode {
-    let config = match config::load(path) {
-        Ok(c) => c,
-        Err(errors) => {
-            eprintln!("{errors}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let filter = std::env::var("L4LB_LOG")
-        .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(&config.global.log_level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
-    panic::install_hook();
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = config.global.worker_threads {
-        rt.worker_threads(n);
-    }
-    let rt = match rt.enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("l4lb: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = rt.block_on(async {
-        let daemon = daemon::Daemon::start(path, config).await?;
-        daemon.run().await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("l4lb: {e:#}");
-            ExitCode::FAILURE
+        Command::Check { config } => match config::load(&config) {
+            Ok(_) => {
+                println!("l4lb: configuration file {} syntax is ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                eprintln!(
+                    "l4lb: configuration file {} test failed ({} errors)",
+                    config.display(),
+                    errors.errors.len()
+                );
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config: path } => {
+            let config = match config::load(&path) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let filter = std::env::var("L4LB_LOG")
+                .ok()
+                .and_then(|f| EnvFilter::try_new(f).ok())
+                .unwrap_or_else(|| EnvFilter::new(&config.global.log_level));
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_writer(std::io::stderr)
+                .init();
+            panic::install_hook();
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = config.global.worker_threads {
+                rt.worker_threads(n);
+            }
+            let rt = match rt.enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("l4lb: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let result = rt.block_on(async {
+                let daemon = daemon::Daemon::start(&path, config).await?;
+                daemon.run().await
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("l4lb: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }
 
 /// Notes go to stderr; the configuration to `output` or stdout, only when there is no
 /// error.
-fn import_nginx_cmd(file: &Path, output: Option<&Path>) -> anyhow::Result<()> {
+fn import_nginx_cmd(
+    file: &std::path::Path,
+    output: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     let imported = match import_nginx::import(file) {
         Ok(i) => i,
