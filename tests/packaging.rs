@@ -2,7 +2,8 @@
 //! machines have neither): every one grants exactly the capability set that
 //! tests/capabilities.rs measured, their l4lb configurations pass `l4lb check`, their
 //! health probes tell a running admin API from none, the Dockerfile builds with the
-//! xtask commands and nothing else, `systemd-analyze verify` accepts the unit; and the
+//! xtask commands and nothing else, `systemd-analyze verify` accepts the unit and its
+//! sandbox allows every system call and socket family the daemon uses (strace); and the
 //! default configuration path rule.
 
 mod support;
@@ -12,8 +13,11 @@ mod support;
 mod capabilities;
 
 use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use support::{free_port, l4lb_bin, repo_path, Daemon};
 use yaml_rust2::{Yaml, YamlLoader};
@@ -251,6 +255,7 @@ fn probes(port: u16) -> Vec<(&'static str, String)> {
 fn probe_passes(script: &str) -> bool {
     Command::new("bash")
         .args(["-c", script])
+        .stderr(std::process::Stdio::null())
         .status()
         .expect("bash")
         .success()
@@ -408,5 +413,168 @@ fn without_c_the_working_directory_config_is_used_else_etc() {
     assert!(
         out.contains("configuration file config/l4lb.toml syntax is ok"),
         "{out}"
+    );
+}
+
+/// Every name a systemd syscall filter entry stands for (groups expanded).
+fn syscall_names(entry: &str, out: &mut BTreeSet<String>) {
+    if !entry.starts_with('@') {
+        out.insert(entry.to_string());
+        return;
+    }
+    let listing = Command::new("systemd-analyze")
+        .args(["syscall-filter", entry])
+        .output()
+        .expect("systemd-analyze (Debian package systemd; cargo xtask setup installs it)");
+    assert!(
+        listing.status.success(),
+        "systemd-analyze syscall-filter {entry}"
+    );
+    for line in String::from_utf8_lossy(&listing.stdout).lines().skip(1) {
+        let name = line.trim();
+        if !name.is_empty() && !name.starts_with('#') {
+            syscall_names(name, out);
+        }
+    }
+}
+
+/// An echo server on a thread of its own.
+fn echo_backend() -> std::net::SocketAddr {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = conn.try_clone().expect("clone");
+                let _ = std::io::copy(&mut reader, &mut conn);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn the_units_sandbox_allows_every_call_and_socket_family_the_daemon_uses() {
+    if std::env::var("L4LB_NO_EBPF").is_ok_and(|v| v == "1") {
+        eprintln!("the_units_sandbox_allows...: skipped by request (L4LB_NO_EBPF=1)");
+        return;
+    }
+    let backend = echo_backend();
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let trace_dir = tempfile::tempdir().expect("tempdir");
+    let trace = trace_dir.path().join("strace.out");
+    let launcher: Vec<String> = [
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        trace.to_str().expect("utf-8"),
+        "--",
+    ]
+    .map(String::from)
+    .to_vec();
+    let d = Daemon::spawn_via(
+        &format!(
+            "[global]\nsplice = \"required\"\n\n[upstream.u]\nservers = [{{ address = \"{backend}\" }}]\n\n[[server]]\nlisten = \"{listen}\"\nproxy_pass = \"u\"\n"
+        ),
+        &[],
+        &launcher,
+    );
+    assert!(
+        d.wait_log("l4lb started", Duration::from_secs(30)),
+        "log:\n{}",
+        d.log()
+    );
+    // strace's child is the daemon: signals go to it, not to strace.
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", d.pid()))
+        .expect("strace's children");
+    let pid: i32 = children
+        .split_whitespace()
+        .next()
+        .expect("a child")
+        .parse()
+        .expect("pid");
+    let signal = |sig| {
+        // SAFETY: kill(2) on the daemon this test started has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+    };
+
+    // A spliced session, a reload, the stats signal and the drain: what a service does.
+    let mut conn = TcpStream::connect(listen).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    for _ in 0..3 {
+        conn.write_all(&[7u8; 256]).expect("send");
+        let mut back = [0u8; 256];
+        conn.read_exact(&mut back).expect("echo");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(conn);
+    assert!(
+        d.wait_log("path=\"kernel\"", Duration::from_secs(10)),
+        "log:\n{}",
+        d.log()
+    );
+    signal(libc::SIGHUP);
+    assert!(
+        d.wait_log("configuration reloaded", Duration::from_secs(10)),
+        "log:\n{}",
+        d.log()
+    );
+    signal(libc::SIGUSR1);
+    assert!(
+        d.wait_log("splice stats", Duration::from_secs(10)),
+        "log:\n{}",
+        d.log()
+    );
+    signal(libc::SIGTERM);
+    let status = d
+        .wait_exit(Duration::from_secs(40))
+        .expect("l4lb did not stop");
+    assert!(status.success(), "{status}; log:\n{}", d.log());
+
+    let trace = std::fs::read_to_string(&trace).expect("strace output");
+    let mut used = BTreeSet::new();
+    let mut families = BTreeSet::new();
+    for line in trace.lines() {
+        // "PID  name(args..." or "PID  <... name resumed> ..."
+        let call = line
+            .split_once(' ')
+            .map_or("", |(_, rest)| rest.trim_start());
+        let call = call.strip_prefix("<... ").unwrap_or(call);
+        let name: String = call
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if name.is_empty() || name == "exited" || name == "killed" {
+            continue;
+        }
+        if let Some(args) = call.strip_prefix("socket(") {
+            families.insert(args.split(',').next().unwrap_or("").to_string());
+        }
+        used.insert(name);
+    }
+    assert!(
+        used.contains("bpf"),
+        "no bpf(2) seen: is this the kernel path? {used:?}"
+    );
+
+    let unit = read(UNIT);
+    let mut allowed = BTreeSet::new();
+    for entry in unit_values(&unit, "SystemCallFilter") {
+        syscall_names(&entry, &mut allowed);
+    }
+    let refused: Vec<&String> = used.difference(&allowed).collect();
+    assert!(
+        refused.is_empty(),
+        "SystemCallFilter= would refuse {refused:?}"
+    );
+    let permitted: BTreeSet<String> = unit_values(&unit, "RestrictAddressFamilies")
+        .into_iter()
+        .collect();
+    let refused: Vec<&String> = families.difference(&permitted).collect();
+    assert!(
+        refused.is_empty(),
+        "RestrictAddressFamilies= would refuse {refused:?}"
     );
 }

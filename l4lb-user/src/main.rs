@@ -34,16 +34,16 @@ struct Cli {
 enum Command {
     /// Run the load balancer.
     Run {
-        /// Configuration file [default: config/l4lb.toml if the working directory has
-        /// one, else /etc/l4lb/l4lb.toml].
-        #[arg(short, long)]
-        config: Option<PathBuf>,
+        /// Configuration file: by default config/l4lb.toml when the working directory
+        /// has one, else /etc/l4lb/l4lb.toml.
+        #[arg(short, long, default_value_os_t = default_config())]
+        config: PathBuf,
     },
     /// Check a configuration file and exit (like `nginx -t`).
     Check {
-        /// Configuration file [default: as for `run`].
-        #[arg(short, long)]
-        config: Option<PathBuf>,
+        /// Configuration file, with the same default as `run`.
+        #[arg(short, long, default_value_os_t = default_config())]
+        config: PathBuf,
     },
     /// Convert an nginx configuration (its stream block) to an l4lb configuration.
     ImportNginx {
@@ -53,6 +53,17 @@ enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+}
+
+/// The working directory's config/l4lb.toml (a checkout, `cargo xtask run`) when it
+/// exists, else the installed /etc/l4lb/l4lb.toml: one rule for `run` and `check`.
+fn default_config() -> PathBuf {
+    let local = PathBuf::from("config/l4lb.toml");
+    if local.exists() {
+        local
+    } else {
+        PathBuf::from("/etc/l4lb/l4lb.toml")
+    }
 }
 
 fn main() -> ExitCode {
@@ -65,24 +76,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Check { config } => check_cmd(&config_path(config)),
-        Command::Run { config } => run_cmd(&config_path(config)),
+        Command::Check { config } => check_cmd(&config),
+        Command::Run { config } => run_cmd(&config),
     }
-}
-
-/// The working directory's config/l4lb.toml (a checkout, `cargo xtask run`) when it
-/// exists, else the installed /etc/l4lb/l4lb.toml: one rule for both commands.
-const LOCAL_CONFIG: &str = "config/l4lb.toml";
-const SYSTEM_CONFIG: &str = "/etc/l4lb/l4lb.toml";
-
-fn config_path(given: Option<PathBuf>) -> PathBuf {
-    given.unwrap_or_else(|| {
-        if Path::new(LOCAL_CONFIG).exists() {
-            PathBuf::from(LOCAL_CONFIG)
-        } else {
-            PathBuf::from(SYSTEM_CONFIG)
-        }
-    })
 }
 
 fn check_cmd(config: &Path) -> ExitCode {
@@ -146,7 +142,10 @@ fn run_cmd(path: &Path) -> ExitCode {
 
 /// Notes go to stderr; the configuration to `output` or stdout, only when there is no
 /// error.
-fn import_nginx_cmd(file: &Path, output: Option<&Path>) -> anyhow::Result<()> {
+fn import_nginx_cmd(
+    file: &std::path::Path,
+    output: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     let imported = match import_nginx::import(file) {
         Ok(i) => i,

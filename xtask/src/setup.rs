@@ -26,7 +26,8 @@ const BUILD_PACKAGES: &[&str] = &[
 /// certificates, real redis and MariaDB servers for the health checks (the *-core
 /// package carries mariadbd without a system service that would start), `setpriv`
 /// (util-linux) to run the daemon with chosen capabilities, `systemd-analyze` to
-/// verify the unit.
+/// verify the unit, `strace` to hold the daemon's system calls against the unit's
+/// filter.
 const TEST_PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
@@ -36,6 +37,7 @@ const TEST_PACKAGES: &[&str] = &[
     "mariadb-server-core",
     "util-linux",
     "systemd",
+    "strace",
 ];
 
 pub fn all(purpose: Purpose) -> Result<()> {
