@@ -127,6 +127,8 @@ enum End {
     KilledBackend,
     /// The daemon's access log says its server was the one that resets.
     ResetBackend,
+    /// On the slow backend, the client gave up waiting (bytes intact so far).
+    GaveUpOnSlow,
     /// Bytes came back that were not the bytes sent.
     Corrupted,
     /// Anything else: a bug.
@@ -216,6 +218,7 @@ async fn session(lb: SocketAddr, len: usize, seed: u64, fleet: &Fleet) -> Seen {
         (Ok(Ok(_)), true) if got == data => End::Completed,
         _ if !prefix_ok => End::Corrupted,
         _ if killed() => End::KilledBackend,
+        (Err(_), _) if tag == "slow" => End::GaveUpOnSlow,
         _ => {
             let why = format!(
                 "{tag} via {lb}: read {read:?}, wrote all: {wrote}, got {} of {len}",
@@ -689,14 +692,14 @@ async fn soak_under_churn_and_faults() {
     );
     eprintln!(
         "soak {seconds} s, {sessions} concurrent TCP clients + 8 UDP clients\n\
-         sessions started {} ended {ended}: completed {}, on a killed backend {}, on the resetting backend {}, corrupted {}, unexplained {}\n\
+         sessions started {} ended {ended}: completed {}, on a killed backend {}, on the resetting backend {}, client gave up on the slow backend {}, corrupted {}, unexplained {}\n\
          bytes echoed {:.1} MiB; UDP {udp_ok}/{udp_sent} answered\n\
          changes: consul {consul_changes}, etcd {etcd_changes}, reloads {} applied / {} rejected, admin {admin_calls}, kills {kills}, consul faults {}, consul down 1 s\n\
          first change applied {:?} after Consul returned\n\
          daemon RSS {rss0} / {} / {rss1} KiB (start/peak/end), fds {fds0} / {} / {fds1}\n\
          kernel path: sessions {} pauses {} trimmed {} lag moves {} watchdog {} insert failures {}; session panics {}",
         started.load(Ordering::Relaxed),
-        count(End::Completed), count(End::KilledBackend), count(End::ResetBackend), count(End::Corrupted), count(End::Unexplained),
+        count(End::Completed), count(End::KilledBackend), count(End::ResetBackend), count(End::GaveUpOnSlow), count(End::Corrupted), count(End::Unexplained),
         t.bytes as f64 / 1048576.0,
         reload_results.0, reload_results.1, faults.len(), recovery,
         peak_rss.load(Ordering::Relaxed), peak_fds.load(Ordering::Relaxed),
