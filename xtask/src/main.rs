@@ -1,8 +1,9 @@
 //! Project tasks: `cargo xtask run`, `cargo xtask test`, `cargo xtask setup`,
-//! `cargo xtask bench`.
+//! `cargo xtask bench`, `cargo xtask fuzz`.
 //! Every task first installs what a fresh machine lacks, idempotently.
 
 mod bench;
+mod fuzz;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -27,10 +28,13 @@ enum Task {
         #[arg(short, long, default_value = "config/l4lb.toml")]
         config: PathBuf,
     },
-    /// Formatting, lints and every test (unit and end-to-end, kernel path included).
+    /// Formatting, lints, every test (unit and end-to-end, kernel path included) and a
+    /// short run of every fuzz target.
     Test,
     /// Benchmark l4lb against nginx stream, haproxy and a direct connection.
     Bench(bench::BenchArgs),
+    /// Fuzz every parser (or one) with cargo fuzz; fails naming the input of any crash.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> Result<()> {
@@ -52,6 +56,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::Bench(args) => bench::run(args),
+        Task::Fuzz(args) => fuzz::run(&args),
         Task::Test => {
             setup::all(setup::Purpose::Test)?;
             cargo(&["fmt", "--all", "--", "--check"])?;
@@ -63,7 +68,8 @@ fn main() -> Result<()> {
                 "-D",
                 "warnings",
             ])?;
-            cargo(&["test", "--workspace", "--no-fail-fast"])
+            cargo(&["test", "--workspace", "--no-fail-fast"])?;
+            fuzz::smoke()
         }
     }
 }
