@@ -1,22 +1,7 @@
 //! l4lb: a layer-4 (TCP/UDP) load balancer with nginx stream semantics whose
 //! established TCP sessions are spliced in the kernel by eBPF.
 
-mod admin;
-mod capabilities;
-mod config;
-mod daemon;
-mod discovery;
-mod health;
-mod import_nginx;
-mod logging;
-mod metrics;
-mod notify;
-mod panic;
-mod proxy;
-mod runtime;
-mod splice;
-mod upstream;
-mod xdp;
+use l4lb::{config, daemon, import_nginx, logging, panic};
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -1,9 +1,10 @@
 //! Project tasks: `cargo xtask run`, `cargo xtask test`, `cargo xtask setup`,
-//! `cargo xtask install`, `cargo xtask bench`.
+//! `cargo xtask install`, `cargo xtask bench`, `cargo xtask soak`, `cargo xtask fuzz`.
 //! Every task first installs what a fresh machine lacks, idempotently.
 
 mod bench;
 mod demo;
+mod fuzz;
 mod install;
 mod setup;
 
@@ -40,7 +41,8 @@ enum Task {
     /// Build in release mode and install the daemon, its configuration (if absent), the
     /// systemd unit and the state directory.
     Install(install::InstallArgs),
-    /// Formatting, lints and every test (unit and end-to-end, kernel path included).
+    /// Formatting, lints, every test (unit and end-to-end, kernel path included) and a
+    /// short run of every fuzz target.
     Test,
     /// Benchmark l4lb against nginx stream, haproxy and a direct connection.
     Bench(bench::BenchArgs),
@@ -57,6 +59,8 @@ enum Task {
         #[arg(long)]
         sessions: Option<u64>,
     },
+    /// Fuzz every parser (or one) with cargo fuzz; fails naming the input of any crash.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> Result<()> {
@@ -90,6 +94,7 @@ fn main() -> Result<()> {
                     .env("L4LB_SOAK_SESSIONS", sessions.to_string()),
             )
         }
+        Task::Fuzz(args) => fuzz::run(&args),
         Task::Test => {
             setup::all(setup::Purpose::Test)?;
             cargo(&["fmt", "--all", "--", "--check"])?;
@@ -101,7 +106,8 @@ fn main() -> Result<()> {
                 "-D",
                 "warnings",
             ])?;
-            cargo(&["test", "--workspace", "--no-fail-fast"])
+            cargo(&["test", "--workspace", "--no-fail-fast"])?;
+            fuzz::smoke()
         }
     }
 }

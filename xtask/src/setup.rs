@@ -1,7 +1,7 @@
 //! Installs what the build and tests need on a fresh Debian 12 machine, and nothing
 //! that is already there: the nightly toolchain with rust-src (eBPF is built with
-//! `-Z build-std=core`), Debian's LLVM 22 and `bpf-linker` built against it, and the
-//! servers the end-to-end tests start for real.
+//! `-Z build-std=core`), Debian's LLVM 22 and `bpf-linker` built against it, the
+//! servers the end-to-end tests start for real, and cargo-fuzz for the fuzz targets.
 
 use std::process::{Command, Stdio};
 
@@ -88,6 +88,16 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// cargo-fuzz for `cargo xtask fuzz` and the fuzz smoke test (it runs on nightly).
+pub fn cargo_fuzz() -> Result<()> {
+    nightly_rust_src()?;
+    if succeeds(Command::new("cargo").args(["+nightly", "fuzz", "--version"])) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-fuzz (for the fuzz targets; once)");
+    run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
 }
 
 fn nightly_rust_src() -> Result<()> {

@@ -213,17 +213,16 @@ fn parse_addr(addr: &str) -> Result<SocketAddr, ApiError> {
     })
 }
 
-fn parse_body(body: &Bytes) -> Result<ServerParams, ApiError> {
+/// A PUT or PATCH body: server parameters as JSON, or nothing.
+pub(crate) fn parse_body(body: &[u8]) -> Result<ServerParams, FieldError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(ServerParams::default());
     }
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::field(FieldError {
-            field: "(body)".into(),
-            message: format!("not JSON: {e}"),
-        })
+    let value: Value = serde_json::from_slice(body).map_err(|e| FieldError {
+        field: "(body)".into(),
+        message: format!("not JSON: {e}"),
     })?;
-    ServerParams::from_json(&value, Strictness::Admin).map_err(ApiError::field)
+    ServerParams::from_json(&value, Strictness::Admin)
 }
 
 /// Checks and locks for a change: token, upstream, not upsync-managed, address.
@@ -273,7 +272,7 @@ async fn put_server(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (up, addr, _guard) = begin(&st, &headers, &name, &addr)?;
-    let params = parse_body(&body)?;
+    let params = parse_body(&body).map_err(ApiError::field)?;
     let mut spec = ServerSpec::new(addr);
     params.apply_to(&mut spec);
     let mut servers = current(&up);
@@ -298,7 +297,7 @@ async fn patch_server(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (up, addr, _guard) = begin(&st, &headers, &name, &addr)?;
-    let params = parse_body(&body)?;
+    let params = parse_body(&body).map_err(ApiError::field)?;
     let mut servers = current(&up);
     let existing = servers.iter_mut().find(|s| s.addr == addr).ok_or_else(|| {
         ApiError::new(

@@ -1,7 +1,7 @@
 //! Operator-facing HTTP: the `upstream_show` listener (nginx-upsync's text format) and
 //! the JSON admin API on `[admin] listen`.
 
-mod api;
+pub(crate) mod api;
 mod json;
 pub mod show;
 

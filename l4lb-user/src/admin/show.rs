@@ -8,11 +8,11 @@ use crate::upstream::Upstream;
 /// One backend as an nginx `server` directive (loadable by nginx with `include`).
 pub fn server_line(spec: &ServerSpec) -> String {
     let mut line = format!(
-        "server {} weight={} max_fails={} fail_timeout={}s",
+        "server {} weight={} max_fails={} fail_timeout={}",
         spec.addr,
         spec.weight,
         spec.max_fails,
-        spec.fail_timeout.as_secs()
+        duration(spec.fail_timeout)
     );
     if spec.max_conns > 0 {
         let _ = write!(line, " max_conns={}", spec.max_conns);
@@ -25,6 +25,16 @@ pub fn server_line(spec: &ServerSpec) -> String {
     }
     line.push(';');
     line
+}
+
+/// Whole seconds as `10s`, anything finer in milliseconds (`500ms`): a dump file must
+/// read back the value it was written from, and the parsers keep milliseconds.
+fn duration(d: std::time::Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
 }
 
 /// nginx-upsync's listing; with health checks, each line ends with a `#` comment

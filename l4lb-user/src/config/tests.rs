@@ -143,6 +143,19 @@ proxy_pass = "missing"
     assert_eq!(e[0].line, 3);
 }
 
+/// Seconds past what a deadline can hold were accepted, and the first connect failure
+/// then panicked computing `now + fail_timeout`.
+#[test]
+fn durations_too_large_for_a_deadline_are_errors() {
+    let e = errors(
+        "[upstream.u]\nservers = [{ address = \"127.0.0.1:1\", fail_timeout = 9223372036854775807 }]\n",
+    );
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].key, "upstream.u.servers[0].fail_timeout");
+    assert_eq!(e[0].line, 2);
+    assert!(e[0].message.contains("too large"), "{}", e[0].message);
+}
+
 #[test]
 fn semantic_errors() {
     let cases: &[(&str, &str, &str)] = &[

@@ -56,6 +56,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(ms))
 }
 
+/// A number of seconds as a duration, in the range every duration l4lb reads is kept
+/// to: whole milliseconds that fit in 64 bits (584 million years), as [`parse_duration`]
+/// allows. Far beyond that, a deadline `now + duration` overflows and panics, and a
+/// value could not be written back (dump file, admin API) and read again.
+pub fn seconds(s: u64) -> Result<Duration, String> {
+    s.checked_mul(1000)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("{s} seconds is too large a duration"))
+}
+
 /// Parses an nginx size: bytes, or `k`/`m`/`g` (either case) multiples of 1024.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -89,9 +99,8 @@ impl<'de> Deserialize<'de> for NgxDuration {
                 parse_duration(v).map(NgxDuration).map_err(E::custom)
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<NgxDuration, E> {
-                u64::try_from(v)
-                    .map(|s| NgxDuration(Duration::from_secs(s)))
-                    .map_err(|_| E::custom("a duration cannot be negative"))
+                let s = u64::try_from(v).map_err(|_| E::custom("a duration cannot be negative"))?;
+                seconds(s).map(NgxDuration).map_err(E::custom)
             }
         }
         d.deserialize_any(V)
@@ -139,6 +148,12 @@ mod tests {
         assert!(parse_duration("ms").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("99999999999999999999d").is_err());
+        assert_eq!(seconds(90), Ok(Duration::from_secs(90)));
+        assert_eq!(
+            seconds(u64::MAX / 1000),
+            Ok(Duration::from_millis(u64::MAX / 1000 * 1000))
+        );
+        assert!(seconds(u64::MAX / 1000 + 1).is_err());
     }
 
     #[test]

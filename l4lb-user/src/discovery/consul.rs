@@ -159,24 +159,28 @@ impl Source for ConsulKv {
                 if status == StatusCode::NOT_FOUND {
                     return Ok(Vec::new());
                 }
-                let entries: Vec<KvEntry> = serde_json::from_slice(body).map_err(|e| {
-                    SourceError::bad("(response body)", format!("not a Consul KV list: {e}"))
-                })?;
-                let b64 = base64::engine::general_purpose::STANDARD;
-                let mut pairs = Vec::with_capacity(entries.len());
-                for e in &entries {
-                    let value = match &e.value {
-                        Some(v) => b64.decode(v).map_err(|err| {
-                            SourceError::bad(&e.key, format!("Value is not base64: {err}"))
-                        })?,
-                        None => Vec::new(),
-                    };
-                    pairs.push((e.key.as_bytes(), value));
-                }
-                servers_from_kv(prefix, pairs.iter().map(|(k, v)| (*k, v.as_slice())))
+                parse_kv(prefix, body)
             })
             .await
     }
+}
+
+/// The servers of a `?recurse` answer (a JSON list of keys with base64 values).
+pub(crate) fn parse_kv(prefix: &str, body: &[u8]) -> Result<Vec<ServerSpec>, SourceError> {
+    let entries: Vec<KvEntry> = serde_json::from_slice(body)
+        .map_err(|e| SourceError::bad("(response body)", format!("not a Consul KV list: {e}")))?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut pairs = Vec::with_capacity(entries.len());
+    for e in &entries {
+        let value = match &e.value {
+            Some(v) => b64
+                .decode(v)
+                .map_err(|err| SourceError::bad(&e.key, format!("Value is not base64: {err}")))?,
+            None => Vec::new(),
+        };
+        pairs.push((e.key.as_bytes(), value));
+    }
+    servers_from_kv(prefix, pairs.iter().map(|(k, v)| (*k, v.as_slice())))
 }
 
 /// Decodes `%XX` escapes of a URL path (keys may hold characters a URL escapes).

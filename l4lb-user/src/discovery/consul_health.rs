@@ -75,6 +75,11 @@ fn parse(status: StatusCode, body: &[u8]) -> Result<Vec<ServerSpec>, SourceError
     if status == StatusCode::NOT_FOUND {
         return Ok(Vec::new());
     }
+    parse_body(body)
+}
+
+/// The passing instances of a 200 answer.
+pub(crate) fn parse_body(body: &[u8]) -> Result<Vec<ServerSpec>, SourceError> {
     let entries: Vec<Entry> = serde_json::from_slice(body).map_err(|e| {
         SourceError::bad("(response body)", format!("not a Consul health list: {e}"))
     })?;

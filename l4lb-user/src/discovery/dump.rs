@@ -19,6 +19,15 @@ pub async fn write(
     source: Source,
     servers: &[ServerSpec],
 ) -> anyhow::Result<()> {
+    let text = render(upstream, source, servers);
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || write_atomic(&path, text.as_bytes()))
+        .await
+        .context("dump writer task failed")?
+}
+
+/// The file's text: a comment naming the upstream and source, then one line a server.
+pub fn render(upstream: &str, source: Source, servers: &[ServerSpec]) -> String {
     let mut text = format!(
         "# l4lb: servers of upstream {upstream} from {source}; rewritten on every change\n"
     );
@@ -26,10 +35,7 @@ pub async fn write(
         text.push_str(&server_line(s));
         text.push('\n');
     }
-    let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || write_atomic(&path, text.as_bytes()))
-        .await
-        .context("dump writer task failed")?
+    text
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
@@ -122,6 +128,19 @@ mod tests {
         b.max_conns = 7;
         let text = format!("# comment\n{}\n\n{}\n", server_line(&a), server_line(&b));
         assert_eq!(parse(&text).unwrap(), vec![a, b]);
+    }
+
+    /// Found by the fuzz targets' round trip: a 500ms fail_timeout from Consul was
+    /// dumped as `fail_timeout=0s`, so a restart from the dump changed the server.
+    #[test]
+    fn a_sub_second_fail_timeout_survives_the_dump() {
+        let mut a = ServerSpec::new("10.0.0.1:3306".parse().unwrap());
+        a.fail_timeout = Duration::from_millis(500);
+        assert_eq!(
+            server_line(&a),
+            "server 10.0.0.1:3306 weight=1 max_fails=1 fail_timeout=500ms;"
+        );
+        assert_eq!(parse(&server_line(&a)).unwrap(), vec![a]);
     }
 
     #[test]

@@ -27,6 +27,9 @@ use crate::config::{ServerSpec, UpsyncConfig};
 
 const RANGE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The local copy of the prefix: key to value, both as etcd stores them.
+pub(crate) type Kvs = BTreeMap<Vec<u8>, Vec<u8>>;
+
 /// etcd's JSON gateway writes 64-bit integers as strings.
 fn int64<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
     match serde_json::Value::deserialize(d)? {
@@ -61,13 +64,13 @@ struct RangeResponse {
 }
 
 #[derive(Deserialize)]
-struct WatchLine {
-    result: Option<WatchResult>,
+pub(crate) struct WatchLine {
+    pub result: Option<WatchResult>,
     error: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
-struct WatchResult {
+pub(crate) struct WatchResult {
     #[serde(default)]
     canceled: bool,
     #[serde(default, deserialize_with = "int64")]
@@ -75,11 +78,11 @@ struct WatchResult {
     #[serde(default)]
     cancel_reason: String,
     #[serde(default)]
-    events: Vec<Event>,
+    pub events: Vec<Event>,
 }
 
 #[derive(Deserialize)]
-struct Event {
+pub(crate) struct Event {
     /// Absent for PUT (the gateway omits enum defaults).
     #[serde(rename = "type", default)]
     kind: String,
@@ -101,7 +104,7 @@ pub struct Etcd {
     watch_lifetime: Duration,
     /// Revision the local copy reflects; `None` = read the prefix again.
     revision: Option<i64>,
-    kvs: BTreeMap<Vec<u8>, Vec<u8>>,
+    kvs: Kvs,
     watch: Option<Watch>,
     last_range: Option<Instant>,
 }
@@ -185,19 +188,9 @@ impl Etcd {
             return Err(http::status_error(resp).await);
         }
         let bytes = http::body(resp).await?;
-        let range: RangeResponse = serde_json::from_slice(&bytes).map_err(|e| {
-            SourceError::bad(
-                "(response body)",
-                format!("not an etcd range response: {e}"),
-            )
-        })?;
-        let mut kvs = BTreeMap::new();
-        for kv in &range.kvs {
-            let (key, value) = decode(kv)?;
-            kvs.insert(key, value);
-        }
+        let (revision, kvs) = parse_range(&bytes)?;
         self.kvs = kvs;
-        self.revision = Some(range.header.revision);
+        self.revision = Some(revision);
         self.servers()
     }
 
@@ -225,6 +218,48 @@ impl Etcd {
     }
 }
 
+/// The revision and the keys with their values of a range answer.
+pub(crate) fn parse_range(body: &[u8]) -> Result<(i64, Kvs), SourceError> {
+    let range: RangeResponse = serde_json::from_slice(body).map_err(|e| {
+        SourceError::bad(
+            "(response body)",
+            format!("not an etcd range response: {e}"),
+        )
+    })?;
+    let mut kvs = BTreeMap::new();
+    for kv in &range.kvs {
+        let (key, value) = decode(kv)?;
+        kvs.insert(key, value);
+    }
+    Ok((range.header.revision, kvs))
+}
+
+/// One message of a watch stream.
+pub(crate) fn parse_watch(line: &[u8]) -> Result<WatchLine, SourceError> {
+    serde_json::from_slice(line)
+        .map_err(|e| SourceError::bad("(watch stream)", format!("not an etcd watch message: {e}")))
+}
+
+/// Applies one batch of watch events whole, or nothing of it when an event cannot be
+/// decoded; returns the revision the copy then reflects.
+pub(crate) fn apply(kvs: &mut Kvs, revision: i64, events: &[Event]) -> Result<i64, SourceError> {
+    let mut latest = revision;
+    let mut decoded = Vec::with_capacity(events.len());
+    for ev in events {
+        let (key, value) = decode(&ev.kv)?;
+        decoded.push((ev.kind == "DELETE", key, value));
+        latest = latest.max(ev.kv.mod_revision);
+    }
+    for (delete, key, value) in decoded {
+        if delete {
+            kvs.remove(&key);
+        } else {
+            kvs.insert(key, value);
+        }
+    }
+    Ok(latest)
+}
+
 /// Key and value of one gateway KV.
 fn decode(kv: &Kv) -> Result<(Vec<u8>, Vec<u8>), SourceError> {
     let key = b64()
@@ -247,9 +282,7 @@ async fn read_line(w: &mut Watch) -> Result<Option<WatchLine>, SourceError> {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            return serde_json::from_slice(&line).map(Some).map_err(|e| {
-                SourceError::bad("(watch stream)", format!("not an etcd watch message: {e}"))
-            });
+            return parse_watch(&line).map(Some);
         }
         if w.buf.len() > MAX_BODY {
             return Err(SourceError::TooLarge { limit: MAX_BODY });
@@ -315,20 +348,8 @@ impl Source for Etcd {
                 // watch that starts behind sends its backlog after `created`.
                 continue;
             }
-            let mut latest = revision;
-            let mut decoded = Vec::with_capacity(result.events.len());
-            for ev in &result.events {
-                let (key, value) = decode(&ev.kv).inspect_err(|_| self.watch = None)?;
-                decoded.push((ev.kind == "DELETE", key, value));
-                latest = latest.max(ev.kv.mod_revision);
-            }
-            for (delete, key, value) in decoded {
-                if delete {
-                    self.kvs.remove(&key);
-                } else {
-                    self.kvs.insert(key, value);
-                }
-            }
+            let latest = apply(&mut self.kvs, revision, &result.events)
+                .inspect_err(|_| self.watch = None)?;
             self.revision = Some(latest);
             return self.servers();
         }

@@ -5,10 +5,10 @@
 //! A source only fetches and parses; this module decides what to apply, keeps the last
 //! good set on any error, paces retries, and starts/stops tasks on reload.
 
-mod consul;
-mod consul_health;
+pub(crate) mod consul;
+pub(crate) mod consul_health;
 pub mod dump;
-mod etcd;
+pub(crate) mod etcd;
 mod http;
 pub mod params;
 

@@ -155,14 +155,13 @@ fn duration(map: &Map<String, Value>, field: &str) -> Result<Option<Duration>, F
     match map.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => {
-            n.as_u64()
-                .map(|s| Some(Duration::from_secs(s)))
-                .ok_or_else(|| {
-                    err(
-                        field,
-                        format!("expected seconds as a non-negative integer, got {n}"),
-                    )
-                })
+            let s = n.as_u64().ok_or_else(|| {
+                err(
+                    field,
+                    format!("expected seconds as a non-negative integer, got {n}"),
+                )
+            })?;
+            units::seconds(s).map(Some).map_err(|e| err(field, e))
         }
         Some(Value::String(s)) => units::parse_duration(s)
             .map(Some)
@@ -252,6 +251,9 @@ mod tests {
             (json!({"fail_timeout": "soon"}), "fail_timeout"),
             (json!({"down": 2}), "down"),
             (json!({"backup": []}), "backup"),
+            // Past what a deadline can be: once accepted, the first connect failure
+            // panicked computing `now + fail_timeout`.
+            (json!({"fail_timeout": u64::MAX}), "fail_timeout"),
         ] {
             assert_eq!(
                 ServerParams::from_json(&v, Strictness::Upsync)

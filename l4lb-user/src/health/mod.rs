@@ -88,6 +88,16 @@ mod tests {
 
     const T: Duration = Duration::from_secs(10);
 
+    /// The largest fail_timeout any parser accepts still makes a deadline.
+    #[test]
+    fn the_longest_fail_timeout_does_not_overflow() {
+        let h = PassiveHealth::default();
+        let longest = crate::config::units::seconds(u64::MAX / 1000).unwrap();
+        let t0 = Instant::now();
+        h.record_failure(t0, 1, longest);
+        assert!(!h.is_available(t0 + T));
+    }
+
     #[test]
     fn marks_unavailable_after_max_fails_within_window() {
         let h = PassiveHealth::default();

@@ -113,6 +113,23 @@ pub struct Imported {
     pub files: Vec<PathBuf>,
 }
 
+/// Converts one file's text without reading what it includes (the fuzz target's way
+/// in: no file system).
+pub(crate) fn convert_text(text: &str, file: &Arc<Path>) -> Result<String, ImportErrors> {
+    let mut errors = Vec::new();
+    let directives = parser::parse(text, file, &mut errors);
+    let main = Loc {
+        file: Arc::clone(file),
+        line: 0,
+    };
+    let mut converted = convert::convert(&directives, &main);
+    errors.append(&mut converted.errors);
+    if !errors.is_empty() {
+        return Err(ImportErrors(errors));
+    }
+    Ok(convert::rendered(&[file.to_path_buf()], &converted))
+}
+
 /// Reads `path` (and what it includes) and converts it.
 pub fn import(path: &Path) -> Result<Imported, ImportErrors> {
     let loaded = parser::load(path);

@@ -130,7 +130,7 @@ async fn read_header(stream: &mut TcpStream) -> Result<Received, ReceiveError> {
 }
 
 /// A complete header, `None` while more bytes may complete it, or why it never will.
-fn parse(buf: &[u8]) -> Result<Option<Received>, ReceiveError> {
+pub(crate) fn parse(buf: &[u8]) -> Result<Option<Received>, ReceiveError> {
     // ppp reads any text as a possibly partial v1 header; reject what cannot become one.
     let starts = |prefix: &[u8]| {
         buf.len().min(prefix.len()) > 0 && prefix.starts_with(&buf[..buf.len().min(prefix.len())])

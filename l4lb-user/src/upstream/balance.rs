@@ -15,6 +15,11 @@ use crate::config::Balance;
 
 /// Points per unit of weight on the consistent-hash ring (nginx uses 160).
 const POINTS_PER_WEIGHT: u32 = 160;
+/// Most points on a ring (16 MiB of them). Weights come from the data (a Consul value
+/// may say 4,000,000,000, which once meant 640 billion points and an abort): past this,
+/// each server gets its share of this many points instead. Sets whose weights add up
+/// to at most 6,553 are not affected.
+const MAX_RING_POINTS: u64 = 1 << 20;
 /// Rehashes before the plain hash method gives up and falls back to round-robin (nginx: 20).
 const HASH_TRIES: u32 = 20;
 
@@ -26,10 +31,22 @@ pub(super) struct Ring {
 
 impl Ring {
     pub(super) fn build(peers: &[Peer]) -> Ring {
+        let primaries = || peers.iter().enumerate().filter(|(_, p)| !p.spec.backup);
+        let wanted = |p: &Peer| u64::from(p.spec.weight) * u64::from(POINTS_PER_WEIGHT);
+        let total: u64 = primaries().map(|(_, p)| wanted(p)).sum();
         let mut points = Vec::new();
-        for (i, p) in peers.iter().enumerate().filter(|(_, p)| !p.spec.backup) {
+        for (i, p) in primaries() {
+            let n = if total <= MAX_RING_POINTS {
+                wanted(p)
+            } else {
+                // Below 2^40 * 2^20: no overflow.
+                (wanted(p) * MAX_RING_POINTS / total).max(1)
+            };
+            // n <= MAX_RING_POINTS. The point index stays a u32, hashed as 4 bytes, so
+            // rings (and which server a client lands on) are as before.
+            let n = u32::try_from(n).unwrap_or(u32::MAX);
             let key = p.spec.addr.to_string();
-            for j in 0..p.spec.weight.saturating_mul(POINTS_PER_WEIGHT) {
+            for j in 0..n {
                 let mut h = crc32fast::Hasher::new();
                 h.update(key.as_bytes());
                 h.update(&j.to_le_bytes());

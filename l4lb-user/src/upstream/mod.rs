@@ -405,4 +405,6 @@ impl Upstreams {
 }
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
