@@ -499,7 +499,7 @@ fn the_units_sandbox_allows_every_call_and_socket_family_the_daemon_uses() {
         assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
     };
 
-    // A spliced session, a reload, the stats signal and the drain: what a service does.
+    // A spliced session, a reload, a log reopen and the drain: what a service does.
     let mut conn = TcpStream::connect(listen).expect("connect");
     conn.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
@@ -523,7 +523,7 @@ fn the_units_sandbox_allows_every_call_and_socket_family_the_daemon_uses() {
     );
     signal(libc::SIGUSR1);
     assert!(
-        d.wait_log("splice stats", Duration::from_secs(10)),
+        d.wait_log("log files reopened", Duration::from_secs(10)),
         "log:\n{}",
         d.log()
     );
