@@ -148,6 +148,10 @@ pub fn admin_body(data: &[u8]) {
 /// not depend on how the bytes were split into reads. Also the header l4lb writes for
 /// addresses taken from the input is read back as the same client.
 pub fn proxy_header(data: &[u8]) {
+    // The daemon parses only after a read that brought bytes.
+    if data.is_empty() {
+        return;
+    }
     match proxy_protocol::parse(data) {
         Ok(Some(received)) => {
             assert!(

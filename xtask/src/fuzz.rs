@@ -92,7 +92,8 @@ fn fuzz(targets: &[String], seconds: u64) -> Result<()> {
         for o in &failed {
             for r in &o.reproducers {
                 eprintln!(
-                    "xtask: reproduce with `cargo +nightly fuzz run {} {r}`",
+                    "xtask: reproduce with `AYA_BUILD_SKIP=1 cargo +nightly fuzz run {} {} {r}`",
+                    FLAGS.join(" "),
                     o.target
                 );
             }
@@ -182,9 +183,8 @@ fn run_target(target: &str, seconds: u64) -> Result<Outcome> {
         .collect();
     let failed = !status.success();
     if failed {
-        let tail: Vec<&str> = text.lines().rev().take(30).collect();
-        eprintln!("xtask: {target} failed ({status}); end of its log:");
-        for line in tail.iter().rev() {
+        eprintln!("xtask: {target} failed ({status}):");
+        for line in why(&text) {
             eprintln!("  {line}");
         }
     }
@@ -198,6 +198,33 @@ fn run_target(target: &str, seconds: u64) -> Result<Outcome> {
         failed,
         log,
     })
+}
+
+/// The lines of a failed run's log that say what went wrong: the panic and its message,
+/// libFuzzer's verdict (crash, timeout, out of memory), the input it kept.
+fn why(log: &str) -> Vec<&str> {
+    let lines: Vec<&str> = log.lines().collect();
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if line.contains("panicked at") {
+            out.extend(lines.get(i..(i + 2).min(lines.len())).unwrap_or_default());
+        } else if [
+            "ERROR: libFuzzer",
+            "ALARM:",
+            "SUMMARY:",
+            "Test unit written",
+        ]
+        .iter()
+        .any(|m| line.contains(m))
+        {
+            out.push(*line);
+        }
+    }
+    if out.is_empty() {
+        // Something else failed (the build, cargo-fuzz itself): the end of the log.
+        out = lines.iter().rev().take(20).rev().copied().collect();
+    }
+    out
 }
 
 /// Runs, edge coverage and corpus size from libFuzzer's log: the final statistics and
@@ -231,5 +258,23 @@ mod tests {
                    stat::average_exec_per_sec:     901\n";
         assert_eq!(figures(log), (Some(9012), Some(812), Some(240)));
         assert_eq!(figures(""), (None, None, None));
+    }
+
+    #[test]
+    fn says_why_a_run_failed() {
+        let log = "#1801\tREDUCE cov: 347\n\nthread '<unnamed>' panicked at src/x.rs:1:2:\n\
+                   assertion failed\nstack backtrace:\n   0: f\n\
+                   ==1== ERROR: libFuzzer: deadly signal\n\
+                   artifact_prefix='a/'; Test unit written to a/crash-1\n";
+        assert_eq!(
+            why(log),
+            [
+                "thread '<unnamed>' panicked at src/x.rs:1:2:",
+                "assertion failed",
+                "==1== ERROR: libFuzzer: deadly signal",
+                "artifact_prefix='a/'; Test unit written to a/crash-1",
+            ]
+        );
+        assert_eq!(why("build failed"), ["build failed"]);
     }
 }

@@ -67,7 +67,13 @@ impl ServerParams {
         if strictness == Strictness::Admin {
             if let Some(unknown) = map.keys().find(|k| !FIELDS.contains(&k.as_str())) {
                 return Err(FieldError {
-                    field: unknown.clone(),
+                    // An empty key is named as JSON writes it, so the error still
+                    // points at something.
+                    field: if unknown.is_empty() {
+                        "\"\"".into()
+                    } else {
+                        unknown.clone()
+                    },
                     message: format!("unknown field (expected one of {})", FIELDS.join(", ")),
                 });
             }
@@ -265,6 +271,9 @@ mod tests {
         }
         let e = ServerParams::from_json(&json!({"wieght": 1}), Strictness::Admin).unwrap_err();
         assert_eq!(e.field, "wieght");
+        // Found by fuzzing the admin body: `{"": true}` was refused naming the field "".
+        let e = ServerParams::from_json(&json!({"": true}), Strictness::Admin).unwrap_err();
+        assert_eq!(e.to_string(), format!("\"\": {}", e.message));
         assert!(ServerParams::from_json(&json!({"wieght": 1}), Strictness::Upsync).is_ok());
         assert!(ServerParams::from_json(&json!([1]), Strictness::Upsync).is_err());
     }

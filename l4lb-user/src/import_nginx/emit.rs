@@ -65,13 +65,24 @@ pub fn render(header: &[String], sections: &[Section]) -> String {
     out
 }
 
-/// `# text` (a comment never spans lines, whatever the nginx text held).
+/// `# text` on one line, whatever the nginx text held: line breaks become spaces and
+/// other control characters are written escaped (`\u{1}`), as TOML allows neither in
+/// a comment.
 fn push_comment(out: &mut String, before: &str, text: &str) {
     out.push_str(before);
     out.push('#');
     if !text.is_empty() {
         out.push(' ');
-        out.push_str(&text.replace(['\n', '\r'], " "));
+        for c in text.chars() {
+            match c {
+                '\n' | '\r' => out.push(' '),
+                '\t' => out.push(c),
+                c if c.is_control() => {
+                    let _ = write!(out, "{}", c.escape_unicode());
+                }
+                c => out.push(c),
+            }
+        }
     }
     out.push('\n');
 }

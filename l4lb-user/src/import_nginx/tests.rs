@@ -623,3 +623,27 @@ fn access_rules_limits_and_proxy_protocol_listen() {
         "{e:#?}"
     );
 }
+
+/// Found by fuzzing: a control character in a directive's argument was copied into the
+/// comment that quotes the directive, and TOML refuses control characters in comments,
+/// so l4lb could not load the converted file.
+#[test]
+fn control_characters_in_quoted_directives_stay_valid_toml() {
+    let i = convert(
+        "stream {\n upstream u {\n upsync 127.0.0.1:8500/v1/kv/u upsync_type=consul;\n upsync_dump_path /tmp/a\u{1}\u{0}b.conf;\n server 127.0.0.1:1;\n }\n server { listen 1; proxy_pass u; }\n}\n",
+    );
+    let c = load(&i);
+    assert_eq!(
+        c.upstreams["u"]
+            .upsync
+            .as_ref()
+            .and_then(|u| u.dump_path.as_deref()),
+        Some(Path::new("/tmp/a\u{1}\u{0}b.conf"))
+    );
+    assert!(
+        i.toml
+            .contains("# upsync_dump_path /tmp/a\\u{1}\\u{0}b.conf ("),
+        "{}",
+        i.toml
+    );
+}
