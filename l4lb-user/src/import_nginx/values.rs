@@ -37,6 +37,15 @@ pub fn duration(s: &str) -> Result<String, String> {
     Ok(emit::string(&compact))
 }
 
+/// A time that must not be zero, as l4lb requires of intervals and timeouts.
+pub fn positive_duration(s: &str) -> Result<String, String> {
+    let compact: String = no_variables(s)?.split_whitespace().collect();
+    if parse_duration(&compact)?.is_zero() {
+        return Err(format!("{s:?}: must be greater than zero"));
+    }
+    Ok(emit::string(&compact))
+}
+
 pub fn size(s: &str) -> Result<String, String> {
     parse_size(no_variables(s)?)?;
     Ok(emit::string(s))
