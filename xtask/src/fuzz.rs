@@ -15,8 +15,12 @@ use anyhow::{bail, Context, Result};
 
 use crate::setup;
 
-/// Seconds each target runs in the smoke test of `cargo xtask test`.
-pub const SMOKE_SECONDS: u64 = 8;
+/// At most this many seconds per target in the smoke test of `cargo xtask test`.
+pub const SMOKE_SECONDS: u64 = 30;
+/// The smoke's inputs per target, from a fixed seed and only the committed corpus, so
+/// it tries the same inputs on every machine: a CI run fails on a regression, not on a
+/// crash that exploring happened to find first there (`cargo xtask fuzz` explores).
+const SMOKE_RUNS: u64 = 30_000;
 /// An input taking longer than this counts as a hang (libFuzzer's default is 20 minutes).
 const INPUT_TIMEOUT_SECONDS: u64 = 5;
 
@@ -28,6 +32,9 @@ pub struct FuzzArgs {
     /// Run only this target (default: every file in fuzz/fuzz_targets/).
     #[arg(long)]
     target: Option<String>,
+    /// The smoke `cargo xtask test` runs: fixed seed and inputs, nothing learned before.
+    #[arg(long)]
+    smoke: bool,
 }
 
 /// What one target's run gave.
@@ -50,21 +57,28 @@ pub fn run(args: &FuzzArgs) -> Result<()> {
         Some(t) => bail!("no fuzz target {t:?}; the targets are {}", all.join(", ")),
         None => all,
     };
-    fuzz(&chosen, args.seconds)
+    if args.smoke {
+        return fuzz(&chosen, SMOKE_SECONDS, true);
+    }
+    fuzz(&chosen, args.seconds, false)
 }
 
-/// Every target for [`SMOKE_SECONDS`]: the seed corpus, then new inputs.
+/// Every target: the seed corpus, then [`SMOKE_RUNS`] inputs from a fixed seed.
 pub fn smoke() -> Result<()> {
-    fuzz(&targets()?, SMOKE_SECONDS)
+    run(&FuzzArgs {
+        seconds: SMOKE_SECONDS,
+        target: None,
+        smoke: true,
+    })
 }
 
-fn fuzz(targets: &[String], seconds: u64) -> Result<()> {
+fn fuzz(targets: &[String], seconds: u64, smoke: bool) -> Result<()> {
     setup::cargo_fuzz()?;
     // One build of every target first, so the per-target runs only fuzz.
     crate::run(fuzz_command("build").args(FLAGS))?;
     let mut outcomes = Vec::new();
     for t in targets {
-        outcomes.push(run_target(t, seconds)?);
+        outcomes.push(run_target(t, seconds, smoke)?);
     }
     eprintln!("\nxtask: fuzzing, {seconds} s per target");
     eprintln!(
@@ -145,8 +159,15 @@ fn targets() -> Result<Vec<String>> {
     Ok(names)
 }
 
-fn run_target(target: &str, seconds: u64) -> Result<Outcome> {
-    let learned = PathBuf::from(format!("fuzz/target/corpus/{target}"));
+fn run_target(target: &str, seconds: u64, smoke: bool) -> Result<Outcome> {
+    let learned = if smoke {
+        // Nothing learned on this machine before: the same start everywhere.
+        let fresh = PathBuf::from(format!("fuzz/target/smoke-corpus/{target}"));
+        let _ = std::fs::remove_dir_all(&fresh);
+        fresh
+    } else {
+        PathBuf::from(format!("fuzz/target/corpus/{target}"))
+    };
     let seeds = PathBuf::from(format!("fuzz/corpus/{target}"));
     std::fs::create_dir_all(&learned)
         .with_context(|| format!("cannot create {}", learned.display()))?;
@@ -166,6 +187,11 @@ fn run_target(target: &str, seconds: u64) -> Result<Outcome> {
         .arg("--")
         .arg(format!("-max_total_time={seconds}"))
         .arg(format!("-timeout={INPUT_TIMEOUT_SECONDS}"))
+        .args(if smoke {
+            vec!["-seed=1".to_string(), format!("-runs={SMOKE_RUNS}")]
+        } else {
+            Vec::new()
+        })
         .arg("-print_final_stats=1")
         .stdout(out.try_clone()?)
         .stderr(out);

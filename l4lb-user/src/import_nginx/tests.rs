@@ -655,5 +655,8 @@ fn zero_intervals_and_timeouts_are_errors() {
         "stream {\n upstream u { upsync 127.0.0.1:8500/v1/kv/u upsync_interval=000ms upsync_type=consul; server 127.0.0.1:1111; }\n server { listen 1; proxy_pass u; proxy_timeout 0; proxy_connect_timeout 0s; }\n}\n",
     );
     assert_eq!(e.len(), 3, "{e:#?}");
-    assert!(e.iter().all(|m| m.contains("must be greater than zero")), "{e:#?}");
+    assert!(
+        e.iter().all(|m| m.contains("must be greater than zero")),
+        "{e:#?}"
+    );
 }
