@@ -50,21 +50,22 @@ pub fn run(args: &FuzzArgs) -> Result<()> {
         Some(t) => bail!("no fuzz target {t:?}; the targets are {}", all.join(", ")),
         None => all,
     };
-    fuzz(&chosen, args.seconds)
+    fuzz(&chosen, args.seconds, RELEASE)
 }
 
-/// Every target for [`SMOKE_SECONDS`]: the seed corpus, then new inputs.
+/// Every target for [`SMOKE_SECONDS`]: the seed corpus, then new inputs. Unoptimised:
+/// the build is most of a smoke test's time, and an optimised one takes twice as long.
 pub fn smoke() -> Result<()> {
-    fuzz(&targets()?, SMOKE_SECONDS)
+    fuzz(&targets()?, SMOKE_SECONDS, DEV)
 }
 
-fn fuzz(targets: &[String], seconds: u64) -> Result<()> {
+fn fuzz(targets: &[String], seconds: u64, flags: &[&str]) -> Result<()> {
     setup::cargo_fuzz()?;
     // One build of every target first, so the per-target runs only fuzz.
-    crate::run(fuzz_command("build").args(FLAGS))?;
+    crate::run(fuzz_command("build").args(flags))?;
     let mut outcomes = Vec::new();
     for t in targets {
-        outcomes.push(run_target(t, seconds)?);
+        outcomes.push(run_target(t, seconds, flags)?);
     }
     eprintln!("\nxtask: fuzzing, {seconds} s per target");
     eprintln!(
@@ -93,7 +94,7 @@ fn fuzz(targets: &[String], seconds: u64) -> Result<()> {
             for r in &o.reproducers {
                 eprintln!(
                     "xtask: reproduce with `AYA_BUILD_SKIP=1 cargo +nightly fuzz run {} {} {r}`",
-                    FLAGS.join(" "),
+                    flags.join(" "),
                     o.target
                 );
             }
@@ -115,7 +116,15 @@ fn fuzz(targets: &[String], seconds: u64) -> Result<()> {
 /// sanitizer, since the parsers are safe Rust and uninstrumented code runs more inputs
 /// per second. `fuzz/target` whatever CARGO_TARGET_DIR says: libFuzzer's flags would
 /// churn the main target directory.
-const FLAGS: &[&str] = &["--sanitizer", "none", "--target-dir", "fuzz/target"];
+const RELEASE: &[&str] = &["--sanitizer", "none", "--target-dir", "fuzz/target"];
+/// The same, unoptimised (the smoke test).
+const DEV: &[&str] = &[
+    "--dev",
+    "--sanitizer",
+    "none",
+    "--target-dir",
+    "fuzz/target",
+];
 
 /// `cargo +nightly fuzz <sub>` in the repository root, without the eBPF object, which
 /// no parser needs.
@@ -145,7 +154,7 @@ fn targets() -> Result<Vec<String>> {
     Ok(names)
 }
 
-fn run_target(target: &str, seconds: u64) -> Result<Outcome> {
+fn run_target(target: &str, seconds: u64, flags: &[&str]) -> Result<Outcome> {
     let learned = PathBuf::from(format!("fuzz/target/corpus/{target}"));
     let seeds = PathBuf::from(format!("fuzz/corpus/{target}"));
     std::fs::create_dir_all(&learned)
@@ -158,7 +167,7 @@ fn run_target(target: &str, seconds: u64) -> Result<Outcome> {
         log.display()
     );
     let mut cmd = fuzz_command("run");
-    cmd.args(FLAGS)
+    cmd.args(flags)
         .arg(target)
         // libFuzzer writes new inputs to the first directory only.
         .arg(&learned)

@@ -4,7 +4,7 @@
 use super::convert::{source, Converter};
 use super::emit;
 use super::parser::Directive;
-use super::values::{duration, flag, number, single, size};
+use super::values::{duration, flag, number, positive_duration, single, size};
 
 /// A proxy setting l4lb honours, from the stream level (inherited by every server, as
 /// in nginx) or from a server block.
@@ -236,6 +236,7 @@ impl Converter {
             "proxy_protocol" => single(d)
                 .and_then(flag)
                 .map(|on| emit::string(if on { "v1" } else { "off" })),
+            "proxy_connect_timeout" | "proxy_timeout" => single(d).and_then(positive_duration),
             _ => single(d).and_then(duration),
         };
         match value {

@@ -647,3 +647,20 @@ fn control_characters_in_quoted_directives_stay_valid_toml() {
         i.toml
     );
 }
+
+/// Found by fuzzing: `upsync_interval=0ms` (and a zero proxy_timeout or
+/// proxy_connect_timeout) was carried over, and l4lb refused the converted file.
+#[test]
+fn zero_intervals_and_timeouts_are_errors() {
+    let errors = convert_err(
+        "stream {\n upstream u {\n upsync 127.0.0.1:8500/v1/kv/u upsync_type=consul upsync_interval=000ms;\n server 127.0.0.1:1;\n }\n server { listen 1; proxy_pass u; proxy_timeout 0; }\n server { listen 2; proxy_pass u; proxy_connect_timeout 0s; }\n}\n",
+    );
+    assert_eq!(
+        errors,
+        [
+            "nginx.conf:3: upsync: \"000ms\" must be greater than zero",
+            "nginx.conf:6: proxy_timeout: \"0\" must be greater than zero",
+            "nginx.conf:7: proxy_connect_timeout: \"0s\" must be greater than zero",
+        ]
+    );
+}

@@ -6,7 +6,9 @@ use std::path::Path;
 use super::convert::{source, Converter};
 use super::emit::{self, Section};
 use super::parser::Directive;
-use super::values::{duration, flag, is_host_port, no_variables, number, single};
+use super::values::{
+    duration, flag, is_host_port, no_variables, number, positive_duration, single,
+};
 
 impl Converter {
     pub fn upstream(&mut self, d: &Directive) {
@@ -221,7 +223,7 @@ impl Converter {
                     kind = Some(value);
                     continue;
                 }
-                "upsync_interval" => duration(value).map(|v| ("interval", v)),
+                "upsync_interval" => positive_duration(value).map(|v| ("interval", v)),
                 "upsync_timeout" => duration(value).map(|v| ("timeout", v)),
                 "strong_dependency" => {
                     flag(value).map(|b| ("strong_dependency", emit::value(toml::Value::Boolean(b))))

@@ -37,6 +37,16 @@ pub fn duration(s: &str) -> Result<String, String> {
     Ok(emit::string(&compact))
 }
 
+/// A time l4lb needs above zero (it refuses a zero interval or timeout, where nginx
+/// would poll or time out at once).
+pub fn positive_duration(s: &str) -> Result<String, String> {
+    let compact: String = no_variables(s)?.split_whitespace().collect();
+    if parse_duration(&compact)?.is_zero() {
+        return Err(format!("{s:?} must be greater than zero"));
+    }
+    Ok(emit::string(&compact))
+}
+
 pub fn size(s: &str) -> Result<String, String> {
     parse_size(no_variables(s)?)?;
     Ok(emit::string(s))

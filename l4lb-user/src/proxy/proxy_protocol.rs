@@ -139,14 +139,25 @@ pub(crate) fn parse(buf: &[u8]) -> Result<Option<Received>, ReceiveError> {
         return Err(ReceiveError::Malformed(shown(buf)));
     }
     // A v1 line is judged whole: ppp takes a line cut between \r and \n as complete.
-    let v1_line_open = buf.starts_with(b"PROXY ") && !buf.windows(2).any(|w| w == b"\r\n");
-    let header = HeaderResult::parse(buf);
-    if v1_line_open || header.is_incomplete() {
-        if buf.starts_with(b"PROXY ") && buf.len() >= V1_MAX {
+    let v1_line_end = buf.windows(2).position(|w| w == b"\r\n").map(|p| p + 2);
+    if buf.starts_with(b"PROXY ") {
+        // Too long whether or not its end has arrived: how the bytes were split into
+        // reads must not decide (ppp alone accepts a long UNKNOWN line that came whole).
+        let too_long = match v1_line_end {
+            Some(end) => end > V1_MAX,
+            None => buf.len() >= V1_MAX,
+        };
+        if too_long {
             return Err(ReceiveError::Malformed(
                 "v1 header longer than 107 bytes".into(),
             ));
         }
+        if v1_line_end.is_none() {
+            return Ok(None);
+        }
+    }
+    let header = HeaderResult::parse(buf);
+    if header.is_incomplete() {
         return Ok(None);
     }
     let (len, client) = match header {
@@ -238,6 +249,18 @@ mod tests {
         }
         let long = [b"PROXY TCP4 ".as_slice(), &[b'1'; 120]].concat();
         assert!(matches!(parse(&long), Err(ReceiveError::Malformed(_))));
+        // Found by fuzzing: a 107-byte UNKNOWN line was refused when its end came in a
+        // later read, and accepted when it came whole.
+        let unknown = [b"PROXY UNKNOWN ".as_slice(), &[b'x'; 93], b"\r\n"].concat();
+        assert_eq!(unknown.len(), 109);
+        assert!(matches!(parse(&unknown), Err(ReceiveError::Malformed(_))));
+        assert!(matches!(
+            parse(&unknown[..107]),
+            Err(ReceiveError::Malformed(_))
+        ));
+        let longest = [b"PROXY UNKNOWN ".as_slice(), &[b'x'; 91], b"\r\n"].concat();
+        assert_eq!(longest.len(), V1_MAX);
+        assert!(parse(&longest).unwrap().is_some());
     }
 
     #[test]
