@@ -73,8 +73,8 @@ pub fn consul_health(data: &[u8]) {
     }
 }
 
-/// An etcd range answer (first line) and watch messages (each further line), applied
-/// as the source applies them: a batch with a bad event changes nothing.
+/// An etcd range answer (first line) and watch messages (each further line), whose
+/// event batches are applied to the copy: a batch with a bad event changes nothing.
 pub fn etcd(data: &[u8]) {
     let mut lines = data.split(|&b| b == b'\n');
     let range = lines.next().unwrap_or_default();
