@@ -664,3 +664,21 @@ fn zero_intervals_and_timeouts_are_errors() {
         ]
     );
 }
+
+/// Found by fuzzing: `upsync ... upsync_interval=50 upsync_interval=500ms` wrote
+/// `interval` twice, which TOML refuses. As in nginx-upsync, the last one counts.
+#[test]
+fn a_repeated_upsync_parameter_counts_once() {
+    let i = convert(
+        "stream {\n upstream u {\n upsync 127.0.0.1:8500/v1/kv/u upsync_interval=50 upsync_interval=500ms upsync_type=consul;\n server 127.0.0.1:1;\n }\n server { listen 1; proxy_pass u; }\n}\n",
+    );
+    let c = load(&i);
+    let up = c.upstreams["u"].upsync.as_ref().expect("upsync");
+    assert_eq!(up.interval.as_millis(), 500);
+    // The same for a server's parameters, found reading the code next to it.
+    let i = convert(
+        "stream {\n upstream u { server 127.0.0.1:1 weight=1 weight=3 down down; }\n server { listen 1; proxy_pass u; }\n}\n",
+    );
+    let s = &load(&i).upstreams["u"].servers[0];
+    assert_eq!((s.weight, s.down), (3, true));
+}
