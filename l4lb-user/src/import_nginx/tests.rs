@@ -682,3 +682,24 @@ fn a_repeated_upsync_parameter_counts_once() {
     let s = &load(&i).upstreams["u"].servers[0];
     assert_eq!((s.weight, s.down), (3, true));
 }
+
+/// Found by fuzzing: an upstream named after a `proxy_pass` address holding quotes and
+/// a backslash got a `'''...'''` table key, which TOML refuses.
+#[test]
+fn any_name_makes_a_valid_toml_key() {
+    for name in [
+        "a''b\\c:1",
+        "x'''y",
+        "tab\there",
+        "del\u{7f}",
+        "quote\"d",
+        "",
+    ] {
+        let doc = format!("[upstream.{}]\nk = 1\n", super::emit::key(name));
+        let table: toml::Table = doc.parse().unwrap_or_else(|e| panic!("{doc}: {e}"));
+        assert!(
+            table["upstream"].as_table().unwrap().contains_key(name),
+            "{doc}"
+        );
+    }
+}
