@@ -703,3 +703,21 @@ fn any_name_makes_a_valid_toml_key() {
         );
     }
 }
+
+/// Found by fuzzing: a directive set twice in one block was written twice, a duplicate
+/// TOML key. nginx refuses such a configuration ("is duplicate"), and so does the
+/// conversion.
+#[test]
+fn a_directive_set_twice_in_a_block_is_an_error() {
+    let errors = convert_err(
+        "stream {\n proxy_timeout 1s;\n proxy_timeout 2s;\n upstream u { server 127.0.0.1:1; }\n server { listen 1; proxy_pass u; proxy_connect_timeout 1s;\n proxy_connect_timeout 2s; proxy_pass u; }\n}\n",
+    );
+    assert_eq!(
+        errors,
+        [
+            "nginx.conf:3: proxy_timeout: directive is duplicate",
+            "nginx.conf:6: proxy_connect_timeout: directive is duplicate",
+            "nginx.conf:6: proxy_pass: directive is duplicate",
+        ]
+    );
+}
