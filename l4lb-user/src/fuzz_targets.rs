@@ -73,8 +73,8 @@ pub fn consul_health(data: &[u8]) {
     }
 }
 
-/// An etcd range answer (first line) and watch messages (each further line), applied
-/// as the source applies them: a batch with a bad event changes nothing.
+/// An etcd range answer (first line) and watch messages (each further line), whose
+/// event batches are applied to the copy: a batch with a bad event changes nothing.
 pub fn etcd(data: &[u8]) {
     let mut lines = data.split(|&b| b == b'\n');
     let range = lines.next().unwrap_or_default();
@@ -210,7 +210,16 @@ pub fn nginx_conf(data: &[u8]) {
     match crate::import_nginx::convert_text(text, &file) {
         Ok(toml) => {
             if let Err(errors) = config::parse(&toml) {
-                panic!("l4lb rejects the conversion: {errors:#?}\n{toml}");
+                // Outside cargo fuzz (the corpus replay) names are looked up for real:
+                // one that does not resolve here is not the conversion's fault.
+                let errors: Vec<_> = errors
+                    .iter()
+                    .filter(|e| !e.message.starts_with("cannot resolve"))
+                    .collect();
+                assert!(
+                    errors.is_empty(),
+                    "l4lb rejects the conversion: {errors:#?}\n{toml}"
+                );
             }
         }
         Err(errors) => {

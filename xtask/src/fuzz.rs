@@ -75,7 +75,7 @@ pub fn smoke() -> Result<()> {
 fn fuzz(targets: &[String], seconds: u64, smoke: bool) -> Result<()> {
     setup::cargo_fuzz()?;
     // One build of every target first, so the per-target runs only fuzz.
-    crate::run(fuzz_command("build").args(FLAGS))?;
+    crate::run(fuzz_command("build").args(flags(smoke)))?;
     let mut outcomes = Vec::new();
     for t in targets {
         outcomes.push(run_target(t, seconds, smoke)?);
@@ -107,7 +107,7 @@ fn fuzz(targets: &[String], seconds: u64, smoke: bool) -> Result<()> {
             for r in &o.reproducers {
                 eprintln!(
                     "xtask: reproduce with `AYA_BUILD_SKIP=1 cargo +nightly fuzz run {} {} {r}`",
-                    FLAGS.join(" "),
+                    flags(smoke).join(" "),
                     o.target
                 );
             }
@@ -129,7 +129,24 @@ fn fuzz(targets: &[String], seconds: u64, smoke: bool) -> Result<()> {
 /// sanitizer, since the parsers are safe Rust and uninstrumented code runs more inputs
 /// per second. `fuzz/target` whatever CARGO_TARGET_DIR says: libFuzzer's flags would
 /// churn the main target directory.
-const FLAGS: &[&str] = &["--sanitizer", "none", "--target-dir", "fuzz/target"];
+const RELEASE: &[&str] = &["--sanitizer", "none", "--target-dir", "fuzz/target"];
+/// The same, unoptimised, for the smoke: the build is most of a smoke's time, and an
+/// unoptimised build is much quicker than the runs it saves.
+const DEV: &[&str] = &[
+    "--dev",
+    "--sanitizer",
+    "none",
+    "--target-dir",
+    "fuzz/target",
+];
+
+fn flags(smoke: bool) -> &'static [&'static str] {
+    if smoke {
+        DEV
+    } else {
+        RELEASE
+    }
+}
 
 /// `cargo +nightly fuzz <sub>` in the repository root, without the eBPF object, which
 /// no parser needs.
@@ -179,7 +196,7 @@ fn run_target(target: &str, seconds: u64, smoke: bool) -> Result<Outcome> {
         log.display()
     );
     let mut cmd = fuzz_command("run");
-    cmd.args(FLAGS)
+    cmd.args(flags(smoke))
         .arg(target)
         // libFuzzer writes new inputs to the first directory only.
         .arg(&learned)

@@ -96,8 +96,26 @@ pub fn key(name: &str) -> String {
     {
         name.to_string()
     } else {
-        string(name)
+        basic_string(name)
     }
+}
+
+/// `"..."` with `"`, `\` and control characters escaped: toml writes some strings as
+/// `'''...'''`, a form a value may take but a key may not.
+fn basic_string(s: &str) -> String {
+    let mut out = String::from('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 pub fn string(s: &str) -> String {

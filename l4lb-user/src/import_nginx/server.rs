@@ -46,14 +46,18 @@ impl Converter {
                 }
                 "proxy_pass" => {
                     proxy_pass_lines += 1;
-                    proxy_pass = self.proxy_pass(x, upstreams).or(proxy_pass);
+                    if proxy_pass_lines > 1 {
+                        self.error(x, "directive is duplicate");
+                    } else {
+                        proxy_pass = self.proxy_pass(x, upstreams);
+                    }
                 }
                 "upstream_show" => show = Some(x),
                 "access_log" | "error_log" => self.ignore(
                     x,
                     "l4lb's access log and level are for the whole process ([global]), set from the main and stream levels",
                 ),
-                _ => own.extend(self.proxy_setting(x)),
+                _ => self.add_setting(&mut own, x),
             }
         }
         own.extend(self.access_rules(&rules));

@@ -121,7 +121,7 @@ impl Converter {
                 "error_log" => self.error_log(x),
                 "limit_conn_zone" => {}
                 "allow" | "deny" => rules.push(x.clone()),
-                _ => inherited.extend(self.proxy_setting(x)),
+                _ => self.add_setting(&mut inherited, x),
             }
         }
         inherited.extend(self.access_rules(&rules));
@@ -212,8 +212,27 @@ impl Converter {
         })
     }
 
+    /// Converts `d` into `settings`; nginx refuses a directive a block already set
+    /// ("is duplicate"), and so does the conversion.
+    pub fn add_setting(&mut self, settings: &mut Vec<Setting>, d: &Directive) {
+        let Some(s) = self.proxy_setting(d) else {
+            return;
+        };
+        if settings.iter().any(|o| o.key == s.key) {
+            // nginx applies every limit_conn of a block, l4lb has one limit per server.
+            let why = if s.key == "limit_conn" {
+                "a second limit_conn: l4lb has one connection limit per server"
+            } else {
+                "directive is duplicate"
+            };
+            self.error(d, why);
+        } else {
+            settings.push(s);
+        }
+    }
+
     /// A directive valid at stream or server level other than listen/proxy_pass.
-    pub fn proxy_setting(&mut self, d: &Directive) -> Option<Setting> {
+    fn proxy_setting(&mut self, d: &Directive) -> Option<Setting> {
         if d.name == "limit_conn" {
             return self.limit_conn(d);
         }

@@ -648,15 +648,76 @@ fn control_characters_in_quoted_directives_stay_valid_toml() {
     );
 }
 
-/// Found by fuzzing: a zero interval or timeout converted to a value l4lb refuses.
+/// Found by fuzzing: `upsync_interval=0ms` (and a zero proxy_timeout or
+/// proxy_connect_timeout) was carried over, and l4lb refused the converted file.
 #[test]
 fn zero_intervals_and_timeouts_are_errors() {
-    let e = convert_err(
-        "stream {\n upstream u { upsync 127.0.0.1:8500/v1/kv/u upsync_interval=000ms upsync_type=consul; server 127.0.0.1:1111; }\n server { listen 1; proxy_pass u; proxy_timeout 0; proxy_connect_timeout 0s; }\n}\n",
+    let errors = convert_err(
+        "stream {\n upstream u {\n upsync 127.0.0.1:8500/v1/kv/u upsync_type=consul upsync_interval=000ms;\n server 127.0.0.1:1;\n }\n server { listen 1; proxy_pass u; proxy_timeout 0; }\n server { listen 2; proxy_pass u; proxy_connect_timeout 0s; }\n}\n",
     );
-    assert_eq!(e.len(), 3, "{e:#?}");
-    assert!(
-        e.iter().all(|m| m.contains("must be greater than zero")),
-        "{e:#?}"
+    assert_eq!(
+        errors,
+        [
+            "nginx.conf:3: upsync: \"000ms\" must be greater than zero",
+            "nginx.conf:6: proxy_timeout: \"0\" must be greater than zero",
+            "nginx.conf:7: proxy_connect_timeout: \"0s\" must be greater than zero",
+        ]
+    );
+}
+
+/// Found by fuzzing: `upsync ... upsync_interval=50 upsync_interval=500ms` wrote
+/// `interval` twice, which TOML refuses. As in nginx-upsync, the last one counts.
+#[test]
+fn a_repeated_upsync_parameter_counts_once() {
+    let i = convert(
+        "stream {\n upstream u {\n upsync 127.0.0.1:8500/v1/kv/u upsync_interval=50 upsync_interval=500ms upsync_type=consul;\n server 127.0.0.1:1;\n }\n server { listen 1; proxy_pass u; }\n}\n",
+    );
+    let c = load(&i);
+    let up = c.upstreams["u"].upsync.as_ref().expect("upsync");
+    assert_eq!(up.interval.as_millis(), 500);
+    // The same for a server's parameters, found reading the code next to it.
+    let i = convert(
+        "stream {\n upstream u { server 127.0.0.1:1 weight=1 weight=3 down down; }\n server { listen 1; proxy_pass u; }\n}\n",
+    );
+    let s = &load(&i).upstreams["u"].servers[0];
+    assert_eq!((s.weight, s.down), (3, true));
+}
+
+/// Found by fuzzing: an upstream named after a `proxy_pass` address holding quotes and
+/// a backslash got a `'''...'''` table key, which TOML refuses.
+#[test]
+fn any_name_makes_a_valid_toml_key() {
+    for name in [
+        "a''b\\c:1",
+        "x'''y",
+        "tab\there",
+        "del\u{7f}",
+        "quote\"d",
+        "",
+    ] {
+        let doc = format!("[upstream.{}]\nk = 1\n", super::emit::key(name));
+        let table: toml::Table = doc.parse().unwrap_or_else(|e| panic!("{doc}: {e}"));
+        assert!(
+            table["upstream"].as_table().unwrap().contains_key(name),
+            "{doc}"
+        );
+    }
+}
+
+/// Found by fuzzing: a directive set twice in one block was written twice, a duplicate
+/// TOML key. nginx refuses such a configuration ("is duplicate"), and so does the
+/// conversion.
+#[test]
+fn a_directive_set_twice_in_a_block_is_an_error() {
+    let errors = convert_err(
+        "stream {\n proxy_timeout 1s;\n proxy_timeout 2s;\n upstream u { server 127.0.0.1:1; }\n server { listen 1; proxy_pass u; proxy_connect_timeout 1s;\n proxy_connect_timeout 2s; proxy_pass u; }\n}\n",
+    );
+    assert_eq!(
+        errors,
+        [
+            "nginx.conf:3: proxy_timeout: directive is duplicate",
+            "nginx.conf:6: proxy_connect_timeout: directive is duplicate",
+            "nginx.conf:6: proxy_pass: directive is duplicate",
+        ]
     );
 }

@@ -187,7 +187,12 @@ impl Converter {
                 _ => Err(format!("unknown server parameter {p:?}")),
             };
             match converted {
-                Ok(v) => pairs.push((key, v)),
+                Ok(v) => {
+                    // Given twice (`weight=1 weight=2`): the last one counts, as in
+                    // nginx, and the inline table gets the key once.
+                    pairs.retain(|(k, _)| *k != key);
+                    pairs.push((key, v));
+                }
                 Err(m) => {
                     self.error(d, m);
                     ok = false;
@@ -231,7 +236,12 @@ impl Converter {
                 _ => Err(format!("unknown parameter {p:?}")),
             };
             match converted {
-                Ok(kv) => rest.push(kv),
+                Ok(kv) => {
+                    // A parameter given twice: the last one counts, as in nginx-upsync
+                    // (and a TOML table cannot have the key twice).
+                    rest.retain(|(k, _)| *k != kv.0);
+                    rest.push(kv);
+                }
                 Err(m) => {
                     self.error(d, m);
                     return None;

@@ -37,11 +37,12 @@ pub fn duration(s: &str) -> Result<String, String> {
     Ok(emit::string(&compact))
 }
 
-/// A time that must not be zero, as l4lb requires of intervals and timeouts.
+/// A time l4lb needs above zero (it refuses a zero interval or timeout, where nginx
+/// would poll or time out at once).
 pub fn positive_duration(s: &str) -> Result<String, String> {
     let compact: String = no_variables(s)?.split_whitespace().collect();
     if parse_duration(&compact)?.is_zero() {
-        return Err(format!("{s:?}: must be greater than zero"));
+        return Err(format!("{s:?} must be greater than zero"));
     }
     Ok(emit::string(&compact))
 }
