@@ -95,6 +95,7 @@ fn config(listen: SocketAddr, backend: SocketAddr, splice: &str) -> String {
         r#"
 [global]
 splice = "{splice}"
+splice_after_time = 0
 access_log = true
 
 [upstream.u]

@@ -32,6 +32,7 @@ async fn metrics_cover_servers_paths_and_histograms() {
         r#"
 [global]
 splice = "{mode}"
+splice_after_time = 0
 
 [admin]
 listen = "127.0.0.1:{admin}"
@@ -141,6 +142,7 @@ async fn access_log_survives_rotation(splice: &str) {
         r#"
 [global]
 splice = "{splice}"
+splice_after_time = 0
 access_log = "{log}"
 access_log_format = "json"
 

@@ -475,7 +475,7 @@ fn the_units_sandbox_allows_every_call_and_socket_family_the_daemon_uses() {
     .to_vec();
     let d = Daemon::spawn_via(
         &format!(
-            "[global]\nsplice = \"required\"\n\n[upstream.u]\nservers = [{{ address = \"{backend}\" }}]\n\n[[server]]\nlisten = \"{listen}\"\nproxy_pass = \"u\"\n"
+            "[global]\nsplice = \"required\"\nsplice_after_time = 0\n\n[upstream.u]\nservers = [{{ address = \"{backend}\" }}]\n\n[[server]]\nlisten = \"{listen}\"\nproxy_pass = \"u\"\n"
         ),
         &[],
         &launcher,

@@ -43,10 +43,16 @@ pub enum CopyReason {
     /// A paused source could not rejoin the kernel path (its write side was shut down
     /// meanwhile, or reading what it held made no progress).
     ClosedWhilePaused,
+    /// The session ended, or began to close, before it earned the kernel path
+    /// (`splice_after_bytes` / `splice_after_time`).
+    Short,
+    /// The session moved bytes as one bulk stream whenever it was due for the kernel
+    /// path, where one stream is slower on these hosts (README, Kernel path).
+    Bulk,
 }
 
 impl CopyReason {
-    pub const ALL: [CopyReason; 7] = [
+    pub const ALL: [CopyReason; 9] = [
         CopyReason::SpliceOff,
         CopyReason::RateLimited,
         CopyReason::KernelUnavailable,
@@ -54,6 +60,8 @@ impl CopyReason {
         CopyReason::Watchdog,
         CopyReason::Lagging,
         CopyReason::ClosedWhilePaused,
+        CopyReason::Short,
+        CopyReason::Bulk,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -65,6 +73,8 @@ impl CopyReason {
             CopyReason::Watchdog => "watchdog",
             CopyReason::Lagging => "lagging",
             CopyReason::ClosedWhilePaused => "closed_while_paused",
+            CopyReason::Short => "short",
+            CopyReason::Bulk => "bulk",
         }
     }
 }
@@ -134,6 +144,10 @@ pub struct Metrics {
     pub udp_sessions: Family<ListenerLabels, Counter>,
     pub bytes: Family<BytesLabels, Counter>,
     pub session_panics: Counter,
+    /// Sessions moved from the copy path into the kernel, and how long they had lived.
+    pub promotions: Histogram,
+    /// Checks that kept a due session on the copy path because it was a bulk stream.
+    pub promotions_deferred: Counter,
     pub connect_seconds: Histograms<UpstreamLabels>,
     pub health_checks: Family<CheckLabels, Counter>,
     pub health_check_seconds: Histograms<ServerLabels>,
@@ -148,6 +162,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     udp_sessions: Family::default(),
     bytes: Family::default(),
     session_panics: Counter::default(),
+    promotions: session_buckets(),
+    promotions_deferred: Counter::default(),
     connect_seconds: Family::new_with_constructor(connect_buckets),
     health_checks: Family::default(),
     health_check_seconds: Family::new_with_constructor(connect_buckets),
@@ -197,6 +213,16 @@ pub fn registry(
         "session_panics",
         "Sessions whose code panicked (a bug; each is logged)",
         m.session_panics.clone(),
+    );
+    r.register(
+        "kernel_promotion_age_seconds",
+        "TCP sessions moved from the copy path into the kernel (count), by how long they had lived",
+        m.promotions.clone(),
+    );
+    r.register(
+        "kernel_promotions_deferred",
+        "Times a session due for the kernel path stayed on the copy path because it moved bytes as one bulk stream",
+        m.promotions_deferred.clone(),
     );
     r.register(
         "backend_connect_seconds",

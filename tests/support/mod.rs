@@ -5,6 +5,7 @@
 pub mod consul;
 pub mod etcd;
 pub mod servers;
+pub mod stream;
 pub mod tls;
 
 use std::io::{Read, Write};
@@ -421,7 +422,13 @@ pub async fn roundtrip(addr: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<
 pub fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     let key = format!(" {name}=");
     let start = line.find(&key)? + key.len();
-    Some(line[start..].split(' ').next().unwrap_or(""))
+    Some(
+        line[start..]
+            .split(' ')
+            .next()
+            .unwrap_or("")
+            .trim_matches('"'),
+    )
 }
 
 /// A deterministic pseudo-random payload.

@@ -15,6 +15,8 @@ pub struct RawGlobal {
     pub access_log: Option<RawAccessLog>,
     pub access_log_format: Option<LogFormat>,
     pub splice: Option<SpliceMode>,
+    pub splice_after_bytes: Option<NgxSize>,
+    pub splice_after_time: Option<NgxDuration>,
     pub worker_shutdown_timeout: Option<NgxDuration>,
     /// Enforce `access` deny rules in XDP on this interface.
     pub xdp_interface: Option<String>,
@@ -121,6 +123,8 @@ pub struct RawServer {
     /// How long to wait for that header (nginx's `proxy_protocol_timeout`).
     pub proxy_protocol_timeout: Option<NgxDuration>,
     pub splice: Option<SpliceMode>,
+    pub splice_after_bytes: Option<NgxSize>,
+    pub splice_after_time: Option<NgxDuration>,
     pub upstream_show: Option<bool>,
     /// nginx's `allow`/`deny` in order: "allow 10.0.0.0/8", "deny all", ...
     pub access: Option<Vec<String>>,
@@ -150,10 +154,8 @@ pub enum LogFormat {
 #[serde(rename_all = "snake_case")]
 pub enum SpliceMode {
     /// Kernel path when it loads, else userspace copy with one warning.
-    Auto,
-    /// The default until the kernel path has backpressure: a slow reader would let the
-    /// kernel queue a whole transfer.
     #[default]
+    Auto,
     Off,
     /// Refuse to start when the kernel path cannot load.
     Required,

@@ -26,7 +26,11 @@ fn defaults_follow_nginx() {
     assert_eq!(s.proxy_next_upstream_tries, 0);
     assert_eq!(s.proxy_next_upstream_timeout, Duration::ZERO);
     assert_eq!((s.proxy_upload_rate, s.proxy_download_rate), (0, 0));
-    assert_eq!(s.splice, SpliceMode::Off);
+    assert_eq!(s.splice, SpliceMode::Auto);
+    assert_eq!(
+        (s.splice_after.bytes, s.splice_after.time),
+        (256 << 10, Duration::from_secs(1))
+    );
     let u = &c.upstreams["db"];
     assert_eq!(u.balance, Balance::RoundRobin);
     let p = &u.servers[0];
@@ -48,6 +52,36 @@ fn shipped_configs_are_valid() {
             panic!("{e}");
         }
     }
+}
+
+#[test]
+fn splice_after_is_inherited_key_by_key() {
+    let c = parse(
+        r#"
+[global]
+splice_after_bytes = "1m"
+
+[upstream.u]
+servers = [{ address = "127.0.0.1:1" }]
+
+[[server]]
+listen = "127.0.0.1:1000"
+proxy_pass = "u"
+splice_after_time = "5s"
+
+[[server]]
+listen = "127.0.0.1:1001"
+proxy_pass = "u"
+splice_after_time = 0
+"#,
+    )
+    .unwrap();
+    let after = |i: usize| {
+        let a = c.servers[i].splice_after;
+        (a.bytes, a.time)
+    };
+    assert_eq!(after(0), (1 << 20, Duration::from_secs(5)));
+    assert_eq!(after(1), (1 << 20, Duration::ZERO));
 }
 
 #[test]

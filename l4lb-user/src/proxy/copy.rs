@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::ReadHalf;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use super::{SessionEnd, Side};
 
@@ -28,12 +30,26 @@ pub struct CopyLimits {
 }
 
 /// Bytes moved by one session, readable while it runs.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Transfer {
     /// Client -> backend.
     pub upload: AtomicU64,
     /// Backend -> client.
     pub download: AtomicU64,
+    /// [`Transfer::reached`] wakes once upload + download reach this.
+    watermark: AtomicU64,
+    watermark_reached: Notify,
+}
+
+impl Default for Transfer {
+    fn default() -> Self {
+        Transfer {
+            upload: AtomicU64::new(0),
+            download: AtomicU64::new(0),
+            watermark: AtomicU64::new(u64::MAX),
+            watermark_reached: Notify::new(),
+        }
+    }
 }
 
 impl Transfer {
@@ -44,47 +60,122 @@ impl Transfer {
     pub fn download(&self) -> u64 {
         self.download.load(Ordering::Relaxed)
     }
+
+    pub fn total(&self) -> u64 {
+        self.upload() + self.download()
+    }
+
+    /// Adds the bytes of another stretch of the session (e.g. its kernel path).
+    pub fn add(&self, other: &Transfer) {
+        self.upload.fetch_add(other.upload(), Ordering::Relaxed);
+        self.download.fetch_add(other.download(), Ordering::Relaxed);
+    }
+
+    /// Resolves once upload + download reach `bytes` (counted by the copy path).
+    pub async fn reached(&self, bytes: u64) {
+        self.watermark.store(bytes, Ordering::Relaxed);
+        while self.total() < bytes {
+            self.watermark_reached.notified().await;
+        }
+    }
+
+    /// Counts `n` bytes one way, as the copy path moves them.
+    pub fn count(&self, upload: bool, n: u64) {
+        let counter = if upload { &self.upload } else { &self.download };
+        counter.fetch_add(n, Ordering::Relaxed);
+        if self.total() >= self.watermark.load(Ordering::Relaxed) {
+            // A stored permit, if nobody waits yet: `reached` checks again.
+            self.watermark_reached.notify_one();
+        }
+    }
+}
+
+/// How a stretch of copying ended.
+#[derive(Debug)]
+pub enum CopyEnd {
+    Ended(SessionEnd),
+    /// Both directions stopped as asked, at a clean point: every byte read was written
+    /// to the peer socket, and neither side has finished.
+    Stopped,
+}
+
+/// One direction's fixed parameters.
+#[derive(Clone, Copy)]
+struct Dir {
+    /// Bytes per second, 0 = unlimited.
+    rate: u64,
+    upload: bool,
+    from: Side,
+    to: Side,
+}
+
+/// What both directions share.
+struct Shared<'a> {
+    transfer: &'a Transfer,
+    /// Milliseconds since `start` of the last read or write.
+    last_activity: AtomicU64,
+    start: Instant,
+}
+
+enum Pumped {
+    /// EOF read and passed on.
+    Finished,
+    /// Stopped as asked, holding nothing.
+    Stopped,
 }
 
 /// Copies both ways until both sides have finished (half-close propagated), one side
-/// fails, or the session is idle for `idle_timeout`.
-pub async fn copy_bidirectional(
+/// fails, the session is idle for `idle_timeout`, or `stop` is cancelled: then each
+/// direction stops at its next clean point, and a direction whose side finishes first
+/// makes the other run to its end instead.
+pub async fn copy(
     client: &mut TcpStream,
     backend: &mut TcpStream,
     limits: CopyLimits,
     transfer: &Transfer,
-) -> SessionEnd {
-    let start = Instant::now();
-    // Milliseconds since `start` of the last read or write, shared by both directions.
-    let last_activity = AtomicU64::new(0);
+    stop: Option<&CancellationToken>,
+) -> CopyEnd {
+    let shared = Shared {
+        transfer,
+        last_activity: AtomicU64::new(0),
+        start: Instant::now(),
+    };
+    let up = Dir {
+        rate: limits.upload_rate,
+        upload: true,
+        from: Side::Client,
+        to: Side::Backend,
+    };
+    let down = Dir {
+        rate: limits.download_rate,
+        upload: false,
+        from: Side::Backend,
+        to: Side::Client,
+    };
     let (cr, mut cw) = client.split();
     let (br, mut bw) = backend.split();
-    let up = pump(
-        &cr,
-        &mut bw,
-        limits.upload_rate,
-        &transfer.upload,
-        &last_activity,
-        start,
-        Side::Client,
-        Side::Backend,
-    );
-    let down = pump(
-        &br,
-        &mut cw,
-        limits.download_rate,
-        &transfer.download,
-        &last_activity,
-        start,
-        Side::Backend,
-        Side::Client,
-    );
+    let run = async {
+        let pumped = tokio::try_join!(
+            pump(&cr, &mut bw, up, &shared, stop),
+            pump(&br, &mut cw, down, &shared, stop)
+        )?;
+        match pumped {
+            (Pumped::Stopped, Pumped::Stopped) => return Ok(CopyEnd::Stopped),
+            (Pumped::Finished, Pumped::Finished) => {}
+            (Pumped::Stopped, Pumped::Finished) => {
+                pump(&cr, &mut bw, up, &shared, None).await?;
+            }
+            (Pumped::Finished, Pumped::Stopped) => {
+                pump(&br, &mut cw, down, &shared, None).await?;
+            }
+        }
+        Ok(CopyEnd::Ended(SessionEnd::Closed))
+    };
     tokio::select! {
-        r = async { tokio::try_join!(up, down) } => match r {
-            Ok(_) => SessionEnd::Closed,
-            Err(end) => end,
-        },
-        () = idle(&last_activity, start, limits.idle_timeout) => SessionEnd::IdleTimeout,
+        r = run => r.unwrap_or_else(CopyEnd::Ended),
+        () = idle(&shared.last_activity, shared.start, limits.idle_timeout) => {
+            CopyEnd::Ended(SessionEnd::IdleTimeout)
+        }
     }
 }
 
@@ -101,20 +192,34 @@ pub async fn idle(last_activity: &AtomicU64, start: Instant, timeout: Duration) 
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Waits for `reader` to be readable; false when `stop` came first.
+async fn ready(reader: &ReadHalf<'_>, stop: Option<&CancellationToken>) -> io::Result<bool> {
+    match stop {
+        None => reader.readable().await.map(|()| true),
+        Some(stop) => tokio::select! {
+            biased;
+            () = stop.cancelled() => Ok(false),
+            r = reader.readable() => r.map(|()| true),
+        },
+    }
+}
+
 async fn pump<W>(
     reader: &ReadHalf<'_>,
     writer: &mut W,
-    rate: u64,
-    counter: &AtomicU64,
-    last_activity: &AtomicU64,
-    start: Instant,
-    from: Side,
-    to: Side,
-) -> Result<(), SessionEnd>
+    dir: Dir,
+    shared: &Shared<'_>,
+    stop: Option<&CancellationToken>,
+) -> Result<Pumped, SessionEnd>
 where
     W: AsyncWrite + Unpin,
 {
+    let Dir {
+        rate,
+        upload,
+        from,
+        to,
+    } = dir;
     let mut buf: Vec<u8> = Vec::new();
     // Paced reads are at most a tenth of a second's worth, so the rate holds closely.
     let chunk_cap = if rate > 0 {
@@ -127,11 +232,17 @@ where
     let paced_since = Instant::now();
     let mut sent: u64 = 0;
     loop {
+        // Here every byte read so far has been written: a clean point to stop at.
+        if stop.is_some_and(CancellationToken::is_cancelled) {
+            return Ok(Pumped::Stopped);
+        }
         if buf.is_empty() {
-            reader
-                .readable()
+            if !ready(reader, stop)
                 .await
-                .map_err(|e| SessionEnd::error(from, &e))?;
+                .map_err(|e| SessionEnd::error(from, &e))?
+            {
+                return Ok(Pumped::Stopped);
+            }
             buf = vec![0u8; INITIAL_BUF];
         }
         let want = buf.len().min(chunk_cap);
@@ -139,8 +250,8 @@ where
             Ok(0) => {
                 // Half-close: pass the FIN on and keep the other direction running.
                 return match writer.shutdown().await {
-                    Ok(()) => Ok(()),
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+                    Ok(()) => Ok(Pumped::Finished),
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(Pumped::Finished),
                     Err(e) => Err(SessionEnd::error(to, &e)),
                 };
             }
@@ -150,23 +261,23 @@ where
                 // next readiness; a grown one (a bulk stream) is kept.
                 if buf.len() <= INITIAL_BUF {
                     buf = Vec::new();
-                } else {
-                    reader
-                        .readable()
-                        .await
-                        .map_err(|e| SessionEnd::error(from, &e))?;
+                } else if !ready(reader, stop)
+                    .await
+                    .map_err(|e| SessionEnd::error(from, &e))?
+                {
+                    return Ok(Pumped::Stopped);
                 }
                 continue;
             }
             Err(e) => return Err(SessionEnd::error(from, &e)),
         };
-        touch(last_activity, start);
+        touch(&shared.last_activity, shared.start);
         writer
             .write_all(&buf[..n])
             .await
             .map_err(|e| SessionEnd::error(to, &e))?;
-        touch(last_activity, start);
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        touch(&shared.last_activity, shared.start);
+        shared.transfer.count(upload, n as u64);
         sent += n as u64;
         if n == buf.len() && buf.len() < MAX_BUF.min(chunk_cap) {
             buf.resize((buf.len() * 4).min(MAX_BUF), 0);

@@ -14,13 +14,14 @@ use tracing::{debug, error, info, warn};
 
 use super::access::{self, ConnSlot};
 use super::connect::{connect, ConnectError};
-use super::copy::{copy_bidirectional, CopyLimits, Transfer};
-use super::{is_resource_exhaustion, proxy_protocol, ListenerCtx, SessionEnd, SharedCtx};
+use super::copy::{copy, CopyEnd, CopyLimits, Transfer};
+use super::promotion::{self, Decision};
+use super::{is_resource_exhaustion, proxy_protocol, ListenerCtx, SessionEnd, SharedCtx, Side};
 use crate::config::{ServerConfig, SpliceMode};
 use crate::metrics::{self, CopyReason, METRICS};
 use crate::panic;
 use crate::runtime::DataPath;
-use crate::splice::Path;
+use crate::splice::{KernelEnd, Path, Splicer};
 use crate::upstream::Lease;
 
 /// How often an accept error (fd exhaustion, ...) is logged while it persists.
@@ -268,7 +269,9 @@ async fn establish(
     })
 }
 
-/// Hands the connected pair to the kernel path or the userspace copy.
+/// Forwards the connected pair: on the copy path, moved into the kernel once the
+/// session earns it (see `promotion`), and back to the copy path if it has to leave.
+/// The session owns its sockets and counts; the two paths are tools it hands them to.
 async fn forward(
     ctx: &ListenerCtx,
     dp: &DataPath,
@@ -288,17 +291,45 @@ async fn forward(
         upload_rate: server.proxy_upload_rate,
         download_rate: server.proxy_download_rate,
     };
-    let total = || transfer.upload() + transfer.download();
     let (end, path) = match (copy_reason(server, dp), dp.splicer.as_ref()) {
         (None, Some(splicer)) => {
-            let o = splicer.run(client, backend, limits, transfer).await;
-            metrics::add_bytes(total().saturating_sub(o.userspace_bytes), o.userspace_bytes);
-            (o.end, o.path)
+            let started = tokio::time::Instant::now();
+            let stop = CancellationToken::new();
+            let mut decision = Decision::default();
+            let copied = if promotion::at_once(server.splice_after) {
+                CopyEnd::Stopped
+            } else {
+                let copying = copy(&mut client, &mut backend, limits, transfer, Some(&stop));
+                tokio::pin!(copying);
+                tokio::select! {
+                    end = &mut copying => end,
+                    () = promotion::due(server.splice_after, transfer, started, &mut decision) => {
+                        stop.cancel();
+                        copying.await
+                    }
+                }
+            };
+            metrics::add_bytes(0, transfer.total());
+            match copied {
+                CopyEnd::Ended(end) => {
+                    let reason = if decision.deferred {
+                        CopyReason::Bulk
+                    } else {
+                        CopyReason::Short
+                    };
+                    (end, Path::Copy(reason))
+                }
+                CopyEnd::Stopped => {
+                    METRICS.promotions.observe(started.elapsed().as_secs_f64());
+                    in_kernel(splicer, client, backend, limits, transfer).await
+                }
+            }
         }
         (reason, _) => {
             let reason = reason.unwrap_or(CopyReason::KernelUnavailable);
-            let end = copy_bidirectional(&mut client, &mut backend, limits, transfer).await;
-            metrics::add_bytes(0, total());
+            let before = transfer.total();
+            let end = copy_to_end(&mut client, &mut backend, limits, transfer).await;
+            metrics::add_bytes(0, transfer.total() - before);
             (end, Path::Copy(reason))
         }
     };
@@ -312,6 +343,73 @@ async fn forward(
         backend: backend_addr,
         end: end.to_string(),
         path: Some(path),
+    }
+}
+
+/// The kernel stretch of a session, and the copy path after it if it has to leave.
+async fn in_kernel(
+    splicer: &Splicer,
+    client: TcpStream,
+    backend: TcpStream,
+    limits: CopyLimits,
+    transfer: &Transfer,
+) -> (SessionEnd, Path) {
+    // The kernel counts from the insert; its bytes join the session's afterwards.
+    let kernel = Transfer::default();
+    match splicer.run(client, backend, limits, &kernel).await {
+        KernelEnd::Ended {
+            end,
+            path,
+            userspace_bytes,
+        } => {
+            metrics::add_bytes(
+                kernel.total().saturating_sub(userspace_bytes),
+                userspace_bytes,
+            );
+            transfer.add(&kernel);
+            (end, path)
+        }
+        KernelEnd::Left(left) => {
+            metrics::add_bytes(
+                kernel.total().saturating_sub(left.userspace_bytes),
+                left.userspace_bytes,
+            );
+            transfer.add(&kernel);
+            if left.why.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                // Expected for a client that sent its data and FIN at once, and for a
+                // source that closed while backpressure held it.
+                info!(reason = left.reason.as_str(), error = %left.why, "socket no longer established; copying in userspace");
+            } else {
+                warn!(reason = left.reason.as_str(), error = %left.why, "session leaves the kernel path; copying in userspace");
+            }
+            let end = match (
+                TcpStream::from_std(left.client),
+                TcpStream::from_std(left.backend),
+            ) {
+                (Ok(mut c), Ok(mut b)) => {
+                    let before = transfer.total();
+                    let end = copy_to_end(&mut c, &mut b, limits, transfer).await;
+                    metrics::add_bytes(0, transfer.total() - before);
+                    end
+                }
+                (Err(e), _) | (_, Err(e)) => SessionEnd::Error(Side::Client, e.to_string()),
+            };
+            (end, Path::Copy(left.reason))
+        }
+    }
+}
+
+/// The copy path with nothing that stops it early.
+async fn copy_to_end(
+    client: &mut TcpStream,
+    backend: &mut TcpStream,
+    limits: CopyLimits,
+    transfer: &Transfer,
+) -> SessionEnd {
+    match copy(client, backend, limits, transfer, None).await {
+        CopyEnd::Ended(end) => end,
+        // Only a cancelled stop token stops it, and there is none.
+        CopyEnd::Stopped => SessionEnd::Closed,
     }
 }
 

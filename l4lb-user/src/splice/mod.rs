@@ -29,11 +29,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::net::TcpStream;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::capabilities;
 use crate::metrics::CopyReason;
-use crate::proxy::copy::{copy_bidirectional, CopyLimits, Transfer};
+use crate::proxy::copy::{CopyLimits, Transfer};
 use crate::proxy::{SessionEnd, Side};
 use maps::Maps;
 use session::{End, Session, Snapshot};
@@ -55,11 +55,36 @@ impl fmt::Display for Path {
     }
 }
 
-pub struct SpliceOutcome {
-    pub end: SessionEnd,
-    pub path: Path,
-    /// Bytes of this session that went through userspace (fallback, held bytes).
+/// How a session's stretch on the kernel path ended.
+pub enum KernelEnd {
+    /// The session ended; `path` is `Copy` when it was leaving the kernel as it ended.
+    Ended {
+        end: SessionEnd,
+        path: Path,
+        /// Bytes the daemon forwarded itself meanwhile (held bytes).
+        userspace_bytes: u64,
+    },
+    /// The session left the kernel without losing a byte; the copy path continues it.
+    Left(Leaving),
+}
+
+/// A session that left the kernel: its sockets and why.
+pub struct Leaving {
+    pub client: StdTcpStream,
+    pub backend: StdTcpStream,
+    pub reason: CopyReason,
+    pub why: io::Error,
     pub userspace_bytes: u64,
+}
+
+impl KernelEnd {
+    fn error(side: Side, e: &io::Error, reason: CopyReason) -> KernelEnd {
+        KernelEnd::Ended {
+            end: SessionEnd::Error(side, e.to_string()),
+            path: Path::Copy(reason),
+            userspace_bytes: 0,
+        }
+    }
 }
 
 /// A copy of the kernel path's counters for the metrics registry.
@@ -163,22 +188,20 @@ impl Splicer {
         }
     }
 
+    /// Puts an established pair into the kernel until the session ends or has to leave.
+    /// `transfer` counts from zero: the kernel's counters start at the insert.
     pub async fn run(
         &self,
         client: TcpStream,
         backend: TcpStream,
         limits: CopyLimits,
         transfer: &Transfer,
-    ) -> SpliceOutcome {
+    ) -> KernelEnd {
         // Out of tokio's reactor: it would wake on every redirected skb.
         let (client, backend) = match (client.into_std(), backend.into_std()) {
             (Ok(c), Ok(b)) => (c, b),
             (Err(e), _) | (_, Err(e)) => {
-                return SpliceOutcome {
-                    end: SessionEnd::Error(Side::Client, e.to_string()),
-                    path: Path::Copy(CopyReason::InsertFailed),
-                    userspace_bytes: 0,
-                }
+                return KernelEnd::error(Side::Client, &e, CopyReason::InsertFailed)
             }
         };
         let (client, backend) = match (
@@ -186,17 +209,14 @@ impl Splicer {
             Snapshot::take(&backend, Side::Backend),
         ) {
             (Ok(c), Ok(b)) => (c.with(client), b.with(backend)),
-            (Err(e), _) | (_, Err(e)) => {
-                return fallback(
+            (Err(why), _) | (_, Err(why)) => {
+                return KernelEnd::Left(Leaving {
                     client,
                     backend,
-                    limits,
-                    transfer,
-                    CopyReason::InsertFailed,
-                    &e,
-                    0,
-                )
-                .await;
+                    reason: CopyReason::InsertFailed,
+                    why,
+                    userspace_bytes: 0,
+                });
             }
         };
         let session = Session::new(&self.maps, &self.watcher, client, backend);
@@ -212,23 +232,16 @@ impl Splicer {
                     }
                 }
                 return match session.into_streams() {
-                    Ok((c, b, already)) => {
-                        fallback(
-                            c,
-                            b,
-                            limits,
-                            transfer,
-                            CopyReason::InsertFailed,
-                            &e.error,
-                            already,
-                        )
-                        .await
+                    Ok((client, backend, userspace_bytes)) => KernelEnd::Left(Leaving {
+                        client,
+                        backend,
+                        reason: CopyReason::InsertFailed,
+                        why: e.error,
+                        userspace_bytes,
+                    }),
+                    Err(clone_err) => {
+                        KernelEnd::error(Side::Client, &clone_err, CopyReason::InsertFailed)
                     }
-                    Err(clone_err) => SpliceOutcome {
-                        end: SessionEnd::Error(Side::Client, clone_err.to_string()),
-                        path: Path::Copy(CopyReason::InsertFailed),
-                        userspace_bytes: 0,
-                    },
                 };
             }
         };
@@ -242,7 +255,7 @@ impl Splicer {
                     session.socks[1 - i].side,
                     accounting::STALL_AFTER
                 ));
-                leave(session, i, CopyReason::Watchdog, why, limits, transfer).await
+                leave(session, i, CopyReason::Watchdog, why, transfer).await
             }
             End::Lagging(i) => {
                 STATS.lagging.fetch_add(1, Ordering::Relaxed);
@@ -256,34 +269,25 @@ impl Splicer {
                         ""
                     }
                 ));
-                leave(session, i, CopyReason::Lagging, why, limits, transfer).await
+                leave(session, i, CopyReason::Lagging, why, transfer).await
             }
             End::ClosedWhilePaused(i) => {
                 let why = io::Error::from_raw_os_error(libc::EOPNOTSUPP);
-                leave(
-                    session,
-                    i,
-                    CopyReason::ClosedWhilePaused,
-                    why,
-                    limits,
-                    transfer,
-                )
-                .await
+                leave(session, i, CopyReason::ClosedWhilePaused, why, transfer).await
             }
         }
     }
 }
 
-/// Takes a running session out of the kernel without losing a byte and continues it in
-/// userspace; `i` is the direction that made it leave.
+/// Takes a running session out of the kernel without losing a byte, for the copy path
+/// to continue; `i` is the direction that made it leave.
 async fn leave(
     session: Session<'_>,
     i: usize,
     reason: CopyReason,
     why: io::Error,
-    limits: CopyLimits,
     transfer: &Transfer,
-) -> SpliceOutcome {
+) -> KernelEnd {
     let side = session.socks[i].side;
     session.detach_flowing().await;
     if let Err(end) = session.reclaim().await {
@@ -291,16 +295,18 @@ async fn leave(
     }
     session.publish(transfer);
     match session.into_streams() {
-        Ok((c, b, already)) => fallback(c, b, limits, transfer, reason, &why, already).await,
-        Err(e) => SpliceOutcome {
-            end: SessionEnd::Error(side, e.to_string()),
-            path: Path::Copy(reason),
-            userspace_bytes: 0,
-        },
+        Ok((client, backend, userspace_bytes)) => KernelEnd::Left(Leaving {
+            client,
+            backend,
+            reason,
+            why,
+            userspace_bytes,
+        }),
+        Err(e) => KernelEnd::error(side, &e, reason),
     }
 }
 
-fn kernel_end(session: &Session<'_>, end: End, path: Path) -> SpliceOutcome {
+fn kernel_end(session: &Session<'_>, end: End, path: Path) -> KernelEnd {
     let end = match end {
         End::Session(e) => e,
         End::Stall(i) => SessionEnd::Error(session.socks[i].side, "stalled in the kernel".into()),
@@ -309,39 +315,9 @@ fn kernel_end(session: &Session<'_>, end: End, path: Path) -> SpliceOutcome {
             SessionEnd::Error(session.socks[i].side, "closed while paused".into())
         }
     };
-    SpliceOutcome {
+    KernelEnd::Ended {
         end,
         path,
         userspace_bytes: session.userspace_bytes(),
-    }
-}
-
-/// Continues a session in the userspace copy path, with one log line saying why.
-async fn fallback(
-    client: StdTcpStream,
-    backend: StdTcpStream,
-    limits: CopyLimits,
-    transfer: &Transfer,
-    reason: CopyReason,
-    why: &io::Error,
-    already_userspace: u64,
-) -> SpliceOutcome {
-    if why.raw_os_error() == Some(libc::EOPNOTSUPP) {
-        // Expected for a client that sent its data and FIN at once, and for a source
-        // that closed while backpressure held it.
-        info!(reason = reason.as_str(), error = %why, "socket no longer established; copying in userspace");
-    } else {
-        warn!(reason = reason.as_str(), error = %why, "session leaves the kernel path; copying in userspace");
-    }
-    let before = transfer.upload() + transfer.download();
-    let end = match (TcpStream::from_std(client), TcpStream::from_std(backend)) {
-        (Ok(mut c), Ok(mut b)) => copy_bidirectional(&mut c, &mut b, limits, transfer).await,
-        (Err(e), _) | (_, Err(e)) => SessionEnd::Error(Side::Client, e.to_string()),
-    };
-    let copied = (transfer.upload() + transfer.download()).saturating_sub(before);
-    SpliceOutcome {
-        end,
-        path: Path::Copy(reason),
-        userspace_bytes: already_userspace + copied,
     }
 }

@@ -1,0 +1,510 @@
+//! Sessions that start on the copy path and earn the kernel path (`splice_after_bytes`,
+//! `splice_after_time`): moved at any moment of their life, under load, with half-close
+//! and resets around the move, every byte arrives once. eBPF is loaded for real
+//! (`splice = "required"`); `L4LB_NO_EBPF=1` skips these on purpose, saying so.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::stream::{exchange, recv_stream, send_stream, Plan, Progress};
+use support::{free_port, log_field, metric, Daemon};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// False (with a note) when the run asked to skip the eBPF cases.
+fn kernel_wanted(test: &str) -> bool {
+    if std::env::var("L4LB_NO_EBPF").is_ok_and(|v| v == "1") {
+        eprintln!("{test}: skipped by request (L4LB_NO_EBPF=1)");
+        return false;
+    }
+    true
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn config(listen: u16, backend: SocketAddr, splice_after: &str) -> String {
+    let admin = free_port();
+    format!(
+        r#"
+[global]
+splice = "required"
+{splice_after}
+access_log = true
+max_connections = 4000
+
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[upstream.u]
+servers = [{{ address = "{backend}" }}]
+
+[[server]]
+listen = "127.0.0.1:{listen}"
+proxy_pass = "u"
+proxy_timeout = "60s"
+"#
+    )
+}
+
+/// How a session ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Close {
+    /// Both sides send everything and half-close; every byte is checked both ways.
+    Clean,
+    /// The client resets after sending part of its bytes.
+    ClientReset,
+    /// The backend resets after receiving part of the client's bytes.
+    BackendReset,
+}
+
+/// What a client asks of the backend, in a 25-byte header before its own bytes.
+#[derive(Clone, Copy, Debug)]
+struct Ask {
+    /// Bytes the client sends after the header.
+    up: u64,
+    /// Bytes the backend sends.
+    down: u64,
+    seed: u64,
+    close: Close,
+}
+
+impl Ask {
+    fn encode(&self) -> [u8; 25] {
+        let mut h = [0u8; 25];
+        h[..8].copy_from_slice(&self.up.to_le_bytes());
+        h[8..16].copy_from_slice(&self.down.to_le_bytes());
+        h[16..24].copy_from_slice(&self.seed.to_le_bytes());
+        h[24] = self.close as u8;
+        h
+    }
+
+    fn decode(h: &[u8; 25]) -> Ask {
+        let word = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
+        Ask {
+            up: word(0),
+            down: word(8),
+            seed: word(16),
+            close: match h[24] {
+                0 => Close::Clean,
+                1 => Close::ClientReset,
+                _ => Close::BackendReset,
+            },
+        }
+    }
+}
+
+/// Closes with a reset (SO_LINGER 0).
+fn reset(sock: TcpStream) {
+    let _ = sock.set_zero_linger();
+    drop(sock);
+}
+
+/// A backend that reads the header, then streams and checks as asked; each connection's
+/// result (bytes received, or why not) goes to the channel.
+async fn backend() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(Option<Ask>, Result<u64, String>)>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let a = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut h = [0u8; 25];
+                if let Err(e) = sock.read_exact(&mut h).await {
+                    let _ = tx.send((None, Err(format!("header: {e}"))));
+                    return;
+                }
+                let ask = Ask::decode(&h);
+                let r = match ask.close {
+                    Close::BackendReset => {
+                        // Take part of the upload, then reset.
+                        let mut buf = vec![0u8; 64 * 1024];
+                        let mut got = 0u64;
+                        while got < ask.up / 2 {
+                            match sock.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => got += n as u64,
+                            }
+                        }
+                        reset(sock);
+                        Ok(got)
+                    }
+                    _ => {
+                        let plan = Plan {
+                            send: ask.down,
+                            send_seed: ask.seed * 2 + 1,
+                            recv_seed: ask.seed * 2,
+                            read_rate: None,
+                        };
+                        exchange(sock, plan, Arc::default())
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                };
+                let _ = tx.send((Some(ask), r));
+            });
+        }
+    });
+    (a, rx)
+}
+
+/// One client session per `ask`; Ok(bytes received) for a clean one.
+async fn client(lb: SocketAddr, ask: Ask) -> Result<u64, String> {
+    let mut sock = TcpStream::connect(lb)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    sock.write_all(&ask.encode())
+        .await
+        .map_err(|e| format!("header: {e}"))?;
+    match ask.close {
+        Close::Clean => {
+            let plan = Plan {
+                send: ask.up,
+                send_seed: ask.seed * 2,
+                recv_seed: ask.seed * 2 + 1,
+                read_rate: None,
+            };
+            let got = exchange(sock, plan, Arc::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            if got == ask.down {
+                Ok(got)
+            } else {
+                Err(format!("received {got} of {}", ask.down))
+            }
+        }
+        Close::ClientReset => {
+            let (mut r, mut w) = sock.into_split();
+            let sent = AtomicU64::new(0);
+            let _ = send_stream(&mut w, ask.seed * 2, ask.up / 2, None, &sent).await;
+            // Whatever arrived so far must still be the right bytes.
+            let _ = tokio::time::timeout(
+                Duration::from_millis(50),
+                recv_stream(&mut r, ask.seed * 2 + 1, None, &AtomicU64::new(0)),
+            )
+            .await;
+            reset(r.reunite(w).map_err(|e| e.to_string())?);
+            Ok(0)
+        }
+        Close::BackendReset => {
+            // Upload until the backend resets; a reset or an early EOF is the expected end.
+            let (_r, mut w) = sock.into_split();
+            let _ = send_stream(&mut w, ask.seed * 2, ask.up, None, &AtomicU64::new(0)).await;
+            Ok(0)
+        }
+    }
+}
+
+/// A small deterministic generator for the test's choices.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// 0 to 8 MiB, spread over the orders of magnitude (and 0 often enough).
+    fn size(&mut self) -> u64 {
+        match self.next() % 8 {
+            0 => 0,
+            _ => {
+                // 256 B to 8 MiB, most around the 64 KiB rule.
+                let bits = 8 + self.next() % 16;
+                (self.next() % (1 << bits)) & !7
+            }
+        }
+    }
+}
+
+fn kernel_figure(d: &Daemon, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric(&d.scrape(), name, labels).unwrap_or_else(|| panic!("no {name} {labels:?}"))
+}
+
+/// 1,000 sessions, 32 at a time: random sizes each way (0 to 8 MiB), clean half-closes
+/// in either order, resets from either side. Promotion after 64 KiB or 200 ms, so
+/// sessions move at every stage, and some close while they move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotion_under_load_is_byte_exact() {
+    if !kernel_wanted("promotion_under_load_is_byte_exact") {
+        return;
+    }
+    let (b, mut results) = backend().await;
+    let port = free_port();
+    let d = Daemon::start(&config(
+        port,
+        b,
+        "splice_after_bytes = \"64k\"\nsplice_after_time = \"200ms\"",
+    ));
+    let fds0 = d.fd_count();
+    let lb = addr(port);
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let asks: Vec<Ask> = (0..1000u64)
+        .map(|seed| Ask {
+            up: rng.size(),
+            down: rng.size(),
+            seed,
+            close: match rng.next() % 10 {
+                0 => Close::ClientReset,
+                1 => Close::BackendReset,
+                _ => Close::Clean,
+            },
+        })
+        .collect();
+    let started = Instant::now();
+    let sem = Arc::new(tokio::sync::Semaphore::new(32));
+    let mut tasks = Vec::new();
+    for ask in asks.iter().copied() {
+        let permit = Arc::clone(&sem).acquire_owned().await.expect("semaphore");
+        tasks.push(tokio::spawn(async move {
+            let r = tokio::time::timeout(Duration::from_secs(60), client(lb, ask)).await;
+            drop(permit);
+            (ask, r)
+        }));
+    }
+    let mut bytes = 0u64;
+    let mut failures = Vec::new();
+    for t in tasks {
+        let (ask, r) = t.await.expect("client task");
+        match r {
+            Ok(Ok(n)) => bytes += n,
+            Ok(Err(e)) if ask.close == Close::Clean => failures.push(format!("{ask:?}: {e}")),
+            Ok(Err(_)) => {}
+            Err(_) => failures.push(format!("{ask:?}: timed out")),
+        }
+    }
+    let clean: Vec<&Ask> = asks.iter().filter(|a| a.close == Close::Clean).collect();
+    let mut backend_ok = 0;
+    for _ in 0..asks.len() {
+        match tokio::time::timeout(Duration::from_secs(30), results.recv()).await {
+            Ok(Some((_, Ok(_)))) => backend_ok += 1,
+            Ok(Some((Some(ask), Err(_)))) if ask.close != Close::Clean => {}
+            Ok(Some((ask, Err(e)))) => failures.push(format!("backend {ask:?}: {e}")),
+            _ => failures.push("backend result missing".into()),
+        }
+    }
+    assert!(
+        failures.iter().all(|f| !f.contains("mismatch")),
+        "corrupted bytes: {failures:#?}"
+    );
+    // Only sessions the test itself reset may fail, on either end.
+    assert!(
+        failures.is_empty(),
+        "{} failures: {failures:#?}; log tail:\n{}",
+        failures.len(),
+        d.log()
+            .lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let expected: u64 = clean.iter().map(|a| a.down).sum();
+    assert_eq!(bytes, expected, "bytes received by clean clients");
+    // Every session ended and was logged, with the path it ended on.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let lines = loop {
+        let lines = d.access_lines();
+        if lines.len() >= asks.len() || Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(lines.len(), asks.len(), "access log lines");
+    let mut paths = std::collections::BTreeMap::<String, usize>::new();
+    for l in &lines {
+        *paths
+            .entry(log_field(l, "path").unwrap_or("-").to_string())
+            .or_default() += 1;
+    }
+    let promoted = kernel_figure(&d, "l4lb_kernel_promotion_age_seconds_count", &[]);
+    eprintln!(
+        "1,000 sessions in {:.1} s, {:.0} MiB to clean clients; paths {paths:?}; promoted {promoted}; backend ok {backend_ok}",
+        started.elapsed().as_secs_f64(),
+        bytes as f64 / 1048576.0
+    );
+    assert!(
+        promoted >= 300.0,
+        "only {promoted} sessions moved into the kernel"
+    );
+    assert!(
+        paths.get("kernel").copied().unwrap_or(0) >= 300,
+        "{paths:?}"
+    );
+    assert!(
+        paths.get("copy:short").copied().unwrap_or(0) >= 50,
+        "{paths:?}"
+    );
+    assert_eq!(
+        kernel_figure(&d, "l4lb_session_panics_total", &[]),
+        0.0,
+        "panics"
+    );
+    // Everything left the kernel and no descriptor leaked.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let sessions = kernel_figure(&d, "l4lb_kernel_sessions", &[]);
+        let flows = kernel_figure(&d, "l4lb_kernel_map_entries", &[("map", "flows")]);
+        let fds = d.fd_count();
+        if sessions == 0.0 && flows == 0.0 && fds <= fds0 + 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kernel sessions {sessions}, flows {flows}, fds {fds} (start {fds0})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A session moves into the kernel while its reader is slow: every byte arrives, and
+/// the daemon's memory stays bounded (the kernel path's backpressure, not a queue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotion_with_a_slow_reader_is_bounded_and_exact() {
+    if !kernel_wanted("promotion_with_a_slow_reader_is_bounded_and_exact") {
+        return;
+    }
+    const SIZE: u64 = 24 << 20;
+    const RATE: u64 = 4 << 20;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let b = listener.local_addr().expect("addr");
+    let sender = tokio::spawn(async move {
+        let (sock, _) = listener.accept().await.expect("accept");
+        let (_r, mut w) = sock.into_split();
+        send_stream(&mut w, 7, SIZE, None, &AtomicU64::new(0)).await?;
+        w.shutdown().await
+    });
+    let port = free_port();
+    // The time rule moves it while it streams.
+    let d = Daemon::start(&config(
+        port,
+        b,
+        "splice_after_bytes = \"1g\"\nsplice_after_time = \"1s\"",
+    ));
+    let rss0 = d.rss_kib();
+    let sock = TcpSocket::new_v4().expect("socket");
+    // A small receive buffer, so the slow reader really holds the sender back.
+    sock.set_recv_buffer_size(64 * 1024).expect("rcvbuf");
+    let mut c = sock.connect(addr(port)).await.expect("connect");
+    let progress = Arc::new(Progress::default());
+    let reader = {
+        let progress = Arc::clone(&progress);
+        tokio::spawn(async move {
+            let got = recv_stream(&mut c, 7, Some(RATE), &progress.received).await;
+            (got, c)
+        })
+    };
+    let mut peak = rss0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !reader.is_finished() {
+        assert!(Instant::now() < deadline, "slow reader timed out");
+        peak = peak.max(d.rss_kib());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (got, mut c) = reader.await.expect("reader");
+    assert_eq!(got.expect("byte-exact"), SIZE);
+    sender.await.expect("sender").expect("sent");
+    c.shutdown().await.expect("client FIN");
+    let line = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(l) = d.access_lines().pop() {
+                break l;
+            }
+            assert!(Instant::now() < deadline, "no access log line");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    eprintln!(
+        "24 MiB to a 4 MiB/s reader: daemon RSS {rss0} KiB at start, peak {peak} KiB; {line}"
+    );
+    assert_eq!(log_field(&line, "path"), Some("kernel"), "{line}");
+    assert!(
+        peak < rss0 + 16 * 1024,
+        "daemon RSS grew from {rss0} to {peak} KiB"
+    );
+}
+
+/// With the default configuration, short sessions never touch the kernel path, and a
+/// long-lived idle one is moved there by the time rule and still ends at
+/// `proxy_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn defaults_keep_short_sessions_copied_and_move_long_ones() {
+    if !kernel_wanted("defaults_keep_short_sessions_copied_and_move_long_ones") {
+        return;
+    }
+    let (b, _results) = backend().await;
+    let port = free_port();
+    let d = Daemon::start(&config(port, b, "").replace("\"60s\"", "\"3s\""));
+    let lb = addr(port);
+    for seed in 0..50 {
+        let ask = Ask {
+            up: 1000,
+            down: 2000,
+            seed,
+            close: Close::Clean,
+        };
+        assert_eq!(client(lb, ask).await, Ok(2000));
+    }
+    let flows = |d: &Daemon| kernel_figure(d, "l4lb_kernel_map_entries", &[("map", "flows")]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.access_lines().len() < 50 {
+        assert!(Instant::now() < deadline, "access log");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        d.access_lines()
+            .iter()
+            .all(|l| log_field(l, "path") == Some("copy:short")),
+        "{:#?}",
+        d.access_lines()
+    );
+    assert_eq!(
+        kernel_figure(&d, "l4lb_kernel_promotion_age_seconds_count", &[]),
+        0.0
+    );
+    // A pooled connection: connected, then idle (the backend waits for bytes).
+    let mut idle = TcpStream::connect(lb).await.expect("connect");
+    let ask = Ask {
+        up: u64::MAX,
+        down: 0,
+        seed: 99,
+        close: Close::BackendReset,
+    };
+    idle.write_all(&ask.encode()).await.expect("header");
+    let opened = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(flows(&d), 2.0, "the idle session moved by the time rule");
+    // Nothing more is sent: proxy_timeout (3 s) ends it, in the kernel.
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf))
+        .await
+        .expect("ended by proxy_timeout");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    let lived = opened.elapsed();
+    assert!(
+        lived >= Duration::from_millis(2900) && lived < Duration::from_secs(6),
+        "idle session ended after {lived:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        if let Some(l) = d.access_lines().get(50) {
+            break l.clone();
+        }
+        assert!(Instant::now() < deadline, "access log");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(log_field(&line, "path"), Some("kernel"), "{line}");
+    assert_eq!(log_field(&line, "end"), Some("idle_timeout"), "{line}");
+}
