@@ -697,18 +697,25 @@ async fn soak_under_churn_and_faults() {
          changes: consul {consul_changes}, etcd {etcd_changes}, reloads {} applied / {} rejected, admin {admin_calls}, kills {kills}, consul faults {}, consul down 1 s\n\
          first change applied {:?} after Consul returned\n\
          daemon RSS {rss0} / {} / {rss1} KiB (start/peak/end), fds {fds0} / {} / {fds1}\n\
-         kernel path: sessions {} pauses {} trimmed {} lag moves {} watchdog {} insert failures {}; session panics {}",
+         kernel path: promoted {} (deferred as bulk {}), sessions {} pauses {} trimmed {} lag moves {} watchdog {} insert failures {}; session panics {}",
         started.load(Ordering::Relaxed),
         count(End::Completed), count(End::KilledBackend), count(End::ResetBackend), count(End::GaveUpOnSlow), count(End::Corrupted), count(End::Unexplained),
         t.bytes as f64 / 1048576.0,
         reload_results.0, reload_results.1, faults.len(), recovery,
         peak_rss.load(Ordering::Relaxed), peak_fds.load(Ordering::Relaxed),
+        kernel("l4lb_kernel_promotion_age_seconds_count"), kernel("l4lb_kernel_promotions_deferred_total"),
         kernel("l4lb_kernel_sessions"), kernel("l4lb_kernel_pauses_total"), kernel("l4lb_kernel_trimmed_bytes_total"),
         kernel("l4lb_kernel_lag_moves_total"), kernel("l4lb_kernel_watchdog_moves_total"), kernel("l4lb_kernel_insert_failures_total"),
         kernel("l4lb_session_panics_total"),
     );
     assert!(d.exited().is_none(), "the daemon died:\n{}", d.log());
     assert_eq!(count(End::Corrupted), 0, "bytes corrupted");
+    if !std::env::var("L4LB_NO_EBPF").is_ok_and(|v| v == "1") {
+        assert!(
+            kernel("l4lb_kernel_promotion_age_seconds_count") > 0,
+            "no session moved into the kernel"
+        );
+    }
     assert!(
         t.unexplained.is_empty(),
         "sessions that ended for no accounted reason:\n{:#?}",
