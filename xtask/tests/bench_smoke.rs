@@ -1,4 +1,4 @@
-//! Smoke test of `cargo xtask bench`: a quick l4lb-off vs direct run must produce a
+//! Smoke test of `cargo xtask bench`: a quick l4lb-copy vs direct run must produce a
 //! well-formed Markdown table, valid JSON and a PNG. It runs the real tools (iperf3,
 //! redis-benchmark, sysbench, mariadbd), which the harness installs if missing.
 
@@ -18,7 +18,7 @@ fn quick_bench_writes_table_json_and_chart() {
             "bench",
             "--quick",
             "--contenders",
-            "l4lb-off,direct",
+            "l4lb-copy,direct",
             "--out",
         ])
         .arg(out.path())
@@ -44,7 +44,7 @@ fn quick_bench_writes_table_json_and_chart() {
     };
     assert!(
         status.success(),
-        "`cargo xtask bench --quick --contenders l4lb-off,direct` failed ({status}); \
+        "`cargo xtask bench --quick --contenders l4lb-copy,direct` failed ({status}); \
          a missing tool (iperf3, redis-benchmark, sysbench, mariadbd) shows here:\n{}",
         tail(&read(&log), 60)
     );
@@ -52,7 +52,7 @@ fn quick_bench_writes_table_json_and_chart() {
     let md = read(&out.path().join("results.md"));
     let rows = results_table(&md);
     assert_eq!(rows.len(), 2, "one row per contender:\n{md}");
-    for (row, name) in rows.iter().zip(["l4lb-off", "direct"]) {
+    for (row, name) in rows.iter().zip(["l4lb-copy", "direct"]) {
         assert!(row[0].starts_with(name), "row {row:?} should be {name}");
         for (i, cell) in row.iter().enumerate().skip(1) {
             // direct has no balancer, so no balancer memory per idle connection.
@@ -67,8 +67,8 @@ fn quick_bench_writes_table_json_and_chart() {
     let json: serde_json::Value =
         serde_json::from_str(&read(&out.path().join("results.json"))).expect("valid JSON");
     let samples = json["samples"].as_array().expect("samples array");
-    // direct skips the idle workload: 6 workloads for l4lb-off, 5 for direct.
-    assert_eq!(samples.len(), 11, "samples: {samples:?}");
+    // direct skips the idle workload: 7 workloads for l4lb-copy, 6 for direct.
+    assert_eq!(samples.len(), 13, "samples: {samples:?}");
     for s in samples {
         assert!(s["error"].is_null(), "failed sample: {s}");
         assert!(
@@ -76,7 +76,8 @@ fn quick_bench_writes_table_json_and_chart() {
             "{s}"
         );
     }
-    assert_eq!(json["l4lb_paths"]["l4lb-off"], "copy:splice_off");
+    // A PING session and iperf3's control and data sessions, all on the copy path.
+    assert_eq!(json["l4lb_paths"]["l4lb-copy"], "copy:splice_off 3/3");
 
     let png = std::fs::read(out.path().join("throughput.png")).expect("PNG written");
     assert!(png.starts_with(b"\x89PNG"), "not a PNG");

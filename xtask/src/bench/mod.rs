@@ -92,6 +92,9 @@ pub struct Results {
     /// What the l4lb contenders' sessions actually ran on (from a probe with the access
     /// log on): "kernel" or "copy:<reason>".
     pub l4lb_paths: BTreeMap<Contender, String>,
+    /// haproxy-splice's probe: how much of a short transfer went through splice(2),
+    /// or why the check failed.
+    pub haproxy_splice: Option<String>,
     pub samples: Vec<Sample>,
 }
 
@@ -129,10 +132,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut l4lb_paths = BTreeMap::new();
     for &who in contenders.iter().filter(|c| c.is_l4lb()) {
         let path = probe_path(who, &backends, &l4lb_bin, tmp.path(), max_fds)
-            .unwrap_or_else(|e| format!("unknown (probe failed: {e:#})"));
+            .unwrap_or_else(|e| format!("unknown (probe failed: {})", one_line(&e)));
         eprintln!("bench: {} sessions run on: {path}", who.name());
         l4lb_paths.insert(who, path);
     }
+    let haproxy_splice = contenders.contains(&Contender::HaproxySplice).then(|| {
+        let checked = probe_haproxy_splice(&backends, tmp.path(), max_fds);
+        let line = match &checked {
+            Ok(line) => line.clone(),
+            Err(e) => format!("NOT SPLICING: {e:#}"),
+        };
+        eprintln!("bench: haproxy-splice: {line}");
+        line
+    });
 
     let plan = Plan {
         workloads: &workloads,
@@ -166,6 +178,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let results = Results {
         meta,
         l4lb_paths,
+        haproxy_splice,
         samples,
     };
     let table = report::write_all(&results, &out)?;
@@ -199,6 +212,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// An error with its causes on one line (log excerpts included), for report lines.
+fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
 fn or_all<T: Copy>(chosen: Vec<T>, all: &[T]) -> Vec<T> {
     if chosen.is_empty() {
         all.to_vec()
@@ -228,6 +251,11 @@ fn probe_path(
     let (_iperf, iperf_port) = start_iperf(dir)?;
     let services = services(backends, iperf_port);
     contenders::probe_l4lb_path(who, &services, l4lb_bin, dir, max_fds)
+}
+
+fn probe_haproxy_splice(backends: &Backends, dir: &Path, max_fds: u64) -> Result<String> {
+    let (_iperf, iperf_port) = start_iperf(dir)?;
+    contenders::probe_haproxy_splice(&services(backends, iperf_port), dir, max_fds)
 }
 
 fn services(backends: &Backends, iperf: u16) -> Services {
@@ -321,8 +349,37 @@ fn run_contender(plan: &Plan, backends: &Backends, who: Contender, round: usize)
     };
     workloads
         .into_iter()
-        .map(|w| sample(w, measure(plan, w, &ctx, &mut running)))
+        .map(|w| sample(w, measure(plan, who, w, &ctx, &mut running)))
         .collect()
+}
+
+/// haproxy's share of the received bytes that it moved with splice(2), recorded for
+/// both haproxy variants; haproxy-splice fails the run when it is under half: it
+/// would be measuring plain haproxy under another name.
+fn check_spliced(
+    who: Contender,
+    m: &mut Measured,
+    before: Option<u64>,
+    after: Option<u64>,
+) -> Result<()> {
+    let (Some(before), Some(after)) = (before, after) else {
+        return Ok(());
+    };
+    let received = m.metrics.get("gbytes").copied().unwrap_or(0.0) * 1e9;
+    if received <= 0.0 {
+        return Ok(());
+    }
+    let share = after.saturating_sub(before) as f64 / received;
+    m.metrics.insert("spliced_share".into(), share);
+    if who == Contender::HaproxySplice && share < 0.5 {
+        bail!(
+            "haproxy-splice did not splice: {:.0}% of the {:.2} GB received went through \
+             splice(2) (TotalSplicdedBytesOut {before} -> {after})",
+            share * 100.0,
+            received / 1e9
+        );
+    }
+    Ok(())
 }
 
 struct Measurement {
@@ -335,6 +392,7 @@ struct Measurement {
 /// when other processes took more than `NOISY_CPUS` during the run.
 fn measure(
     plan: &Plan,
+    who: Contender,
     w: Workload,
     ctx: &workloads::Ctx,
     running: &mut contenders::Running,
@@ -349,9 +407,13 @@ fn measure(
                 plan.quiet_patience
             );
         }
-        let result = workloads::run(w, ctx).and_then(|m| {
+        let spliced_before = running.spliced_bytes();
+        let result = workloads::run(w, ctx).and_then(|mut m| {
             // A balancer that crashed under load must not pass as a fast one.
             running.check_alive()?;
+            if workloads::is_bulk(w) {
+                check_spliced(who, &mut m, spliced_before?, running.spliced_bytes()?)?;
+            }
             Ok(m)
         });
         if let Ok(m) = &result {

@@ -73,14 +73,15 @@ fn header(r: &Results, first: &str) -> Vec<String> {
 
 fn label(r: &Results, who: Contender) -> String {
     match r.l4lb_paths.get(&who) {
-        Some(path) => format!("{} [{}]", who.name(), short_path(path)),
+        Some(paths) => format!("{} [{}]", who.name(), short_paths(paths)),
         None => who.name().to_string(),
     }
 }
 
-/// "copy:insert_failed (daemon: ...)" -> "copy:insert_failed".
-fn short_path(path: &str) -> &str {
-    path.split(" (").next().unwrap_or(path)
+/// "kernel 2/3, copy:insert_failed 1/3 (daemon: ...)" -> "kernel 2/3+copy:insert_failed 1/3".
+fn short_paths(paths: &str) -> String {
+    let paths = paths.split(" (").next().unwrap_or(paths);
+    paths.split(", ").collect::<Vec<_>>().join("+")
 }
 
 /// Medians (min–max) per contender: the table printed at the end and put in the README.
@@ -184,7 +185,14 @@ fn markdown(r: &Results) -> String {
     let versions: Vec<String> = m.versions.values().cloned().collect();
     let _ = writeln!(s, "Versions: {}.\n", versions.join("; "));
     for (who, path) in &r.l4lb_paths {
-        let _ = writeln!(s, "- {} sessions ran on: `{path}`", who.name());
+        let _ = writeln!(
+            s,
+            "- {} sessions ran on (path: sessions of the probe): `{path}`",
+            who.name()
+        );
+    }
+    if let Some(check) = &r.haproxy_splice {
+        let _ = writeln!(s, "- haproxy-splice: {check}");
     }
     let _ = write!(
         s,
@@ -257,7 +265,14 @@ const METHOD: &str = "## Method\n\n\
 - Each balancer has one worker: nginx `worker_processes 1`, haproxy `nbthread 1`, l4lb \
   `worker_threads = 1`; least-connections balancing to one backend per service; buffer \
   sizes are each product's defaults (nginx proxy_buffer_size 16k, haproxy tune.bufsize \
-  16k, l4lb's copy path grows to 256 KiB). l4lb's access log is off.\n\
+  16k, l4lb's copy path grows to 256 KiB). l4lb's access log is off. l4lb runs its \
+  defaults (`l4lb`), `splice = \"off\"` (`l4lb-copy`) and `splice = \"auto\"` with \
+  every session promoted to the kernel path at once (`l4lb-kernel-always`).\n\
+- haproxy-splice uses `option splice-request` and `option splice-response` (haproxy \
+  2.6's `option splice-auto` spliced nothing here). Its stats socket's spliced-bytes \
+  counter is read around every bulk run: a run in which less than half of the received \
+  bytes went through splice(2) fails (`spliced_share` in the JSON, for plain haproxy \
+  too).\n\
 - A round runs every contender once, in the listed order, each with a fresh balancer and \
   iperf3 server; rounds repeat that order (A B A B ...). Cells are medians over rounds, \
   with min–max when there are several.\n\
@@ -265,7 +280,8 @@ const METHOD: &str = "## Method\n\n\
   too). redis-benchmark PING with 50 clients, keep-alive (-k 1) and a new connection per \
   request (-k 0, so req/s = connections/s); a short probe run sizes -n to the wanted \
   duration. sysbench oltp_point_select, 8 threads, 4 tables x 10,000 rows on a private \
-  mariadbd. Idle: N connections opened through the balancer to a sink that holds them; \
+  mariadbd. Slow endpoints: iperf3 --bidir -b 1G -n 512M, both directions at once, \
+  each paced at 1 Gbit/s; CPU per GB received in both directions. Idle: N connections opened through the balancer to a sink that holds them; \
   (balancer RSS with all sessions established − RSS before) / N; nginx preallocates its \
   connection array at start, so part of its per-connection cost is in the baseline.\n\
 - CPU: machine CPU-s = busy time of all CPUs from /proc/stat (user+nice+system+irq+softirq, \
@@ -281,7 +297,8 @@ const METHOD: &str = "## Method\n\n\
   (`others_s` in the JSON) and repeats a run (3 runs at most, `attempts`; once in quick \
   mode) when they used more than 0.15 CPUs.\n\
 - The l4lb path line comes from a probe before the runs: the same config with the \
-  access log on, one session, and the `path=` it logged.\n";
+  access log on, one redis PING session and a 64 MiB iperf3 transfer (control and data \
+  sessions), and how many sessions logged each `path=`.\n";
 
 /// One line of a workload's main numbers, for progress output.
 pub fn brief(m: &Measured) -> String {

@@ -69,6 +69,18 @@ pub const COLUMNS: &[Column] = &[
         "proxy CPU-s/GB (-P4)",
         false,
     ),
+    col(
+        Workload::SlowEndpoints,
+        "cpu_machine",
+        "machine CPU-s/GB (slow)",
+        false,
+    ),
+    col(
+        Workload::SlowEndpoints,
+        "cpu_proxy",
+        "proxy CPU-s/GB (slow)",
+        false,
+    ),
 ];
 
 /// Median and range of one metric over the successful rounds.
@@ -139,7 +151,7 @@ pub fn ratio_to(r: &Results, who: Contender, c: &Column, base: Option<f64>) -> O
     Some(s.median / base)
 }
 
-/// A goal for the kernel path, from issue 5.
+/// A goal for l4lb, from issues 5 and 10.
 pub struct Target {
     pub name: &'static str,
     pub column: Column,
@@ -151,8 +163,8 @@ pub enum Goal {
     MinPeerRatio(f64),
     /// Median / best peer's median at most this.
     MaxPeerRatio(f64),
-    /// Median at most this absolute value.
-    MaxValue(f64),
+    /// Median at most this absolute value, in this unit.
+    MaxValue(f64, &'static str),
 }
 
 pub const TARGETS: &[Target] = &[
@@ -189,12 +201,17 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "RSS per idle connection <= 2 KiB",
         column: col(Workload::Idle, "rss_per_conn_kib", "", false),
-        goal: Goal::MaxValue(2.0),
+        goal: Goal::MaxValue(2.0, " KiB"),
     },
     Target {
         name: "new connections/s >= best peer",
         column: col(Workload::RedisNewconn, "rps", "", true),
         goal: Goal::MinPeerRatio(1.0),
+    },
+    Target {
+        name: "proxy CPU per GB, slow endpoints <= 0.05 CPU-s/GB",
+        column: col(Workload::SlowEndpoints, "cpu_proxy", "", false),
+        goal: Goal::MaxValue(0.05, " CPU-s/GB"),
     },
 ];
 
@@ -204,7 +221,7 @@ pub fn judge(r: &Results, who: Contender, t: &Target) -> String {
         return "not measured".into();
     };
     let (value, goal, at_least, unit) = match t.goal {
-        Goal::MaxValue(limit) => (s.median, limit, false, " KiB"),
+        Goal::MaxValue(limit, unit) => (s.median, limit, false, unit),
         Goal::MinPeerRatio(g) | Goal::MaxPeerRatio(g) => {
             let Some((_, best)) = best_peer(r, &t.column) else {
                 return "no peer measured".into();
@@ -240,6 +257,16 @@ pub fn judge(r: &Results, who: Contender, t: &Target) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slow_endpoints_target_is_absolute() {
+        let t = TARGETS
+            .iter()
+            .find(|t| t.column.workload == Workload::SlowEndpoints)
+            .expect("a slow-endpoints target");
+        assert!(matches!(t.goal, Goal::MaxValue(g, _) if g == 0.05));
+        assert_eq!(t.column.metric, "cpu_proxy");
+    }
 
     #[test]
     fn median_and_spread() {

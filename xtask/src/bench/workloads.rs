@@ -29,6 +29,9 @@ pub enum Workload {
     RedisNewconn,
     /// sysbench oltp_point_select on MariaDB, 8 threads.
     Sysbench,
+    /// Slow endpoints: iperf3 --bidir paced at 1 Gbit/s each way, 512 MiB each way at
+    /// once; what matters is the balancer's CPU per GB, not the rate.
+    SlowEndpoints,
 }
 
 impl Workload {
@@ -40,6 +43,7 @@ impl Workload {
             Workload::RedisKeepalive => "redis-keepalive",
             Workload::RedisNewconn => "redis-newconn",
             Workload::Sysbench => "sysbench",
+            Workload::SlowEndpoints => "slow-endpoints",
         }
     }
 
@@ -47,7 +51,7 @@ impl Workload {
     pub fn cpu_unit(self) -> Option<&'static str> {
         match self {
             Workload::Idle => None,
-            Workload::Iperf3P1 | Workload::Iperf3P4 => Some("GB"),
+            Workload::Iperf3P1 | Workload::Iperf3P4 | Workload::SlowEndpoints => Some("GB"),
             Workload::RedisKeepalive => Some("1k req"),
             Workload::RedisNewconn => Some("1k conn"),
             Workload::Sysbench => Some("1k tx"),
@@ -99,7 +103,16 @@ pub fn run(w: Workload, ctx: &Ctx) -> Result<Measured> {
         Workload::RedisKeepalive => redis(ctx, true),
         Workload::RedisNewconn => redis(ctx, false),
         Workload::Sysbench => sysbench(ctx),
+        Workload::SlowEndpoints => slow_endpoints(ctx),
     }
+}
+
+/// The bulk workloads, whose bytes a splicing balancer should splice.
+pub fn is_bulk(w: Workload) -> bool {
+    matches!(
+        w,
+        Workload::Iperf3P1 | Workload::Iperf3P4 | Workload::SlowEndpoints
+    )
 }
 
 /// Whole seconds, at least one (iperf3 and sysbench take integers).
@@ -133,19 +146,71 @@ fn iperf(ctx: &Ctx, streams: u32) -> Result<Measured> {
     Ok(m.with_cpu(cpu, bytes / 1e9))
 }
 
+/// Bytes each way of the slow-endpoints workload, and the endpoints' pace.
+const SLOW_BYTES: &str = "512M";
+const SLOW_RATE: &str = "1G";
+
+/// Both endpoints slow: iperf3 --bidir, each direction paced at 1 Gbit/s (-b), 512 MiB
+/// each way at once (-n). CPU is counted per GB received in both directions together.
+fn slow_endpoints(ctx: &Ctx) -> Result<Measured> {
+    let meter = CpuMeter::start(&ctx.proxy_pids, &[ctx.iperf_pid])?;
+    let out = run_bounded(
+        "iperf3-slow",
+        Command::new("iperf3")
+            .args([
+                "-c",
+                "127.0.0.1",
+                "-J",
+                "--connect-timeout",
+                "5000",
+                "--bidir",
+            ])
+            .args(["-b", SLOW_RATE, "-n", SLOW_BYTES, "-p"])
+            .arg(ctx.fronts.iperf.to_string()),
+        ctx.dir,
+        // 1 GiB at 2 x 1 Gbit/s takes about 4.3 s.
+        limit(ctx.duration).max(Duration::from_secs(60)),
+    )?;
+    let cpu = meter.finish()?;
+    let (forward, reverse) = parse_iperf_bidir(&out)?;
+    let bytes = forward.1 + reverse.1;
+    let mut m = Measured::default();
+    m.set("gbit_s", (forward.0 + reverse.0) / 1e9);
+    m.set("gbytes", bytes / 1e9);
+    Ok(m.with_cpu(cpu, bytes / 1e9))
+}
+
 /// Bits per second and bytes received, from `iperf3 -J`.
 fn parse_iperf(json: &str) -> Result<(f64, f64)> {
+    let v = iperf_json(json)?;
+    sum_of(&v, "sum_received")
+}
+
+/// Bits per second and bytes received each way, from `iperf3 --bidir -J`.
+fn parse_iperf_bidir(json: &str) -> Result<((f64, f64), (f64, f64))> {
+    let v = iperf_json(json)?;
+    Ok((
+        sum_of(&v, "sum_received")?,
+        sum_of(&v, "sum_received_bidir_reverse")?,
+    ))
+}
+
+fn iperf_json(json: &str) -> Result<serde_json::Value> {
     let v: serde_json::Value =
         serde_json::from_str(json).context("iperf3 -J output is not JSON")?;
     if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
         bail!("iperf3: {err}");
     }
-    let sum = &v["end"]["sum_received"];
+    Ok(v)
+}
+
+fn sum_of(v: &serde_json::Value, key: &str) -> Result<(f64, f64)> {
+    let sum = &v["end"][key];
     let bits = sum["bits_per_second"].as_f64();
     let bytes = sum["bytes"].as_f64();
     match (bits, bytes) {
         (Some(bits), Some(bytes)) if bytes > 0.0 => Ok((bits, bytes)),
-        _ => bail!("iperf3 -J output has no end.sum_received"),
+        _ => bail!("iperf3 -J output has no end.{key}"),
     }
 }
 
@@ -346,6 +411,13 @@ mod tests {
     fn parses_iperf_json_and_errors() {
         let ok = r#"{"end":{"sum_received":{"bytes":2.5e9,"bits_per_second":2.0e10}}}"#;
         assert_eq!(parse_iperf(ok).unwrap(), (2.0e10, 2.5e9));
+        let bidir = r#"{"end":{"sum_received":{"bytes":5.0e8,"bits_per_second":1.0e9},
+            "sum_received_bidir_reverse":{"bytes":5.1e8,"bits_per_second":0.9e9}}}"#;
+        assert_eq!(
+            parse_iperf_bidir(bidir).unwrap(),
+            ((1.0e9, 5.0e8), (0.9e9, 5.1e8))
+        );
+        assert!(parse_iperf_bidir(ok).is_err());
         let err = r#"{"start":{},"error":"unable to connect to server"}"#;
         assert!(parse_iperf(err)
             .unwrap_err()
