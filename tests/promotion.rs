@@ -99,6 +99,12 @@ impl Ask {
     }
 }
 
+/// Every other session sends at 2 MiB/s each way, so it is still streaming when the
+/// promotion rules fire; the others run as fast as the path allows.
+fn pace(seed: u64) -> Option<u64> {
+    seed.is_multiple_of(2).then_some(2 << 20)
+}
+
 /// Closes with a reset (SO_LINGER 0).
 fn reset(sock: TcpStream) {
     let _ = sock.set_zero_linger();
@@ -144,6 +150,7 @@ async fn backend() -> (
                             send_seed: ask.seed * 2 + 1,
                             recv_seed: ask.seed * 2,
                             read_rate: None,
+                            send_rate: pace(ask.seed),
                         };
                         exchange(sock, plan, Arc::default())
                             .await
@@ -172,6 +179,7 @@ async fn client(lb: SocketAddr, ask: Ask) -> Result<u64, String> {
                 send_seed: ask.seed * 2,
                 recv_seed: ask.seed * 2 + 1,
                 read_rate: None,
+                send_rate: pace(ask.seed),
             };
             let got = exchange(sock, plan, Arc::default())
                 .await
@@ -215,13 +223,13 @@ impl Rng {
         self.0
     }
 
-    /// 0 to 8 MiB, spread over the orders of magnitude (and 0 often enough).
+    /// 0 to 8 MiB (0 one time in eight).
     fn size(&mut self) -> u64 {
         match self.next() % 8 {
             0 => 0,
             _ => {
-                // 256 B to 8 MiB, most around the 64 KiB rule.
-                let bits = 8 + self.next() % 16;
+                // 4 KiB to 8 MiB, even over the orders of magnitude.
+                let bits = 12 + self.next() % 12;
                 (self.next() % (1 << bits)) & !7
             }
         }
@@ -232,9 +240,9 @@ fn kernel_figure(d: &Daemon, name: &str, labels: &[(&str, &str)]) -> f64 {
     metric(&d.scrape(), name, labels).unwrap_or_else(|| panic!("no {name} {labels:?}"))
 }
 
-/// 1,000 sessions, 32 at a time: random sizes each way (0 to 8 MiB), clean half-closes
-/// in either order, resets from either side. Promotion after 64 KiB or 200 ms, so
-/// sessions move at every stage, and some close while they move.
+/// 1,000 sessions, 32 at a time: random sizes each way (0 to 8 MiB), half of them paced,
+/// clean half-closes in either order, resets from either side. Promotion after 64 KiB
+/// or 200 ms, so sessions move at every stage, and some close while they move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promotion_under_load_is_byte_exact() {
     if !kernel_wanted("promotion_under_load_is_byte_exact") {
@@ -328,6 +336,21 @@ async fn promotion_under_load_is_byte_exact() {
             .entry(log_field(l, "path").unwrap_or("-").to_string())
             .or_default() += 1;
     }
+    // A session still copied for lack of time or bytes must have ended before the rules
+    // (200 ms, then a 100 ms sample) could fire; 1 s of slack for a loaded host.
+    let long_short: Vec<&String> = lines
+        .iter()
+        .filter(|l| log_field(l, "path") == Some("copy:short"))
+        .filter(|l| {
+            log_field(l, "duration_ms")
+                .and_then(|d| d.parse::<u64>().ok())
+                .is_some_and(|ms| ms > 1300)
+        })
+        .collect();
+    assert!(
+        long_short.is_empty(),
+        "long sessions that never moved: {long_short:#?}"
+    );
     let promoted = kernel_figure(&d, "l4lb_kernel_promotion_age_seconds_count", &[]);
     eprintln!(
         "1,000 sessions in {:.1} s, {:.0} MiB to clean clients; paths {paths:?}; promoted {promoted}; backend ok {backend_ok}",
@@ -335,13 +358,10 @@ async fn promotion_under_load_is_byte_exact() {
         bytes as f64 / 1048576.0
     );
     assert!(
-        promoted >= 300.0,
+        promoted >= 80.0,
         "only {promoted} sessions moved into the kernel"
     );
-    assert!(
-        paths.get("kernel").copied().unwrap_or(0) >= 300,
-        "{paths:?}"
-    );
+    assert!(paths.get("kernel").copied().unwrap_or(0) >= 80, "{paths:?}");
     assert!(
         paths.get("copy:short").copied().unwrap_or(0) >= 50,
         "{paths:?}"

@@ -160,6 +160,7 @@ async fn bulk(
         send_seed: 1,
         recv_seed: 2,
         read_rate: None,
+        send_rate: None,
     };
     let got = match tokio::time::timeout(
         Duration::from_secs(120),
@@ -190,6 +191,7 @@ async fn gib_each_way_kernel_vs_copy_byte_exact() {
         send_seed: 2,
         recv_seed: 1,
         read_rate: None,
+        send_rate: None,
     };
     let (baddr, mut brx, _) = stream_backend(backend_plan).await;
     let (kport, cport) = (free_port(), free_port());
@@ -455,6 +457,7 @@ async fn slow_readers_both_ways_lose_nothing() {
         send_seed: 8,
         recv_seed: 7,
         read_rate: Some(rate),
+        send_rate: None,
     };
     let (baddr, mut brx, bprog) = stream_backend(backend_plan).await;
     let port = free_port();
@@ -468,6 +471,7 @@ async fn slow_readers_both_ways_lose_nothing() {
         send_seed: 7,
         recv_seed: 8,
         read_rate: Some(rate),
+        send_rate: None,
     };
     let run = tokio::spawn(exchange(sock, client, Arc::clone(&cprog)));
     let mut max_down = 0u64;

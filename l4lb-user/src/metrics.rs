@@ -43,16 +43,19 @@ pub enum CopyReason {
     /// A paused source could not rejoin the kernel path (its write side was shut down
     /// meanwhile, or reading what it held made no progress).
     ClosedWhilePaused,
-    /// The session ended, or began to close, before it earned the kernel path
-    /// (`splice_after_bytes` / `splice_after_time`).
+    /// The session ended before it earned the kernel path (`splice_after_bytes` /
+    /// `splice_after_time`).
     Short,
+    /// It earned the kernel path, but a side had half-closed (a socket that is no
+    /// longer established cannot enter the sockmap), or it ended while moving.
+    HalfClosed,
     /// The session moved bytes as one bulk stream whenever it was due for the kernel
     /// path, where one stream is slower on these hosts (README, Kernel path).
     Bulk,
 }
 
 impl CopyReason {
-    pub const ALL: [CopyReason; 9] = [
+    pub const ALL: [CopyReason; 10] = [
         CopyReason::SpliceOff,
         CopyReason::RateLimited,
         CopyReason::KernelUnavailable,
@@ -61,6 +64,7 @@ impl CopyReason {
         CopyReason::Lagging,
         CopyReason::ClosedWhilePaused,
         CopyReason::Short,
+        CopyReason::HalfClosed,
         CopyReason::Bulk,
     ];
 
@@ -74,6 +78,7 @@ impl CopyReason {
             CopyReason::Lagging => "lagging",
             CopyReason::ClosedWhilePaused => "closed_while_paused",
             CopyReason::Short => "short",
+            CopyReason::HalfClosed => "half_closed",
             CopyReason::Bulk => "bulk",
         }
     }

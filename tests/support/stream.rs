@@ -135,6 +135,8 @@ pub struct Plan {
     pub send_seed: u64,
     pub recv_seed: u64,
     pub read_rate: Option<u64>,
+    /// Paces sending to this many bytes per second.
+    pub send_rate: Option<u64>,
 }
 
 #[derive(Default)]
@@ -153,7 +155,7 @@ pub async fn exchange(
     let (mut r, mut w) = sock.into_split();
     let p2 = Arc::clone(&progress);
     let send = tokio::spawn(async move {
-        send_stream(&mut w, plan.send_seed, plan.send, None, &p2.sent).await?;
+        send_stream(&mut w, plan.send_seed, plan.send, plan.send_rate, &p2.sent).await?;
         w.shutdown().await
     });
     let got = recv_stream(&mut r, plan.recv_seed, plan.read_rate, &progress.received).await?;

@@ -1,23 +1,33 @@
-//! The userspace copy path: carries rate-limited flows and every fallback from the kernel
-//! path, so it is built to be fast too. A direction holds no buffer while its socket has
-//! nothing to read (idle keep-alive sessions stay cheap); buffers start at 16 KiB and
-//! grow to 256 KiB when reads fill them, and grown ones are kept: measured here, 8 KiB
-//! buffers halve bulk throughput against 256 KiB ones.
+//! The userspace copy path: every TCP session starts here (until it earns the kernel
+//! path), and it carries rate-limited flows and every fallback from the kernel path, so
+//! it is built to be fast too. A direction holds no buffer while its socket has nothing
+//! to read (idle keep-alive sessions stay cheap); buffers start at 16 KiB and grow when
+//! reads fill them: measured here, 8 KiB buffers halve bulk throughput against 256 KiB
+//! ones. An unpaced direction whose read fills 64 KiB is a bulk stream and moves on to
+//! splice(2) through a pipe (`pipe`), so its bytes are no longer copied at all.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::ReadHalf;
+use std::os::fd::AsRawFd;
+
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use tracing::debug;
+
+use super::pipe::Pipe;
 use super::{SessionEnd, Side};
 
 const INITIAL_BUF: usize = 16 * 1024;
 const MAX_BUF: usize = 256 * 1024;
+/// An unpaced direction whose read fills a buffer this large is a bulk stream and moves
+/// to splice(2) (README, copy path).
+const SPLICE_AFTER_FULL_READ: usize = 64 * 1024;
 
 #[derive(Clone, Copy, Debug)]
 pub struct CopyLimits {
@@ -204,16 +214,13 @@ async fn ready(reader: &ReadHalf<'_>, stop: Option<&CancellationToken>) -> io::R
     }
 }
 
-async fn pump<W>(
+async fn pump(
     reader: &ReadHalf<'_>,
-    writer: &mut W,
+    writer: &mut WriteHalf<'_>,
     dir: Dir,
     shared: &Shared<'_>,
     stop: Option<&CancellationToken>,
-) -> Result<Pumped, SessionEnd>
-where
-    W: AsyncWrite + Unpin,
-{
+) -> Result<Pumped, SessionEnd> {
     let Dir {
         rate,
         upload,
@@ -247,14 +254,7 @@ where
         }
         let want = buf.len().min(chunk_cap);
         let n = match reader.try_read(&mut buf[..want]) {
-            Ok(0) => {
-                // Half-close: pass the FIN on and keep the other direction running.
-                return match writer.shutdown().await {
-                    Ok(()) => Ok(Pumped::Finished),
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(Pumped::Finished),
-                    Err(e) => Err(SessionEnd::error(to, &e)),
-                };
-            }
+            Ok(0) => return finish(writer, to).await,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // Nothing to read: a small buffer goes back to the allocator until the
@@ -280,6 +280,16 @@ where
         shared.transfer.count(upload, n as u64);
         sent += n as u64;
         if n == buf.len() && buf.len() < MAX_BUF.min(chunk_cap) {
+            if rate == 0 && buf.len() >= SPLICE_AFTER_FULL_READ {
+                // A bulk stream: splice(2) from here on, if a pipe can be had.
+                match Pipe::new() {
+                    Ok(pipe) => {
+                        drop(buf);
+                        return spliced(reader, writer, dir, shared, stop, pipe).await;
+                    }
+                    Err(e) => debug!(error = %e, "no pipe for splice(2); copying through a buffer"),
+                }
+            }
             buf.resize((buf.len() * 4).min(MAX_BUF), 0);
         }
         if rate > 0 {
@@ -289,6 +299,65 @@ where
                 tokio::time::sleep(due - elapsed).await;
             }
         }
+    }
+}
+
+/// The rest of an unpaced direction through a pipe with splice(2): no userspace buffer.
+async fn spliced(
+    reader: &ReadHalf<'_>,
+    writer: &mut WriteHalf<'_>,
+    dir: Dir,
+    shared: &Shared<'_>,
+    stop: Option<&CancellationToken>,
+    mut pipe: Pipe,
+) -> Result<Pumped, SessionEnd> {
+    let Dir {
+        upload, from, to, ..
+    } = dir;
+    let src = reader.as_ref();
+    let dst = writer.as_ref();
+    loop {
+        // The pipe is empty here: a clean point to stop at.
+        if stop.is_some_and(CancellationToken::is_cancelled) {
+            return Ok(Pumped::Stopped);
+        }
+        let n = match src.try_io(Interest::READABLE, || pipe.fill(src.as_raw_fd())) {
+            Ok(0) => return finish(writer, to).await,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !ready(reader, stop)
+                    .await
+                    .map_err(|e| SessionEnd::error(from, &e))?
+                {
+                    return Ok(Pumped::Stopped);
+                }
+                continue;
+            }
+            Err(e) => return Err(SessionEnd::error(from, &e)),
+        };
+        touch(&shared.last_activity, shared.start);
+        while !pipe.is_empty() {
+            match dst.try_io(Interest::WRITABLE, || pipe.drain(dst.as_raw_fd())) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    dst.writable()
+                        .await
+                        .map_err(|e| SessionEnd::error(to, &e))?;
+                }
+                Err(e) => return Err(SessionEnd::error(to, &e)),
+            }
+        }
+        touch(&shared.last_activity, shared.start);
+        shared.transfer.count(upload, n as u64);
+    }
+}
+
+/// The source's EOF: pass the FIN on and keep the other direction running.
+async fn finish(writer: &mut WriteHalf<'_>, to: Side) -> Result<Pumped, SessionEnd> {
+    match writer.shutdown().await {
+        Ok(()) => Ok(Pumped::Finished),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(Pumped::Finished),
+        Err(e) => Err(SessionEnd::error(to, &e)),
     }
 }
 

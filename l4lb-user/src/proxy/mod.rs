@@ -4,6 +4,7 @@
 pub mod access;
 pub mod connect;
 pub mod copy;
+pub mod pipe;
 pub mod promotion;
 pub mod proxy_protocol;
 pub mod tcp;

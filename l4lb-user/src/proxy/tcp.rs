@@ -314,6 +314,8 @@ async fn forward(
                 CopyEnd::Ended(end) => {
                     let reason = if decision.deferred {
                         CopyReason::Bulk
+                    } else if stop.is_cancelled() {
+                        CopyReason::HalfClosed
                     } else {
                         CopyReason::Short
                     };
