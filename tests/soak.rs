@@ -280,6 +280,9 @@ fn config(
         r#"
 [global]
 splice = "{kernel}"
+# Soak sessions are short: earlier promotion moves many of them mid-stream.
+splice_after_bytes = "32k"
+splice_after_time = "100ms"
 access_log = "{log}"
 access_log_format = "json"
 max_connections = 4000
