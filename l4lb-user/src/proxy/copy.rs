@@ -203,15 +203,20 @@ pub async fn idle(last_activity: &AtomicU64, start: Instant, timeout: Duration) 
 }
 
 /// Waits for `reader` to be readable; false when `stop` came first.
-async fn ready(reader: &ReadHalf<'_>, stop: Option<&CancellationToken>) -> io::Result<bool> {
-    match stop {
+async fn ready(
+    reader: &ReadHalf<'_>,
+    stop: Option<&CancellationToken>,
+    from: Side,
+) -> Result<bool, SessionEnd> {
+    let r = match stop {
         None => reader.readable().await.map(|()| true),
         Some(stop) => tokio::select! {
             biased;
             () = stop.cancelled() => Ok(false),
             r = reader.readable() => r.map(|()| true),
         },
-    }
+    };
+    r.map_err(|e| SessionEnd::error(from, &e))
 }
 
 async fn pump(
@@ -244,10 +249,7 @@ async fn pump(
             return Ok(Pumped::Stopped);
         }
         if buf.is_empty() {
-            if !ready(reader, stop)
-                .await
-                .map_err(|e| SessionEnd::error(from, &e))?
-            {
+            if !ready(reader, stop, from).await? {
                 return Ok(Pumped::Stopped);
             }
             buf = vec![0u8; INITIAL_BUF];
@@ -261,10 +263,7 @@ async fn pump(
                 // next readiness; a grown one (a bulk stream) is kept.
                 if buf.len() <= INITIAL_BUF {
                     buf = Vec::new();
-                } else if !ready(reader, stop)
-                    .await
-                    .map_err(|e| SessionEnd::error(from, &e))?
-                {
+                } else if !ready(reader, stop, from).await? {
                     return Ok(Pumped::Stopped);
                 }
                 continue;
@@ -325,10 +324,7 @@ async fn spliced(
             Ok(0) => return finish(writer, to).await,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if !ready(reader, stop)
-                    .await
-                    .map_err(|e| SessionEnd::error(from, &e))?
-                {
+                if !ready(reader, stop, from).await? {
                     return Ok(Pumped::Stopped);
                 }
                 continue;

@@ -47,7 +47,11 @@ impl Pipe {
 
     /// Moves what `src` has (up to the pipe's room) into the pipe; 0 at EOF.
     pub fn fill(&mut self, src: RawFd) -> io::Result<usize> {
-        let n = splice(src, self.write.as_raw_fd(), PIPE_SIZE - self.held)?;
+        let n = splice(
+            src,
+            self.write.as_raw_fd(),
+            PIPE_SIZE.saturating_sub(self.held),
+        )?;
         self.held += n;
         Ok(n)
     }
@@ -55,7 +59,7 @@ impl Pipe {
     /// Moves what the pipe holds into `dst`, as much as it takes.
     pub fn drain(&mut self, dst: RawFd) -> io::Result<usize> {
         let n = splice(self.read.as_raw_fd(), dst, self.held)?;
-        self.held -= n;
+        self.held = self.held.saturating_sub(n);
         Ok(n)
     }
 }

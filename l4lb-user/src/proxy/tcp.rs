@@ -336,7 +336,7 @@ async fn forward(
             let reason = reason.unwrap_or(CopyReason::KernelUnavailable);
             let before = transfer.total();
             let end = copy_to_end(&mut client, &mut backend, limits, transfer).await;
-            metrics::add_bytes(0, transfer.total() - before);
+            metrics::add_bytes(0, transfer.total().saturating_sub(before));
             (end, Path::Copy(reason))
         }
     };
@@ -396,7 +396,7 @@ async fn in_kernel(
                 (Ok(mut c), Ok(mut b)) => {
                     let before = transfer.total();
                     let end = copy_to_end(&mut c, &mut b, limits, transfer).await;
-                    metrics::add_bytes(0, transfer.total() - before);
+                    metrics::add_bytes(0, transfer.total().saturating_sub(before));
                     end
                 }
                 (Err(e), _) | (_, Err(e)) => SessionEnd::Error(Side::Client, e.to_string()),
