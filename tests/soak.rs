@@ -719,10 +719,22 @@ async fn soak_under_churn_and_faults() {
             "no session moved into the kernel"
         );
     }
+    // The daemon's warnings from the same moments say why, e.g. a failed connect.
+    let warnings: Vec<String> = if t.unexplained.is_empty() {
+        Vec::new()
+    } else {
+        d.log()
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .take(40)
+            .map(str::to_string)
+            .collect()
+    };
     assert!(
         t.unexplained.is_empty(),
-        "sessions that ended for no accounted reason:\n{:#?}",
-        &t.unexplained[..t.unexplained.len().min(10)]
+        "sessions that ended for no accounted reason:\n{:#?}\ndaemon warnings:\n{}",
+        &t.unexplained[..t.unexplained.len().min(10)],
+        warnings.join("\n")
     );
     assert_eq!(
         ended,
