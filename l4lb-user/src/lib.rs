@@ -20,5 +20,6 @@ pub mod panic;
 mod proxy;
 mod runtime;
 mod splice;
+pub mod upgrade;
 mod upstream;
 mod xdp;

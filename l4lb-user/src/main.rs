@@ -1,7 +1,7 @@
 //! l4lb: a layer-4 (TCP/UDP) load balancer with nginx stream semantics whose
 //! established TCP sessions are spliced in the kernel by eBPF.
 
-use l4lb::{config, daemon, import_nginx, logging, panic};
+use l4lb::{config, daemon, import_nginx, logging, panic, upgrade};
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -85,6 +85,21 @@ fn check_cmd(config: &Path) -> ExitCode {
 }
 
 fn run_cmd(path: &Path) -> ExitCode {
+    // Before any thread starts: it edits the environment.
+    let predecessor = match upgrade::wire::inherited_fd() {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("l4lb: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let exe = match upgrade::Exe::current() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("l4lb: cannot read this binary's path: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = match config::load(path) {
         Ok(c) => c,
         Err(errors) => {
@@ -112,7 +127,7 @@ fn run_cmd(path: &Path) -> ExitCode {
         }
     };
     let result = rt.block_on(async {
-        let daemon = daemon::Daemon::start(path, config, access_log).await?;
+        let daemon = daemon::Daemon::start(path, config, access_log, exe, predecessor).await?;
         daemon.run().await
     });
     match result {

@@ -11,6 +11,12 @@ pub fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
+/// This process replaced the service's main process (binary upgrade); the unit needs
+/// `NotifyAccess=all` for the manager to hear it from a process it did not start.
+pub fn main_pid(pid: u32) {
+    send(&[NotifyState::MainPid(pid)]);
+}
+
 /// A reload began. MONOTONIC_USEC is what `Type=notify-reload` (systemd 253+) matches
 /// the reload by; plain `Type=notify` ignores it.
 pub fn reloading() {

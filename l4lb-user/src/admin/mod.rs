@@ -6,6 +6,7 @@ mod json;
 pub mod show;
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -71,7 +72,9 @@ fn show_text(upstreams: &Upstreams, q: ShowQuery) -> (StatusCode, String) {
 
 /// The running admin API listener.
 pub struct AdminServer {
-    listen: SocketAddr,
+    pub listen: SocketAddr,
+    /// A duplicate of the listening socket, for a binary upgrade to pass on.
+    pub socket: OwnedFd,
     state: Arc<api::AdminState>,
     stop: CancellationToken,
 }
@@ -82,10 +85,19 @@ impl AdminServer {
         upstreams: Arc<Upstreams>,
         board: Arc<Board>,
         registry: Arc<Registry>,
+        inherited: Option<OwnedFd>,
     ) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(cfg.listen)
-            .await
-            .with_context(|| format!("cannot listen on {} for the admin API", cfg.listen))?;
+        let listener = match inherited {
+            Some(fd) => {
+                let std = std::net::TcpListener::from(fd);
+                std.set_nonblocking(true)?;
+                TcpListener::from_std(std)?
+            }
+            None => TcpListener::bind(cfg.listen)
+                .await
+                .with_context(|| format!("cannot listen on {} for the admin API", cfg.listen))?,
+        };
+        let socket = listener.as_fd().try_clone_to_owned()?;
         let state = Arc::new(api::AdminState::new(
             upstreams,
             board,
@@ -106,6 +118,7 @@ impl AdminServer {
         info!(listen = %cfg.listen, changes_enabled = cfg.token.is_some(), "admin API listening");
         Ok(AdminServer {
             listen: cfg.listen,
+            socket,
             state,
             stop,
         })
@@ -130,7 +143,7 @@ impl AdminServer {
         let upstreams = Arc::clone(&self.state.upstreams);
         let board = Arc::clone(&self.state.board);
         let registry = Arc::clone(&self.state.registry);
-        match AdminServer::start(cfg, upstreams, board, registry).await {
+        match AdminServer::start(cfg, upstreams, board, registry, None).await {
             Ok(next) => {
                 self.stop();
                 Some(next)

@@ -53,6 +53,8 @@ pub struct Global {
     pub worker_shutdown_timeout: Duration,
     /// Interface whose XDP hook enforces the listeners' deny rules.
     pub xdp_interface: Option<String>,
+    /// Where the process writes its pid, rewritten by a binary upgrade (nginx's `pid`).
+    pub pid_file: Option<PathBuf>,
 }
 
 /// When a TCP session moves from the copy path into the kernel: once it has moved
@@ -201,7 +203,7 @@ pub enum Balance {
 }
 
 /// One backend as configured (or discovered): its identity is `addr`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ServerSpec {
     /// As written (`host:port`), for logs and `upstream_show`.
     pub name: String,
@@ -591,6 +593,7 @@ impl Validator<'_> {
                 .worker_shutdown_timeout
                 .map_or(Duration::from_secs(30), |d| d.0),
             xdp_interface: raw.xdp_interface,
+            pid_file: raw.pid_file.map(PathBuf::from),
         }
     }
 

@@ -20,6 +20,7 @@ pub struct RawGlobal {
     pub worker_shutdown_timeout: Option<NgxDuration>,
     /// Enforce `access` deny rules in XDP on this interface.
     pub xdp_interface: Option<String>,
+    pub pid_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,7 +171,7 @@ pub enum BalanceKind {
     Random,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Protocol {
     #[default]

@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Where a server stands with active checks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[repr(u8)]
 pub enum Status {
@@ -50,7 +50,7 @@ pub enum Outcome {
 }
 
 /// What the last check found, for `upstream_show`, the JSON API and metrics.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LastCheck {
     pub ok: bool,
     /// "ok", or why the check failed.
@@ -80,8 +80,8 @@ pub struct ActiveHealth {
     detail: Mutex<Detail>,
 }
 
-/// A copy of the state for the views.
-#[derive(Clone, Debug, Serialize)]
+/// A copy of the state for the views and for a binary upgrade.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
     pub status: Status,
     pub consecutive_fails: u32,
@@ -178,6 +178,16 @@ impl ActiveHealth {
             checks: d.checks,
             last: d.last.clone(),
         }
+    }
+
+    /// Takes over what another process's checks found (binary upgrade).
+    pub fn restore(&self, saved: &Report) {
+        let mut d = self.lock();
+        d.consecutive_fails = saved.consecutive_fails;
+        d.consecutive_passes = saved.consecutive_passes;
+        d.checks = saved.checks;
+        d.last = saved.last.clone();
+        self.status.store(saved.status as u8, Ordering::Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Detail> {

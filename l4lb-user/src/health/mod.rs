@@ -28,6 +28,14 @@ struct FailWindow {
     unavailable_until: Option<Instant>,
 }
 
+/// A failure window carried across a binary upgrade.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SavedWindow {
+    pub fails: u32,
+    pub window_age_ms: Option<u64>,
+    pub unavailable_for_ms: Option<u64>,
+}
+
 /// What a recorded failure did to the server.
 #[derive(Debug, PartialEq, Eq)]
 pub enum FailOutcome {
@@ -74,6 +82,30 @@ impl PassiveHealth {
 
     pub fn fails(&self) -> u32 {
         self.lock().fails
+    }
+
+    /// The failure window as times relative to `now`, for a binary upgrade.
+    pub fn save(&self, now: Instant) -> SavedWindow {
+        let w = self.lock();
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        SavedWindow {
+            fails: w.fails,
+            window_age_ms: w.window_start.map(|t| ms(now.saturating_duration_since(t))),
+            unavailable_for_ms: w
+                .unavailable_until
+                .map(|t| ms(t.saturating_duration_since(now))),
+        }
+    }
+
+    pub fn restore(&self, saved: &SavedWindow, now: Instant) {
+        let mut w = self.lock();
+        w.fails = saved.fails;
+        w.window_start = saved
+            .window_age_ms
+            .and_then(|ms| now.checked_sub(Duration::from_millis(ms)));
+        w.unavailable_until = saved
+            .unavailable_for_ms
+            .and_then(|ms| now.checked_add(Duration::from_millis(ms)));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, FailWindow> {

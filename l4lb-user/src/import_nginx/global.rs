@@ -9,7 +9,7 @@ use super::values::{duration, single};
 fn main_ignored(name: &str) -> Option<&'static str> {
     Some(match name {
         "user" => "l4lb runs as the user that starts it (set User= in its service unit)",
-        "pid" => "l4lb writes no pid file; its service manager tracks the process",
+        "pid" => "set [global] pid_file if scripts read the pid; a service manager tracks the process without one",
         "worker_rlimit_nofile" => {
             "l4lb keeps the open-file limit it is started with (LimitNOFILE= in systemd, ulimit -n)"
         }

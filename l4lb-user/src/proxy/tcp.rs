@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -21,7 +21,9 @@ use crate::config::{ServerConfig, SpliceMode};
 use crate::metrics::{self, CopyReason, METRICS};
 use crate::panic;
 use crate::runtime::DataPath;
+use crate::runtime::Parked;
 use crate::splice::{KernelEnd, Path, Splicer};
+use crate::upgrade::wire;
 use crate::upstream::Lease;
 
 /// How often an accept error (fd exhaustion, ...) is logged while it persists.
@@ -61,7 +63,17 @@ pub async fn serve(
                 let ctx = ctx.load_full();
                 ctx.metrics.accepted.inc();
                 let dp2 = Arc::clone(&dp);
-                dp.sessions.spawn(session(ctx, dp2, client, peer, permit));
+                let start = Start::Accepted(client);
+                let transfer = Transfer::default();
+                dp.sessions.spawn(session(
+                    ctx,
+                    dp2,
+                    start,
+                    peer,
+                    permit,
+                    Instant::now(),
+                    transfer,
+                ));
                 // Let it start before the next accept: tokio runs the newest task
                 // first, so two clients accepted together would otherwise reach their
                 // backend in reverse order, which clients that open several connections
@@ -98,24 +110,145 @@ fn copy_reason(server: &ServerConfig, dp: &DataPath) -> Option<CopyReason> {
     }
 }
 
+/// How a session begins: accepted here, or handed over by the process this one
+/// replaced (binary upgrade), at a clean point and with its backend connected.
+enum Start {
+    Accepted(TcpStream),
+    Adopted {
+        client: TcpStream,
+        established: Established,
+        kernel: bool,
+    },
+}
+
+/// A session another process handed over.
+pub struct Adopted {
+    pub session: wire::TcpSession,
+    pub client: TcpStream,
+    pub backend: TcpStream,
+}
+
+/// A handed-over session, ready to run here once the old process let go of it.
+pub struct Pending {
+    ctx: Arc<ListenerCtx>,
+    dp: Arc<DataPath>,
+    start: Start,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    started: Instant,
+    transfer: Transfer,
+}
+
+impl Pending {
+    pub fn start(self) {
+        let Pending {
+            ctx,
+            dp,
+            start,
+            peer,
+            permit,
+            started,
+            transfer,
+        } = self;
+        let dp2 = Arc::clone(&dp);
+        dp.sessions
+            .spawn(session(ctx, dp2, start, peer, permit, started, transfer));
+    }
+}
+
+/// Prepares a handed-over session under this process's listener settings. Refused
+/// (the old process keeps it) when there is no room or no upstream for it here.
+pub fn adopt(
+    ctx: Arc<ListenerCtx>,
+    dp: &Arc<DataPath>,
+    adopted: Adopted,
+) -> Result<Pending, String> {
+    let Adopted {
+        session: s,
+        client,
+        backend,
+    } = adopted;
+    let permit = Arc::clone(&dp.conn_limit)
+        .try_acquire_owned()
+        .map_err(|_| "max_connections reached".to_string())?;
+    let upstream = ctx
+        .upstream
+        .as_ref()
+        .ok_or_else(|| format!("listener {} has no upstream here", s.listen))?;
+    let lease = upstream.lease_for(s.server);
+    let slot = match ctx.server.limit_conn {
+        0 => None,
+        limit => ctx.conn_limits.try_acquire(s.client.ip(), limit),
+    };
+    let transfer = Transfer::default();
+    transfer.upload.store(s.upload, Ordering::Relaxed);
+    transfer.download.store(s.download, Ordering::Relaxed);
+    let started = Instant::now()
+        .checked_sub(Duration::from_millis(s.age_ms))
+        .unwrap_or_else(Instant::now);
+    Ok(Pending {
+        ctx,
+        dp: Arc::clone(dp),
+        start: Start::Adopted {
+            client,
+            established: Established {
+                backend,
+                lease,
+                _slot: slot,
+                early_bytes: 0,
+            },
+            kernel: s.kernel,
+        },
+        peer: s.client,
+        permit,
+        started,
+        transfer,
+    })
+}
+
 async fn session(
     ctx: Arc<ListenerCtx>,
     dp: Arc<DataPath>,
-    client: TcpStream,
+    start: Start,
     peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
+    started: Instant,
+    transfer: Transfer,
 ) {
     ctx.metrics.active.inc();
-    let started = Instant::now();
     let server = &ctx.server;
-    let transfer = Transfer::default();
     // The client as the session knows it: a PROXY header from a balancer may name it.
     let mut peer = peer;
+    let run = async {
+        match start {
+            Start::Accepted(client) => {
+                proxy(&ctx, &dp, client, &mut peer, &transfer, started).await
+            }
+            Start::Adopted {
+                client,
+                established,
+                kernel,
+            } => {
+                let at = Forwarding {
+                    ctx: &ctx,
+                    dp: &dp,
+                    peer,
+                    started,
+                    kernel,
+                };
+                caught_forward(at, client, established, &transfer).await
+            }
+        }
+    };
     let outcome = tokio::select! {
-        o = proxy(&ctx, &dp, client, &mut peer, &transfer) => o,
+        o = run => o,
         () = dp.shutdown.cancelled() => Outcome::ended(None, SessionEnd::Shutdown),
     };
     ctx.metrics.active.dec();
+    if outcome.handed_over {
+        // The new process counts and logs it when it ends.
+        return;
+    }
     ctx.metrics
         .session_seconds
         .observe(started.elapsed().as_secs_f64());
@@ -144,6 +277,8 @@ struct Outcome {
     backend: Option<SocketAddr>,
     end: String,
     path: Option<Path>,
+    /// The session went on in a new process (binary upgrade).
+    handed_over: bool,
 }
 
 impl Outcome {
@@ -152,6 +287,7 @@ impl Outcome {
             backend,
             end: end.to_string(),
             path: None,
+            handed_over: false,
         }
     }
 }
@@ -166,6 +302,7 @@ async fn proxy(
     mut client: TcpStream,
     peer: &mut SocketAddr,
     transfer: &Transfer,
+    started: Instant,
 ) -> Outcome {
     let listen = &ctx.server.listen;
     let established = match panic::catch(establish(ctx, &mut client, peer)).await {
@@ -182,8 +319,25 @@ async fn proxy(
             return Outcome::ended(None, SessionEnd::Panic);
         }
     };
+    let at = Forwarding {
+        ctx,
+        dp,
+        peer: *peer,
+        started,
+        kernel: false,
+    };
+    caught_forward(at, client, established, transfer).await
+}
+
+async fn caught_forward(
+    at: Forwarding<'_>,
+    client: TcpStream,
+    established: Established,
+    transfer: &Transfer,
+) -> Outcome {
     let backend_addr = established.lease.spec.addr;
-    match panic::catch(forward(ctx, dp, client, established, transfer)).await {
+    let (peer, listen) = (at.peer, at.ctx.server.listen);
+    match panic::catch(forward(at, client, established, transfer)).await {
         Ok(outcome) => outcome,
         Err(panicked) => {
             METRICS.session_panics.inc();
@@ -274,12 +428,33 @@ async fn establish(
     })
 }
 
+/// Where a session is forwarded from, and what parking it for an upgrade needs.
+struct Forwarding<'a> {
+    ctx: &'a ListenerCtx,
+    dp: &'a DataPath,
+    peer: SocketAddr,
+    /// When the session was accepted (in the old process, for a handed-over one).
+    started: Instant,
+    /// Start on the kernel path (a handed-over session that was there).
+    kernel: bool,
+}
+
+/// The stretch of a session being forwarded.
+#[derive(Clone, Copy)]
+enum Stage {
+    /// The copy path; `promote` when the session may move into the kernel.
+    Copy {
+        promote: bool,
+    },
+    Kernel,
+}
+
 /// Forwards the connected pair: on the copy path, moved into the kernel once the
-/// session earns it (see `promotion`), and back to the copy path if it has to leave.
-/// The session owns its sockets and counts; the two paths are tools it hands them to.
+/// session earns it (see `promotion`), back to the copy path if it has to leave, and
+/// to a new process at a clean point during a binary upgrade. The session owns its
+/// sockets and counts; the paths are tools it hands them to.
 async fn forward(
-    ctx: &ListenerCtx,
-    dp: &DataPath,
+    at: Forwarding<'_>,
     mut client: TcpStream,
     established: Established,
     transfer: &Transfer,
@@ -290,59 +465,110 @@ async fn forward(
         _slot,
         early_bytes,
     } = established;
+    let (ctx, dp) = (at.ctx, at.dp);
     let server = &ctx.server;
     let limits = CopyLimits {
         idle_timeout: server.proxy_timeout,
         upload_rate: server.proxy_upload_rate,
         download_rate: server.proxy_download_rate,
     };
-    let (end, path) = match (copy_reason(server, dp), dp.splicer.as_ref()) {
-        (None, Some(splicer)) => {
-            let started = tokio::time::Instant::now();
-            let stop = CancellationToken::new();
-            let mut decision = Decision::default();
-            let copied = if promotion::at_once(server.splice_after) {
-                CopyEnd::Stopped
-            } else {
-                let copying = copy(&mut client, &mut backend, limits, transfer, Some(&stop));
-                tokio::pin!(copying);
-                tokio::select! {
-                    end = &mut copying => end,
-                    () = promotion::due(server.splice_after, transfer, started, &mut decision) => {
-                        stop.cancel();
-                        copying.await
-                    }
-                }
-            };
-            metrics::add_bytes(0, transfer.total());
-            match copied {
-                CopyEnd::Ended(end) => {
-                    let reason = if decision.deferred {
-                        CopyReason::Bulk
-                    } else if stop.is_cancelled() {
-                        CopyReason::HalfClosed
-                    } else {
-                        CopyReason::Short
-                    };
-                    (end, Path::Copy(reason))
-                }
-                CopyEnd::Stopped => {
-                    METRICS.promotions.observe(started.elapsed().as_secs_f64());
-                    in_kernel(splicer, client, backend, limits, transfer).await
-                }
-            }
-        }
-        (reason, _) => {
-            let reason = reason.unwrap_or(CopyReason::KernelUnavailable);
-            let before = transfer.total();
-            let end = copy_to_end(&mut client, &mut backend, limits, transfer).await;
-            metrics::add_bytes(0, transfer.total().saturating_sub(before));
-            (end, Path::Copy(reason))
-        }
-    };
     // The paths count from zero; bytes sent on with the PROXY header come first.
     transfer.upload.fetch_add(early_bytes, Ordering::Relaxed);
     metrics::add_bytes(0, early_bytes);
+    let fallback = copy_reason(server, dp);
+    let splicer = dp.splicer.as_ref().filter(|_| fallback.is_none());
+    let mut stage = match splicer {
+        Some(_) if at.kernel || promotion::at_once(server.splice_after) => Stage::Kernel,
+        Some(_) => Stage::Copy { promote: true },
+        None => Stage::Copy { promote: false },
+    };
+    let promote_from = tokio::time::Instant::from_std(if at.kernel {
+        at.started
+    } else {
+        Instant::now()
+    });
+    let mut decision = Decision::default();
+    let mut left: Option<CopyReason> = None;
+    let (end, path) = loop {
+        let handover = dp.handover.token();
+        match (stage, splicer) {
+            (Stage::Kernel, Some(splicer)) => {
+                match in_kernel(splicer, client, backend, limits, transfer, &handover).await {
+                    KernelStretch::Done(end, path) => break (end, path),
+                    KernelStretch::Left(c, b, reason) => {
+                        (client, backend) = (c, b);
+                        left = Some(reason);
+                        stage = Stage::Copy { promote: false };
+                    }
+                    KernelStretch::Handover(c, b) => {
+                        match park(&at, &lease, transfer, true, c, b).await {
+                            Ok(()) => return Outcome::handed_over(lease.spec.addr),
+                            Err((c, b)) => (client, backend) = (c, b),
+                        }
+                    }
+                }
+            }
+            (Stage::Kernel, None) => stage = Stage::Copy { promote: false },
+            (Stage::Copy { promote }, _) => {
+                let stop = CancellationToken::new();
+                let mut handing = false;
+                let before = transfer.total();
+                let copied = {
+                    let copying = copy(&mut client, &mut backend, limits, transfer, Some(&stop));
+                    tokio::pin!(copying);
+                    let due = async {
+                        if promote {
+                            promotion::due(
+                                server.splice_after,
+                                transfer,
+                                promote_from,
+                                &mut decision,
+                            )
+                            .await;
+                        } else {
+                            std::future::pending::<()>().await;
+                        }
+                    };
+                    tokio::select! {
+                        end = &mut copying => end,
+                        () = due => {
+                            stop.cancel();
+                            copying.await
+                        }
+                        () = handover.cancelled() => {
+                            handing = true;
+                            stop.cancel();
+                            copying.await
+                        }
+                    }
+                };
+                metrics::add_bytes(0, transfer.total().saturating_sub(before));
+                match copied {
+                    CopyEnd::Ended(end) => {
+                        let reason = match (left, fallback) {
+                            (Some(r), _) | (None, Some(r)) => r,
+                            (None, None) if decision.deferred => CopyReason::Bulk,
+                            (None, None) if stop.is_cancelled() => CopyReason::HalfClosed,
+                            (None, None) => CopyReason::Short,
+                        };
+                        break (end, Path::Copy(reason));
+                    }
+                    CopyEnd::Stopped if handing => {
+                        match park(&at, &lease, transfer, false, client, backend).await {
+                            Ok(()) => return Outcome::handed_over(lease.spec.addr),
+                            Err((c, b)) => (client, backend) = (c, b),
+                        }
+                    }
+                    CopyEnd::Stopped => {
+                        METRICS
+                            .promotions
+                            .observe(promote_from.elapsed().as_secs_f64());
+                        stage = Stage::Kernel;
+                    }
+                }
+            }
+        }
+    };
     lease.add_bytes(transfer.upload(), transfer.download());
     let backend_addr = Some(lease.spec.addr);
     drop(lease);
@@ -350,38 +576,123 @@ async fn forward(
         backend: backend_addr,
         end: end.to_string(),
         path: Some(path),
+        handed_over: false,
     }
 }
 
-/// The kernel stretch of a session, and the copy path after it if it has to leave.
+impl Outcome {
+    fn handed_over(backend: SocketAddr) -> Self {
+        Outcome {
+            handed_over: true,
+            ..Outcome::ended(Some(backend), SessionEnd::Shutdown)
+        }
+    }
+}
+
+/// Offers the session to a running binary upgrade; `Err` gives the sockets back when
+/// it stays here (no upgrade runs, or the new process did not take it).
+async fn park(
+    at: &Forwarding<'_>,
+    lease: &Lease,
+    transfer: &Transfer,
+    kernel: bool,
+    client: TcpStream,
+    backend: TcpStream,
+) -> Result<(), (TcpStream, TcpStream)> {
+    let (client, backend) = match (client.into_std(), backend.into_std()) {
+        (Ok(c), Ok(b)) => (c, b),
+        // Not reachable for a registered stream; the session cannot go on either way.
+        (Err(e), _) | (_, Err(e)) => {
+            warn!(error = %e, "session cannot leave the runtime for the upgrade");
+            return Ok(());
+        }
+    };
+    let (back, answer) = oneshot::channel();
+    let parked = Parked {
+        session: wire::TcpSession {
+            listen: at.ctx.server.listen,
+            client: at.peer,
+            server: lease.spec.addr,
+            age_ms: u64::try_from(at.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            upload: transfer.upload(),
+            download: transfer.download(),
+            kernel,
+        },
+        client,
+        backend,
+        back,
+    };
+    let returned = match at.dp.handover.park(parked) {
+        Ok(()) => match answer.await {
+            Ok(None) => return Ok(()),
+            Ok(Some(socks)) => socks,
+            // The upgrade dropped the session without answering: it kept the sockets.
+            Err(_) => return Ok(()),
+        },
+        Err(p) => (p.client, p.backend),
+    };
+    match (
+        TcpStream::from_std(returned.0),
+        TcpStream::from_std(returned.1),
+    ) {
+        (Ok(c), Ok(b)) => Err((c, b)),
+        (Err(e), _) | (_, Err(e)) => {
+            warn!(error = %e, "session cannot rejoin the runtime after the upgrade");
+            Ok(())
+        }
+    }
+}
+
+/// How a session's kernel stretch ended.
+enum KernelStretch {
+    Done(SessionEnd, Path),
+    /// It left the kernel; the copy path continues it.
+    Left(TcpStream, TcpStream, CopyReason),
+    /// It left the kernel for a binary upgrade.
+    Handover(TcpStream, TcpStream),
+}
+
+/// The kernel stretch of a session.
 async fn in_kernel(
     splicer: &Splicer,
     client: TcpStream,
     backend: TcpStream,
     limits: CopyLimits,
     transfer: &Transfer,
-) -> (SessionEnd, Path) {
+    handover: &CancellationToken,
+) -> KernelStretch {
     // The kernel counts from the insert; its bytes join the session's afterwards.
     let kernel = Transfer::default();
-    match splicer.run(client, backend, limits, &kernel).await {
+    let ended = splicer
+        .run(client, backend, limits, &kernel, handover)
+        .await;
+    let userspace = match &ended {
         KernelEnd::Ended {
-            end,
-            path,
-            userspace_bytes,
-        } => {
-            metrics::add_bytes(
-                kernel.total().saturating_sub(userspace_bytes),
-                userspace_bytes,
-            );
-            transfer.add(&kernel);
-            (end, path)
+            userspace_bytes, ..
         }
+        | KernelEnd::Handover {
+            userspace_bytes, ..
+        } => *userspace_bytes,
+        KernelEnd::Left(left) => left.userspace_bytes,
+    };
+    metrics::add_bytes(kernel.total().saturating_sub(userspace), userspace);
+    transfer.add(&kernel);
+    let streams = |c, b| match (TcpStream::from_std(c), TcpStream::from_std(b)) {
+        (Ok(c), Ok(b)) => Ok((c, b)),
+        (Err(e), _) | (_, Err(e)) => Err(KernelStretch::Done(
+            SessionEnd::Error(Side::Client, e.to_string()),
+            Path::Kernel,
+        )),
+    };
+    match ended {
+        KernelEnd::Ended { end, path, .. } => KernelStretch::Done(end, path),
+        KernelEnd::Handover {
+            client, backend, ..
+        } => match streams(client, backend) {
+            Ok((c, b)) => KernelStretch::Handover(c, b),
+            Err(done) => done,
+        },
         KernelEnd::Left(left) => {
-            metrics::add_bytes(
-                kernel.total().saturating_sub(left.userspace_bytes),
-                left.userspace_bytes,
-            );
-            transfer.add(&kernel);
             if left.why.raw_os_error() == Some(libc::EOPNOTSUPP) {
                 // Expected for a client that sent its data and FIN at once, and for a
                 // source that closed while backpressure held it.
@@ -389,34 +700,11 @@ async fn in_kernel(
             } else {
                 warn!(reason = left.reason.as_str(), error = %left.why, "session leaves the kernel path; copying in userspace");
             }
-            let end = match (
-                TcpStream::from_std(left.client),
-                TcpStream::from_std(left.backend),
-            ) {
-                (Ok(mut c), Ok(mut b)) => {
-                    let before = transfer.total();
-                    let end = copy_to_end(&mut c, &mut b, limits, transfer).await;
-                    metrics::add_bytes(0, transfer.total().saturating_sub(before));
-                    end
-                }
-                (Err(e), _) | (_, Err(e)) => SessionEnd::Error(Side::Client, e.to_string()),
-            };
-            (end, Path::Copy(left.reason))
+            match streams(left.client, left.backend) {
+                Ok((c, b)) => KernelStretch::Left(c, b, left.reason),
+                Err(done) => done,
+            }
         }
-    }
-}
-
-/// The copy path with nothing that stops it early.
-async fn copy_to_end(
-    client: &mut TcpStream,
-    backend: &mut TcpStream,
-    limits: CopyLimits,
-    transfer: &Transfer,
-) -> SessionEnd {
-    match copy(client, backend, limits, transfer, None).await {
-        CopyEnd::Ended(end) => end,
-        // Only a cancelled stop token stops it, and there is none.
-        CopyEnd::Stopped => SessionEnd::Closed,
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,15 +20,19 @@ use super::{ListenerCtx, SharedCtx};
 use crate::metrics::METRICS;
 use crate::panic;
 use crate::runtime::DataPath;
+use crate::upgrade::wire;
 use crate::upstream::Lease;
 
 const MAX_DATAGRAM: usize = 65_535;
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
-type Sessions = Arc<Mutex<HashMap<SocketAddr, Arc<UdpSession>>>>;
+/// A listener's sessions by client address. It outlives the listener's tasks, so a
+/// binary upgrade that stops them can hand the sessions over, or resume them here.
+pub type Sessions = Arc<Mutex<HashMap<SocketAddr, Arc<UdpSession>>>>;
 
-struct UdpSession {
+pub struct UdpSession {
     backend: UdpSocket,
+    lease: Lease,
     /// The client's place under `limit_conn`, held while the session lives.
     _slot: Option<ConnSlot>,
     /// A `max_connections` place, as nginx counts UDP sessions in `worker_connections`.
@@ -36,6 +41,8 @@ struct UdpSession {
     /// Milliseconds since `start` of the last datagram either way.
     last_activity: AtomicU64,
     upload: AtomicU64,
+    download: AtomicU64,
+    responses: AtomicU64,
 }
 
 impl UdpSession {
@@ -45,9 +52,16 @@ impl UdpSession {
     }
 }
 
-pub async fn serve(socket: UdpSocket, ctx: SharedCtx, dp: Arc<DataPath>, stop: CancellationToken) {
-    let socket = Arc::new(socket);
-    let sessions: Sessions = Arc::default();
+/// Serves datagrams until `stop` (listener closed: its sessions go on) or `pause`
+/// (binary upgrade: the sessions' reply tasks stop too, and the table keeps them).
+pub async fn serve(
+    socket: Arc<UdpSocket>,
+    sessions: Sessions,
+    ctx: SharedCtx,
+    dp: Arc<DataPath>,
+    stop: CancellationToken,
+    pause: CancellationToken,
+) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut last_error_log: Option<Instant> = None;
     loop {
@@ -63,13 +77,14 @@ pub async fn serve(socket: UdpSocket, ctx: SharedCtx, dp: Arc<DataPath>, stop: C
                 }
             },
             () = stop.cancelled() => return,
+            () = pause.cancelled() => return,
         };
         let existing = lock(&sessions).get(&client).cloned();
         let session = match existing {
             Some(s) => s,
             None => {
                 let current = ctx.load_full();
-                match panic::catch(open(&current, &dp, &socket, &sessions, client)).await {
+                match panic::catch(open(&current, &dp, &socket, &sessions, client, &pause)).await {
                     Ok(Some(s)) => s,
                     Ok(None) => continue,
                     Err(panicked) => {
@@ -113,6 +128,7 @@ async fn open(
     listener: &Arc<UdpSocket>,
     sessions: &Sessions,
     client: SocketAddr,
+    pause: &CancellationToken,
 ) -> Option<Arc<UdpSession>> {
     let server = &ctx.server;
     if !access::allowed(&server.access, client.ip()) {
@@ -159,24 +175,40 @@ async fn open(
     }
     let session = Arc::new(UdpSession {
         backend,
+        lease,
         _slot: slot,
         _permit: permit,
         start: Instant::now(),
         last_activity: AtomicU64::new(0),
         upload: AtomicU64::new(0),
+        download: AtomicU64::new(0),
+        responses: AtomicU64::new(0),
     });
     lock(sessions).insert(client, Arc::clone(&session));
     ctx.metrics.udp_sessions.inc();
+    spawn_replies(ctx, dp, listener, sessions, &session, client, pause);
+    Some(session)
+}
+
+fn spawn_replies(
+    ctx: &Arc<ListenerCtx>,
+    dp: &Arc<DataPath>,
+    listener: &Arc<UdpSocket>,
+    sessions: &Sessions,
+    session: &Arc<UdpSession>,
+    client: SocketAddr,
+    pause: &CancellationToken,
+) {
     let replying = replies(
         Arc::clone(ctx),
         Arc::clone(dp),
         Arc::clone(listener),
         Arc::clone(sessions),
-        Arc::clone(&session),
+        Arc::clone(session),
         client,
-        lease,
+        pause.clone(),
     );
-    let (sessions, this) = (Arc::clone(sessions), Arc::clone(&session));
+    let (sessions, this) = (Arc::clone(sessions), Arc::clone(session));
     dp.sessions.spawn(async move {
         if let Err(panicked) = panic::catch(replying).await {
             METRICS.session_panics.inc();
@@ -184,7 +216,89 @@ async fn open(
             forget(&sessions, client, &this);
         }
     });
-    Some(session)
+}
+
+/// Restarts the reply tasks of every session in `sessions` (after a binary upgrade
+/// handed them over, or did not happen).
+pub fn resume(
+    ctx: &Arc<ListenerCtx>,
+    dp: &Arc<DataPath>,
+    listener: &Arc<UdpSocket>,
+    sessions: &Sessions,
+    pause: &CancellationToken,
+) {
+    let all: Vec<_> = lock(sessions)
+        .iter()
+        .map(|(c, s)| (*c, Arc::clone(s)))
+        .collect();
+    for (client, session) in all {
+        spawn_replies(ctx, dp, listener, sessions, &session, client, pause);
+    }
+}
+
+/// The sessions of a paused listener as a binary upgrade sends them, each with a
+/// duplicate of its backend socket.
+pub fn export(
+    listen: SocketAddr,
+    sessions: &Sessions,
+) -> Vec<(wire::UdpSession, std::io::Result<OwnedFd>)> {
+    lock(sessions)
+        .iter()
+        .map(|(client, s)| {
+            let fd = s.backend.as_fd().try_clone_to_owned();
+            let saved = wire::UdpSession {
+                listen,
+                client: *client,
+                server: s.lease.spec.addr,
+                age_ms: u64::try_from(s.start.elapsed().as_millis()).unwrap_or(u64::MAX),
+                upload: s.upload.load(Ordering::Relaxed),
+                download: s.download.load(Ordering::Relaxed),
+                responses: s.responses.load(Ordering::Relaxed),
+            };
+            (saved, fd)
+        })
+        .collect()
+}
+
+/// Puts a handed-over session into `sessions` (its reply task starts with [`resume`]).
+pub fn adopt(
+    ctx: &ListenerCtx,
+    dp: &DataPath,
+    sessions: &Sessions,
+    saved: &wire::UdpSession,
+    backend: OwnedFd,
+) -> Result<(), String> {
+    let permit = Arc::clone(&dp.conn_limit)
+        .try_acquire_owned()
+        .map_err(|_| "max_connections reached".to_string())?;
+    let upstream = ctx
+        .upstream
+        .as_ref()
+        .ok_or_else(|| format!("listener {} has no upstream here", saved.listen))?;
+    let backend = UdpSocket::from_std(std::net::UdpSocket::from(backend))
+        .map_err(|e| format!("cannot register the backend socket: {e}"))?;
+    let slot = match ctx.server.limit_conn {
+        0 => None,
+        limit => ctx.conn_limits.try_acquire(saved.client.ip(), limit),
+    };
+    let start = Instant::now()
+        .checked_sub(Duration::from_millis(saved.age_ms))
+        .unwrap_or_else(Instant::now);
+    let session = Arc::new(UdpSession {
+        backend,
+        lease: upstream.lease_for(saved.server),
+        _slot: slot,
+        _permit: permit,
+        last_activity: AtomicU64::new(
+            u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+        ),
+        start,
+        upload: AtomicU64::new(saved.upload),
+        download: AtomicU64::new(saved.download),
+        responses: AtomicU64::new(saved.responses),
+    });
+    lock(sessions).insert(saved.client, session);
+    Ok(())
 }
 
 /// Forwards the server's replies to the client until the session ends.
@@ -195,16 +309,15 @@ async fn replies(
     sessions: Sessions,
     session: Arc<UdpSession>,
     client: SocketAddr,
-    lease: Lease,
+    pause: CancellationToken,
 ) {
     let server = &ctx.server;
+    let lease = &session.lease;
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut responses: u64 = 0;
-    let mut download: u64 = 0;
     let end = loop {
         if server
             .proxy_responses
-            .is_some_and(|limit| responses >= limit)
+            .is_some_and(|limit| session.responses.load(Ordering::Relaxed) >= limit)
         {
             break "responses".to_string();
         }
@@ -215,8 +328,8 @@ async fn replies(
                     if let Err(e) = listener.send_to(&buf[..n], client).await {
                         break format!("client_error({e})");
                     }
-                    responses += 1;
-                    download += n as u64;
+                    session.responses.fetch_add(1, Ordering::Relaxed);
+                    session.download.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
                     // ICMP port unreachable surfaces here as ECONNREFUSED.
@@ -228,6 +341,9 @@ async fn replies(
             },
             () = idle(&session.last_activity, session.start, server.proxy_timeout) => break "idle_timeout".to_string(),
             () = dp.shutdown.cancelled() => break "shutdown".to_string(),
+            // A binary upgrade: the session stays in the table, for the new process or
+            // for this one to resume.
+            () = pause.cancelled() => return,
         }
     };
     forget(&sessions, client, &session);
@@ -239,9 +355,9 @@ async fn replies(
             protocol = "udp",
             upstream = server.proxy_pass.as_deref().unwrap_or("-"),
             server = %lease.spec.addr,
-            sent = download,
+            sent = session.download.load(Ordering::Relaxed),
             received = session.upload.load(Ordering::Relaxed),
-            responses,
+            responses = session.responses.load(Ordering::Relaxed),
             duration_ms = session.start.elapsed().as_millis() as u64,
             end = %end,
         );

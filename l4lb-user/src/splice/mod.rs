@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::capabilities;
@@ -66,6 +67,12 @@ pub enum KernelEnd {
     },
     /// The session left the kernel without losing a byte; the copy path continues it.
     Left(Leaving),
+    /// The session left the kernel, without losing a byte, for a binary upgrade.
+    Handover {
+        client: StdTcpStream,
+        backend: StdTcpStream,
+        userspace_bytes: u64,
+    },
 }
 
 /// A session that left the kernel: its sockets and why.
@@ -196,6 +203,7 @@ impl Splicer {
         backend: TcpStream,
         limits: CopyLimits,
         transfer: &Transfer,
+        handover: &CancellationToken,
     ) -> KernelEnd {
         // Out of tokio's reactor: it would wake on every redirected skb.
         let (client, backend) = match (client.into_std(), backend.into_std()) {
@@ -245,8 +253,16 @@ impl Splicer {
                 };
             }
         };
-        match session.splice(rx, limits, transfer).await {
+        match session.splice(rx, limits, transfer, handover).await {
             End::Session(end) => kernel_end(&session, End::Session(end), Path::Kernel),
+            End::Handover => match take_out(session, 0, CopyReason::InsertFailed, transfer).await {
+                Ok((client, backend, userspace_bytes)) => KernelEnd::Handover {
+                    client,
+                    backend,
+                    userspace_bytes,
+                },
+                Err(end) => end,
+            },
             End::Stall(i) => {
                 STATS.watchdog.fetch_add(1, Ordering::Relaxed);
                 warn!(from = %session.socks[i].side, "spliced session stalled; continuing it in userspace");
@@ -288,13 +304,7 @@ async fn leave(
     why: io::Error,
     transfer: &Transfer,
 ) -> KernelEnd {
-    let side = session.socks[i].side;
-    session.detach_flowing().await;
-    if let Err(end) = session.reclaim().await {
-        return kernel_end(&session, end, Path::Copy(reason));
-    }
-    session.publish(transfer);
-    match session.into_streams() {
+    match take_out(session, i, reason, transfer).await {
         Ok((client, backend, userspace_bytes)) => KernelEnd::Left(Leaving {
             client,
             backend,
@@ -302,8 +312,27 @@ async fn leave(
             why,
             userspace_bytes,
         }),
-        Err(e) => KernelEnd::error(side, &e, reason),
+        Err(end) => end,
     }
+}
+
+/// Detaches both sockets and writes out what the daemon holds; `reason` names the
+/// path if the session ends meanwhile.
+async fn take_out(
+    session: Session<'_>,
+    i: usize,
+    reason: CopyReason,
+    transfer: &Transfer,
+) -> Result<(StdTcpStream, StdTcpStream, u64), KernelEnd> {
+    let side = session.socks[i].side;
+    session.detach_flowing().await;
+    if let Err(end) = session.reclaim().await {
+        return Err(kernel_end(&session, end, Path::Copy(reason)));
+    }
+    session.publish(transfer);
+    session
+        .into_streams()
+        .map_err(|e| KernelEnd::error(side, &e, reason))
 }
 
 fn kernel_end(session: &Session<'_>, end: End, path: Path) -> KernelEnd {
@@ -314,6 +343,7 @@ fn kernel_end(session: &Session<'_>, end: End, path: Path) -> KernelEnd {
         End::ClosedWhilePaused(i) => {
             SessionEnd::Error(session.socks[i].side, "closed while paused".into())
         }
+        End::Handover => SessionEnd::Shutdown,
     };
     KernelEnd::Ended {
         end,

@@ -10,6 +10,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::mpsc::{self, UnboundedReceiver};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::maps::Maps;
@@ -36,6 +37,8 @@ pub enum End {
     /// and reading what it holds from userspace made no progress: the session leaves the
     /// kernel.
     ClosedWhilePaused(usize),
+    /// A binary upgrade takes the session to the new process.
+    Handover,
 }
 
 /// An I/O error that ends the session, logged with where it happened.
@@ -469,6 +472,7 @@ impl<'a> Session<'a> {
         rx: [UnboundedReceiver<Event>; 2],
         limits: CopyLimits,
         transfer: &Transfer,
+        handover: &CancellationToken,
     ) -> End {
         let [mut rx0, mut rx1] = rx;
         let both =
@@ -479,6 +483,7 @@ impl<'a> Session<'a> {
                 Err(e) => e,
             },
             e = self.idle(limits.idle_timeout, transfer) => e,
+            () = handover.cancelled() => End::Handover,
         };
         self.publish(transfer);
         end

@@ -18,11 +18,12 @@ use tracing::warn;
 
 use crate::config::{Balance, ServerSpec, UpstreamConfig};
 use crate::health::active::ActiveHealth;
-use crate::health::{FailOutcome, PassiveHealth};
+use crate::health::active::Report;
+use crate::health::{FailOutcome, PassiveHealth, SavedWindow};
 use crate::metrics::{UpstreamLabels, METRICS};
 
 /// Where the current server set of an upstream came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Source {
     Config,
     DumpFile,
@@ -146,6 +147,16 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// A lease on a server no upstream lists any more: its state is its own.
+    pub fn detached(addr: SocketAddr) -> Self {
+        let state = Arc::new(PeerState::default());
+        state.active.fetch_add(1, Ordering::Relaxed);
+        Lease {
+            spec: ServerSpec::new(addr),
+            state,
+        }
+    }
+
     fn new(peer: &Peer) -> Self {
         peer.state.active.fetch_add(1, Ordering::Relaxed);
         peer.state.total.fetch_add(1, Ordering::Relaxed);
@@ -401,6 +412,113 @@ impl Upstreams {
             })
             .collect();
         self.map.store(Arc::new(next));
+    }
+}
+
+/// What a binary upgrade carries of an upstream: its server set and where it came
+/// from, and each server's live state (its active count travels with the sessions).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct UpstreamState {
+    pub name: String,
+    pub source: Source,
+    pub servers: Vec<ServerSpec>,
+    pub peers: Vec<PeerSaved>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct PeerSaved {
+    pub addr: SocketAddr,
+    pub total: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub connect_failures: u64,
+    pub passive: SavedWindow,
+    pub active: Report,
+}
+
+impl Upstream {
+    fn save(&self, now: Instant) -> UpstreamState {
+        let snap = self.snapshot();
+        UpstreamState {
+            name: self.name.clone(),
+            source: snap.source,
+            servers: snap.specs().cloned().collect(),
+            peers: snap
+                .peers
+                .iter()
+                .map(|p| PeerSaved {
+                    addr: p.spec.addr,
+                    total: p.state.total(),
+                    bytes_up: p.state.bytes_up(),
+                    bytes_down: p.state.bytes_down(),
+                    connect_failures: p.state.connect_failures(),
+                    passive: p.state.health.save(now),
+                    active: p.state.checks.report(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Takes over another process's state. The set it learned (discovery, admin API)
+    /// is kept by the rules of a reload: while the upstream still has an upsync source,
+    /// or, for an admin change, no source at all.
+    fn restore(&self, saved: &UpstreamState, now: Instant) {
+        let upsync = self.config().upsync.is_some();
+        let keep = match saved.source {
+            Source::Config => false,
+            Source::Admin => !upsync,
+            _ => upsync,
+        };
+        if keep {
+            self.set_servers(saved.servers.clone(), saved.source);
+        }
+        for peer in &self.snapshot().peers {
+            let Some(s) = saved.peers.iter().find(|s| s.addr == peer.spec.addr) else {
+                continue;
+            };
+            let st = &peer.state;
+            st.total.store(s.total, Ordering::Relaxed);
+            st.bytes_up.store(s.bytes_up, Ordering::Relaxed);
+            st.bytes_down.store(s.bytes_down, Ordering::Relaxed);
+            st.connect_failures
+                .store(s.connect_failures, Ordering::Relaxed);
+            st.health.restore(&s.passive, now);
+            st.checks.restore(&s.active);
+        }
+    }
+
+    /// A lease on the server at `addr` for a session another process opened: counted
+    /// like any other (least_conn continues), or on its own if the server left the set.
+    pub fn lease_for(&self, spec_addr: SocketAddr) -> Lease {
+        let snap = self.snapshot();
+        match snap.peers.iter().find(|p| p.spec.addr == spec_addr) {
+            Some(peer) => {
+                let lease = Lease::new(peer);
+                // Not a new connection: the handed-over total already counts it.
+                peer.state.total.fetch_sub(1, Ordering::Relaxed);
+                lease
+            }
+            None => Lease::detached(spec_addr),
+        }
+    }
+}
+
+impl Upstreams {
+    /// Every upstream's state, for a binary upgrade.
+    pub fn save(&self) -> Vec<UpstreamState> {
+        let now = Instant::now();
+        self.all().values().map(|up| up.save(now)).collect()
+    }
+
+    /// Applies what [`Upstreams::save`] gave in another process to the upstreams of
+    /// the same name (an upstream the new configuration lacks is skipped).
+    pub fn restore(&self, saved: &[UpstreamState]) {
+        let now = Instant::now();
+        for s in saved {
+            if let Some(up) = self.get(&s.name) {
+                up.restore(s, now);
+            }
+        }
     }
 }
 

@@ -1,9 +1,13 @@
 //! The running process: binds listeners, applies reloads as diffs (SIGHUP), drains on
-//! SIGTERM. Established sessions are separate tasks that hold their own snapshot of
-//! their listener's settings, so neither a reload nor a removed listener drops them.
+//! SIGTERM, hands everything to a new binary on SIGUSR2 (`upgrade`). Established
+//! sessions are separate tasks that hold their own snapshot of their listener's
+//! settings, so neither a reload nor a removed listener drops them.
+
+mod upgrade;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -24,11 +28,14 @@ use crate::logging::AccessSink;
 use crate::metrics::ListenerMetrics;
 use crate::notify;
 use crate::proxy::{tcp, udp, ListenerCtx, SharedCtx};
-use crate::runtime::DataPath;
+use crate::runtime::{DataPath, Handover};
 use crate::splice::Splicer;
+use crate::upgrade::wire::{Channel, Msg};
+use crate::upgrade::Exe;
 use crate::upstream::Upstreams;
 use crate::xdp::XdpFilter;
 use prometheus_client::registry::Registry;
+use upgrade::Inherited;
 
 /// Pending connections the kernel queues per listener (nginx's default on Linux is 511).
 const LISTEN_BACKLOG: u32 = 4096;
@@ -36,10 +43,26 @@ const LISTEN_BACKLOG: u32 = 4096;
 struct Listener {
     ctx: SharedCtx,
     stop: CancellationToken,
+    /// A duplicate of the listening socket, for a binary upgrade to pass on.
+    socket: OwnedFd,
+    udp: Option<UdpListener>,
+}
+
+/// What a UDP listener's tasks share, so an upgrade can pause them and hand the
+/// sessions over (or resume them).
+struct UdpListener {
+    socket: Arc<UdpSocket>,
+    sessions: udp::Sessions,
+    pause: CancellationToken,
 }
 
 pub struct Daemon {
     config_path: PathBuf,
+    exe: Exe,
+    /// What the process this one replaced handed over and startup has not used yet.
+    inherited: Inherited,
+    /// To the process this one replaces, until its sessions are here.
+    predecessor: Option<Channel>,
     config: Config,
     upstreams: Arc<Upstreams>,
     dp: Arc<DataPath>,
@@ -92,12 +115,24 @@ fn bind_error(e: std::io::Error, addr: SocketAddr) -> anyhow::Error {
 }
 
 impl Daemon {
+    /// Starts serving `config`. With `predecessor`, this process is the new binary of
+    /// an upgrade: it takes over the listeners and state of the running one.
     pub async fn start(
         config_path: &Path,
         config: Config,
         access_log: Arc<AccessSink>,
+        exe: Exe,
+        predecessor: Option<OwnedFd>,
     ) -> anyhow::Result<Daemon> {
         let splicer = load_splicer(&config)?;
+        let (inherited, predecessor) = match predecessor {
+            Some(fd) => {
+                let mut channel = Channel::new(fd).context("handover channel")?;
+                let inherited = Inherited::receive(&mut channel).await?;
+                (inherited, Some(channel))
+            }
+            None => (Inherited::default(), None),
+        };
         let xdp = match &config.global.xdp_interface {
             Some(interface) => {
                 let filter = XdpFilter::attach(interface, &config.servers)?;
@@ -112,9 +147,11 @@ impl Daemon {
             sessions: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             access_log,
+            handover: Handover::default(),
         });
         let upstreams = Arc::new(Upstreams::default());
         upstreams.apply(&config.upstreams);
+        upstreams.restore(&inherited.upstreams);
         // Sources first: a strong_dependency source that does not answer stops the start
         // before any listener opens.
         let mut discovery = Discovery::default();
@@ -127,6 +164,7 @@ impl Daemon {
             dp.splicer.clone(),
             xdp.clone(),
         ));
+        let mut inherited = inherited;
         let admin = match &config.admin {
             Some(cfg) => Some(
                 AdminServer::start(
@@ -134,6 +172,7 @@ impl Daemon {
                     Arc::clone(&upstreams),
                     discovery.board(),
                     Arc::clone(&registry),
+                    inherited.admin.remove(&cfg.listen),
                 )
                 .await?,
             ),
@@ -141,6 +180,9 @@ impl Daemon {
         };
         let mut daemon = Daemon {
             config_path: config_path.to_path_buf(),
+            exe,
+            inherited,
+            predecessor,
             config: config.clone(),
             upstreams,
             dp,
@@ -155,6 +197,16 @@ impl Daemon {
             daemon.open_listener(server).await.with_context(|| {
                 format!("cannot listen on {} ({:?})", server.listen, server.protocol)
             })?;
+        }
+        // Whatever the new configuration does not listen on closes with the old process.
+        daemon.inherited.listeners.clear();
+        daemon.inherited.udp.clear();
+        match daemon.predecessor.as_mut() {
+            Some(channel) => channel
+                .send(&Msg::Serving, &[])
+                .await
+                .context("cannot tell the running process that this one serves")?,
+            None => daemon.write_pid_file(),
         }
         info!(
             config = %config_path.display(),
@@ -185,18 +237,29 @@ impl Daemon {
     async fn open_listener(&mut self, server: &ServerConfig) -> anyhow::Result<()> {
         let ctx: SharedCtx = Arc::new(ArcSwap::from_pointee(self.ctx_for(server, None)));
         let stop = CancellationToken::new();
-        match server.protocol {
+        let inherited = self.inherited.listeners.remove(&server.key());
+        let (socket, udp) = match server.protocol {
             Protocol::Tcp => {
-                let socket = if server.listen.is_ipv4() {
-                    TcpSocket::new_v4()?
-                } else {
-                    TcpSocket::new_v6()?
+                let listener = match inherited {
+                    Some(fd) => {
+                        let std = std::net::TcpListener::from(fd);
+                        std.set_nonblocking(true)?;
+                        TcpListener::from_std(std)?
+                    }
+                    None => {
+                        let socket = if server.listen.is_ipv4() {
+                            TcpSocket::new_v4()?
+                        } else {
+                            TcpSocket::new_v6()?
+                        };
+                        socket.set_reuseaddr(true)?;
+                        socket
+                            .bind(server.listen)
+                            .map_err(|e| bind_error(e, server.listen))?;
+                        socket.listen(LISTEN_BACKLOG)?
+                    }
                 };
-                socket.set_reuseaddr(true)?;
-                socket
-                    .bind(server.listen)
-                    .map_err(|e| bind_error(e, server.listen))?;
-                let listener: TcpListener = socket.listen(LISTEN_BACKLOG)?;
+                let dup = listener.as_fd().try_clone_to_owned()?;
                 if server.upstream_show {
                     tokio::spawn(crate::admin::serve_upstream_show(
                         listener,
@@ -211,21 +274,71 @@ impl Daemon {
                         stop.clone(),
                     ));
                 }
+                (dup, None)
             }
             Protocol::Udp => {
-                let socket = UdpSocket::bind(server.listen)
-                    .await
-                    .map_err(|e| bind_error(e, server.listen))?;
-                tokio::spawn(udp::serve(
-                    socket,
-                    Arc::clone(&ctx),
-                    Arc::clone(&self.dp),
-                    stop.clone(),
-                ));
+                let socket = match inherited {
+                    Some(fd) => {
+                        let std = std::net::UdpSocket::from(fd);
+                        std.set_nonblocking(true)?;
+                        UdpSocket::from_std(std)?
+                    }
+                    None => UdpSocket::bind(server.listen)
+                        .await
+                        .map_err(|e| bind_error(e, server.listen))?,
+                };
+                let dup = socket.as_fd().try_clone_to_owned()?;
+                let sessions = udp::Sessions::default();
+                let current = ctx.load_full();
+                for (saved, fd) in self
+                    .inherited
+                    .udp
+                    .remove(&server.listen)
+                    .unwrap_or_default()
+                {
+                    if let Err(why) = udp::adopt(&current, &self.dp, &sessions, &saved, fd) {
+                        warn!(client = %saved.client, listen = %server.listen, reason = %why, "udp session not taken over");
+                    }
+                }
+                let udp = UdpListener {
+                    socket: Arc::new(socket),
+                    sessions,
+                    pause: CancellationToken::new(),
+                };
+                self.serve_udp(&ctx, &udp, &stop);
+                (dup, Some(udp))
             }
-        }
-        self.listeners.insert(server.key(), Listener { ctx, stop });
+        };
+        self.listeners.insert(
+            server.key(),
+            Listener {
+                ctx,
+                stop,
+                socket,
+                udp,
+            },
+        );
         Ok(())
+    }
+
+    /// Starts (or, after an upgrade that did not happen, restarts) a UDP listener's
+    /// tasks: its receive loop and its sessions' reply tasks.
+    fn serve_udp(&self, ctx: &SharedCtx, udp: &UdpListener, stop: &CancellationToken) {
+        udp::resume(
+            &ctx.load_full(),
+            &self.dp,
+            &udp.socket,
+            &udp.sessions,
+            &udp.pause,
+        );
+        tokio::spawn(udp::serve(
+            Arc::clone(&udp.socket),
+            Arc::clone(&udp.sessions),
+            Arc::clone(ctx),
+            Arc::clone(&self.dp),
+            stop.clone(),
+            udp.pause.clone(),
+        ));
     }
 
     /// Runs until SIGTERM or SIGINT, reloading on SIGHUP and reopening the access log
@@ -233,14 +346,23 @@ impl Daemon {
     pub async fn run(mut self) -> anyhow::Result<()> {
         let mut hup = signal(SignalKind::hangup())?;
         let mut usr1 = signal(SignalKind::user_defined1())?;
+        let mut usr2 = signal(SignalKind::user_defined2())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        if let Some(channel) = self.predecessor.take() {
+            self.take_sessions(channel).await;
+        }
         // Only now: a SIGHUP before its handler exists would end the process, and a
         // service manager may send one as soon as it sees READY=1.
         notify::ready(&self.status());
         loop {
             tokio::select! {
                 _ = hup.recv() => self.reload().await,
+                _ = usr2.recv() => {
+                    if self.upgrade_on_signal(&mut usr2, &mut hup).await {
+                        break;
+                    }
+                }
                 _ = usr1.recv() => match self.dp.access_log.reopen() {
                     Ok(()) => info!("log files reopened"),
                     Err(e) => error!(error = %e, "cannot reopen the access log; writing to the old file"),
@@ -356,6 +478,7 @@ impl Daemon {
                     Arc::clone(&self.upstreams),
                     self.discovery.board(),
                     Arc::clone(&self.registry),
+                    None,
                 )
                 .await;
                 match started {
@@ -379,6 +502,9 @@ impl Daemon {
         }
         for l in self.listeners.values() {
             l.stop.cancel();
+        }
+        if let Some(path) = &self.config.global.pid_file {
+            crate::upgrade::remove_pid_file(path);
         }
         self.dp.sessions.close();
         info!(sessions = self.dp.sessions.len(), grace = ?grace, "stopping: no new connections, draining sessions");

@@ -1,0 +1,384 @@
+//! The daemon's side of a binary upgrade (see `crate::upgrade` for the protocol): what
+//! the old process sends and the new one takes over.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use tokio::signal::unix::Signal;
+use tracing::{error, info, warn};
+
+use super::Daemon;
+use crate::config::Protocol;
+use crate::proxy::tcp;
+use crate::upgrade::wire::{self, Channel, Msg};
+use crate::upgrade::{self as up, Spawned};
+use crate::upstream::UpstreamState;
+
+/// What the old process sent before the new one opened its listeners.
+#[derive(Default)]
+pub(super) struct Inherited {
+    pub upstreams: Vec<UpstreamState>,
+    pub listeners: HashMap<(Protocol, SocketAddr), OwnedFd>,
+    pub admin: HashMap<SocketAddr, OwnedFd>,
+    pub udp: HashMap<SocketAddr, Vec<(wire::UdpSession, OwnedFd)>>,
+}
+
+/// One descriptor, or an error naming the message that lacked it.
+fn one_fd(fds: Vec<OwnedFd>, what: &str) -> anyhow::Result<OwnedFd> {
+    let n = fds.len();
+    match <[OwnedFd; 1]>::try_from(fds) {
+        Ok([fd]) => Ok(fd),
+        Err(_) => bail!("handover message {what} came with {n} descriptors, not 1"),
+    }
+}
+
+impl Inherited {
+    /// The new process's first steps: hello (its configuration checked out and the
+    /// kernel path loaded), then the state and listeners.
+    pub async fn receive(channel: &mut Channel) -> anyhow::Result<Inherited> {
+        let hello = Msg::Hello {
+            version: wire::VERSION,
+            pid: std::process::id(),
+        };
+        channel.send(&hello, &[]).await?;
+        let mut got = Inherited::default();
+        loop {
+            let (msg, fds) = channel.recv().await?;
+            match msg {
+                Msg::Refused { why } => bail!("the running process refused the upgrade: {why}"),
+                Msg::Upstream(state) => got.upstreams.push(state),
+                Msg::Listener { protocol, listen } => {
+                    let fd = one_fd(fds, "listener")?;
+                    got.listeners.insert((protocol, listen), fd);
+                }
+                Msg::Admin { listen } => {
+                    got.admin.insert(listen, one_fd(fds, "admin")?);
+                }
+                Msg::Udp(session) => {
+                    let fd = one_fd(fds, "udp session")?;
+                    got.udp
+                        .entry(session.listen)
+                        .or_default()
+                        .push((session, fd));
+                }
+                Msg::ListenersDone => break,
+                other => bail!("unexpected handover message before the listeners: {other:?}"),
+            }
+        }
+        info!(
+            listeners = got.listeners.len(),
+            upstreams = got.upstreams.len(),
+            udp_sessions = got.udp.values().map(Vec::len).sum::<usize>(),
+            "taking over from the running process"
+        );
+        Ok(got)
+    }
+}
+
+impl Daemon {
+    pub(super) fn write_pid_file(&self) {
+        if let Some(path) = &self.config.global.pid_file {
+            if let Err(e) = up::write_pid_file(path, std::process::id()) {
+                error!(path = %path.display(), error = %e, "cannot write the pid file");
+            }
+        }
+    }
+
+    /// The new process: takes each TCP session the old one sends until it is done,
+    /// then writes the pid file and tells the old process and the service manager.
+    pub(super) async fn take_sessions(&mut self, mut channel: Channel) {
+        let began = Instant::now();
+        let (mut taken, mut refused) = (0u64, 0u64);
+        let result: anyhow::Result<()> = async {
+            loop {
+                let (msg, fds) = channel.recv().await?;
+                match msg {
+                    Msg::Tcp(session) => match self.adopt_tcp(session, fds) {
+                        Ok(pending) => {
+                            // Confirmed first: once the old process reads this, it
+                            // lets go; until then it still owns the session.
+                            channel.send(&Msg::Adopted, &[]).await?;
+                            pending.start();
+                            taken += 1;
+                        }
+                        Err(why) => {
+                            refused += 1;
+                            channel.send(&Msg::NotAdopted { why }, &[]).await?;
+                        }
+                    },
+                    Msg::Done => return Ok(()),
+                    other => bail!("unexpected handover message among sessions: {other:?}"),
+                }
+            }
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                self.write_pid_file();
+                let started = Msg::Started {
+                    pid: std::process::id(),
+                };
+                if let Err(e) = channel.send(&started, &[]).await {
+                    warn!(error = %e, "cannot tell the old process that this one runs");
+                }
+                crate::notify::main_pid(std::process::id());
+                info!(
+                    sessions = taken,
+                    refused,
+                    took_ms = began.elapsed().as_millis() as u64,
+                    "upgrade complete: this process runs"
+                );
+            }
+            Err(e) => error!(
+                error = %format!("{e:#}"),
+                sessions = taken,
+                "the handover broke; this process serves the listeners and the sessions it took, the old one keeps the rest"
+            ),
+        }
+    }
+
+    fn adopt_tcp(
+        &self,
+        session: wire::TcpSession,
+        fds: Vec<OwnedFd>,
+    ) -> Result<tcp::Pending, String> {
+        let [client, backend] = <[OwnedFd; 2]>::try_from(fds)
+            .map_err(|fds| format!("came with {} descriptors, not 2", fds.len()))?;
+        let stream = |fd: OwnedFd| {
+            let std = std::net::TcpStream::from(fd);
+            std.set_nonblocking(true)?;
+            tokio::net::TcpStream::from_std(std)
+        };
+        let (client, backend) = match (stream(client), stream(backend)) {
+            (Ok(c), Ok(b)) => (c, b),
+            (Err(e), _) | (_, Err(e)) => return Err(format!("cannot use its sockets: {e}")),
+        };
+        let listener = self
+            .listeners
+            .get(&(Protocol::Tcp, session.listen))
+            .ok_or_else(|| format!("no TCP listener on {} here", session.listen))?;
+        let adopted = tcp::Adopted {
+            session,
+            client,
+            backend,
+        };
+        tcp::adopt(listener.ctx.load_full(), &self.dp, adopted)
+    }
+
+    /// Runs an upgrade on SIGUSR2, refusing a second one meanwhile. A SIGHUP that
+    /// arrives meanwhile is applied by whichever process runs afterwards. Returns true
+    /// when the new process took over (this one then drains what stayed and exits).
+    pub(super) async fn upgrade_on_signal(&mut self, usr2: &mut Signal, hup: &mut Signal) -> bool {
+        let mut reload = false;
+        let outcome = {
+            let upgrading = self.upgrade();
+            tokio::pin!(upgrading);
+            loop {
+                tokio::select! {
+                    o = &mut upgrading => break o,
+                    _ = usr2.recv() => warn!("upgrade refused: one is already running"),
+                    _ = hup.recv() => reload = true,
+                }
+            }
+        };
+        match outcome {
+            Upgrade::Replaced { pid } => {
+                if reload {
+                    // It may have read the file before the reload was asked for.
+                    info!(pid, "passing the reload to the new process");
+                    let target = nix::unistd::Pid::from_raw(pid as i32);
+                    if let Err(e) = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGHUP)
+                    {
+                        error!(pid, error = %e, "cannot pass the reload on; send SIGHUP to the new process");
+                    }
+                }
+                true
+            }
+            Upgrade::Kept(e) => {
+                error!(error = %format!("{e:#}"), "upgrade failed; this process keeps serving everything");
+                if reload {
+                    self.reload().await;
+                }
+                false
+            }
+        }
+    }
+
+    /// The old process's side of an upgrade.
+    async fn upgrade(&mut self) -> Upgrade {
+        info!(binary = %self.exe.path.display(), "upgrade: starting the new binary");
+        let began = Instant::now();
+        let mut spawned = match Spawned::start(&self.exe) {
+            Ok(s) => s,
+            Err(e) => return Upgrade::Kept(e),
+        };
+        let before_serving = async {
+            let pid = spawned.hello().await?;
+            info!(pid, "upgrade: the new process checked its configuration");
+            self.send_listeners(&mut spawned).await?;
+            Ok::<u32, anyhow::Error>(pid)
+        }
+        .await;
+        let pid = match before_serving {
+            Ok(pid) => pid,
+            Err(e) => {
+                spawned.abandon().await;
+                self.resume_udp();
+                return Upgrade::Kept(e);
+            }
+        };
+        // The new process serves every listener: from here it is the one that runs.
+        for l in self.listeners.values() {
+            l.stop.cancel();
+        }
+        if let Some(admin) = &self.admin {
+            admin.stop();
+        }
+        self.discovery.stop_all();
+        self.health.stop_all();
+        let (moved, kept, broken) = self.send_sessions(&mut spawned).await;
+        let finished = match broken {
+            Some(e) => Err(e),
+            None => up::finish(&mut spawned).await,
+        };
+        match finished {
+            Ok(_) => info!(
+                pid,
+                sessions = moved,
+                kept,
+                took_ms = began.elapsed().as_millis() as u64,
+                "upgrade: handed over"
+            ),
+            Err(e) => error!(
+                error = %format!("{e:#}"),
+                sessions = moved,
+                kept,
+                "upgrade: the handover broke after the new process started serving; this process keeps the sessions it still has and exits when they end"
+            ),
+        }
+        Upgrade::Replaced { pid }
+    }
+
+    async fn send_listeners(&self, spawned: &mut Spawned) -> anyhow::Result<()> {
+        let ch = &spawned.channel;
+        for state in self.upstreams.save() {
+            ch.send(&Msg::Upstream(state), &[]).await?;
+        }
+        // UDP listeners stop reading first: a datagram waits in the socket for the new
+        // process rather than opening a session that would then exist twice.
+        for l in self.listeners.values() {
+            if let Some(udp) = &l.udp {
+                udp.pause.cancel();
+            }
+        }
+        for (&(protocol, listen), l) in &self.listeners {
+            let listener = Msg::Listener { protocol, listen };
+            ch.send(&listener, &[l.socket.as_raw_fd()]).await?;
+            if let Some(udp) = &l.udp {
+                for (session, fd) in crate::proxy::udp::export(listen, &udp.sessions) {
+                    let fd = fd.context("cannot duplicate a UDP session's socket")?;
+                    ch.send(&Msg::Udp(session), &[fd.as_raw_fd()]).await?;
+                }
+            }
+        }
+        if let Some(admin) = &self.admin {
+            let msg = Msg::Admin {
+                listen: admin.listen,
+            };
+            ch.send(&msg, &[admin.socket.as_raw_fd()]).await?;
+        }
+        ch.send(&Msg::ListenersDone, &[]).await?;
+        match spawned
+            .recv(up::START_TIMEOUT, "opening its listeners")
+            .await?
+            .0
+        {
+            Msg::Serving => Ok(()),
+            other => bail!("expected the new process to serve, got {other:?}"),
+        }
+    }
+
+    /// After an upgrade that did not happen: UDP listeners and sessions go on here.
+    fn resume_udp(&mut self) {
+        for l in self.listeners.values_mut() {
+            if let Some(udp) = &mut l.udp {
+                udp.pause = tokio_util::sync::CancellationToken::new();
+            }
+        }
+        for l in self.listeners.values() {
+            if let Some(udp) = &l.udp {
+                self.serve_udp(&l.ctx, udp, &l.stop);
+            }
+        }
+    }
+
+    /// Parks every TCP session at a clean point and sends it; returns how many moved,
+    /// how many stay here, and the error that broke the handover if one did.
+    async fn send_sessions(&self, spawned: &mut Spawned) -> (u64, u64, Option<anyhow::Error>) {
+        let mut parked = self.dp.handover.begin();
+        let deadline = up::sessions_deadline();
+        let (mut moved, mut kept) = (0u64, 0u64);
+        let mut broken: Option<anyhow::Error> = None;
+        loop {
+            let next = tokio::select! {
+                p = parked.recv() => p,
+                () = tokio::time::sleep(std::time::Duration::from_millis(2)) => None,
+            };
+            let Some(p) = next else {
+                // Sessions kept here still run; every other one ended or moved.
+                if self.dp.sessions.len() as u64 <= kept || tokio::time::Instant::now() >= deadline
+                {
+                    break;
+                }
+                continue;
+            };
+            if broken.is_some() {
+                let _ = p.back.send(Some((p.client, p.backend)));
+                kept += 1;
+                continue;
+            }
+            let fds = [p.client.as_raw_fd(), p.backend.as_raw_fd()];
+            match up::send_session(spawned, p.session, fds).await {
+                Ok(true) => {
+                    // Our copies of the sockets close with `p`; the new process has its own.
+                    let _ = p.back.send(None);
+                    moved += 1;
+                }
+                Ok(false) => {
+                    let _ = p.back.send(Some((p.client, p.backend)));
+                    kept += 1;
+                }
+                Err(e) => {
+                    let _ = p.back.send(Some((p.client, p.backend)));
+                    kept += 1;
+                    broken = Some(e);
+                }
+            }
+        }
+        self.dp.handover.end();
+        parked.close();
+        while let Ok(p) = parked.try_recv() {
+            let _ = p.back.send(Some((p.client, p.backend)));
+            kept += 1;
+        }
+        let waiting = (self.dp.sessions.len() as u64).saturating_sub(kept);
+        if waiting > 0 {
+            warn!(
+                sessions = waiting,
+                "sessions that did not reach a clean point in time stay in this process until they end"
+            );
+        }
+        (moved, kept + waiting, broken)
+    }
+}
+
+/// How an upgrade ended for the old process.
+enum Upgrade {
+    /// The new process serves the listeners; `pid` is its process id.
+    Replaced { pid: u32 },
+    /// Nothing moved: this process keeps serving everything.
+    Kept(anyhow::Error),
+}

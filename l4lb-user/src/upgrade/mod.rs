@@ -1,0 +1,190 @@
+//! Binary upgrade without dropping a session (`kill -USR2`, `l4lb upgrade`).
+//!
+//! The running process starts the binary at the path it was started from, with the
+//! same arguments, and a handover channel (`wire`). The new process checks its
+//! configuration and loads the kernel path, then says hello with its protocol version.
+//! Only then does anything move, in this order:
+//!
+//! 1. upstream state (server sets and where they came from, failure windows, health),
+//!    the listening sockets (both processes hold them: the kernel queues connections
+//!    while neither accepts, so none is refused), the admin API's socket, and the UDP
+//!    listeners with their sessions (the old process stops reading them first);
+//! 2. the new process serves every listener and says so; the old one stops accepting;
+//! 3. every TCP session stops at a clean point (the copy path writes out what it read;
+//!    the kernel path takes the sockets out of the sockmap without losing a byte) and
+//!    travels with its upstream, server, byte counts, age and path. The new process
+//!    confirms each one before the old process lets go of it, so a handover that
+//!    breaks leaves each session in exactly one process.
+//!
+//! Anything that fails before step 2 ends the new process and leaves the old one
+//! serving everything. Sessions that cannot reach a clean point in time (a peer that
+//! stopped reading) stay in the old process, which drains them as on SIGTERM.
+
+pub mod wire;
+
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::process::Child;
+use tokio::time::{timeout, Instant};
+use tracing::{info, warn};
+
+use wire::{Channel, Msg};
+
+/// How long the new binary may take to check its configuration and load the kernel
+/// path, and then to open its listeners.
+pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long sessions get to reach a clean point; those that do not stay here.
+const SESSIONS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the new process may take to confirm one session or to finish.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The binary and arguments this process was started with: what an upgrade runs.
+#[derive(Clone, Debug)]
+pub struct Exe {
+    pub path: PathBuf,
+    pub args: Vec<OsString>,
+}
+
+impl Exe {
+    /// Read at start: once the file is replaced, /proc/self/exe names the old one.
+    pub fn current() -> std::io::Result<Exe> {
+        Ok(Exe {
+            path: std::env::current_exe()?,
+            args: std::env::args_os().skip(1).collect(),
+        })
+    }
+}
+
+/// The new process while the old one still runs: started, with its channel.
+pub struct Spawned {
+    pub child: Child,
+    pub channel: Channel,
+}
+
+impl Spawned {
+    pub fn start(exe: &Exe) -> anyhow::Result<Spawned> {
+        let (mine, theirs) = wire::pair().context("cannot create the handover channel")?;
+        wire::inheritable(&theirs).context("cannot pass the handover channel")?;
+        let child = tokio::process::Command::new(&exe.path)
+            .args(&exe.args)
+            .env(wire::ENV_FD, theirs.as_raw_fd().to_string())
+            .spawn()
+            .with_context(|| format!("cannot start {}", exe.path.display()))?;
+        drop(theirs);
+        Ok(Spawned {
+            child,
+            channel: Channel::new(mine)?,
+        })
+    }
+
+    /// Waits for the new process's hello and checks its version.
+    pub async fn hello(&mut self) -> anyhow::Result<u32> {
+        let (msg, _) = self.recv(START_TIMEOUT, "its configuration check").await?;
+        match msg {
+            Msg::Hello { version, pid } if version == wire::VERSION => Ok(pid),
+            Msg::Hello { version, .. } => {
+                let why = format!(
+                    "handover protocol version {version} is not this process's {}",
+                    wire::VERSION
+                );
+                let _ = self
+                    .channel
+                    .send(&Msg::Refused { why: why.clone() }, &[])
+                    .await;
+                bail!(why)
+            }
+            other => bail!("expected the new process's hello, got {other:?}"),
+        }
+    }
+
+    /// The next message, or why there is none: the new process exited (with its
+    /// status), broke the channel, or took longer than `limit` for `what`.
+    pub async fn recv(
+        &mut self,
+        limit: Duration,
+        what: &str,
+    ) -> anyhow::Result<(Msg, Vec<OwnedFd>)> {
+        match timeout(limit, self.channel.recv()).await {
+            Ok(Ok(got)) => Ok(got),
+            Ok(Err(e)) => {
+                // The channel closes as the process exits: name its status if it did.
+                let status = timeout(Duration::from_secs(2), self.child.wait()).await;
+                match status {
+                    Ok(Ok(s)) => bail!("the new process exited ({s}) during {what}"),
+                    _ => Err(anyhow::Error::from(e).context(format!("during {what}"))),
+                }
+            }
+            Err(_) => bail!("the new process took longer than {limit:?} for {what}"),
+        }
+    }
+
+    /// Ends a new process that will not take over.
+    pub async fn abandon(mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let _ = self.child.start_kill();
+        let _ = timeout(Duration::from_secs(5), self.child.wait()).await;
+    }
+}
+
+/// Sends one TCP session's sockets and waits for the new process's answer: `Ok(true)`
+/// when it took the session, `Ok(false)` when this process keeps it.
+pub async fn send_session(
+    spawned: &mut Spawned,
+    session: wire::TcpSession,
+    fds: [std::os::fd::RawFd; 2],
+) -> anyhow::Result<bool> {
+    spawned.channel.send(&Msg::Tcp(session), &fds).await?;
+    match spawned.recv(REPLY_TIMEOUT, "a session's handover").await?.0 {
+        Msg::Adopted => Ok(true),
+        Msg::NotAdopted { why } => {
+            warn!(reason = %why, "the new process did not take a session; it stays here");
+            Ok(false)
+        }
+        other => bail!("expected a session's answer, got {other:?}"),
+    }
+}
+
+/// Waits until every session task ended or parked, or `SESSIONS_TIMEOUT` passed.
+pub fn sessions_deadline() -> Instant {
+    Instant::now() + SESSIONS_TIMEOUT
+}
+
+/// Ends the handover: the new process writes the pid file and answers with its pid.
+pub async fn finish(spawned: &mut Spawned) -> anyhow::Result<u32> {
+    spawned.channel.send(&Msg::Done, &[]).await?;
+    match spawned.recv(REPLY_TIMEOUT, "its start").await?.0 {
+        Msg::Started { pid } => {
+            info!(
+                pid,
+                "the new process runs; this one exits once its remaining sessions end"
+            );
+            Ok(pid)
+        }
+        other => bail!("expected the new process's start, got {other:?}"),
+    }
+}
+
+/// Writes `pid` to `path` through a temporary file, so a reader never sees half of it.
+pub fn write_pid_file(path: &std::path::Path, pid: u32) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{pid}\n"))?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Removes the pid file at exit if it still names this process (after an upgrade it
+/// names the new one).
+pub fn remove_pid_file(path: &std::path::Path) {
+    let ours = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        == Some(std::process::id());
+    if ours {
+        let _ = std::fs::remove_file(path);
+    }
+}
