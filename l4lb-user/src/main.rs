@@ -30,6 +30,16 @@ enum Command {
         #[arg(short, long, default_value_os_t = default_config())]
         config: PathBuf,
     },
+    /// Upgrade the running daemon to the binary now at its path, without dropping a
+    /// session (the same as `kill -USR2 <pid>`); waits until the new process runs.
+    Upgrade {
+        /// Configuration file whose `[global] pid_file` names the running process.
+        #[arg(short, long, default_value_os_t = default_config())]
+        config: PathBuf,
+        /// Seconds to wait for the new process to take over.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
     /// Convert an nginx configuration (its stream block) to an l4lb configuration.
     ImportNginx {
         /// The nginx configuration file, e.g. /etc/nginx/nginx.conf.
@@ -63,6 +73,18 @@ fn main() -> ExitCode {
         },
         Command::Check { config } => check_cmd(&config),
         Command::Run { config } => run_cmd(&config),
+        Command::Upgrade { config, timeout } => {
+            match upgrade::request(&config, std::time::Duration::from_secs(timeout)) {
+                Ok((old, new)) => {
+                    println!("l4lb: upgraded: process {old} handed over to {new}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("l4lb: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

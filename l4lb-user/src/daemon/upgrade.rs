@@ -184,6 +184,12 @@ impl Daemon {
                 }
             }
         };
+        if let Some(path) = &self.config.global.pid_file {
+            match &outcome {
+                Upgrade::Replaced { pid } => up::write_status(path, &format!("ok {pid}")),
+                Upgrade::Kept(e) => up::write_status(path, &format!("failed: {e:#}")),
+            }
+        }
         match outcome {
             Upgrade::Replaced { pid } => {
                 if reload {
@@ -301,15 +307,18 @@ impl Daemon {
         }
     }
 
-    /// After an upgrade that did not happen: UDP listeners and sessions go on here.
+    /// After an upgrade that did not happen: paused UDP listeners and their sessions
+    /// go on here.
     fn resume_udp(&mut self) {
-        for l in self.listeners.values_mut() {
-            if let Some(udp) = &mut l.udp {
+        let mut paused = Vec::new();
+        for (key, l) in &mut self.listeners {
+            if let Some(udp) = l.udp.as_mut().filter(|u| u.pause.is_cancelled()) {
                 udp.pause = tokio_util::sync::CancellationToken::new();
+                paused.push(*key);
             }
         }
-        for l in self.listeners.values() {
-            if let Some(udp) = &l.udp {
+        for key in paused {
+            if let Some((l, Some(udp))) = self.listeners.get(&key).map(|l| (l, l.udp.as_ref())) {
                 self.serve_udp(&l.ctx, udp, &l.stop);
             }
         }

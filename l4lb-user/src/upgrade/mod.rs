@@ -188,3 +188,59 @@ pub fn remove_pid_file(path: &std::path::Path) {
         let _ = std::fs::remove_file(path);
     }
 }
+
+/// Where the old process records how its last upgrade ended, for `l4lb upgrade`: the
+/// pid file's path with `.upgrade` added.
+pub fn status_path(pid_file: &std::path::Path) -> PathBuf {
+    let mut name = pid_file.as_os_str().to_owned();
+    name.push(".upgrade");
+    PathBuf::from(name)
+}
+
+/// Records how an upgrade ended: `ok <new pid>`, or `failed: <why>`.
+pub fn write_status(pid_file: &std::path::Path, line: &str) {
+    let path = status_path(pid_file);
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::write(&tmp, format!("{line}\n")).and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        warn!(path = %path.display(), error = %e, "cannot record the upgrade's outcome");
+    }
+}
+
+/// `l4lb upgrade`: signals the process named by the configuration's pid file and waits
+/// for it to record the outcome. Returns (old pid, new pid).
+pub fn request(config: &std::path::Path, limit: Duration) -> anyhow::Result<(u32, u32)> {
+    let cfg = crate::config::load(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let path = cfg.global.pid_file.with_context(|| {
+        format!(
+            "{} sets no [global] pid_file: set one, or send SIGUSR2 to the daemon's pid",
+            config.display()
+        )
+    })?;
+    let old: u32 = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .with_context(|| format!("no pid in {}", path.display()))?;
+    let status = status_path(&path);
+    let _ = std::fs::remove_file(&status);
+    let target = nix::unistd::Pid::from_raw(i32::try_from(old)?);
+    nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGUSR2)
+        .with_context(|| format!("cannot signal process {old} (from {})", path.display()))?;
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        if let Ok(line) = std::fs::read_to_string(&status) {
+            let line = line.trim();
+            return match line.strip_prefix("ok ").and_then(|p| p.parse().ok()) {
+                Some(new) => Ok((old, new)),
+                None => bail!("process {old} keeps serving: the upgrade {line}"),
+            };
+        }
+        if !std::path::Path::new(&format!("/proc/{old}")).exists() {
+            bail!("process {old} exited without recording the upgrade's outcome");
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("process {old} did not finish the upgrade within {limit:?}; its log says why");
+        }
+    }
+}
