@@ -62,6 +62,14 @@ impl Daemon {
         d
     }
 
+    /// Starts the daemon through `launcher` (see [`Daemon::spawn_via`]) and waits as
+    /// [`Daemon::start`].
+    pub fn start_via(config: &str, env: &[(&str, &str)], launcher: &[String]) -> Daemon {
+        let d = Self::spawn_via(config, env, launcher);
+        d.wait_started();
+        d
+    }
+
     /// Starts the daemon inside network namespace `netns` and waits as [`Daemon::start`].
     pub fn start_in_netns(netns: &str, config: &str) -> Daemon {
         let launcher = ["ip", "netns", "exec", netns].map(String::from);

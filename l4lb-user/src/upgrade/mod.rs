@@ -201,7 +201,8 @@ pub fn status_path(pid_file: &std::path::Path) -> PathBuf {
 pub fn write_status(pid_file: &std::path::Path, line: &str) {
     let path = status_path(pid_file);
     let tmp = path.with_extension("tmp");
-    let written = std::fs::write(&tmp, format!("{line}\n")).and_then(|()| std::fs::rename(&tmp, &path));
+    let written =
+        std::fs::write(&tmp, format!("{line}\n")).and_then(|()| std::fs::rename(&tmp, &path));
     if let Err(e) = written {
         warn!(path = %path.display(), error = %e, "cannot record the upgrade's outcome");
     }
@@ -210,13 +211,23 @@ pub fn write_status(pid_file: &std::path::Path, line: &str) {
 /// `l4lb upgrade`: signals the process named by the configuration's pid file and waits
 /// for it to record the outcome. Returns (old pid, new pid).
 pub fn request(config: &std::path::Path, limit: Duration) -> anyhow::Result<(u32, u32)> {
-    let cfg = crate::config::load(config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let path = cfg.global.pid_file.with_context(|| {
-        format!(
-            "{} sets no [global] pid_file: set one, or send SIGUSR2 to the daemon's pid",
-            config.display()
-        )
-    })?;
+    // Only the pid file is read here: checking the rest is the new process's job (it
+    // may need secrets from the daemon's environment).
+    let text = std::fs::read_to_string(config)
+        .with_context(|| format!("cannot read {}", config.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{} is not TOML", config.display()))?;
+    let path = table
+        .get("global")
+        .and_then(|g| g.get("pid_file"))
+        .and_then(|p| p.as_str())
+        .map(PathBuf::from)
+        .with_context(|| {
+            format!(
+                "{} sets no [global] pid_file: set one, or send SIGUSR2 to the daemon's pid",
+                config.display()
+            )
+        })?;
     let old: u32 = std::fs::read_to_string(&path)
         .ok()
         .and_then(|s| s.trim().parse().ok())
