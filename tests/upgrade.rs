@@ -514,6 +514,12 @@ async fn ten_upgrades_in_a_row_lose_no_session_byte_or_connection() {
     assert!(!log.contains("did not take a session"), "{log}");
     // Every session moved every time: 200 TCP sessions (20 UDP ones travel with
     // their listener), plus at most one of the connect loop's.
+    for line in log
+        .lines()
+        .filter(|l| l.contains("upgrade: handed over") || l.contains("upgrade complete"))
+    {
+        println!("{line}");
+    }
     for line in log.lines().filter(|l| l.contains("upgrade: handed over")) {
         let moved: u64 = support::log_field(line, "sessions")
             .and_then(|v| v.parse().ok())

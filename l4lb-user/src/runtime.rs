@@ -65,11 +65,11 @@ impl Handover {
         self.token.store(Arc::new(CancellationToken::new()));
     }
 
-    /// Hands a parked session to the upgrade, or back if none runs.
-    pub fn park(&self, parked: Parked) -> Result<(), Parked> {
+    /// Hands a parked session to the upgrade; gives it back when none runs.
+    pub fn park(&self, parked: Parked) -> Option<Parked> {
         match self.lock().as_ref() {
-            Some(tx) => tx.send(parked).map_err(|e| e.0),
-            None => Err(parked),
+            Some(tx) => tx.send(parked).err().map(|e| e.0),
+            None => Some(parked),
         }
     }
 

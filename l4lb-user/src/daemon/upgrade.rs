@@ -1,7 +1,7 @@
 //! The daemon's side of a binary upgrade (see `crate::upgrade` for the protocol): what
 //! the old process sends and the new one takes over.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Instant;
@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 use super::Daemon;
 use crate::config::Protocol;
 use crate::proxy::tcp;
+use crate::runtime::Parked;
 use crate::upgrade::wire::{self, Channel, Msg};
 use crate::upgrade::{self as up, Spawned};
 use crate::upstream::UpstreamState;
@@ -89,7 +90,7 @@ impl Daemon {
 
     /// The new process: takes each TCP session the old one sends until it is done,
     /// then writes the pid file and tells the old process and the service manager.
-    pub(super) async fn take_sessions(&mut self, mut channel: Channel) {
+    pub(super) async fn take_sessions(&mut self, channel: Channel) {
         let began = Instant::now();
         let (mut taken, mut refused) = (0u64, 0u64);
         let result: anyhow::Result<()> = async {
@@ -245,7 +246,7 @@ impl Daemon {
         }
         self.discovery.stop_all();
         self.health.stop_all();
-        let (moved, kept, broken) = self.send_sessions(&mut spawned).await;
+        let (moved, kept, broken) = self.send_sessions(&spawned).await;
         let finished = match broken {
             Some(e) => Err(e),
             None => up::finish(&mut spawned).await,
@@ -325,45 +326,79 @@ impl Daemon {
     }
 
     /// Parks every TCP session at a clean point and sends it; returns how many moved,
-    /// how many stay here, and the error that broke the handover if one did.
-    async fn send_sessions(&self, spawned: &mut Spawned) -> (u64, u64, Option<anyhow::Error>) {
+    /// how many stay here, and the error that broke the handover if one did. Sessions
+    /// are sent as they park, without waiting for the answers, which come in order:
+    /// until its answer the old process still holds a session's sockets.
+    async fn send_sessions(&self, spawned: &Spawned) -> (u64, u64, Option<anyhow::Error>) {
+        let ch = &spawned.channel;
         let mut parked = self.dp.handover.begin();
         let deadline = up::sessions_deadline();
         let (mut moved, mut kept) = (0u64, 0u64);
         let mut broken: Option<anyhow::Error> = None;
+        let mut in_flight: VecDeque<Parked> = VecDeque::new();
+        let mut answer_by = tokio::time::Instant::now() + up::REPLY_TIMEOUT;
         loop {
-            let next = tokio::select! {
-                p = parked.recv() => p,
-                () = tokio::time::sleep(std::time::Duration::from_millis(2)) => None,
-            };
-            let Some(p) = next else {
-                // Sessions kept here still run; every other one ended or moved.
-                if self.dp.sessions.len() as u64 <= kept || tokio::time::Instant::now() >= deadline
-                {
-                    break;
+            tokio::select! {
+                p = parked.recv(), if broken.is_none() => {
+                    let Some(p) = p else { continue };
+                    let fds = [p.client.as_raw_fd(), p.backend.as_raw_fd()];
+                    match ch.send(&Msg::Tcp(p.session.clone()), &fds).await {
+                        Ok(()) => {
+                            if in_flight.is_empty() {
+                                answer_by = tokio::time::Instant::now() + up::REPLY_TIMEOUT;
+                            }
+                            in_flight.push_back(p);
+                        }
+                        Err(e) => {
+                            let _ = p.back.send(Some((p.client, p.backend)));
+                            kept += 1;
+                            broken = Some(e.into());
+                        }
+                    }
                 }
-                continue;
-            };
-            if broken.is_some() {
-                let _ = p.back.send(Some((p.client, p.backend)));
-                kept += 1;
-                continue;
-            }
-            let fds = [p.client.as_raw_fd(), p.backend.as_raw_fd()];
-            match up::send_session(spawned, p.session, fds).await {
-                Ok(true) => {
-                    // Our copies of the sockets close with `p`; the new process has its own.
-                    let _ = p.back.send(None);
-                    moved += 1;
+                got = ch.recv(), if !in_flight.is_empty() => {
+                    let answer = got
+                        .map_err(anyhow::Error::from)
+                        .and_then(|(msg, _)| up::session_answer(msg));
+                    let Some(p) = in_flight.pop_front() else { continue };
+                    answer_by = tokio::time::Instant::now() + up::REPLY_TIMEOUT;
+                    match answer {
+                        Ok(true) => {
+                            // Our copies close with `p`; the new process has its own.
+                            let _ = p.back.send(None);
+                            moved += 1;
+                        }
+                        Ok(false) => {
+                            let _ = p.back.send(Some((p.client, p.backend)));
+                            kept += 1;
+                        }
+                        Err(e) => {
+                            let _ = p.back.send(Some((p.client, p.backend)));
+                            kept += 1;
+                            broken.get_or_insert(e);
+                        }
+                    }
                 }
-                Ok(false) => {
-                    let _ = p.back.send(Some((p.client, p.backend)));
-                    kept += 1;
-                }
-                Err(e) => {
-                    let _ = p.back.send(Some((p.client, p.backend)));
-                    kept += 1;
-                    broken = Some(e);
+                () = tokio::time::sleep(std::time::Duration::from_millis(2)) => {
+                    let now = tokio::time::Instant::now();
+                    if !in_flight.is_empty() && now >= answer_by {
+                        broken.get_or_insert_with(|| {
+                            anyhow::anyhow!("the new process answered no session for {:?}", up::REPLY_TIMEOUT)
+                        });
+                    }
+                    if broken.is_some() {
+                        // Unanswered sessions stay here: the new process did not say
+                        // it took them, and it may not have.
+                        for p in in_flight.drain(..) {
+                            let _ = p.back.send(Some((p.client, p.backend)));
+                            kept += 1;
+                        }
+                    }
+                    // Sessions kept here still run; every other one ended or moved.
+                    let settled = self.dp.sessions.len() as u64 <= kept + in_flight.len() as u64;
+                    if in_flight.is_empty() && (settled || now >= deadline || broken.is_some()) {
+                        break;
+                    }
                 }
             }
         }

@@ -623,13 +623,13 @@ async fn park(
         back,
     };
     let returned = match at.dp.handover.park(parked) {
-        Ok(()) => match answer.await {
+        None => match answer.await {
             Ok(None) => return Ok(()),
             Ok(Some(socks)) => socks,
             // The upgrade dropped the session without answering: it kept the sockets.
             Err(_) => return Ok(()),
         },
-        Err(p) => (p.client, p.backend),
+        Some(p) => (p.client, p.backend),
     };
     match (
         TcpStream::from_std(returned.0),

@@ -40,7 +40,7 @@ pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long sessions get to reach a clean point; those that do not stay here.
 const SESSIONS_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the new process may take to confirm one session or to finish.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The binary and arguments this process was started with: what an upgrade runs.
 #[derive(Clone, Debug)]
@@ -84,21 +84,7 @@ impl Spawned {
     /// Waits for the new process's hello and checks its version.
     pub async fn hello(&mut self) -> anyhow::Result<u32> {
         let (msg, _) = self.recv(START_TIMEOUT, "its configuration check").await?;
-        match msg {
-            Msg::Hello { version, pid } if version == wire::VERSION => Ok(pid),
-            Msg::Hello { version, .. } => {
-                let why = format!(
-                    "handover protocol version {version} is not this process's {}",
-                    wire::VERSION
-                );
-                let _ = self
-                    .channel
-                    .send(&Msg::Refused { why: why.clone() }, &[])
-                    .await;
-                bail!(why)
-            }
-            other => bail!("expected the new process's hello, got {other:?}"),
-        }
+        check_hello(&self.channel, msg).await
     }
 
     /// The next message, or why there is none: the new process exited (with its
@@ -132,15 +118,26 @@ impl Spawned {
     }
 }
 
-/// Sends one TCP session's sockets and waits for the new process's answer: `Ok(true)`
-/// when it took the session, `Ok(false)` when this process keeps it.
-pub async fn send_session(
-    spawned: &mut Spawned,
-    session: wire::TcpSession,
-    fds: [std::os::fd::RawFd; 2],
-) -> anyhow::Result<bool> {
-    spawned.channel.send(&Msg::Tcp(session), &fds).await?;
-    match spawned.recv(REPLY_TIMEOUT, "a session's handover").await?.0 {
+/// Accepts a hello of this process's protocol version; refuses any other, telling
+/// the new process why, rather than misreading what it would send.
+async fn check_hello(channel: &Channel, msg: Msg) -> anyhow::Result<u32> {
+    match msg {
+        Msg::Hello { version, pid } if version == wire::VERSION => Ok(pid),
+        Msg::Hello { version, .. } => {
+            let why = format!(
+                "handover protocol version {version} is not this process's {}",
+                wire::VERSION
+            );
+            let _ = channel.send(&Msg::Refused { why: why.clone() }, &[]).await;
+            bail!(why)
+        }
+        other => bail!("expected the new process's hello, got {other:?}"),
+    }
+}
+
+/// What the new process answered for a session: `true` when it took it.
+pub fn session_answer(msg: Msg) -> anyhow::Result<bool> {
+    match msg {
         Msg::Adopted => Ok(true),
         Msg::NotAdopted { why } => {
             warn!(reason = %why, "the new process did not take a session; it stays here");
@@ -253,5 +250,34 @@ pub fn request(config: &std::path::Path, limit: Duration) -> anyhow::Result<(u32
         if std::time::Instant::now() >= deadline {
             bail!("process {old} did not finish the upgrade within {limit:?}; its log says why");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn another_protocol_version_is_refused_with_the_reason() {
+        let (a, b) = wire::pair().unwrap();
+        let (old, new) = (Channel::new(a).unwrap(), Channel::new(b).unwrap());
+        let hello = Msg::Hello {
+            version: wire::VERSION + 1,
+            pid: 1,
+        };
+        let err = check_hello(&old, hello).await.unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("version {}", wire::VERSION + 1)),
+            "{err}"
+        );
+        match new.recv().await.unwrap().0 {
+            Msg::Refused { why } => assert_eq!(why, err),
+            other => panic!("{other:?}"),
+        }
+        let same = Msg::Hello {
+            version: wire::VERSION,
+            pid: 42,
+        };
+        assert_eq!(check_hello(&old, same).await.unwrap(), 42);
     }
 }

@@ -29,7 +29,7 @@ const MAX_MESSAGE: usize = 4 << 20;
 const MAX_FDS: usize = 4;
 
 /// A TCP session at a clean point, with its two sockets attached (client, backend).
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TcpSession {
     pub listen: SocketAddr,
     /// The client as the session knows it (a PROXY header may have named it).
@@ -156,7 +156,8 @@ pub fn inherited_fd() -> io::Result<Option<OwnedFd>> {
 
 pub struct Channel {
     fd: AsyncFd<OwnedFd>,
-    buf: Vec<u8>,
+    /// Receive buffer; one receiver at a time uses it.
+    buf: std::sync::Mutex<Vec<u8>>,
 }
 
 impl Channel {
@@ -166,7 +167,7 @@ impl Channel {
         Ok(Channel {
             // SAFETY: the OwnedFd stays valid, and registered, until the AsyncFd drops.
             fd: unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)?,
-            buf: Vec::new(),
+            buf: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -200,14 +201,15 @@ impl Channel {
     }
 
     /// The next message and its descriptors; the peer closing is `UnexpectedEof`.
-    pub async fn recv(&mut self) -> io::Result<(Msg, Vec<OwnedFd>)> {
-        self.buf.resize(MAX_MESSAGE, 0);
+    /// Cancel-safe: a message is taken off the socket only by a call that returns it.
+    pub async fn recv(&self) -> io::Result<(Msg, Vec<OwnedFd>)> {
         loop {
             let mut ready = self.fd.readable().await?;
-            let buf = &mut self.buf;
+            let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+            buf.resize(MAX_MESSAGE, 0);
             let got = ready.try_io(|fd| {
                 let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
-                let mut iov = [IoSliceMut::new(buf)];
+                let mut iov = [IoSliceMut::new(&mut buf)];
                 let r = recvmsg::<()>(
                     fd.as_raw_fd(),
                     &mut iov,
@@ -243,7 +245,7 @@ impl Channel {
                     "the other process closed the handover channel",
                 ));
             }
-            let msg = serde_json::from_slice(&self.buf[..n]).map_err(|e| {
+            let msg = serde_json::from_slice(&buf[..n]).map_err(|e| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("unreadable handover message: {e}"),
@@ -261,7 +263,7 @@ mod tests {
     #[tokio::test]
     async fn messages_carry_their_descriptors() {
         let (a, b) = pair().unwrap();
-        let (a, mut b) = (Channel::new(a).unwrap(), Channel::new(b).unwrap());
+        let (a, b) = (Channel::new(a).unwrap(), Channel::new(b).unwrap());
         let file = std::fs::File::open("/dev/null").unwrap();
         a.send(
             &Msg::Hello {
