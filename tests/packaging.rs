@@ -140,6 +140,7 @@ fn the_unit_runs_as_a_notify_service_with_no_new_privileges() {
     let unit = read(UNIT);
     for line in [
         "Type=notify",
+        "NotifyAccess=all",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "NoNewPrivileges=yes",
         "User=l4lb",

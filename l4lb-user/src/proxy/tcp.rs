@@ -482,11 +482,8 @@ async fn forward(
         Some(_) => Stage::Copy { promote: true },
         None => Stage::Copy { promote: false },
     };
-    let promote_from = tokio::time::Instant::from_std(if at.kernel {
-        at.started
-    } else {
-        Instant::now()
-    });
+    // From the accept, also for a session handed over by another process.
+    let promote_from = tokio::time::Instant::from_std(at.started);
     let mut decision = Decision::default();
     let mut left: Option<CopyReason> = None;
     let (end, path) = loop {
