@@ -355,23 +355,27 @@ impl Daemon {
         // Only now: a SIGHUP before its handler exists would end the process, and a
         // service manager may send one as soon as it sees READY=1.
         notify::ready(&self.status());
-        loop {
+        let replaced = loop {
             tokio::select! {
                 _ = hup.recv() => self.reload().await,
                 _ = usr2.recv() => {
                     if self.upgrade_on_signal(&mut usr2, &mut hup).await {
-                        break;
+                        break true;
                     }
                 }
                 _ = usr1.recv() => match self.dp.access_log.reopen() {
                     Ok(()) => info!("log files reopened"),
                     Err(e) => error!(error = %e, "cannot reopen the access log; writing to the old file"),
                 },
-                _ = term.recv() => break,
-                _ = int.recv() => break,
+                _ = term.recv() => break false,
+                _ = int.recv() => break false,
             }
+        };
+        // After an upgrade the service goes on in the new process, which the service
+        // manager now follows (NotifyAccess=all would let this stop it).
+        if !replaced {
+            notify::stopping();
         }
-        notify::stopping();
         self.drain().await;
         Ok(())
     }
@@ -500,7 +504,9 @@ impl Daemon {
         if let Some(admin) = &self.admin {
             admin.stop();
         }
-        for l in self.listeners.values() {
+        // Dropped, not only stopped: the duplicate each keeps for an upgrade would
+        // leave the socket listening.
+        for (_, l) in self.listeners.drain() {
             l.stop.cancel();
         }
         if let Some(path) = &self.config.global.pid_file {
