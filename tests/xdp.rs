@@ -194,5 +194,34 @@ fn denied_syns_are_dropped_on_the_interface() {
     assert!(now_ok.is_ok(), "{now_ok:?}\n{}", d.log());
     let now_denied = in_netns(&link.client_ns, || fetch_from("10.231.0.2", lb));
     assert_eq!(now_denied.err(), Some(std::io::ErrorKind::TimedOut));
+
+    // A binary upgrade: the interface holds one XDP program, so the old process
+    // detaches its filter and the new one attaches its own, with the same rules.
+    d.signal(libc::SIGUSR2);
+    assert!(
+        d.wait_log("upgrade: handed over", Duration::from_secs(30)),
+        "{}",
+        d.log()
+    );
+    let denied = in_netns(&link.client_ns, || fetch_from("10.231.0.2", lb));
+    assert_eq!(denied.err(), Some(std::io::ErrorKind::TimedOut));
+    let m = scrape_in(&link.server_ns);
+    assert!(
+        support::metric(&m, "l4lb_xdp_dropped_total", &[]) >= Some(1.0),
+        "the new process's filter dropped nothing: {:?}",
+        m.samples
+    );
+    let allowed = in_netns(&link.client_ns, || fetch_from("10.231.0.3", lb));
+    assert!(allowed.is_ok(), "{allowed:?}\n{}", d.log());
+    // The new process is no child of this test: stop it through its pid.
+    let new_pid = d
+        .log()
+        .lines()
+        .find(|l| l.contains("upgrade: handed over"))
+        .and_then(|l| support::log_field(l, "pid"))
+        .and_then(|p| p.parse::<i32>().ok())
+        .expect("the new process's pid in the log");
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(new_pid, libc::SIGKILL) };
     drop(d);
 }

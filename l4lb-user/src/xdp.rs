@@ -12,6 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use anyhow::Context;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{MapData, PerCpuArray};
+use aya::programs::xdp::XdpLinkId;
 use aya::programs::{Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
@@ -32,7 +33,9 @@ pub struct XdpFilter {
     access6: LpmTrie<MapData, AccessKey6, u8>,
     drops: PerCpuArray<MapData, u64>,
     /// Owns the program and its link: dropping it detaches the filter.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+    /// The attachment, while there is one.
+    link: Option<XdpLinkId>,
 }
 
 /// The trie entries for a set of listeners.
@@ -116,7 +119,8 @@ impl XdpFilter {
             .context("XDP program missing from its object")?
             .try_into()?;
         prog.load().context("the kernel refused the XDP program")?;
-        prog.attach(interface, XdpMode::Default)
+        let link = prog
+            .attach(interface, XdpMode::Default)
             .with_context(|| format!("cannot attach the XDP access filter to {interface}"))?;
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)
@@ -130,10 +134,38 @@ impl XdpFilter {
             access4,
             access6,
             drops,
-            _ebpf: ebpf,
+            ebpf,
+            link: Some(link),
         };
         filter.update(servers)?;
         Ok(filter)
+    }
+
+    fn program(&mut self) -> anyhow::Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(XDP_PROG)
+            .context("XDP program missing from its object")?
+            .try_into()?)
+    }
+
+    /// Takes the filter off its interface, which holds one XDP program: a binary
+    /// upgrade's new process attaches its own. Deny rules keep applying in userspace.
+    pub fn detach(&mut self) -> anyhow::Result<()> {
+        if let Some(link) = self.link.take() {
+            self.program()?.detach(link)?;
+        }
+        Ok(())
+    }
+
+    /// Puts the filter back after [`XdpFilter::detach`] (an upgrade that did not happen).
+    pub fn reattach(&mut self) -> anyhow::Result<()> {
+        if self.link.is_none() {
+            let interface = self.interface.clone();
+            let link = self.program()?.attach(&interface, XdpMode::Default)?;
+            self.link = Some(link);
+        }
+        Ok(())
     }
 
     /// Makes the tries hold exactly the entries for `servers` (a reload): new entries

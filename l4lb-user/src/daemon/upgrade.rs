@@ -225,6 +225,7 @@ impl Daemon {
         let before_serving = async {
             let pid = spawned.hello().await?;
             info!(pid, "upgrade: the new process checked its configuration");
+            self.xdp_filter(false)?;
             self.send_listeners(&mut spawned).await?;
             Ok::<u32, anyhow::Error>(pid)
         }
@@ -234,6 +235,9 @@ impl Daemon {
             Err(e) => {
                 spawned.abandon().await;
                 self.resume_udp();
+                if let Err(e) = self.xdp_filter(true) {
+                    error!(error = %format!("{e:#}"), "XDP access filter not attached again; userspace access rules apply");
+                }
                 return Upgrade::Kept(e);
             }
         };
@@ -267,6 +271,21 @@ impl Daemon {
             ),
         }
         Upgrade::Replaced { pid }
+    }
+
+    /// Detaches (or puts back) the XDP access filter: an interface holds one XDP
+    /// program, and the new process attaches its own as it starts its listeners.
+    fn xdp_filter(&self, attached: bool) -> anyhow::Result<()> {
+        let Some(xdp) = &self.xdp else {
+            return Ok(());
+        };
+        let mut filter = xdp.lock().unwrap_or_else(|p| p.into_inner());
+        if attached {
+            filter.reattach()
+        } else {
+            info!("upgrade: XDP access filter detached for the new process; userspace access rules apply meanwhile");
+            filter.detach()
+        }
     }
 
     async fn send_listeners(&self, spawned: &mut Spawned) -> anyhow::Result<()> {
