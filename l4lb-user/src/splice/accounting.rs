@@ -36,6 +36,7 @@ use tracing::debug;
 
 use super::session::{io_end, End, Session};
 use super::sys::{self, TcpProgress};
+use super::way::Way;
 use crate::proxy::SessionEnd;
 
 /// A direction with bytes queued in the kernel and no progress for this long, while the
@@ -154,13 +155,13 @@ fn register(stream: &std::net::TcpStream, interest: Interest) -> std::io::Result
 }
 
 impl Session<'_> {
-    fn flow(&self, i: usize) -> Result<Flow, End> {
+    fn flow(&self, i: Way) -> Result<Flow, End> {
         self.maps
             .flow(self.socks[i].cookie)
             .map_err(|e| End::Session(SessionEnd::Error(self.socks[i].side, e.to_string())))
     }
 
-    fn peer_progress(&self, j: usize) -> Result<TcpProgress, End> {
+    fn peer_progress(&self, j: Way) -> Result<TcpProgress, End> {
         let p = self
             .progress(j)
             .map_err(|e| io_end(self.socks[j].side, &e, "peer TCP_INFO"))?;
@@ -173,8 +174,8 @@ impl Session<'_> {
 
     /// Direction `i`'s lag: a pause the program asked for ends at [`RESUME_BELOW`], and
     /// past [`LAG_CAP`] the session leaves the kernel. Also the watchdog's sample.
-    pub(super) fn regulate(&self, i: usize, check: &mut Check) -> Result<(), End> {
-        let j = 1 - i;
+    pub(super) fn regulate(&self, i: Way, check: &mut Check) -> Result<(), End> {
+        let j = i.reverse();
         let f = self.flow(i)?;
         let p = self.peer_progress(j)?;
         let lag = backlog(&f, &p, self.socks[j].queued0, self.dirs[i].forwarded());
@@ -204,7 +205,7 @@ impl Session<'_> {
 
     /// A periodic look at a running direction: a hold whose event was lost, a pause to
     /// end, the lag, or a stall.
-    pub(super) async fn tick(&self, i: usize, check: &mut Check) -> Result<(), End> {
+    pub(super) async fn tick(&self, i: Way, check: &mut Check) -> Result<(), End> {
         if !self.paused(i) {
             let f = self.flow(i)?;
             if f.passed > self.dirs[i].read() {
@@ -225,8 +226,8 @@ impl Session<'_> {
     /// established sockets can), and that direction would have to finish in userspace.
     /// So while it still moves bytes (or is paused, and so will resume), the FIN waits,
     /// at most [`HALF_CLOSE_DEFER`].
-    async fn defer_half_close(&self, i: usize) -> Result<(), End> {
-        let j = 1 - i;
+    async fn defer_half_close(&self, i: Way) -> Result<(), End> {
+        let j = i.reverse();
         let quiet_ns = u64::try_from(HALF_CLOSE_QUIET.as_nanos()).unwrap_or(u64::MAX);
         let deadline = Instant::now() + HALF_CLOSE_DEFER;
         while Instant::now() < deadline && !self.dirs[j].finished.load(Ordering::Relaxed) {
@@ -244,8 +245,8 @@ impl Session<'_> {
     }
 
     /// Waits until every byte redirected in direction `i` is in the peer's send queue.
-    pub(super) async fn wait_drained(&self, i: usize) -> Result<(), End> {
-        let j = 1 - i;
+    pub(super) async fn wait_drained(&self, i: Way) -> Result<(), End> {
+        let j = i.reverse();
         let mut watchdog = Watchdog::default();
         let mut delay = FIRST_POLL;
         loop {
@@ -281,7 +282,7 @@ impl Session<'_> {
     /// Direction `i` holds: waits until the peer took every redirected byte, then
     /// forwards the bytes the program passed to the source socket; the program resumes
     /// redirecting at the next skb once they are all forwarded.
-    pub(super) async fn relieve(&self, i: usize) -> Result<(), End> {
+    pub(super) async fn relieve(&self, i: Way) -> Result<(), End> {
         let side = self.socks[i].side;
         let mut ready = Readiness::default();
         let mut delay = FIRST_POLL;
@@ -328,7 +329,7 @@ impl Session<'_> {
 
     /// Reads what the source of direction `i` holds into the (empty) pending buffer.
     /// `None`: nothing there now; `Some(0)`: EOF.
-    fn read_some(&self, i: usize) -> Result<Option<usize>, End> {
+    fn read_some(&self, i: Way) -> Result<Option<usize>, End> {
         let mut buf = self.dirs[i].pending();
         debug_assert!(buf.is_empty());
         buf.resize(FORWARD_BUF, 0);
@@ -343,8 +344,8 @@ impl Session<'_> {
     }
 
     /// Writes direction `i`'s pending bytes to the peer and tells the program.
-    async fn flush_pending(&self, i: usize, ready: &mut Readiness) -> Result<(), End> {
-        let j = 1 - i;
+    async fn flush_pending(&self, i: Way, ready: &mut Readiness) -> Result<(), End> {
+        let j = i.reverse();
         let to_end = |e: std::io::Error| io_end(self.socks[j].side, &e, "send to peer");
         loop {
             let sent = {
@@ -387,8 +388,8 @@ impl Session<'_> {
     /// Direction `i` saw its FIN: once every byte before it is in the peer's send queue,
     /// pass the FIN on with shutdown(SHUT_WR). The kernel does not do it by itself, and
     /// doing it early loses the bytes still queued for redirect.
-    pub(super) async fn finish(&self, i: usize) -> Result<(), End> {
-        let j = 1 - i;
+    pub(super) async fn finish(&self, i: Way) -> Result<(), End> {
+        let j = i.reverse();
         let started = Instant::now();
         let mut last_read = started;
         let mut delay = FIRST_POLL;
@@ -451,8 +452,8 @@ impl Session<'_> {
     /// a byte. Kicks a peer whose redirect worker seems stuck. Errs if the kernel does
     /// not give the bytes up.
     pub(super) async fn reclaim(&self) -> Result<(), End> {
-        for i in 0..2 {
-            let j = 1 - i;
+        for i in Way::BOTH {
+            let j = i.reverse();
             if self.dirs[i].finished.load(Ordering::Relaxed) {
                 continue;
             }

@@ -20,6 +20,7 @@ mod offsets;
 mod session;
 mod sys;
 mod watch;
+mod way;
 
 use std::fmt;
 use std::io;
@@ -39,6 +40,7 @@ use crate::proxy::{SessionEnd, Side};
 use maps::Maps;
 use session::{End, Session, Snapshot};
 use watch::Watcher;
+use way::Way;
 
 /// Which path carried a session's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -255,20 +257,22 @@ impl Splicer {
         };
         match session.splice(rx, limits, transfer, handover).await {
             End::Session(end) => kernel_end(&session, End::Session(end), Path::Kernel),
-            End::Handover => match take_out(session, 0, CopyReason::InsertFailed, transfer).await {
-                Ok((client, backend, userspace_bytes)) => KernelEnd::Handover {
-                    client,
-                    backend,
-                    userspace_bytes,
-                },
-                Err(end) => end,
-            },
+            End::Handover => {
+                match take_out(session, Way::Up, CopyReason::InsertFailed, transfer).await {
+                    Ok((client, backend, userspace_bytes)) => KernelEnd::Handover {
+                        client,
+                        backend,
+                        userspace_bytes,
+                    },
+                    Err(end) => end,
+                }
+            }
             End::Stall(i) => {
                 STATS.watchdog.fetch_add(1, Ordering::Relaxed);
                 warn!(from = %session.socks[i].side, "spliced session stalled; continuing it in userspace");
                 let why = io::Error::other(format!(
                     "no progress towards the {} for {:?}",
-                    session.socks[1 - i].side,
+                    session.socks[i.reverse()].side,
                     accounting::STALL_AFTER
                 ));
                 leave(session, i, CopyReason::Watchdog, why, transfer).await
@@ -277,9 +281,9 @@ impl Splicer {
                 STATS.lagging.fetch_add(1, Ordering::Relaxed);
                 let why = io::Error::other(format!(
                     "the {} lags by more than {} MiB{}",
-                    session.socks[1 - i].side,
+                    session.socks[i.reverse()].side,
                     accounting::LAG_CAP >> 20,
-                    if session.dirs[1 - i].finished.load(Ordering::Relaxed) {
+                    if session.dirs[i.reverse()].finished.load(Ordering::Relaxed) {
                         " (no pauses once its write side is shut down)"
                     } else {
                         ""
@@ -299,7 +303,7 @@ impl Splicer {
 /// to continue; `i` is the direction that made it leave.
 async fn leave(
     session: Session<'_>,
-    i: usize,
+    i: Way,
     reason: CopyReason,
     why: io::Error,
     transfer: &Transfer,
@@ -320,7 +324,7 @@ async fn leave(
 /// path if the session ends meanwhile.
 async fn take_out(
     session: Session<'_>,
-    i: usize,
+    i: Way,
     reason: CopyReason,
     transfer: &Transfer,
 ) -> Result<(StdTcpStream, StdTcpStream, u64), KernelEnd> {
@@ -339,7 +343,7 @@ fn kernel_end(session: &Session<'_>, end: End, path: Path) -> KernelEnd {
     let end = match end {
         End::Session(e) => e,
         End::Stall(i) => SessionEnd::Error(session.socks[i].side, "stalled in the kernel".into()),
-        End::Lagging(i) => SessionEnd::Error(session.socks[1 - i].side, "lagging".into()),
+        End::Lagging(i) => SessionEnd::Error(session.socks[i.reverse()].side, "lagging".into()),
         End::ClosedWhilePaused(i) => {
             SessionEnd::Error(session.socks[i].side, "closed while paused".into())
         }

@@ -16,6 +16,7 @@ use tracing::{debug, warn};
 use super::maps::Maps;
 use super::sys::{self, TcpProgress};
 use super::watch::{Event, Route, Watcher};
+use super::way::{PerWay, Way};
 use super::STATS;
 use crate::proxy::copy::{CopyLimits, Transfer};
 use crate::proxy::{SessionEnd, Side};
@@ -28,15 +29,15 @@ const DETACH_WAIT: Duration = Duration::from_secs(1);
 pub enum End {
     Session(SessionEnd),
     /// Direction `.0` stopped making progress with bytes queued in the kernel.
-    Stall(usize),
+    Stall(Way),
     /// The peer of direction `.0` lags by more than the cap: the session leaves the
     /// kernel for the userspace copy, whose reads stop when the peer stops.
-    Lagging(usize),
+    Lagging(Way),
     /// The source of direction `.0` cannot rejoin the attached map after a pause (it is
     /// no longer established: its write side was shut down), or it closed while paused
     /// and reading what it holds from userspace made no progress: the session leaves the
     /// kernel.
-    ClosedWhilePaused(usize),
+    ClosedWhilePaused(Way),
     /// A binary upgrade takes the session to the new process.
     Handover,
 }
@@ -155,9 +156,10 @@ struct Inserted {
 pub struct Session<'a> {
     pub maps: &'a Maps,
     watcher: &'a Watcher,
-    pub socks: [Sock; 2],
-    pub dirs: [Dir; 2],
-    inserted: [Mutex<Inserted>; 2],
+    /// Each direction's source socket: the client's for `Up`.
+    pub socks: PerWay<Sock>,
+    pub dirs: PerWay<Dir>,
+    inserted: PerWay<Mutex<Inserted>>,
     /// CLOCK_MONOTONIC ns of the last byte this daemon moved or saw the kernel move.
     pub last_user_ns: AtomicU64,
 }
@@ -176,35 +178,32 @@ impl<'a> Session<'a> {
         Session {
             maps,
             watcher,
-            socks: [client, backend],
-            dirs: [Dir::default(), Dir::default()],
-            inserted: [
-                Mutex::new(Inserted::default()),
-                Mutex::new(Inserted::default()),
-            ],
+            socks: PerWay::new(client, backend),
+            dirs: PerWay::default(),
+            inserted: PerWay::default(),
             last_user_ns: AtomicU64::new(sys::monotonic_ns()),
         }
     }
 
-    fn inserted(&self, i: usize) -> MutexGuard<'_, Inserted> {
+    fn inserted(&self, i: Way) -> MutexGuard<'_, Inserted> {
         self.inserted[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn mark(&self, i: usize, f: impl FnOnce(&mut Inserted)) {
+    fn mark(&self, i: Way, f: impl FnOnce(&mut Inserted)) {
         f(&mut self.inserted(i));
     }
 
     /// Flow state, event routes, redirect targets, then the attached map: no skb ever
     /// finds its state or its peer missing. Returns the two directions' event streams.
-    pub fn insert(&self) -> Result<[UnboundedReceiver<Event>; 2], InsertError> {
+    pub fn insert(&self) -> Result<PerWay<UnboundedReceiver<Event>>, InsertError> {
         let plain = |error| InsertError {
             error,
             attached: false,
         };
         let (tx0, rx0) = mpsc::unbounded_channel();
         let (tx1, rx1) = mpsc::unbounded_channel();
-        let [a, b] = &self.socks;
-        for s in &self.socks {
+        let (a, b) = (&self.socks[Way::Up], &self.socks[Way::Down]);
+        for s in self.socks.values() {
             // What a paused source queues, and hands to the verdict in one burst when it
             // resumes, is its receive buffer: cap it (autotuning would grow it to
             // net.ipv4.tcp_rmem's maximum).
@@ -213,11 +212,11 @@ impl<'a> Session<'a> {
         self.maps
             .create_flow(a.cookie, b.cookie, a.consumed0, b.queued0)
             .map_err(plain)?;
-        self.mark(0, |m| m.state = true);
+        self.mark(Way::Up, |m| m.state = true);
         self.maps
             .create_flow(b.cookie, a.cookie, b.consumed0, a.queued0)
             .map_err(plain)?;
-        self.mark(1, |m| m.state = true);
+        self.mark(Way::Down, |m| m.state = true);
         self.watcher
             .add(
                 a.fd,
@@ -228,7 +227,7 @@ impl<'a> Session<'a> {
                 },
             )
             .map_err(plain)?;
-        self.mark(0, |m| m.watched = true);
+        self.mark(Way::Up, |m| m.watched = true);
         self.watcher
             .add(
                 b.fd,
@@ -239,32 +238,32 @@ impl<'a> Session<'a> {
                 },
             )
             .map_err(plain)?;
-        self.mark(1, |m| m.watched = true);
-        for (i, s) in self.socks.iter().enumerate() {
+        self.mark(Way::Down, |m| m.watched = true);
+        for (i, s) in self.socks.iter() {
             self.maps.insert_target(s.cookie, s.fd).map_err(plain)?;
             self.mark(i, |m| m.target = true);
         }
-        for (i, s) in self.socks.iter().enumerate() {
+        for (i, s) in self.socks.iter() {
             self.maps
                 .insert_attached(s.cookie, s.fd)
                 .map_err(|error| InsertError {
                     error,
-                    attached: i > 0,
+                    attached: i == Way::Down,
                 })?;
             self.mark(i, |m| m.attached = true);
         }
-        for s in &self.socks {
+        for s in self.socks.values() {
             // Bytes that arrived before the insert wait for the next segment otherwise.
             if let Err(e) = sys::set_rcvlowat_one(s.fd) {
                 debug!(error = %e, "SO_RCVLOWAT kick failed");
             }
         }
-        Ok([rx0, rx1])
+        Ok(PerWay::new(rx0, rx1))
     }
 
     /// Stops the verdict on both sockets; redirects already queued still drain.
     pub fn detach(&self) {
-        for i in 0..2 {
+        for i in Way::BOTH {
             self.detach_one(i);
         }
     }
@@ -273,7 +272,7 @@ impl<'a> Session<'a> {
     /// the kernel is handing to the verdict at that very moment are dropped (it finds no
     /// program), so this is only for a session that ends, or whose program did not
     /// detach it in time.
-    fn detach_one(&self, i: usize) {
+    fn detach_one(&self, i: Way) {
         if self.inserted(i).attached {
             if let Err(e) = self.maps.remove_attached(self.socks[i].cookie) {
                 warn!(error = %e, "cannot remove a socket from the attached sockmap");
@@ -282,11 +281,11 @@ impl<'a> Session<'a> {
         }
     }
 
-    pub fn attached(&self, i: usize) -> bool {
+    pub fn attached(&self, i: Way) -> bool {
         self.inserted(i).attached
     }
 
-    pub fn paused(&self, i: usize) -> bool {
+    pub fn paused(&self, i: Way) -> bool {
         self.dirs[i].paused.load(Ordering::Relaxed)
     }
 
@@ -295,8 +294,8 @@ impl<'a> Session<'a> {
     /// closes. The sock_ops program does it at the next outgoing segment (a zero-length
     /// send makes one at once); [`Event::Detached`] confirms. The peer is watched for
     /// room to write, when the pause may end.
-    pub fn paused_by_program(&self, i: usize) -> Result<(), End> {
-        let (j, s) = (1 - i, &self.socks[i]);
+    pub fn paused_by_program(&self, i: Way) -> Result<(), End> {
+        let (j, s) = (i.reverse(), &self.socks[i]);
         self.dirs[i].paused.store(true, Ordering::Relaxed);
         STATS.pauses.fetch_add(1, Ordering::Relaxed);
         match sys::send(s.fd, &[]) {
@@ -312,8 +311,8 @@ impl<'a> Session<'a> {
 
     /// Stops treating direction `i` as paused (also for good, when the source closed:
     /// what it still holds is then read here).
-    pub fn end_pause(&self, i: usize) {
-        let j = 1 - i;
+    pub fn end_pause(&self, i: Way) {
+        let j = i.reverse();
         if self.dirs[i].paused.swap(false, Ordering::Relaxed) {
             let _ = self
                 .watcher
@@ -324,7 +323,7 @@ impl<'a> Session<'a> {
     /// Ends a pause: socket `i` rejoins the attached map and the kick hands what queued
     /// meanwhile to the verdict, in order (it cuts what retransmissions repeat). Also
     /// undoes a detach that completed after the pause was already called off.
-    pub fn resume(&self, i: usize) -> Result<(), End> {
+    pub fn resume(&self, i: Way) -> Result<(), End> {
         let s = &self.socks[i];
         self.end_pause(i);
         let to_end = |e: io::Error| End::Session(SessionEnd::Error(s.side, e.to_string()));
@@ -355,7 +354,7 @@ impl<'a> Session<'a> {
     }
 
     /// Learns from the kernel whether socket `i` is still in the attached map.
-    fn sync_attached(&self, i: usize) -> Result<(), End> {
+    fn sync_attached(&self, i: Way) -> Result<(), End> {
         let s = &self.socks[i];
         let attached = self
             .maps
@@ -367,7 +366,7 @@ impl<'a> Session<'a> {
 
     /// Sets the detach request of socket `i` and gives the program a chance to act on it
     /// at once: a zero-length send runs it under the socket lock.
-    fn request_detach(&self, i: usize) -> Result<(), End> {
+    fn request_detach(&self, i: Way) -> Result<(), End> {
         let s = &self.socks[i];
         self.maps
             .set_detach(s.cookie)
@@ -389,7 +388,7 @@ impl<'a> Session<'a> {
     /// [`DETACH_WAIT`] without that, from here.
     pub async fn detach_flowing(&self) {
         let deadline = std::time::Instant::now() + DETACH_WAIT;
-        for i in 0..2 {
+        for i in Way::BOTH {
             loop {
                 if let Err(e) = self.request_detach(i) {
                     debug!(error = ?e, "detach request failed");
@@ -411,7 +410,7 @@ impl<'a> Session<'a> {
     /// Takes both sockets out of every map and the watcher. Idempotent.
     pub fn teardown(&self) {
         self.detach();
-        for (i, s) in self.socks.iter().enumerate() {
+        for (i, s) in self.socks.iter() {
             let ins = *self.inserted(i);
             if ins.target {
                 if let Err(e) = self.maps.remove_target(s.cookie) {
@@ -438,14 +437,14 @@ impl<'a> Session<'a> {
     /// session) and the bytes this daemon forwarded so far.
     pub fn into_streams(self) -> io::Result<(StdTcpStream, StdTcpStream, u64)> {
         self.teardown();
-        let client = self.socks[0].stream.try_clone()?;
-        let backend = self.socks[1].stream.try_clone()?;
+        let client = self.socks[Way::Up].stream.try_clone()?;
+        let backend = self.socks[Way::Down].stream.try_clone()?;
         Ok((client, backend, self.userspace_bytes()))
     }
 
     /// Copies the kernel counters into the access log's counters.
     pub fn publish(&self, transfer: &Transfer) {
-        for (i, counter) in [(0, &transfer.upload), (1, &transfer.download)] {
+        for (i, counter) in [(Way::Up, &transfer.upload), (Way::Down, &transfer.download)] {
             if let Ok(f) = self.maps.flow(self.socks[i].cookie) {
                 let total = f.redirected + self.dirs[i].forwarded();
                 counter.fetch_max(total, Ordering::Relaxed);
@@ -454,7 +453,7 @@ impl<'a> Session<'a> {
     }
 
     pub fn userspace_bytes(&self) -> u64 {
-        self.dirs[0].forwarded() + self.dirs[1].forwarded()
+        self.dirs.values().map(Dir::forwarded).sum()
     }
 
     pub fn touch(&self) {
@@ -462,21 +461,25 @@ impl<'a> Session<'a> {
             .store(sys::monotonic_ns(), Ordering::Relaxed);
     }
 
-    pub fn progress(&self, i: usize) -> io::Result<TcpProgress> {
+    pub fn progress(&self, i: Way) -> io::Result<TcpProgress> {
         sys::tcp_progress(self.socks[i].fd)
     }
 
     /// Runs both directions until both FINs were passed on, an error, idleness, or a stall.
     pub async fn splice(
         &self,
-        rx: [UnboundedReceiver<Event>; 2],
+        rx: PerWay<UnboundedReceiver<Event>>,
         limits: CopyLimits,
         transfer: &Transfer,
         handover: &CancellationToken,
     ) -> End {
-        let [mut rx0, mut rx1] = rx;
-        let both =
-            async { tokio::try_join!(self.direction(0, &mut rx0), self.direction(1, &mut rx1)) };
+        let (mut up, mut down) = rx.into_pair();
+        let both = async {
+            tokio::try_join!(
+                self.direction(Way::Up, &mut up),
+                self.direction(Way::Down, &mut down)
+            )
+        };
         let end = tokio::select! {
             r = both => match r {
                 Ok(_) => End::Session(SessionEnd::Closed),
@@ -494,7 +497,7 @@ impl<'a> Session<'a> {
         let timeout_ns = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
         loop {
             let mut last = self.last_user_ns.load(Ordering::Relaxed);
-            for s in &self.socks {
+            for s in self.socks.values() {
                 match self.maps.flow(s.cookie) {
                     Ok(f) => last = last.max(f.last_ns),
                     Err(e) => return End::Session(SessionEnd::Error(s.side, e.to_string())),
@@ -511,8 +514,8 @@ impl<'a> Session<'a> {
     }
 
     /// One direction: reacts to its events and checks on it now and then.
-    async fn direction(&self, i: usize, rx: &mut UnboundedReceiver<Event>) -> Result<(), End> {
-        let j = 1 - i;
+    async fn direction(&self, i: Way, rx: &mut UnboundedReceiver<Event>) -> Result<(), End> {
+        let j = i.reverse();
         let mut check = super::accounting::Check::default();
         loop {
             let ev = tokio::select! {
