@@ -17,7 +17,7 @@ use super::connect::{connect, ConnectError};
 use super::copy::{copy, CopyEnd, CopyLimits, Transfer};
 use super::promotion::{self, Decision};
 use super::{is_resource_exhaustion, proxy_protocol, ListenerCtx, SessionEnd, SharedCtx, Side};
-use crate::config::{ServerConfig, SpliceMode};
+use crate::config::{ProxyProtocol, ServerConfig, SpliceMode};
 use crate::metrics::{self, CopyReason, METRICS};
 use crate::panic;
 use crate::runtime::DataPath;
@@ -406,11 +406,15 @@ async fn establish(
         warn!(client = %peer, listen = %server.listen, error = %e, "closing client: no upstream server reachable");
         Outcome::ended(None, "connect_failed")
     })?;
-    let mut first = client
-        .local_addr()
-        .ok()
-        .and_then(|local| proxy_protocol::header(server.proxy_protocol, peer, local))
-        .unwrap_or_default();
+    // getsockname(2) only when a header needs the address: one syscall less per session.
+    let mut first = match server.proxy_protocol {
+        ProxyProtocol::Off => Vec::new(),
+        version => client
+            .local_addr()
+            .ok()
+            .and_then(|local| proxy_protocol::header(version, peer, local))
+            .unwrap_or_default(),
+    };
     first.extend_from_slice(&early);
     if !first.is_empty() {
         if let Err(e) = backend.write_all(&first).await {
