@@ -88,11 +88,7 @@ impl AdminServer {
         inherited: Option<OwnedFd>,
     ) -> anyhow::Result<Self> {
         let listener = match inherited {
-            Some(fd) => {
-                let std = std::net::TcpListener::from(fd);
-                std.set_nonblocking(true)?;
-                TcpListener::from_std(std)?
-            }
+            Some(fd) => crate::upgrade::tcp_listener(fd)?,
             None => TcpListener::bind(cfg.listen)
                 .await
                 .with_context(|| format!("cannot listen on {} for the admin API", cfg.listen))?,

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use tokio::net::{TcpListener, TcpSocket, UdpSocket};
+use tokio::net::{TcpSocket, UdpSocket};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -241,11 +241,7 @@ impl Daemon {
         let (socket, udp) = match server.protocol {
             Protocol::Tcp => {
                 let listener = match inherited {
-                    Some(fd) => {
-                        let std = std::net::TcpListener::from(fd);
-                        std.set_nonblocking(true)?;
-                        TcpListener::from_std(std)?
-                    }
+                    Some(fd) => crate::upgrade::tcp_listener(fd)?,
                     None => {
                         let socket = if server.listen.is_ipv4() {
                             TcpSocket::new_v4()?
@@ -278,11 +274,7 @@ impl Daemon {
             }
             Protocol::Udp => {
                 let socket = match inherited {
-                    Some(fd) => {
-                        let std = std::net::UdpSocket::from(fd);
-                        std.set_nonblocking(true)?;
-                        UdpSocket::from_std(std)?
-                    }
+                    Some(fd) => crate::upgrade::udp_socket(fd)?,
                     None => UdpSocket::bind(server.listen)
                         .await
                         .map_err(|e| bind_error(e, server.listen))?,

@@ -12,13 +12,15 @@ pub mod udp;
 
 use std::fmt;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
 use crate::config::ServerConfig;
 use crate::metrics::ListenerMetrics;
-use crate::upstream::Upstream;
+use crate::upstream::{Lease, Upstream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// What a listener needs per connection; swapped whole on reload, so established
 /// sessions keep the settings they started with.
@@ -32,6 +34,43 @@ pub struct ListenerCtx {
 }
 
 pub type SharedCtx = Arc<ArcSwap<ListenerCtx>>;
+
+/// What a session handed over by another process (binary upgrade) holds here, as any
+/// session does: a `max_connections` place, a lease on its server (so least_conn counts
+/// it), and its client's `limit_conn` place when there is room.
+pub struct HandedOver {
+    pub permit: OwnedSemaphorePermit,
+    pub lease: Lease,
+    pub slot: Option<access::ConnSlot>,
+}
+
+impl HandedOver {
+    /// Refused (the old process keeps the session) when there is no room or no
+    /// upstream for it here.
+    pub fn admit(
+        ctx: &ListenerCtx,
+        permits: &Arc<Semaphore>,
+        client: SocketAddr,
+        server: SocketAddr,
+    ) -> Result<HandedOver, String> {
+        let permit = Arc::clone(permits)
+            .try_acquire_owned()
+            .map_err(|_| "max_connections reached".to_string())?;
+        let upstream = ctx
+            .upstream
+            .as_ref()
+            .ok_or_else(|| format!("listener {} has no upstream here", ctx.server.listen))?;
+        let slot = match ctx.server.limit_conn {
+            0 => None,
+            limit => ctx.conn_limits.try_acquire(client.ip(), limit),
+        };
+        Ok(HandedOver {
+            permit,
+            lease: upstream.lease_for(server),
+            slot,
+        })
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {

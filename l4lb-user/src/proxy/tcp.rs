@@ -16,7 +16,9 @@ use super::access::{self, ConnSlot};
 use super::connect::{connect, ConnectError};
 use super::copy::{copy, CopyEnd, CopyLimits, Transfer};
 use super::promotion::{self, Decision};
-use super::{is_resource_exhaustion, proxy_protocol, ListenerCtx, SessionEnd, SharedCtx, Side};
+use super::{
+    is_resource_exhaustion, proxy_protocol, HandedOver, ListenerCtx, SessionEnd, SharedCtx, Side,
+};
 use crate::config::{ProxyProtocol, ServerConfig, SpliceMode};
 use crate::metrics::{self, CopyReason, METRICS};
 use crate::panic;
@@ -168,18 +170,11 @@ pub fn adopt(
         client,
         backend,
     } = adopted;
-    let permit = Arc::clone(&dp.conn_limit)
-        .try_acquire_owned()
-        .map_err(|_| "max_connections reached".to_string())?;
-    let upstream = ctx
-        .upstream
-        .as_ref()
-        .ok_or_else(|| format!("listener {} has no upstream here", s.listen))?;
-    let lease = upstream.lease_for(s.server);
-    let slot = match ctx.server.limit_conn {
-        0 => None,
-        limit => ctx.conn_limits.try_acquire(s.client.ip(), limit),
-    };
+    let HandedOver {
+        permit,
+        lease,
+        slot,
+    } = HandedOver::admit(&ctx, &dp.conn_limit, s.client, s.server)?;
     let transfer = Transfer::default();
     transfer.upload.store(s.upload, Ordering::Relaxed);
     transfer.download.store(s.download, Ordering::Relaxed);

@@ -16,7 +16,7 @@ use tracing::{debug, error, info, warn};
 
 use super::access::{self, ConnSlot};
 use super::copy::idle;
-use super::{ListenerCtx, SharedCtx};
+use super::{HandedOver, ListenerCtx, SharedCtx};
 use crate::metrics::METRICS;
 use crate::panic;
 use crate::runtime::DataPath;
@@ -268,25 +268,19 @@ pub fn adopt(
     saved: &wire::UdpSession,
     backend: OwnedFd,
 ) -> Result<(), String> {
-    let permit = Arc::clone(&dp.conn_limit)
-        .try_acquire_owned()
-        .map_err(|_| "max_connections reached".to_string())?;
-    let upstream = ctx
-        .upstream
-        .as_ref()
-        .ok_or_else(|| format!("listener {} has no upstream here", saved.listen))?;
+    let HandedOver {
+        permit,
+        lease,
+        slot,
+    } = HandedOver::admit(ctx, &dp.conn_limit, saved.client, saved.server)?;
     let backend = UdpSocket::from_std(std::net::UdpSocket::from(backend))
         .map_err(|e| format!("cannot register the backend socket: {e}"))?;
-    let slot = match ctx.server.limit_conn {
-        0 => None,
-        limit => ctx.conn_limits.try_acquire(saved.client.ip(), limit),
-    };
     let start = Instant::now()
         .checked_sub(Duration::from_millis(saved.age_ms))
         .unwrap_or_else(Instant::now);
     let session = Arc::new(UdpSession {
         backend,
-        lease: upstream.lease_for(saved.server),
+        lease,
         _slot: slot,
         _permit: permit,
         last_activity: AtomicU64::new(

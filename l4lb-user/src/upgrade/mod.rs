@@ -59,6 +59,20 @@ impl Exe {
     }
 }
 
+/// A TCP listening socket the old process handed over, registered with the runtime.
+pub fn tcp_listener(fd: OwnedFd) -> std::io::Result<tokio::net::TcpListener> {
+    let std = std::net::TcpListener::from(fd);
+    std.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(std)
+}
+
+/// A UDP socket the old process handed over, registered with the runtime.
+pub fn udp_socket(fd: OwnedFd) -> std::io::Result<tokio::net::UdpSocket> {
+    let std = std::net::UdpSocket::from(fd);
+    std.set_nonblocking(true)?;
+    tokio::net::UdpSocket::from_std(std)
+}
+
 /// The new process while the old one still runs: started, with its channel.
 pub struct Spawned {
     pub child: Child,
