@@ -626,7 +626,8 @@ async fn a_new_binary_that_cannot_start_leaves_the_old_process_serving() {
 }
 
 /// An upgrade right after a Consul change and one right after a SIGHUP: the new
-/// process ends up with the changed server set and the reloaded configuration.
+/// process ends up with the changed server set and the reloaded configuration. One more
+/// while Consul is down keeps the set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_upgrade_during_a_consul_change_or_a_reload_keeps_both() {
     let consul = Consul::start().await;
@@ -654,6 +655,7 @@ type = "consul"
 url = "{url}"
 interval = "300ms"
 timeout = "1s"
+strong_dependency = true
 
 [[server]]
 listen = "127.0.0.1:{lb}"
@@ -722,6 +724,13 @@ proxy_pass = "db"
         "the reloaded listener is not served; log:\n{}",
         d.log()
     );
+
+    // Consul down: with strong_dependency a fresh start would fail, but the set the
+    // running process hands over is the source's last answer, so the upgrade works.
+    consul.set_fault(support::consul::Fault::Status500);
+    tokio::task::block_in_place(|| upgrade_by_signal(&d, &current));
+    assert!(lists(&[a.addr, b.addr]), "{}", show(admin_addr, "db"));
+    consul.set_fault(support::consul::Fault::None);
 
     held.write_all(b"still here\n").await.expect("write");
     let mut buf = vec![0u8; 11];

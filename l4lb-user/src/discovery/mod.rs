@@ -413,9 +413,12 @@ impl Discovery {
             strong_dependency = cfg.strong_dependency,
             "discovery started"
         );
-        if cfg.strong_dependency && phase == Phase::Start {
+        // A set handed over by a binary upgrade is already the source's last answer:
+        // the new process does not wait for it again (nor fail if it is down now).
+        let has_set = upstream.snapshot().source != Origin::Config;
+        if cfg.strong_dependency && phase == Phase::Start && !has_set {
             runner.initial(&mut src).await?;
-        } else if upstream.snapshot().source == Origin::Config {
+        } else if !has_set {
             // Only when nothing was discovered yet: on reload a discovered set is newer.
             runner.load_dump().await;
         }
