@@ -235,9 +235,12 @@ async fn session(
             }
         }
     };
+    // A child token: polling it locks only this session's node, where polling the
+    // shared one would make every session's every wake-up take one lock.
+    let shutdown = dp.shutdown.child_token();
     let outcome = tokio::select! {
         o = run => o,
-        () = dp.shutdown.cancelled() => Outcome::ended(None, SessionEnd::Shutdown),
+        () = shutdown.cancelled() => Outcome::ended(None, SessionEnd::Shutdown),
     };
     ctx.metrics.active.dec();
     if outcome.handed_over {
@@ -489,6 +492,7 @@ async fn forward(
         let handover = dp.handover.token();
         match (stage, splicer) {
             (Stage::Kernel, Some(splicer)) => {
+                let handover = handover.child_token();
                 match in_kernel(splicer, client, backend, limits, transfer, &handover).await {
                     KernelStretch::Done(end, path) => break (end, path),
                     KernelStretch::Left(c, b, reason) => {
@@ -506,8 +510,8 @@ async fn forward(
             }
             (Stage::Kernel, None) => stage = Stage::Copy { promote: false },
             (Stage::Copy { promote }, _) => {
-                let stop = CancellationToken::new();
-                let mut handing = false;
+                // Cancelled by promotion, or with its parent by a binary upgrade.
+                let stop = handover.child_token();
                 let before = transfer.total();
                 let copied = {
                     let copying = copy(&mut client, &mut backend, limits, transfer, Some(&stop));
@@ -531,13 +535,9 @@ async fn forward(
                             stop.cancel();
                             copying.await
                         }
-                        () = handover.cancelled() => {
-                            handing = true;
-                            stop.cancel();
-                            copying.await
-                        }
                     }
                 };
+                let handing = handover.is_cancelled();
                 metrics::add_bytes(0, transfer.total().saturating_sub(before));
                 match copied {
                     CopyEnd::Ended(end) => {

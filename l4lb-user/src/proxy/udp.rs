@@ -308,6 +308,8 @@ async fn replies(
     let server = &ctx.server;
     let lease = &session.lease;
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    // This session's own nodes: the loop polls them for every datagram.
+    let (shutdown, pause) = (dp.shutdown.child_token(), pause.child_token());
     let end = loop {
         if server
             .proxy_responses
@@ -334,7 +336,7 @@ async fn replies(
                 }
             },
             () = idle(&session.last_activity, session.start, server.proxy_timeout) => break "idle_timeout".to_string(),
-            () = dp.shutdown.cancelled() => break "shutdown".to_string(),
+            () = shutdown.cancelled() => break "shutdown".to_string(),
             // A binary upgrade: the session stays in the table, for the new process or
             // for this one to resume.
             () = pause.cancelled() => return,
