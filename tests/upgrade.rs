@@ -625,6 +625,83 @@ async fn a_new_binary_that_cannot_start_leaves_the_old_process_serving() {
     );
 }
 
+/// A new process with room for fewer sessions (a smaller `max_connections`) takes what
+/// fits (each refused session is offered once) and refuses the rest, which stay in the old process: it keeps serving them
+/// until they end, then exits. Every session is in exactly one process and byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_the_new_process_refuses_stay_in_the_old_one() {
+    let echo = [Backend::start(Behaviour::Echo).await];
+    let udp = [UdpBackend::start("u1").await];
+    let p = Ports::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path(), &p, &[echo[0].addr], &[udp[0].addr]);
+    let d = Daemon::start_with_env(&cfg, &[("L4LB_ADMIN_TOKEN", TOKEN)]);
+    let current = Current {
+        pid_file: dir.path().join("l4lb.pid"),
+    };
+    let old = current.pid();
+    let load = Load::start(&p, 20, 0, false);
+    let admin = Ports::addr(p.admin);
+    let settled = support::wait_until(Duration::from_secs(30), || {
+        active(admin, "db").iter().map(|(_, n)| n).sum::<u64>() >= 40
+    })
+    .await;
+    assert!(
+        settled.is_some(),
+        "40 sessions not active: {:?}",
+        active(admin, "db")
+    );
+
+    // Global settings take effect at restart, which an upgrade is.
+    let smaller = cfg.replace("[global]\n", "[global]\nmax_connections = 25\n");
+    std::fs::write(&d.config_path, smaller).expect("rewrite config");
+    let new = tokio::task::block_in_place(|| {
+        let status = PathBuf::from(format!("{}.upgrade", current.pid_file.display()));
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(old, libc::SIGUSR2) }, 0);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(line) = std::fs::read_to_string(&status) {
+                break line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no upgrade outcome; log:\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    assert!(new.starts_with("ok "), "{new}\n{}", d.log());
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("upgrade: handed over"))
+        .expect("handed over line");
+    // Each TCP listener's accept loop holds a place too: 23 sessions fit.
+    let field = |name| {
+        support::log_field(line, name)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{line}"))
+    };
+    assert_eq!((field("sessions"), field("kept")), (23, 17), "{line}");
+    assert!(log.contains("max_connections reached"), "{log}");
+    // The old process still serves the 15 it kept.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        d.exited().is_none(),
+        "the old process exited with sessions; log:\n{}",
+        d.log()
+    );
+
+    load.finish().await;
+    let exited = tokio::task::block_in_place(|| d.wait_exit(Duration::from_secs(10)));
+    assert!(
+        exited.is_some(),
+        "the old process did not exit once its sessions ended"
+    );
+}
+
 /// An upgrade right after a Consul change and one right after a SIGHUP: the new
 /// process ends up with the changed server set and the reloaded configuration. One more
 /// while Consul is down keeps the set.

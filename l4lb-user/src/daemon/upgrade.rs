@@ -355,6 +355,7 @@ impl Daemon {
         let (mut moved, mut kept) = (0u64, 0u64);
         let mut broken: Option<anyhow::Error> = None;
         let mut in_flight: VecDeque<Parked> = VecDeque::new();
+        let mut refused: Vec<Parked> = Vec::new();
         let mut answer_by = tokio::time::Instant::now() + up::REPLY_TIMEOUT;
         loop {
             tokio::select! {
@@ -369,8 +370,7 @@ impl Daemon {
                             in_flight.push_back(p);
                         }
                         Err(e) => {
-                            let _ = p.back.send(Some((p.client, p.backend)));
-                            kept += 1;
+                            refused.push(p);
                             broken = Some(e.into());
                         }
                     }
@@ -387,13 +387,11 @@ impl Daemon {
                             let _ = p.back.send(None);
                             moved += 1;
                         }
-                        Ok(false) => {
-                            let _ = p.back.send(Some((p.client, p.backend)));
-                            kept += 1;
-                        }
+                        // Given back once the handover is over: back now, it would
+                        // see the handover still asked for and park again.
+                        Ok(false) => refused.push(p),
                         Err(e) => {
-                            let _ = p.back.send(Some((p.client, p.backend)));
-                            kept += 1;
+                            refused.push(p);
                             broken.get_or_insert(e);
                         }
                     }
@@ -408,13 +406,11 @@ impl Daemon {
                     if broken.is_some() {
                         // Unanswered sessions stay here: the new process did not say
                         // it took them, and it may not have.
-                        for p in in_flight.drain(..) {
-                            let _ = p.back.send(Some((p.client, p.backend)));
-                            kept += 1;
-                        }
+                        refused.extend(in_flight.drain(..));
                     }
-                    // Sessions kept here still run; every other one ended or moved.
-                    let settled = self.dp.sessions.len() as u64 <= kept + in_flight.len() as u64;
+                    // Sessions kept here wait in `refused`; every other one ended or
+                    // moved.
+                    let settled = self.dp.sessions.len() <= refused.len() + in_flight.len();
                     if in_flight.is_empty() && (settled || now >= deadline || broken.is_some()) {
                         break;
                     }
@@ -424,6 +420,9 @@ impl Daemon {
         self.dp.handover.end();
         parked.close();
         while let Ok(p) = parked.try_recv() {
+            refused.push(p);
+        }
+        for p in refused {
             let _ = p.back.send(Some((p.client, p.backend)));
             kept += 1;
         }
