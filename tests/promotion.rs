@@ -357,11 +357,15 @@ async fn promotion_under_load_is_byte_exact() {
         started.elapsed().as_secs_f64(),
         bytes as f64 / 1048576.0
     );
+    // How many live long enough to move depends on how fast the rest is moved: 113-127
+    // on bf5f2af (the 1,000 took 15-16 s), 84-103 since (13.5-14.5 s; not bisected).
+    // That each long session moved is checked above; this is a floor against
+    // promotion not working at all.
     assert!(
-        promoted >= 80.0,
+        promoted >= 50.0,
         "only {promoted} sessions moved into the kernel"
     );
-    assert!(paths.get("kernel").copied().unwrap_or(0) >= 80, "{paths:?}");
+    assert!(paths.get("kernel").copied().unwrap_or(0) >= 50, "{paths:?}");
     assert!(
         paths.get("copy:short").copied().unwrap_or(0) >= 50,
         "{paths:?}"
