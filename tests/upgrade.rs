@@ -238,18 +238,16 @@ fn active(admin: SocketAddr, upstream: &str) -> Vec<(String, u64)> {
         .collect()
 }
 
-/// Sends SIGUSR2 to the current process and waits until the new one recorded its
-/// start and the old one exited. Returns the new pid.
-fn upgrade_by_signal(d: &Daemon, current: &Current) -> i32 {
-    let old = current.pid();
+/// Sends SIGUSR2 to the current process and returns the outcome it records.
+fn signal_upgrade(d: &Daemon, current: &Current) -> String {
     let status = PathBuf::from(format!("{}.upgrade", current.pid_file.display()));
     let _ = std::fs::remove_file(&status);
     // SAFETY: kill(2) has no memory-safety preconditions.
-    assert_eq!(unsafe { libc::kill(old, libc::SIGUSR2) }, 0);
+    assert_eq!(unsafe { libc::kill(current.pid(), libc::SIGUSR2) }, 0);
     let deadline = Instant::now() + Duration::from_secs(60);
-    let line = loop {
+    loop {
         if let Ok(line) = std::fs::read_to_string(&status) {
-            break line;
+            return line;
         }
         assert!(
             Instant::now() < deadline,
@@ -257,7 +255,15 @@ fn upgrade_by_signal(d: &Daemon, current: &Current) -> i32 {
             d.log()
         );
         std::thread::sleep(Duration::from_millis(20));
-    };
+    }
+}
+
+/// Sends SIGUSR2 to the current process and waits until the new one recorded its
+/// start and the old one exited. Returns the new pid.
+fn upgrade_by_signal(d: &Daemon, current: &Current) -> i32 {
+    let old = current.pid();
+    let line = signal_upgrade(d, current);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let new: i32 = line
         .trim()
         .strip_prefix("ok ")
@@ -639,7 +645,6 @@ async fn sessions_the_new_process_refuses_stay_in_the_old_one() {
     let current = Current {
         pid_file: dir.path().join("l4lb.pid"),
     };
-    let old = current.pid();
     let load = Load::start(&p, 20, 0, false);
     let admin = Ports::addr(p.admin);
     let settled = support::wait_until(Duration::from_secs(30), || {
@@ -655,23 +660,7 @@ async fn sessions_the_new_process_refuses_stay_in_the_old_one() {
     // Global settings take effect at restart, which an upgrade is.
     let smaller = cfg.replace("[global]\n", "[global]\nmax_connections = 25\n");
     std::fs::write(&d.config_path, smaller).expect("rewrite config");
-    let new = tokio::task::block_in_place(|| {
-        let status = PathBuf::from(format!("{}.upgrade", current.pid_file.display()));
-        // SAFETY: kill(2) has no memory-safety preconditions.
-        assert_eq!(unsafe { libc::kill(old, libc::SIGUSR2) }, 0);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(line) = std::fs::read_to_string(&status) {
-                break line;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no upgrade outcome; log:\n{}",
-                d.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
+    let new = tokio::task::block_in_place(|| signal_upgrade(&d, &current));
     assert!(new.starts_with("ok "), "{new}\n{}", d.log());
     let log = d.log();
     let line = log
