@@ -8,6 +8,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// See `splice/dormant.rs`: freed pages go back to the kernel, where glibc's malloc
+/// kept them pinned by the small objects that stay.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "l4lb", version, about)]
 struct Cli {

@@ -535,6 +535,16 @@ impl Collector for LiveState {
             "Unix time of the last good answer from a discovery source (0: none yet)",
             &last_success,
         )?;
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let tasks = Gauge::<i64>::default();
+            tasks.set(i64::try_from(rt.metrics().num_alive_tasks()).unwrap_or(i64::MAX));
+            emit(
+                e,
+                "runtime_tasks",
+                "Tasks alive in the daemon's runtime (a session that sleeps in the kernel has none)",
+                &tasks,
+            )?;
+        }
         if let Some(xdp) = &self.xdp {
             let dropped = xdp.lock().unwrap_or_else(|p| p.into_inner()).drops();
             let c = Counter::<u64>::default();
@@ -579,6 +589,16 @@ impl Collector for LiveState {
                     "Sessions the kernel refused to splice",
                     k.insert_failed,
                 ),
+                (
+                    "kernel_sleeps",
+                    "Times a quiet spliced session gave up its task to sleep",
+                    k.slept,
+                ),
+                (
+                    "kernel_wakeups",
+                    "Times a sleeping spliced session woke (an event, moved counters, its idle deadline, an upgrade or shutdown)",
+                    k.wakeups,
+                ),
             ];
             for (name, help, value) in counters {
                 let c = Counter::<u64>::default();
@@ -592,6 +612,14 @@ impl Collector for LiveState {
                 "kernel_sessions",
                 "Sessions in the kernel path now",
                 &sessions,
+            )?;
+            let dormant = Gauge::<i64>::default();
+            dormant.set(i64::try_from(k.dormant).unwrap_or(i64::MAX));
+            emit(
+                e,
+                "kernel_dormant_sessions",
+                "Sessions in the kernel path asleep without a task (quiet ones)",
+                &dormant,
             )?;
             let maps = Family::<MapLabels, Gauge>::default();
             for (map, n) in k.maps {

@@ -26,6 +26,16 @@ pub struct DataPath {
     pub handover: Handover,
 }
 
+impl DataPath {
+    /// Wakes the sessions asleep in the kernel, so each sees a handover or shutdown
+    /// that just began (a running session sees it on its own).
+    pub fn wake_dormant(&self) {
+        if let Some(splicer) = &self.splicer {
+            splicer.wake_all();
+        }
+    }
+}
+
 /// A TCP session stopped at a clean point for a binary upgrade. `back` answers with
 /// the sockets when the session stays in this process, or with nothing once the new
 /// process took it.

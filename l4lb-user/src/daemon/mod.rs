@@ -515,6 +515,7 @@ impl Daemon {
                 "grace period over; closing remaining sessions"
             );
             self.dp.shutdown.cancel();
+            self.dp.wake_dormant();
             self.dp.sessions.wait().await;
         }
         info!("stopped");

@@ -351,6 +351,7 @@ impl Daemon {
     async fn send_sessions(&self, spawned: &Spawned) -> (u64, u64, Option<anyhow::Error>) {
         let ch = &spawned.channel;
         let mut parked = self.dp.handover.begin();
+        self.dp.wake_dormant();
         let deadline = up::sessions_deadline();
         let (mut moved, mut kept) = (0u64, 0u64);
         let mut broken: Option<anyhow::Error> = None;

@@ -10,6 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, error, info, warn};
 
 use super::access::{self, ConnSlot};
@@ -24,7 +25,7 @@ use crate::metrics::{self, CopyReason, METRICS};
 use crate::panic;
 use crate::runtime::DataPath;
 use crate::runtime::Parked;
-use crate::splice::{KernelEnd, Path, Splicer};
+use crate::splice::{Awake, Dormant, KernelEnd, Path, Resume, Splicer};
 use crate::upgrade::wire;
 use crate::upstream::Lease;
 
@@ -121,6 +122,11 @@ enum Start {
         established: Established,
         kernel: bool,
     },
+    /// A dormant kernel-path session woke (see [`Sleeping`]).
+    Woken {
+        awake: Awake,
+        held: Held,
+    },
 }
 
 /// A session another process handed over.
@@ -188,8 +194,7 @@ pub fn adopt(
             client,
             established: Established {
                 backend,
-                lease,
-                _slot: slot,
+                held: Held { lease, _slot: slot },
                 early_bytes: 0,
             },
             kernel: s.kernel,
@@ -206,11 +211,13 @@ async fn session(
     dp: Arc<DataPath>,
     start: Start,
     peer: SocketAddr,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
     started: Instant,
     transfer: Transfer,
 ) {
-    ctx.metrics.active.inc();
+    if !matches!(start, Start::Woken { .. }) {
+        ctx.metrics.active.inc();
+    }
     let server = &ctx.server;
     // The client as the session knows it: a PROXY header from a balancer may name it.
     let mut peer = peer;
@@ -231,17 +238,44 @@ async fn session(
                     started,
                     kernel,
                 };
-                caught_forward(at, client, established, &transfer).await
+                caught_forward(at, Begin::connected(client, established), &transfer).await
+            }
+            Start::Woken { awake, held } => {
+                let at = Forwarding {
+                    ctx: &ctx,
+                    dp: &dp,
+                    peer,
+                    started,
+                    kernel: true,
+                };
+                caught_forward(at, Begin::Woken(awake, held), &transfer).await
             }
         }
     };
     // A child token: polling it locks only this session's node, where polling the
     // shared one would make every session's every wake-up take one lock.
     let shutdown = dp.shutdown.child_token();
-    let outcome = tokio::select! {
+    let mut outcome = tokio::select! {
         o = run => o,
         () = shutdown.cancelled() => Outcome::ended(None, SessionEnd::Shutdown),
     };
+    if let Some(asleep) = outcome.asleep.take() {
+        let cont = Sleeping {
+            ctx,
+            dp: Arc::clone(&dp),
+            peer,
+            permit,
+            started,
+            transfer,
+            held: asleep.held,
+            _tracked: dp.sessions.token(),
+        };
+        asleep.dormant.sleep(Box::new(cont), || {
+            dp.handover.token().is_cancelled() || dp.shutdown.is_cancelled()
+        });
+        return;
+    }
+    drop(permit);
     ctx.metrics.active.dec();
     if outcome.handed_over {
         // The new process counts and logs it when it ends.
@@ -277,6 +311,8 @@ struct Outcome {
     path: Option<Path>,
     /// The session went on in a new process (binary upgrade).
     handed_over: bool,
+    /// The session is quiet in the kernel and sleeps without a task.
+    asleep: Option<Asleep>,
 }
 
 impl Outcome {
@@ -286,7 +322,46 @@ impl Outcome {
             end: end.to_string(),
             path: None,
             handed_over: false,
+            asleep: None,
         }
+    }
+}
+
+/// A session going to sleep, with what it holds.
+struct Asleep {
+    dormant: Dormant,
+    held: Held,
+}
+
+/// Everything a dormant session needs to go on when it wakes: the task it gave up held
+/// these. It keeps counting as a session (its permit, the active gauge, the drain).
+struct Sleeping {
+    ctx: Arc<ListenerCtx>,
+    dp: Arc<DataPath>,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    started: Instant,
+    transfer: Transfer,
+    held: Held,
+    _tracked: TaskTrackerToken,
+}
+
+impl Resume for Sleeping {
+    fn resume(self: Box<Self>, awake: Awake) {
+        let Sleeping {
+            ctx,
+            dp,
+            peer,
+            permit,
+            started,
+            transfer,
+            held,
+            _tracked,
+        } = *self;
+        let start = Start::Woken { awake, held };
+        let dp2 = Arc::clone(&dp);
+        dp.sessions
+            .spawn(session(ctx, dp2, start, peer, permit, started, transfer));
     }
 }
 
@@ -324,18 +399,41 @@ async fn proxy(
         started,
         kernel: false,
     };
-    caught_forward(at, client, established, transfer).await
+    caught_forward(at, Begin::connected(client, established), transfer).await
 }
 
-async fn caught_forward(
-    at: Forwarding<'_>,
-    client: TcpStream,
-    established: Established,
-    transfer: &Transfer,
-) -> Outcome {
-    let backend_addr = established.lease.spec.addr;
+/// How forwarding begins: with a connected pair, or with a woken dormant session.
+enum Begin {
+    Connected {
+        client: TcpStream,
+        backend: TcpStream,
+        held: Held,
+        early_bytes: u64,
+    },
+    Woken(Awake, Held),
+}
+
+impl Begin {
+    fn connected(client: TcpStream, e: Established) -> Begin {
+        Begin::Connected {
+            client,
+            backend: e.backend,
+            held: e.held,
+            early_bytes: e.early_bytes,
+        }
+    }
+
+    fn held(&self) -> &Held {
+        match self {
+            Begin::Connected { held, .. } | Begin::Woken(_, held) => held,
+        }
+    }
+}
+
+async fn caught_forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outcome {
+    let backend_addr = begin.held().lease.spec.addr;
     let (peer, listen) = (at.peer, at.ctx.server.listen);
-    match panic::catch(forward(at, client, established, transfer)).await {
+    match panic::catch(forward(at, begin, transfer)).await {
         Ok(outcome) => outcome,
         Err(panicked) => {
             METRICS.session_panics.inc();
@@ -348,11 +446,16 @@ async fn caught_forward(
 /// A session with its backend connected, ready to forward.
 struct Established {
     backend: TcpStream,
-    lease: Lease,
-    /// The client's place under `limit_conn`, held for the session.
-    _slot: Option<ConnSlot>,
+    held: Held,
     /// Client bytes that came with a PROXY header and were sent on already.
     early_bytes: u64,
+}
+
+/// What a session holds for its life: its server's lease and its client's place under
+/// `limit_conn`.
+struct Held {
+    lease: Lease,
+    _slot: Option<ConnSlot>,
 }
 
 /// Admits the client (PROXY header, `access`, `limit_conn`), then chooses and connects
@@ -424,8 +527,7 @@ async fn establish(
     }
     Ok(Established {
         backend,
-        lease,
-        _slot: slot,
+        held: Held { lease, _slot: slot },
         early_bytes: early.len() as u64,
     })
 }
@@ -441,32 +543,23 @@ struct Forwarding<'a> {
     kernel: bool,
 }
 
-/// The stretch of a session being forwarded.
-#[derive(Clone, Copy)]
-enum Stage {
+/// What a session does next, with its sockets.
+enum Next<'a> {
     /// The copy path; `promote` when the session may move into the kernel.
     Copy {
+        client: TcpStream,
+        backend: TcpStream,
         promote: bool,
     },
-    Kernel,
+    Kernel(Into<'a>),
 }
 
 /// Forwards the connected pair: on the copy path, moved into the kernel once the
-/// session earns it (see `promotion`), back to the copy path if it has to leave, and
-/// to a new process at a clean point during a binary upgrade. The session owns its
-/// sockets and counts; the paths are tools it hands them to.
-async fn forward(
-    at: Forwarding<'_>,
-    mut client: TcpStream,
-    established: Established,
-    transfer: &Transfer,
-) -> Outcome {
-    let Established {
-        mut backend,
-        lease,
-        _slot,
-        early_bytes,
-    } = established;
+/// session earns it (see `promotion`), back to the copy path if it has to leave, to
+/// sleep without a task while it is quiet there, and to a new process at a clean point
+/// during a binary upgrade. The session owns its sockets and counts; the paths are
+/// tools it hands them to.
+async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outcome {
     let (ctx, dp) = (at.ctx, at.dp);
     let server = &ctx.server;
     let limits = CopyLimits {
@@ -474,42 +567,78 @@ async fn forward(
         upload_rate: server.proxy_upload_rate,
         download_rate: server.proxy_download_rate,
     };
-    // The paths count from zero; bytes sent on with the PROXY header come first.
-    transfer.upload.fetch_add(early_bytes, Ordering::Relaxed);
-    metrics::add_bytes(0, early_bytes);
     let fallback = copy_reason(server, dp);
-    let splicer = dp.splicer.as_ref().filter(|_| fallback.is_none());
-    let mut stage = match splicer {
-        Some(_) if at.kernel || promotion::at_once(server.splice_after) => Stage::Kernel,
-        Some(_) => Stage::Copy { promote: true },
-        None => Stage::Copy { promote: false },
+    let splicer = dp.splicer.as_deref().filter(|_| fallback.is_none());
+    let in_kernel_or_copy = |client, backend| match splicer {
+        Some(s) => Next::Kernel(Into::Insert(s, client, backend)),
+        None => Next::Copy {
+            client,
+            backend,
+            promote: false,
+        },
     };
+    let (mut next, held) = match begin {
+        Begin::Woken(awake, held) => (Next::Kernel(Into::Wake(awake)), held),
+        Begin::Connected {
+            client,
+            backend,
+            held,
+            early_bytes,
+        } => {
+            // The paths count from zero; bytes sent on with the PROXY header come first.
+            transfer.upload.fetch_add(early_bytes, Ordering::Relaxed);
+            metrics::add_bytes(0, early_bytes);
+            let next = if at.kernel || promotion::at_once(server.splice_after) {
+                in_kernel_or_copy(client, backend)
+            } else {
+                Next::Copy {
+                    client,
+                    backend,
+                    promote: splicer.is_some(),
+                }
+            };
+            (next, held)
+        }
+    };
+    let lease = &held.lease;
     // From the accept, also for a session handed over by another process.
     let promote_from = tokio::time::Instant::from_std(at.started);
     let mut decision = Decision::default();
     let mut left: Option<CopyReason> = None;
     let (end, path) = loop {
         let handover = dp.handover.token();
-        match (stage, splicer) {
-            (Stage::Kernel, Some(splicer)) => {
+        next = match next {
+            Next::Kernel(into) => {
                 let handover = handover.child_token();
-                match in_kernel(splicer, client, backend, limits, transfer, &handover).await {
+                match in_kernel(into, limits, transfer, &handover).await {
                     KernelStretch::Done(end, path) => break (end, path),
-                    KernelStretch::Left(c, b, reason) => {
-                        (client, backend) = (c, b);
+                    KernelStretch::Left(client, backend, reason) => {
                         left = Some(reason);
-                        stage = Stage::Copy { promote: false };
+                        Next::Copy {
+                            client,
+                            backend,
+                            promote: false,
+                        }
                     }
                     KernelStretch::Handover(c, b) => {
-                        match park(&at, &lease, transfer, true, c, b).await {
+                        match park(&at, lease, transfer, true, c, b).await {
                             Ok(()) => return Outcome::handed_over(lease.spec.addr),
-                            Err((c, b)) => (client, backend) = (c, b),
+                            Err((c, b)) => in_kernel_or_copy(c, b),
+                        }
+                    }
+                    KernelStretch::Dormant(dormant) => {
+                        return Outcome {
+                            asleep: Some(Asleep { dormant, held }),
+                            ..Outcome::ended(None, SessionEnd::Shutdown)
                         }
                     }
                 }
             }
-            (Stage::Kernel, None) => stage = Stage::Copy { promote: false },
-            (Stage::Copy { promote }, _) => {
+            Next::Copy {
+                mut client,
+                mut backend,
+                promote,
+            } => {
                 // Cancelled by promotion, or with its parent by a binary upgrade.
                 let stop = handover.child_token();
                 let before = transfer.total();
@@ -550,29 +679,34 @@ async fn forward(
                         break (end, Path::Copy(reason));
                     }
                     CopyEnd::Stopped if handing => {
-                        match park(&at, &lease, transfer, false, client, backend).await {
+                        match park(&at, lease, transfer, false, client, backend).await {
                             Ok(()) => return Outcome::handed_over(lease.spec.addr),
-                            Err((c, b)) => (client, backend) = (c, b),
+                            Err((client, backend)) => Next::Copy {
+                                client,
+                                backend,
+                                promote,
+                            },
                         }
                     }
                     CopyEnd::Stopped => {
                         METRICS
                             .promotions
                             .observe(promote_from.elapsed().as_secs_f64());
-                        stage = Stage::Kernel;
+                        in_kernel_or_copy(client, backend)
                     }
                 }
             }
-        }
+        };
     };
     lease.add_bytes(transfer.upload(), transfer.download());
     let backend_addr = Some(lease.spec.addr);
-    drop(lease);
+    drop(held);
     Outcome {
         backend: backend_addr,
         end: end.to_string(),
         path: Some(path),
         handed_over: false,
+        asleep: None,
     }
 }
 
@@ -641,6 +775,8 @@ async fn park(
 
 /// How a session's kernel stretch ended.
 enum KernelStretch {
+    /// It is quiet and may sleep.
+    Dormant(Dormant),
     Done(SessionEnd, Path),
     /// It left the kernel; the copy path continues it.
     Left(TcpStream, TcpStream, CopyReason),
@@ -648,31 +784,37 @@ enum KernelStretch {
     Handover(TcpStream, TcpStream),
 }
 
+/// How a session's kernel stretch begins.
+enum Into<'a> {
+    /// Its sockets go into the kernel.
+    Insert(&'a Splicer, TcpStream, TcpStream),
+    /// It is there already, and woke.
+    Wake(Awake),
+}
+
 /// The kernel stretch of a session.
 async fn in_kernel(
-    splicer: &Splicer,
-    client: TcpStream,
-    backend: TcpStream,
+    into: Into<'_>,
     limits: CopyLimits,
     transfer: &Transfer,
     handover: &CancellationToken,
 ) -> KernelStretch {
-    // The kernel counts from the insert; its bytes join the session's afterwards.
+    // The kernel counts from the insert, also across sleeps; its bytes join the
+    // session's when the stretch ends.
     let kernel = Transfer::default();
-    let ended = splicer
-        .run(client, backend, limits, &kernel, handover)
-        .await;
-    let userspace = match &ended {
-        KernelEnd::Ended {
-            userspace_bytes, ..
+    let ended = match into {
+        Into::Insert(splicer, client, backend) => {
+            splicer
+                .run(client, backend, limits, &kernel, handover)
+                .await
         }
-        | KernelEnd::Handover {
-            userspace_bytes, ..
-        } => *userspace_bytes,
-        KernelEnd::Left(left) => left.userspace_bytes,
+        Into::Wake(awake) => awake.run(limits, &kernel, handover).await,
     };
-    metrics::add_bytes(kernel.total().saturating_sub(userspace), userspace);
-    transfer.add(&kernel);
+    // A dormant session's stretch goes on: its bytes are counted when it ends.
+    if let Some(userspace) = ended.userspace_bytes() {
+        metrics::add_bytes(kernel.total().saturating_sub(userspace), userspace);
+        transfer.add(&kernel);
+    }
     let streams = |c, b| match (TcpStream::from_std(c), TcpStream::from_std(b)) {
         (Ok(c), Ok(b)) => Ok((c, b)),
         (Err(e), _) | (_, Err(e)) => Err(KernelStretch::Done(
@@ -681,6 +823,7 @@ async fn in_kernel(
         )),
     };
     match ended {
+        KernelEnd::Dormant(d) => KernelStretch::Dormant(d),
         KernelEnd::Ended { end, path, .. } => KernelStretch::Done(end, path),
         KernelEnd::Handover {
             client, backend, ..

@@ -154,7 +154,7 @@ fn register(stream: &std::net::TcpStream, interest: Interest) -> std::io::Result
     unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(std::io::Error::from)
 }
 
-impl Session<'_> {
+impl Session {
     fn flow(&self, i: Way) -> Result<Flow, End> {
         self.maps
             .flow(self.socks[i].cookie)
@@ -215,6 +215,9 @@ impl Session<'_> {
             }
             if f.redirected == check.last_redirected && check.last_backlog == 0 {
                 check.interval = (check.interval * 2).min(MAX_CHECK);
+                if check.interval == MAX_CHECK {
+                    self.dirs[i].quiet.store(true, Ordering::Relaxed);
+                }
                 return Ok(());
             }
         }

@@ -14,6 +14,7 @@
 //! measured, and `l4lb-ebpf` for the repeated bytes the verdict cuts.
 
 mod accounting;
+mod dormant;
 mod loader;
 mod maps;
 mod offsets;
@@ -37,10 +38,12 @@ use crate::capabilities;
 use crate::metrics::CopyReason;
 use crate::proxy::copy::{CopyLimits, Transfer};
 use crate::proxy::{SessionEnd, Side};
+pub use dormant::{Awake, Dormant, Resume};
 use maps::Maps;
 use session::{End, Session, Snapshot};
+use tokio::sync::mpsc::UnboundedReceiver;
 use watch::Watcher;
-use way::Way;
+use way::{PerWay, Way};
 
 /// Which path carried a session's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +72,8 @@ pub enum KernelEnd {
     },
     /// The session left the kernel without losing a byte; the copy path continues it.
     Left(Leaving),
+    /// The session is quiet: it may sleep, without a task, until something happens.
+    Dormant(Dormant),
     /// The session left the kernel, without losing a byte, for a binary upgrade.
     Handover {
         client: StdTcpStream,
@@ -87,6 +92,21 @@ pub struct Leaving {
 }
 
 impl KernelEnd {
+    /// Bytes the daemon forwarded itself during the stretch; `None` while the stretch
+    /// goes on (a dormant session).
+    pub fn userspace_bytes(&self) -> Option<u64> {
+        match self {
+            KernelEnd::Ended {
+                userspace_bytes, ..
+            }
+            | KernelEnd::Handover {
+                userspace_bytes, ..
+            } => Some(*userspace_bytes),
+            KernelEnd::Left(left) => Some(left.userspace_bytes),
+            KernelEnd::Dormant(_) => None,
+        }
+    }
+
     fn error(side: Side, e: &io::Error, reason: CopyReason) -> KernelEnd {
         KernelEnd::Ended {
             end: SessionEnd::Error(side, e.to_string()),
@@ -100,12 +120,16 @@ impl KernelEnd {
 #[derive(Debug)]
 pub struct KernelStats {
     pub sessions: u64,
+    /// Of those, sessions asleep without a task.
+    pub dormant: u64,
     pub pauses: u64,
     pub holds: u64,
     pub trimmed: u64,
     pub lagging: u64,
     pub watchdog: u64,
     pub insert_failed: u64,
+    pub slept: u64,
+    pub wakeups: u64,
     /// Entries per map, and the sockets the daemon watches.
     pub maps: [(&'static str, u64); 5],
 }
@@ -122,6 +146,9 @@ struct Stats {
     trimmed: AtomicU64,
     watchdog: AtomicU64,
     insert_failed: AtomicU64,
+    /// Times a quiet session fell asleep, and times one woke.
+    slept: AtomicU64,
+    wakeups: AtomicU64,
 }
 
 static STATS: Stats = Stats {
@@ -132,6 +159,8 @@ static STATS: Stats = Stats {
     trimmed: AtomicU64::new(0),
     watchdog: AtomicU64::new(0),
     insert_failed: AtomicU64::new(0),
+    slept: AtomicU64::new(0),
+    wakeups: AtomicU64::new(0),
 };
 
 pub struct Splicer {
@@ -168,6 +197,7 @@ impl Splicer {
             attached: loaded.attached,
             max_sockets: max_sockets as usize,
         });
+        dormant::start_sweep(Arc::clone(&watcher), Arc::clone(&maps));
         Ok(Splicer {
             maps,
             watcher,
@@ -181,12 +211,15 @@ impl Splicer {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         KernelStats {
             sessions: load(&STATS.active),
+            dormant: self.watcher.asleep_len() as u64,
             pauses: load(&STATS.pauses),
             holds: load(&STATS.holds),
             trimmed: load(&STATS.trimmed),
             lagging: load(&STATS.lagging),
             watchdog: load(&STATS.watchdog),
             insert_failed: load(&STATS.insert_failed),
+            slept: load(&STATS.slept),
+            wakeups: load(&STATS.wakeups),
             maps: [
                 ("flows", counts.flows as u64),
                 ("ctl", counts.ctl as u64),
@@ -197,7 +230,13 @@ impl Splicer {
         }
     }
 
-    /// Puts an established pair into the kernel until the session ends or has to leave.
+    /// Wakes every dormant session, so each sees a binary upgrade or shutdown begin.
+    pub fn wake_all(&self) {
+        self.watcher.wake_all();
+    }
+
+    /// Puts an established pair into the kernel until the session ends, has to leave
+    /// or falls quiet.
     /// `transfer` counts from zero: the kernel's counters start at the insert.
     pub async fn run(
         &self,
@@ -229,7 +268,12 @@ impl Splicer {
                 });
             }
         };
-        let session = Session::new(&self.maps, &self.watcher, client, backend);
+        let session = Box::new(Session::new(
+            Arc::clone(&self.maps),
+            Arc::clone(&self.watcher),
+            client,
+            backend,
+        ));
         let rx = match session.insert() {
             Ok(rx) => rx,
             Err(e) => {
@@ -255,46 +299,62 @@ impl Splicer {
                 };
             }
         };
-        match session.splice(rx, limits, transfer, handover).await {
-            End::Session(end) => kernel_end(&session, End::Session(end), Path::Kernel),
-            End::Handover => {
-                match take_out(session, Way::Up, CopyReason::InsertFailed, transfer).await {
-                    Ok((client, backend, userspace_bytes)) => KernelEnd::Handover {
-                        client,
-                        backend,
-                        userspace_bytes,
-                    },
-                    Err(end) => end,
+        drive(session, rx, limits, transfer, handover).await
+    }
+}
+
+/// Runs an inserted session until it ends, has to leave or falls quiet.
+async fn drive(
+    session: Box<Session>,
+    mut rx: PerWay<UnboundedReceiver<watch::Event>>,
+    limits: CopyLimits,
+    transfer: &Transfer,
+    handover: &CancellationToken,
+) -> KernelEnd {
+    match session.splice(&mut rx, limits, transfer, handover).await {
+        End::Session(end) => kernel_end(&session, End::Session(end), Path::Kernel),
+        End::Quiet => KernelEnd::Dormant(Dormant {
+            session,
+            rx,
+            timeout: limits.idle_timeout,
+        }),
+        End::Handover => {
+            match take_out(session, Way::Up, CopyReason::InsertFailed, transfer).await {
+                Ok((client, backend, userspace_bytes)) => KernelEnd::Handover {
+                    client,
+                    backend,
+                    userspace_bytes,
+                },
+                Err(end) => end,
+            }
+        }
+        End::Stall(i) => {
+            STATS.watchdog.fetch_add(1, Ordering::Relaxed);
+            warn!(from = %session.socks[i].side, "spliced session stalled; continuing it in userspace");
+            let why = io::Error::other(format!(
+                "no progress towards the {} for {:?}",
+                session.socks[i.reverse()].side,
+                accounting::STALL_AFTER
+            ));
+            leave(session, i, CopyReason::Watchdog, why, transfer).await
+        }
+        End::Lagging(i) => {
+            STATS.lagging.fetch_add(1, Ordering::Relaxed);
+            let why = io::Error::other(format!(
+                "the {} lags by more than {} MiB{}",
+                session.socks[i.reverse()].side,
+                accounting::LAG_CAP >> 20,
+                if session.dirs[i.reverse()].finished.load(Ordering::Relaxed) {
+                    " (no pauses once its write side is shut down)"
+                } else {
+                    ""
                 }
-            }
-            End::Stall(i) => {
-                STATS.watchdog.fetch_add(1, Ordering::Relaxed);
-                warn!(from = %session.socks[i].side, "spliced session stalled; continuing it in userspace");
-                let why = io::Error::other(format!(
-                    "no progress towards the {} for {:?}",
-                    session.socks[i.reverse()].side,
-                    accounting::STALL_AFTER
-                ));
-                leave(session, i, CopyReason::Watchdog, why, transfer).await
-            }
-            End::Lagging(i) => {
-                STATS.lagging.fetch_add(1, Ordering::Relaxed);
-                let why = io::Error::other(format!(
-                    "the {} lags by more than {} MiB{}",
-                    session.socks[i.reverse()].side,
-                    accounting::LAG_CAP >> 20,
-                    if session.dirs[i.reverse()].finished.load(Ordering::Relaxed) {
-                        " (no pauses once its write side is shut down)"
-                    } else {
-                        ""
-                    }
-                ));
-                leave(session, i, CopyReason::Lagging, why, transfer).await
-            }
-            End::ClosedWhilePaused(i) => {
-                let why = io::Error::from_raw_os_error(libc::EOPNOTSUPP);
-                leave(session, i, CopyReason::ClosedWhilePaused, why, transfer).await
-            }
+            ));
+            leave(session, i, CopyReason::Lagging, why, transfer).await
+        }
+        End::ClosedWhilePaused(i) => {
+            let why = io::Error::from_raw_os_error(libc::EOPNOTSUPP);
+            leave(session, i, CopyReason::ClosedWhilePaused, why, transfer).await
         }
     }
 }
@@ -302,7 +362,7 @@ impl Splicer {
 /// Takes a running session out of the kernel without losing a byte, for the copy path
 /// to continue; `i` is the direction that made it leave.
 async fn leave(
-    session: Session<'_>,
+    session: Box<Session>,
     i: Way,
     reason: CopyReason,
     why: io::Error,
@@ -323,7 +383,7 @@ async fn leave(
 /// Detaches both sockets and writes out what the daemon holds; `reason` names the
 /// path if the session ends meanwhile.
 async fn take_out(
-    session: Session<'_>,
+    session: Box<Session>,
     i: Way,
     reason: CopyReason,
     transfer: &Transfer,
@@ -339,7 +399,7 @@ async fn take_out(
         .map_err(|e| KernelEnd::error(side, &e, reason))
 }
 
-fn kernel_end(session: &Session<'_>, end: End, path: Path) -> KernelEnd {
+fn kernel_end(session: &Session, end: End, path: Path) -> KernelEnd {
     let end = match end {
         End::Session(e) => e,
         End::Stall(i) => SessionEnd::Error(session.socks[i].side, "stalled in the kernel".into()),
@@ -347,7 +407,7 @@ fn kernel_end(session: &Session<'_>, end: End, path: Path) -> KernelEnd {
         End::ClosedWhilePaused(i) => {
             SessionEnd::Error(session.socks[i].side, "closed while paused".into())
         }
-        End::Handover => SessionEnd::Shutdown,
+        End::Handover | End::Quiet => SessionEnd::Shutdown,
     };
     KernelEnd::Ended {
         end,

@@ -6,16 +6,16 @@ use std::io;
 use std::net::TcpStream as StdTcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::mpsc::{self, UnboundedReceiver};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::maps::Maps;
 use super::sys::{self, TcpProgress};
-use super::watch::{Event, Route, Watcher};
+use super::watch::{self, Event, Watcher};
 use super::way::{PerWay, Way};
 use super::STATS;
 use crate::proxy::copy::{CopyLimits, Transfer};
@@ -23,6 +23,8 @@ use crate::proxy::{SessionEnd, Side};
 
 /// How long taking a flowing session out of the kernel may wait for the sock_ops program.
 const DETACH_WAIT: Duration = Duration::from_secs(1);
+/// How often a running session looks whether it may sleep.
+const QUIET_POLL: Duration = Duration::from_secs(1);
 
 /// How a spliced stretch of a session ended.
 #[derive(Debug)]
@@ -40,6 +42,9 @@ pub enum End {
     ClosedWhilePaused(Way),
     /// A binary upgrade takes the session to the new process.
     Handover,
+    /// Nothing to do for a while in either direction: the session may sleep (see
+    /// `dormant`).
+    Quiet,
 }
 
 /// An I/O error that ends the session, logged with where it happened.
@@ -128,6 +133,8 @@ pub struct Dir {
     pub finished: AtomicBool,
     /// The source is out of the attached map because the peer lags (backpressure).
     pub paused: AtomicBool,
+    /// The direction's checks found nothing moving for a while, and no event came since.
+    pub quiet: AtomicBool,
 }
 
 impl Dir {
@@ -153,9 +160,9 @@ struct Inserted {
     attached: bool,
 }
 
-pub struct Session<'a> {
-    pub maps: &'a Maps,
-    watcher: &'a Watcher,
+pub struct Session {
+    pub maps: Arc<Maps>,
+    pub(super) watcher: Arc<Watcher>,
     /// Each direction's source socket: the client's for `Up`.
     pub socks: PerWay<Sock>,
     pub dirs: PerWay<Dir>,
@@ -172,8 +179,8 @@ pub struct InsertError {
     pub attached: bool,
 }
 
-impl<'a> Session<'a> {
-    pub fn new(maps: &'a Maps, watcher: &'a Watcher, client: Sock, backend: Sock) -> Session<'a> {
+impl Session {
+    pub fn new(maps: Arc<Maps>, watcher: Arc<Watcher>, client: Sock, backend: Sock) -> Session {
         STATS.active.fetch_add(1, Ordering::Relaxed);
         Session {
             maps,
@@ -200,8 +207,7 @@ impl<'a> Session<'a> {
             error,
             attached: false,
         };
-        let (tx0, rx0) = mpsc::unbounded_channel();
-        let (tx1, rx1) = mpsc::unbounded_channel();
+        let (routes, rx) = watch::wire();
         let (a, b) = (&self.socks[Way::Up], &self.socks[Way::Down]);
         for s in self.socks.values() {
             // What a paused source queues, and hands to the verdict in one burst when it
@@ -217,28 +223,10 @@ impl<'a> Session<'a> {
             .create_flow(b.cookie, a.cookie, b.consumed0, a.queued0)
             .map_err(plain)?;
         self.mark(Way::Down, |m| m.state = true);
-        self.watcher
-            .add(
-                a.fd,
-                a.cookie,
-                Route {
-                    own: tx0.clone(),
-                    peer: tx1.clone(),
-                },
-            )
-            .map_err(plain)?;
-        self.mark(Way::Up, |m| m.watched = true);
-        self.watcher
-            .add(
-                b.fd,
-                b.cookie,
-                Route {
-                    own: tx1,
-                    peer: tx0,
-                },
-            )
-            .map_err(plain)?;
-        self.mark(Way::Down, |m| m.watched = true);
+        for ((i, s), (_, route)) in self.socks.iter().zip(routes.into_ways()) {
+            self.watcher.add(s.fd, s.cookie, route).map_err(plain)?;
+            self.mark(i, |m| m.watched = true);
+        }
         for (i, s) in self.socks.iter() {
             self.maps.insert_target(s.cookie, s.fd).map_err(plain)?;
             self.mark(i, |m| m.target = true);
@@ -258,7 +246,7 @@ impl<'a> Session<'a> {
                 debug!(error = %e, "SO_RCVLOWAT kick failed");
             }
         }
-        Ok(PerWay::new(rx0, rx1))
+        Ok(rx)
     }
 
     /// Stops the verdict on both sockets; redirects already queued still drain.
@@ -465,20 +453,18 @@ impl<'a> Session<'a> {
         sys::tcp_progress(self.socks[i].fd)
     }
 
-    /// Runs both directions until both FINs were passed on, an error, idleness, or a stall.
+    /// Runs both directions until both FINs were passed on, an error, idleness, a stall,
+    /// or a quiet spell.
     pub async fn splice(
         &self,
-        rx: PerWay<UnboundedReceiver<Event>>,
+        rx: &mut PerWay<UnboundedReceiver<Event>>,
         limits: CopyLimits,
         transfer: &Transfer,
         handover: &CancellationToken,
     ) -> End {
-        let (mut up, mut down) = rx.into_pair();
+        let (up, down) = rx.pair_mut();
         let both = async {
-            tokio::try_join!(
-                self.direction(Way::Up, &mut up),
-                self.direction(Way::Down, &mut down)
-            )
+            tokio::try_join!(self.direction(Way::Up, up), self.direction(Way::Down, down))
         };
         let end = tokio::select! {
             r = both => match r {
@@ -487,9 +473,29 @@ impl<'a> Session<'a> {
             },
             e = self.idle(limits.idle_timeout, transfer) => e,
             () = handover.cancelled() => End::Handover,
+            () = self.quiet() => End::Quiet,
         };
         self.publish(transfer);
         end
+    }
+
+    /// Resolves once both directions are quiet with nothing held: each waits for an
+    /// event, so dropping them loses nothing.
+    async fn quiet(&self) {
+        loop {
+            tokio::time::sleep(QUIET_POLL).await;
+            let restful = Way::BOTH.iter().all(|&i| {
+                let d = &self.dirs[i];
+                d.quiet.load(Ordering::Relaxed)
+                    && !d.paused.load(Ordering::Relaxed)
+                    && !d.finished.load(Ordering::Relaxed)
+                    && d.pending().is_empty()
+                    && self.attached(i)
+            });
+            if restful {
+                return;
+            }
+        }
     }
 
     /// Resolves when no byte moved in either direction for `timeout`.
@@ -522,6 +528,9 @@ impl<'a> Session<'a> {
                 ev = rx.recv() => ev,
                 () = tokio::time::sleep(check.interval()) => None,
             };
+            if ev.is_some() {
+                self.dirs[i].quiet.store(false, Ordering::Relaxed);
+            }
             match ev {
                 Some(Event::Held) => {
                     self.relieve(i).await?;
@@ -580,7 +589,7 @@ impl<'a> Session<'a> {
     }
 }
 
-impl Drop for Session<'_> {
+impl Drop for Session {
     fn drop(&mut self) {
         // Also runs when the session's task is cancelled (daemon shutdown).
         self.teardown();

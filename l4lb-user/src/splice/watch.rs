@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use aya::maps::{MapData, RingBuf};
@@ -15,8 +16,12 @@ use l4lb_ebpf::{
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tracing::{debug, error, info, trace, warn};
+
+use super::dormant::{resume, Sleeper, Woken};
+use super::way::PerWay;
+use super::STATS;
 
 /// epoll tokens of the two rings; socket tokens are socket cookies (small counters).
 const TOKEN_EVENTS: u64 = u64::MAX;
@@ -45,15 +50,69 @@ pub enum Event {
     Paused,
 }
 
-/// Where a socket's events go: the direction reading from it and the one writing to it.
-pub struct Route {
-    pub own: UnboundedSender<Event>,
-    pub peer: UnboundedSender<Event>,
+/// Where a socket's events go.
+pub enum Route {
+    /// To a running session: the direction reading from the socket and the one writing
+    /// to it.
+    Live {
+        own: UnboundedSender<Event>,
+        peer: UnboundedSender<Event>,
+    },
+    /// To a dormant session, which the event wakes.
+    Asleep(u64),
+}
+
+/// The routes of both sockets of a session, and the receiving ends of its directions.
+pub fn wire() -> (PerWay<Route>, PerWay<UnboundedReceiver<Event>>) {
+    let (tx_up, rx_up) = mpsc::unbounded_channel();
+    let (tx_down, rx_down) = mpsc::unbounded_channel();
+    let routes = PerWay::new(
+        Route::Live {
+            own: tx_up.clone(),
+            peer: tx_down.clone(),
+        },
+        Route::Live {
+            own: tx_down,
+            peer: tx_up,
+        },
+    );
+    (routes, PerWay::new(rx_up, rx_down))
+}
+
+/// Routes, and the dormant sessions they lead to: one lock, so an event finds a session
+/// either running or asleep, never between the two.
+#[derive(Default)]
+pub(super) struct Table {
+    routes: HashMap<u64, Route>,
+    pub(super) asleep: HashMap<u64, Sleeper>,
+    next_id: u64,
+}
+
+impl Table {
+    /// Takes a dormant session out, its routes live again.
+    pub(super) fn wake(&mut self, id: u64) -> Option<Woken> {
+        let sleeper = self.asleep.remove(&id)?;
+        let (routes, rx) = wire();
+        for (way, route) in routes.into_ways() {
+            self.routes.insert(sleeper.session.socks[way].cookie, route);
+        }
+        Some((sleeper, rx))
+    }
+
+    /// Sends an event to its session, waking it if it sleeps.
+    fn deliver(&mut self, cookie: u64, woken: &mut Vec<Woken>, send: impl Fn(&Route)) {
+        if let Some(&Route::Asleep(id)) = self.routes.get(&cookie) {
+            woken.extend(self.wake(id));
+        }
+        if let Some(route) = self.routes.get(&cookie) {
+            send(route);
+        }
+    }
 }
 
 pub struct Watcher {
     epoll: OwnedFd,
-    routes: Mutex<HashMap<u64, Route>>,
+    table: Mutex<Table>,
 }
 
 fn epoll_ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
@@ -77,17 +136,17 @@ impl Watcher {
         Ok(Watcher {
             // SAFETY: a fresh descriptor nobody else owns.
             epoll: unsafe { OwnedFd::from_raw_fd(fd) },
-            routes: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
         })
     }
 
-    fn routes(&self) -> MutexGuard<'_, HashMap<u64, Route>> {
-        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    pub(super) fn table(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Starts watching a socket.
     pub fn add(&self, fd: RawFd, cookie: u64, route: Route) -> io::Result<()> {
-        self.routes().insert(cookie, route);
+        self.table().routes.insert(cookie, route);
         epoll_ctl(
             self.epoll.as_raw_fd(),
             libc::EPOLL_CTL_ADD,
@@ -96,7 +155,7 @@ impl Watcher {
             cookie,
         )
         .inspect_err(|_| {
-            self.routes().remove(&cookie);
+            self.table().routes.remove(&cookie);
         })
     }
 
@@ -118,23 +177,63 @@ impl Watcher {
     }
 
     pub fn remove(&self, fd: RawFd, cookie: u64) {
-        if self.routes().remove(&cookie).is_some() {
+        if self.table().routes.remove(&cookie).is_some() {
             let _ = epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, 0, cookie);
         }
     }
 
     pub fn routes_len(&self) -> usize {
-        self.routes().len()
+        self.table().routes.len()
     }
 
-    fn socket_event(&self, cookie: u64, bits: u32) {
-        if let Some(r) = self.routes().get(&cookie) {
-            let _ = r.own.send(Event::Own(bits));
-            let _ = r.peer.send(Event::Peer(bits));
+    /// Puts a quiet session to sleep: its sockets' routes lead to `sleeper` until an
+    /// event or the sweep wakes it. Gives it back, to go on at once, when an event is
+    /// already waiting for it or `stay_awake` says so; asked under the same lock as
+    /// [`Watcher::wake_all`], so a session never falls asleep after a wake-up call.
+    pub(super) fn sleep(
+        &self,
+        sleeper: Sleeper,
+        rx: PerWay<UnboundedReceiver<Event>>,
+        stay_awake: impl Fn() -> bool,
+    ) -> Option<Woken> {
+        let mut table = self.table();
+        if rx.values().any(|r| !r.is_empty()) || stay_awake() {
+            return Some((sleeper, rx));
         }
+        let id = table.next_id;
+        table.next_id += 1;
+        for s in sleeper.session.socks.values() {
+            table.routes.insert(s.cookie, Route::Asleep(id));
+        }
+        table.asleep.insert(id, sleeper);
+        STATS.slept.fetch_add(1, Ordering::Relaxed);
+        None
     }
 
-    fn ring_event(&self, ev: RingEvent) {
+    /// Wakes every dormant session (a binary upgrade or shutdown needs them all).
+    pub fn wake_all(&self) {
+        let woken: Vec<Woken> = {
+            let mut table = self.table();
+            let ids: Vec<u64> = table.asleep.keys().copied().collect();
+            ids.into_iter().filter_map(|id| table.wake(id)).collect()
+        };
+        resume(woken);
+    }
+
+    pub fn asleep_len(&self) -> usize {
+        self.table().asleep.len()
+    }
+
+    fn socket_event(&self, cookie: u64, bits: u32, woken: &mut Vec<Woken>) {
+        self.table().deliver(cookie, woken, |route| {
+            if let Route::Live { own, peer } = route {
+                let _ = own.send(Event::Own(bits));
+                let _ = peer.send(Event::Peer(bits));
+            }
+        });
+    }
+
+    fn ring_event(&self, ev: RingEvent, woken: &mut Vec<Woken>) {
         let event = match ev.kind {
             EVENT_HELD => Event::Held,
             EVENT_PROGRESS => Event::Progress,
@@ -143,9 +242,11 @@ impl Watcher {
             EVENT_PAUSED => Event::Paused,
             _ => return,
         };
-        if let Some(r) = self.routes().get(&ev.cookie) {
-            let _ = r.own.send(event);
-        }
+        self.table().deliver(ev.cookie, woken, |route| {
+            if let Route::Live { own, .. } = route {
+                let _ = own.send(event);
+            }
+        });
     }
 }
 
@@ -198,6 +299,7 @@ pub fn start(
                 }
             };
             let w = &afd.get_ref().0;
+            let mut woken = Vec::new();
             let drained = guard.try_io(|_| {
                 // SAFETY: `buf` has room for its length in events; timeout 0 never blocks.
                 let n = unsafe {
@@ -214,7 +316,7 @@ pub fn start(
                         TOKEN_EVENTS => {
                             while let Some(item) = events.next() {
                                 if let Some(ev) = ring_event(&item) {
-                                    w.ring_event(ev);
+                                    w.ring_event(ev, &mut woken);
                                 }
                             }
                         }
@@ -223,11 +325,12 @@ pub fn start(
                                 l.flush();
                             }
                         }
-                        cookie => w.socket_event(cookie, ev.events),
+                        cookie => w.socket_event(cookie, ev.events, &mut woken),
                     }
                 }
                 Ok(())
             });
+            resume(woken);
             if let Ok(Err(e)) = drained {
                 warn!(error = %e, "splice watcher epoll_wait failed");
             }

@@ -24,7 +24,7 @@ impl Way {
 }
 
 /// One value per direction (or per socket: the source of that direction).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Copy)]
 pub struct PerWay<T>([T; 2]);
 
 impl<T> PerWay<T> {
@@ -40,9 +40,13 @@ impl<T> PerWay<T> {
         self.0.iter()
     }
 
-    /// The `Up` value and the `Down` value.
-    pub fn into_pair(self) -> (T, T) {
-        let [up, down] = self.0;
+    pub fn into_ways(self) -> impl Iterator<Item = (Way, T)> {
+        Way::BOTH.into_iter().zip(self.0)
+    }
+
+    /// Both values, to use at once.
+    pub fn pair_mut(&mut self) -> (&mut T, &mut T) {
+        let [up, down] = &mut self.0;
         (up, down)
     }
 }

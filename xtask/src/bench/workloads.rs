@@ -341,6 +341,9 @@ fn parse_sysbench(out: &str) -> Result<(f64, f64, f64)> {
     Ok((tx, tps, p95))
 }
 
+/// How long idle connections sit before the balancer's memory is read.
+const IDLE_SETTLE: Duration = Duration::from_secs(10);
+
 /// Opens `idle_conns` connections through the balancer to the sink and measures the
 /// balancer's resident memory growth per connection.
 fn idle(ctx: &Ctx) -> Result<Measured> {
@@ -371,7 +374,9 @@ fn idle(ctx: &Ctx) -> Result<Measured> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // Every balancer gets the same time to settle: l4lb's idle sessions move into the
+    // kernel after 1 s (the default time rule) and fall asleep there a few seconds later.
+    std::thread::sleep(IDLE_SETTLE);
     let loaded_kib = cpu::rss_kib(&ctx.proxy_pids);
     drop(conns);
     ctx.sink.release();
