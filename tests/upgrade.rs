@@ -758,6 +758,7 @@ proxy_pass = "db"
         .expect("session");
     assert_eq!(tag, "a");
 
+    let fresh = consul.fresh_reads();
     consul.put(&format!("{prefix}{}", b.addr), "");
     tokio::task::block_in_place(|| upgrade_by_signal(&d, &current));
     assert!(
@@ -766,6 +767,20 @@ proxy_pass = "db"
             .is_some(),
         "the Consul change is missing after the upgrade: {}\nlog:\n{}",
         show(admin_addr, "db"),
+        d.log()
+    );
+    // The new process continued the blocking query from the index the old one reached
+    // (handed over with the set) instead of asking for the whole set again.
+    assert_eq!(
+        consul.fresh_reads(),
+        fresh,
+        "a read without an index after the upgrade; log:\n{}",
+        d.log()
+    );
+    assert!(
+        d.log()
+            .contains("discovery continues from the position the previous process reached"),
+        "{}",
         d.log()
     );
 

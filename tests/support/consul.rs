@@ -57,6 +57,8 @@ struct State {
     fault: Fault,
     no_block: bool,
     reads: u64,
+    /// Reads without an `index`: a client asking for the whole set at once.
+    fresh_reads: u64,
     last_token: Option<String>,
 }
 
@@ -112,6 +114,7 @@ impl Consul {
                 fault: Fault::None,
                 no_block: false,
                 reads: 0,
+                fresh_reads: 0,
                 last_token: None,
             }),
             changed: watch::channel(1).0,
@@ -201,6 +204,11 @@ impl Consul {
     /// Read requests (KV and health GETs) received so far.
     pub fn reads(&self) -> u64 {
         self.shared.lock().reads
+    }
+
+    /// Read requests that carried no `index` (not blocking queries).
+    pub fn fresh_reads(&self) -> u64 {
+        self.shared.lock().fresh_reads
     }
 
     /// Wakes every blocking query with a new index and no data change.
@@ -361,6 +369,9 @@ async fn read(mut sock: TcpStream, sh: Arc<Shared>, req: Request, what: Read) {
     let (fault, no_block, denied) = {
         let mut s = sh.lock();
         s.reads += 1;
+        if req.param("index").is_none() {
+            s.fresh_reads += 1;
+        }
         s.last_token = req.token.clone();
         (
             s.fault,

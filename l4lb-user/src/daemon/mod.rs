@@ -155,7 +155,12 @@ impl Daemon {
         // Sources first: a strong_dependency source that does not answer stops the start
         // before any listener opens.
         let mut discovery = Discovery::default();
-        discovery.start(&upstreams).await?;
+        let handed = inherited
+            .upstreams
+            .iter()
+            .filter_map(|u| Some((u.name.clone(), u.position.clone()?)))
+            .collect();
+        discovery.start(&upstreams, &handed).await?;
         let mut health = HealthChecks::default();
         health.reconcile(&upstreams);
         let registry = Arc::new(crate::metrics::registry(

@@ -290,7 +290,8 @@ impl Daemon {
 
     async fn send_listeners(&self, spawned: &mut Spawned) -> anyhow::Result<()> {
         let ch = &spawned.channel;
-        for state in self.upstreams.save() {
+        for mut state in self.upstreams.save() {
+            state.position = self.discovery.position(&state.name);
             ch.send(&Msg::Upstream(state), &[]).await?;
         }
         // UDP listeners stop reading first: a datagram waits in the socket for the new

@@ -98,6 +98,17 @@ impl BlockingQuery {
         self.index = next;
         Ok(servers)
     }
+
+    /// The index of the last usable answer (0: none yet).
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    /// Continues from an index another process reached: the next query blocks until
+    /// Consul has something newer, instead of asking for the whole set again.
+    pub fn resume_at(&mut self, index: u64) {
+        self.index = index;
+    }
 }
 
 /// Consul's rules: reset to 0 when the index goes backwards, and never block on an
@@ -152,6 +163,14 @@ impl ConsulKv {
 }
 
 impl Source for ConsulKv {
+    fn position(&self) -> u64 {
+        self.query.index()
+    }
+
+    fn resume_at(&mut self, position: u64) {
+        self.query.resume_at(position);
+    }
+
     async fn next(&mut self) -> Result<Vec<ServerSpec>, SourceError> {
         let prefix = &self.prefix;
         self.query

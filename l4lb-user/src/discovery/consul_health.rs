@@ -110,6 +110,14 @@ pub(crate) fn parse_body(body: &[u8]) -> Result<Vec<ServerSpec>, SourceError> {
 }
 
 impl Source for ConsulHealth {
+    fn position(&self) -> u64 {
+        self.query.index()
+    }
+
+    fn resume_at(&mut self, position: u64) {
+        self.query.resume_at(position);
+    }
+
     async fn next(&mut self) -> Result<Vec<ServerSpec>, SourceError> {
         self.query.fetch(parse).await
     }

@@ -59,6 +59,23 @@ pub trait Source: Send + 'static {
     /// until the source reports a change (or its long poll ends). A source paces itself
     /// so that calling this in a loop never spins.
     fn next(&mut self) -> impl Future<Output = Result<Vec<ServerSpec>, SourceError>> + Send;
+
+    /// Where the source's watch stands after the last answer (Consul's index); 0 when
+    /// it has no such thing. A binary upgrade carries it to the new process.
+    fn position(&self) -> u64 {
+        0
+    }
+
+    /// Continues from a position another process reached for the same URL, whose
+    /// answer it handed over: the next call waits for a change.
+    fn resume_at(&mut self, _position: u64) {}
+}
+
+/// Where an upstream's discovery watch stood when a binary upgrade handed it over.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    pub url: String,
+    pub at: u64,
 }
 
 /// Reads nginx-upsync keys `<prefix><ip:port>` and their values. Keys outside `prefix`
@@ -126,6 +143,8 @@ pub fn shown_url(url: &str) -> String {
 /// What the admin API and the metrics show of a discovery task.
 #[derive(Debug, Default)]
 pub struct TaskStatus {
+    /// The source's position after its last good answer (see [`Source::position`]).
+    position: AtomicU64,
     pub updates: AtomicU64,
     pub errors: AtomicU64,
     /// Of `errors`, answers whose data was unusable (bad JSON, key, address, base64).
@@ -147,7 +166,8 @@ impl TaskStatus {
         self.last_success_unix.load(Ordering::Relaxed)
     }
 
-    fn succeeded(&self) {
+    fn succeeded(&self, position: u64) {
+        self.position.store(position, Ordering::Relaxed);
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -197,8 +217,8 @@ struct Runner {
 }
 
 impl Runner {
-    async fn apply(&self, servers: Vec<ServerSpec>) {
-        self.status.succeeded();
+    async fn apply(&self, servers: Vec<ServerSpec>, position: u64) {
+        self.status.succeeded(position);
         let servers = normalise(servers);
         if !self.upstream.set_servers(servers.clone(), self.origin) {
             return;
@@ -229,7 +249,7 @@ impl Runner {
         for attempt in 1..=STARTUP_TRIES {
             match src.next().await {
                 Ok(servers) => {
-                    self.apply(servers).await;
+                    self.apply(servers, src.position()).await;
                     return Ok(());
                 }
                 Err(e) => {
@@ -275,7 +295,7 @@ impl Runner {
                 r = src.next() => r,
             };
             match fetched {
-                Ok(servers) => self.apply(servers).await,
+                Ok(servers) => self.apply(servers, src.position()).await,
                 Err(e) => {
                     self.failed(&e);
                     tokio::select! {
@@ -302,10 +322,11 @@ pub struct Discovery {
     board: Arc<Board>,
 }
 
-/// Whether a task starts with the process (strong_dependency is honoured) or on reload.
+/// Whether a task starts with the process (strong_dependency is honoured; with the
+/// position a binary upgrade handed over, if any) or on reload.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    Start,
+    Start(Option<u64>),
     Reload,
 }
 
@@ -315,13 +336,29 @@ impl Discovery {
     }
 
     /// Starts every upsync task; fails when a `strong_dependency` source does not answer.
-    pub async fn start(&mut self, upstreams: &Upstreams) -> anyhow::Result<()> {
-        for up in upstreams.all().values() {
+    /// `handed` holds the positions a binary upgrade handed over, by upstream.
+    pub async fn start(
+        &mut self,
+        upstreams: &Upstreams,
+        handed: &HashMap<String, Position>,
+    ) -> anyhow::Result<()> {
+        for (name, up) in upstreams.all().iter() {
             if let Some(cfg) = up.config().upsync.clone() {
-                self.launch(Arc::clone(up), cfg, Phase::Start).await?;
+                let from = handed.get(name).filter(|p| p.url == cfg.url).map(|p| p.at);
+                self.launch(Arc::clone(up), cfg, Phase::Start(from)).await?;
             }
         }
         Ok(())
+    }
+
+    /// Where the upstream's watch stands, for a binary upgrade to hand over.
+    pub fn position(&self, upstream: &str) -> Option<Position> {
+        let task = self.tasks.get(upstream)?;
+        let at = self.board.get(upstream)?.position.load(Ordering::Relaxed);
+        (at > 0).then(|| Position {
+            url: task.cfg.url.clone(),
+            at,
+        })
     }
 
     /// After a reload: tasks whose upstream is gone or whose upsync settings changed stop,
@@ -416,9 +453,16 @@ impl Discovery {
         // A set handed over by a binary upgrade is already the source's last answer:
         // the new process does not wait for it again (nor fail if it is down now).
         let has_set = upstream.snapshot().source != Origin::Config;
-        if cfg.strong_dependency && phase == Phase::Start && !has_set {
+        if has_set {
+            if let Phase::Start(Some(at)) = phase {
+                // Its answer came with the set: wait for the next change from there.
+                info!(upstream = %upstream.name, position = at, "discovery continues from the position the previous process reached");
+                src.resume_at(at);
+                runner.status.position.store(at, Ordering::Relaxed);
+            }
+        } else if cfg.strong_dependency && matches!(phase, Phase::Start(_)) {
             runner.initial(&mut src).await?;
-        } else if !has_set {
+        } else {
             // Only when nothing was discovered yet: on reload a discovered set is newer.
             runner.load_dump().await;
         }

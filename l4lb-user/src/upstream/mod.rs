@@ -423,6 +423,9 @@ pub struct UpstreamState {
     pub source: Source,
     pub servers: Vec<ServerSpec>,
     pub peers: Vec<PeerSaved>,
+    /// Where its discovery watch stood (filled in by the daemon, which runs discovery).
+    #[serde(default)]
+    pub position: Option<crate::discovery::Position>,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -456,6 +459,7 @@ impl Upstream {
                     active: p.state.checks.report(),
                 })
                 .collect(),
+            position: None,
         }
     }
 

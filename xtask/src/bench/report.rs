@@ -282,7 +282,7 @@ const METHOD: &str = "## Method\n\n\
   duration. sysbench oltp_point_select, 8 threads, 4 tables x 10,000 rows on a private \
   mariadbd. Slow endpoints: iperf3 --bidir -b 1G -n 512M, both directions at once, \
   each paced at 1 Gbit/s; CPU per GB received in both directions. Idle: N connections opened through the balancer to a sink that holds them; \
-  (balancer RSS 10 s after all sessions reached the sink − RSS before) / N, the same wait \
+  (balancer RSS 10 s after all sessions reached the sink − RSS after 10 s without them) / N, the same waits \
   for every balancer (l4lb's idle sessions move into the kernel after 1 s and sleep there \
   without a task a few seconds later); nginx preallocates its \
   connection array at start, so part of its per-connection cost is in the baseline.\n\

@@ -341,7 +341,8 @@ fn parse_sysbench(out: &str) -> Result<(f64, f64, f64)> {
     Ok((tx, tps, p95))
 }
 
-/// How long idle connections sit before the balancer's memory is read.
+/// How long the balancer sits before its memory is read, without and with the idle
+/// connections.
 const IDLE_SETTLE: Duration = Duration::from_secs(10);
 
 /// Opens `idle_conns` connections through the balancer to the sink and measures the
@@ -351,6 +352,9 @@ fn idle(ctx: &Ctx) -> Result<Measured> {
         bail!("the idle workload needs a balancer process");
     }
     let n = ctx.idle_conns;
+    // Memory the previous workloads freed may still be on its way back to the kernel
+    // (l4lb's allocator returns it lazily): the baseline too is read once settled.
+    std::thread::sleep(IDLE_SETTLE);
     let base_kib = cpu::rss_kib(&ctx.proxy_pids);
     let before = ctx.sink.accepted();
     let addr: SocketAddr = ([127, 0, 0, 1], ctx.fronts.sink).into();
