@@ -384,6 +384,11 @@ fn idle(ctx: &Ctx) -> Result<Measured> {
     let loaded_kib = cpu::rss_kib(&ctx.proxy_pids);
     drop(conns);
     ctx.sink.release();
+    if loaded_kib < base_kib {
+        // Memory freed before the baseline went back meanwhile: the difference would
+        // read as free connections.
+        bail!("the balancer's RSS fell from {base_kib} to {loaded_kib} KiB while {n} connections opened: no per-connection figure");
+    }
     let mut m = Measured::default();
     m.set("conns", n as f64);
     m.set("rss_base_mib", base_kib as f64 / 1024.0);
