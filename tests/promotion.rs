@@ -516,9 +516,10 @@ async fn defaults_keep_short_sessions_copied_and_move_long_ones() {
         .await
         .expect("ended by proxy_timeout");
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    // From its last byte, not from its move into the kernel 1 s later.
     let lived = opened.elapsed();
     assert!(
-        lived >= Duration::from_millis(2900) && lived < Duration::from_secs(6),
+        lived >= Duration::from_millis(2900) && lived < Duration::from_millis(3700),
         "idle session ended after {lived:?}"
     );
     let deadline = Instant::now() + Duration::from_secs(10);

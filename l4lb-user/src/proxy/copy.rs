@@ -105,8 +105,11 @@ impl Transfer {
 pub enum CopyEnd {
     Ended(SessionEnd),
     /// Both directions stopped as asked, at a clean point: every byte read was written
-    /// to the peer socket, and neither side has finished.
-    Stopped,
+    /// to the peer socket, and neither side has finished. `quiet_for`: how long no byte
+    /// had moved, so `proxy_timeout` goes on counting from the last one.
+    Stopped {
+        quiet_for: Duration,
+    },
 }
 
 /// One direction's fixed parameters.
@@ -170,7 +173,11 @@ pub async fn copy(
             pump(&br, &mut cw, down, &shared, stop)
         )?;
         match pumped {
-            (Pumped::Stopped, Pumped::Stopped) => return Ok(CopyEnd::Stopped),
+            (Pumped::Stopped, Pumped::Stopped) => {
+                let last = Duration::from_millis(shared.last_activity.load(Ordering::Relaxed));
+                let quiet_for = shared.start.elapsed().saturating_sub(last);
+                return Ok(CopyEnd::Stopped { quiet_for });
+            }
             (Pumped::Finished, Pumped::Finished) => {}
             (Pumped::Stopped, Pumped::Finished) => {
                 pump(&cr, &mut bw, up, &shared, None).await?;

@@ -569,8 +569,8 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
     };
     let fallback = copy_reason(server, dp);
     let splicer = dp.splicer.as_deref().filter(|_| fallback.is_none());
-    let in_kernel_or_copy = |client, backend| match splicer {
-        Some(s) => Next::Kernel(Into::Insert(s, client, backend)),
+    let in_kernel_or_copy = |client, backend, quiet_for| match splicer {
+        Some(s) => Next::Kernel(Into::Insert(s, client, backend, quiet_for)),
         None => Next::Copy {
             client,
             backend,
@@ -589,7 +589,7 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
             transfer.upload.fetch_add(early_bytes, Ordering::Relaxed);
             metrics::add_bytes(0, early_bytes);
             let next = if at.kernel || promotion::at_once(server.splice_after) {
-                in_kernel_or_copy(client, backend)
+                in_kernel_or_copy(client, backend, Duration::ZERO)
             } else {
                 Next::Copy {
                     client,
@@ -623,7 +623,7 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
                     KernelStretch::Handover(c, b) => {
                         match park(&at, lease, transfer, true, c, b).await {
                             Ok(()) => return Outcome::handed_over(lease.spec.addr),
-                            Err((c, b)) => in_kernel_or_copy(c, b),
+                            Err((c, b)) => in_kernel_or_copy(c, b, Duration::ZERO),
                         }
                     }
                     KernelStretch::Dormant(dormant) => {
@@ -678,7 +678,7 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
                         };
                         break (end, Path::Copy(reason));
                     }
-                    CopyEnd::Stopped if handing => {
+                    CopyEnd::Stopped { .. } if handing => {
                         match park(&at, lease, transfer, false, client, backend).await {
                             Ok(()) => return Outcome::handed_over(lease.spec.addr),
                             Err((client, backend)) => Next::Copy {
@@ -688,11 +688,11 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
                             },
                         }
                     }
-                    CopyEnd::Stopped => {
+                    CopyEnd::Stopped { quiet_for } => {
                         METRICS
                             .promotions
                             .observe(promote_from.elapsed().as_secs_f64());
-                        in_kernel_or_copy(client, backend)
+                        in_kernel_or_copy(client, backend, quiet_for)
                     }
                 }
             }
@@ -786,8 +786,8 @@ enum KernelStretch {
 
 /// How a session's kernel stretch begins.
 enum Into<'a> {
-    /// Its sockets go into the kernel.
-    Insert(&'a Splicer, TcpStream, TcpStream),
+    /// Its sockets go into the kernel; no byte has moved for the duration.
+    Insert(&'a Splicer, TcpStream, TcpStream, Duration),
     /// It is there already, and woke.
     Wake(Awake),
 }
@@ -803,9 +803,9 @@ async fn in_kernel(
     // session's when the stretch ends.
     let kernel = Transfer::default();
     let ended = match into {
-        Into::Insert(splicer, client, backend) => {
+        Into::Insert(splicer, client, backend, quiet_for) => {
             splicer
-                .run(client, backend, limits, &kernel, handover)
+                .run(client, backend, quiet_for, limits, &kernel, handover)
                 .await
         }
         Into::Wake(awake) => awake.run(limits, &kernel, handover).await,

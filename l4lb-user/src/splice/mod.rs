@@ -236,12 +236,14 @@ impl Splicer {
     }
 
     /// Puts an established pair into the kernel until the session ends, has to leave
-    /// or falls quiet.
+    /// or falls quiet. `quiet_for`: how long the pair has moved no byte (the idle clock
+    /// goes on from there).
     /// `transfer` counts from zero: the kernel's counters start at the insert.
     pub async fn run(
         &self,
         client: TcpStream,
         backend: TcpStream,
+        quiet_for: std::time::Duration,
         limits: CopyLimits,
         transfer: &Transfer,
         handover: &CancellationToken,
@@ -273,6 +275,7 @@ impl Splicer {
             Arc::clone(&self.watcher),
             client,
             backend,
+            quiet_for,
         ));
         let rx = match session.insert() {
             Ok(rx) => rx,

@@ -180,7 +180,13 @@ pub struct InsertError {
 }
 
 impl Session {
-    pub fn new(maps: Arc<Maps>, watcher: Arc<Watcher>, client: Sock, backend: Sock) -> Session {
+    pub fn new(
+        maps: Arc<Maps>,
+        watcher: Arc<Watcher>,
+        client: Sock,
+        backend: Sock,
+        quiet_for: Duration,
+    ) -> Session {
         STATS.active.fetch_add(1, Ordering::Relaxed);
         Session {
             maps,
@@ -188,7 +194,10 @@ impl Session {
             socks: PerWay::new(client, backend),
             dirs: PerWay::default(),
             inserted: PerWay::default(),
-            last_user_ns: AtomicU64::new(sys::monotonic_ns()),
+            last_user_ns: AtomicU64::new(
+                sys::monotonic_ns()
+                    .saturating_sub(u64::try_from(quiet_for.as_nanos()).unwrap_or(u64::MAX)),
+            ),
         }
     }
 
