@@ -418,6 +418,18 @@ fn emit(
     metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
+/// A gauge read at scrape time from a count.
+fn emit_gauge(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let g = Gauge::<i64>::default();
+    g.set(i64::try_from(value).unwrap_or(i64::MAX));
+    emit(encoder, name, help, &g)
+}
+
 impl Collector for LiveState {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let active = Family::<ServerLabels, Gauge>::default();
@@ -536,13 +548,11 @@ impl Collector for LiveState {
             &last_success,
         )?;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let tasks = Gauge::<i64>::default();
-            tasks.set(i64::try_from(rt.metrics().num_alive_tasks()).unwrap_or(i64::MAX));
-            emit(
+            emit_gauge(
                 e,
                 "runtime_tasks",
                 "Tasks alive in the daemon's runtime (a session that sleeps in the kernel has none)",
-                &tasks,
+                rt.metrics().num_alive_tasks() as u64,
             )?;
         }
         if let Some(xdp) = &self.xdp {
@@ -605,21 +615,17 @@ impl Collector for LiveState {
                 c.inc_by(value);
                 emit(e, name, help, &c)?;
             }
-            let sessions = Gauge::<i64>::default();
-            sessions.set(i64::try_from(k.sessions).unwrap_or(i64::MAX));
-            emit(
+            emit_gauge(
                 e,
                 "kernel_sessions",
                 "Sessions in the kernel path now",
-                &sessions,
+                k.sessions,
             )?;
-            let dormant = Gauge::<i64>::default();
-            dormant.set(i64::try_from(k.dormant).unwrap_or(i64::MAX));
-            emit(
+            emit_gauge(
                 e,
                 "kernel_dormant_sessions",
                 "Sessions in the kernel path asleep without a task (quiet ones)",
-                &dormant,
+                k.dormant,
             )?;
             let maps = Family::<MapLabels, Gauge>::default();
             for (map, n) in k.maps {
