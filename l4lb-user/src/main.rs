@@ -13,6 +13,47 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc asks for transparent huge pages, and khugepaged then fills the 2 MiB
+/// around a few live objects: 5,000 sleeping sessions went from 1.4 to 4.8 KiB of RSS
+/// each some 15 s after they fell asleep. The daemon's heap is small; its bytes live in
+/// the kernel's socket buffers, which this does not touch.
+fn disable_transparent_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE takes plain integer arguments and only sets a flag.
+    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+        eprintln!(
+            "l4lb: cannot disable transparent huge pages: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// How often a worker thread that goes idle gives its freed pages back.
+const COLLECT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// mimalloc returns a thread's freed pages only when that thread next allocates: a
+/// worker whose sessions all fell asleep could keep them for hours (5,000 sleeping
+/// sessions kept 6.4 KiB of RSS each with two workers, 1.3 with one). So a worker
+/// collects its heap when it parks, at most once per [`COLLECT_EVERY`].
+fn collect_when_idle() {
+    use std::cell::Cell;
+    use std::time::Instant;
+    thread_local! {
+        static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+    let now = Instant::now();
+    LAST.with(|last| {
+        if last
+            .get()
+            .is_some_and(|t| now.duration_since(t) < COLLECT_EVERY)
+        {
+            return;
+        }
+        last.set(Some(now));
+        // SAFETY: no arguments; collects the calling thread's heap.
+        unsafe { libmimalloc_sys::mi_collect(false) };
+    });
+}
+
 #[derive(Parser)]
 #[command(name = "l4lb", version, about)]
 struct Cli {
@@ -67,6 +108,7 @@ fn default_config() -> PathBuf {
 }
 
 fn main() -> ExitCode {
+    disable_transparent_huge_pages();
     let cli = Cli::parse();
     match cli.command {
         Command::ImportNginx { file, output } => match import_nginx_cmd(&file, output.as_deref()) {
@@ -143,6 +185,7 @@ fn run_cmd(path: &Path) -> ExitCode {
     };
     panic::install_hook();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.on_thread_park(collect_when_idle);
     if let Some(n) = config.global.worker_threads {
         rt.worker_threads(n);
     }
@@ -159,7 +202,7 @@ fn run_cmd(path: &Path) -> ExitCode {
         // give those pages back now, not whenever this thread next allocates (they
         // showed as 8 MiB of RSS on an idle daemon).
         // SAFETY: no arguments; collects this thread's heap and the free segments.
-        unsafe { libmimalloc_sys::mi_collect(true) };
+        unsafe { libmimalloc_sys::mi_collect(false) };
         daemon.run().await
     });
     match result {

@@ -62,6 +62,9 @@ impl Dormant {
             return;
         };
         let watcher = Arc::clone(&session.watcher);
+        // A fresh allocation, made now like the continuation's: what stays for hours
+        // then sits with what stays, not among the copy path's freed buffers.
+        let session = Box::new(*session);
         let sleeper = Sleeper {
             seen: look.redirected,
             session,
