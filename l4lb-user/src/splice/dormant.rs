@@ -10,7 +10,8 @@
 //! keeps each size class on its own pages: with glibc's malloc the small objects that
 //! stay (this table's entries) pinned the pages of the tasks freed around them, and
 //! 5,000 idle sessions kept 5.3 KiB each of daemon RSS (of which 0.8 KiB in use), with
-//! mimalloc 2.6 KiB (release, one worker thread, the bench's idle workload).
+//! mimalloc 1.1-1.2 KiB (release, one worker thread, the bench's idle workload; see
+//! `main.rs` for what keeps freed memory returned).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
