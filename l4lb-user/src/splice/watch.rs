@@ -40,7 +40,7 @@ pub enum Event {
     Peer(u32),
     /// The program holds this direction (a redirect failed).
     Held,
-    /// The program redirected another MiB in this direction.
+    /// The program redirected another `1 << PROGRESS_SHIFT` bytes (4 MiB) in this direction.
     Progress,
     /// The program could not keep this direction's stream intact.
     Broken,
