@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// mimalloc asks for transparent huge pages, and khugepaged then fills the 2 MiB
-/// around a few live objects: 5,000 sleeping sessions went from 1.4 to 4.8 KiB of RSS
+/// around a few live objects: 5,000 sleeping sessions went from 2.6 to 4.8 KiB of RSS
 /// each some 15 s after they fell asleep. The daemon's heap is small; its bytes live in
 /// the kernel's socket buffers, which this does not touch.
 fn disable_transparent_huge_pages() {
@@ -201,7 +201,7 @@ fn run_cmd(path: &Path) -> ExitCode {
         // Loading the kernel path parsed the kernel's BTF (megabytes, freed at once):
         // give those pages back now, not whenever this thread next allocates (they
         // showed as 8 MiB of RSS on an idle daemon).
-        // SAFETY: no arguments; collects this thread's heap and the free segments.
+        // SAFETY: no arguments; collects this thread's heap.
         unsafe { libmimalloc_sys::mi_collect(false) };
         daemon.run().await
     });

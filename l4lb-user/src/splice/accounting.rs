@@ -231,7 +231,7 @@ impl Session {
     /// at most [`HALF_CLOSE_DEFER`].
     async fn defer_half_close(&self, i: Way) -> Result<(), End> {
         let j = i.reverse();
-        let quiet_ns = u64::try_from(HALF_CLOSE_QUIET.as_nanos()).unwrap_or(u64::MAX);
+        let quiet_ns = sys::nanos(HALF_CLOSE_QUIET);
         let deadline = Instant::now() + HALF_CLOSE_DEFER;
         while Instant::now() < deadline && !self.dirs[j].finished.load(Ordering::Relaxed) {
             let f = self.flow(j)?;

@@ -56,7 +56,7 @@ impl Dormant {
             rx,
             timeout,
         } = self;
-        let timeout_ns = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+        let timeout_ns = sys::nanos(timeout);
         let look = look(&session.maps, &Look::of(&session, None));
         let Some(next_check_ns) = look.asleep_until(timeout_ns) else {
             cont.resume(Awake { session, rx });
@@ -163,7 +163,7 @@ impl Looked {
         if self.wake || self.now_ns >= deadline {
             return None;
         }
-        let every = u64::try_from(LOOK_EVERY.as_nanos()).unwrap_or(u64::MAX);
+        let every = sys::nanos(LOOK_EVERY);
         Some(deadline.min(self.now_ns.saturating_add(every)))
     }
 }

@@ -194,10 +194,7 @@ impl Session {
             socks: PerWay::new(client, backend),
             dirs: PerWay::default(),
             inserted: PerWay::default(),
-            last_user_ns: AtomicU64::new(
-                sys::monotonic_ns()
-                    .saturating_sub(u64::try_from(quiet_for.as_nanos()).unwrap_or(u64::MAX)),
-            ),
+            last_user_ns: AtomicU64::new(sys::monotonic_ns().saturating_sub(sys::nanos(quiet_for))),
         }
     }
 
@@ -509,7 +506,7 @@ impl Session {
 
     /// Resolves when no byte moved in either direction for `timeout`.
     async fn idle(&self, timeout: Duration, transfer: &Transfer) -> End {
-        let timeout_ns = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+        let timeout_ns = sys::nanos(timeout);
         loop {
             let mut last = self.last_user_ns.load(Ordering::Relaxed);
             for s in self.socks.values() {

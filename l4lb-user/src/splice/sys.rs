@@ -286,6 +286,11 @@ fn ioctl_int(fd: RawFd, request: libc::Ioctl) -> io::Result<u64> {
     Ok(u64::try_from(value).unwrap_or(0))
 }
 
+/// A duration in nanoseconds, as [`monotonic_ns`] counts them (saturating).
+pub fn nanos(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
