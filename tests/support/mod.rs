@@ -24,20 +24,43 @@ pub fn l4lb_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_l4lb"))
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago, for the daemon to bind later.
 pub fn free_port() -> u16 {
-    StdTcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    unused_port(|a| StdTcpListener::bind(a).is_ok())
 }
 
-/// A UDP port on 127.0.0.1 that was free a moment ago.
+/// A UDP port on 127.0.0.1 that was free a moment ago, for the daemon to bind later.
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral udp port")
+    unused_port(|a| std::net::UdpSocket::bind(a).is_ok())
+}
+
+/// Ports handed out come from below the kernel's ephemeral range: one taken from that
+/// range and released can become the source port of any test's outgoing connection
+/// before the daemon binds it (seen in CI as "Address already in use"). Each test
+/// process walks the range from its own starting point, so parallel tests in it never
+/// get the same port twice.
+fn unused_port(free: impl Fn(SocketAddr) -> bool) -> u16 {
+    static NEXT: AtomicUsize = AtomicUsize::new(usize::MAX);
+    const LOW: usize = 10_000;
+    let high = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<usize>().ok())
+        .unwrap_or(32_768)
+        .max(LOW + 1_000);
+    let span = high - LOW;
+    let _ = NEXT.compare_exchange(
+        usize::MAX,
+        std::process::id() as usize * 997 % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        if free(SocketAddr::from(([127, 0, 0, 1], port))) {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{high}");
 }
 
 /// A running `l4lb run` process, killed on drop.

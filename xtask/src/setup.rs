@@ -24,7 +24,8 @@ const BUILD_PACKAGES: &[&str] = &[
 ];
 /// Debian packages the tests use: a real etcd, `ip` and `ss`, openssl for test
 /// certificates, real redis and MariaDB servers for the health checks (the *-core
-/// package carries mariadbd without a system service that would start), `setpriv`
+/// packages carry mariadbd without a system service that would start; the client one
+/// has `my_print_defaults`, without which `mariadb-install-db` fails), `setpriv`
 /// (util-linux) to run the daemon with chosen capabilities, `systemd-analyze` to
 /// verify the unit, `strace` to hold the daemon's system calls against the unit's
 /// filter.
@@ -35,6 +36,7 @@ const TEST_PACKAGES: &[&str] = &[
     "openssl",
     "redis-server",
     "mariadb-server-core",
+    "mariadb-client-core",
     "util-linux",
     "systemd",
     "strace",
