@@ -527,11 +527,18 @@ async fn ten_upgrades_in_a_row_lose_no_session_byte_or_connection() {
         println!("{line}");
     }
     for line in log.lines().filter(|l| l.contains("upgrade: handed over")) {
-        let moved: u64 = support::log_field(line, "sessions")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{line}"));
-        assert!((200..=201).contains(&moved), "{line}");
-        assert_eq!(support::log_field(line, "kept"), Some("0"), "{line}");
+        let figure = |name: &str| -> u64 {
+            support::log_field(line, name)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} in {line}"))
+        };
+        // The connect loop may have one session open and one closing.
+        assert!((200..=202).contains(&figure("sessions")), "{line}");
+        assert_eq!(figure("kept"), 0, "{line}");
+        // Spliced sessions stay in the maps both processes share: they move without
+        // leaving the kernel, at a clean point (nothing paused or held), which a
+        // session streaming 4 KiB every 25 ms is at nearly every moment.
+        assert!(figure("in_kernel") >= 90, "{line}");
     }
     assert!(log.contains("udp_sessions=20"), "{log}");
 }

@@ -124,11 +124,15 @@ impl Daemon {
         exe: Exe,
         predecessor: Option<OwnedFd>,
     ) -> anyhow::Result<Daemon> {
-        let splicer = load_splicer(&config)?;
+        let mut splicer = load_splicer(&config)?;
         let (inherited, predecessor) = match predecessor {
             Some(fd) => {
                 let mut channel = Channel::new(fd).context("handover channel")?;
-                let inherited = Inherited::receive(&mut channel).await?;
+                let identity = splicer.as_ref().map(|s| s.identity().to_string());
+                let mut inherited = Inherited::receive(&mut channel, identity).await?;
+                if let Some(shared) = inherited.kernel.take() {
+                    splicer = upgrade::share_kernel(&channel, splicer, shared, &config).await?;
+                }
                 (inherited, Some(channel))
             }
             None => (Inherited::default(), None),

@@ -4,6 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -11,9 +12,11 @@ use tokio::signal::unix::Signal;
 use tracing::{error, info, warn};
 
 use super::Daemon;
+
 use crate::config::Protocol;
 use crate::proxy::tcp;
 use crate::runtime::Parked;
+use crate::splice::{Shared, Splicer};
 use crate::upgrade::wire::{self, Channel, Msg};
 use crate::upgrade::{self as up, Spawned};
 use crate::upstream::UpstreamState;
@@ -25,6 +28,32 @@ pub(super) struct Inherited {
     pub listeners: HashMap<(Protocol, SocketAddr), OwnedFd>,
     pub admin: HashMap<SocketAddr, OwnedFd>,
     pub udp: HashMap<SocketAddr, Vec<(wire::UdpSession, OwnedFd)>>,
+    /// The running process's kernel path, to share (same object and settings).
+    pub kernel: Option<Shared>,
+}
+
+/// The new process's answer to the running kernel path it was offered: it shares it
+/// (dropping the instance it loaded, before anything used it), or keeps its own and
+/// says why, in which case spliced sessions move as they did before sharing existed.
+pub(super) async fn share_kernel(
+    channel: &Channel,
+    own: Option<Arc<Splicer>>,
+    shared: Shared,
+    config: &crate::config::Config,
+) -> anyhow::Result<Option<Arc<Splicer>>> {
+    let (splicer, why) = match Splicer::adopt(shared, config.global.max_connections) {
+        Ok(s) => {
+            info!("sharing the running process's kernel path: spliced sessions move without leaving the kernel");
+            (Some(Arc::new(s)), None)
+        }
+        Err(e) => {
+            let why = format!("{e:#}");
+            warn!(error = %why, "cannot share the running process's kernel path; spliced sessions pause while they move");
+            (own, Some(why))
+        }
+    };
+    channel.send(&Msg::KernelShared { why }, &[]).await?;
+    Ok(splicer)
 }
 
 /// One descriptor, or an error naming the message that lacked it.
@@ -39,10 +68,14 @@ fn one_fd(fds: Vec<OwnedFd>, what: &str) -> anyhow::Result<OwnedFd> {
 impl Inherited {
     /// The new process's first steps: hello (its configuration checked out and the
     /// kernel path loaded), then the state and listeners.
-    pub async fn receive(channel: &mut Channel) -> anyhow::Result<Inherited> {
+    pub async fn receive(
+        channel: &mut Channel,
+        kernel: Option<String>,
+    ) -> anyhow::Result<Inherited> {
         let hello = Msg::Hello {
             version: wire::VERSION,
             pid: std::process::id(),
+            kernel,
         };
         channel.send(&hello, &[]).await?;
         let mut got = Inherited::default();
@@ -57,6 +90,9 @@ impl Inherited {
                 }
                 Msg::Admin { listen } => {
                     got.admin.insert(listen, one_fd(fds, "admin")?);
+                }
+                Msg::Kernel { .. } => {
+                    got.kernel = Some(Shared::from_fds(fds).context("handover message kernel")?);
                 }
                 Msg::Udp(session) => {
                     let fd = one_fd(fds, "udp session")?;
@@ -110,12 +146,26 @@ impl Daemon {
                             channel.send(&Msg::NotAdopted { why }, &[]).await?;
                         }
                     },
+                    Msg::Ring => {
+                        if let Some(s) = &self.dp.splicer {
+                            s.take_ring()?;
+                        }
+                    }
                     Msg::Done => return Ok(()),
                     other => bail!("unexpected handover message among sessions: {other:?}"),
                 }
             }
         }
         .await;
+        if let Some(s) = &self.dp.splicer {
+            if !s.reads_ring() {
+                // The old process is gone or said it is done: nobody reads the ring.
+                if let Err(e) = s.take_ring() {
+                    error!(error = %format!("{e:#}"), "cannot read the shared kernel path's events; new sessions stay on the copy path");
+                }
+            }
+            s.sessions_arrived();
+        }
         match result {
             Ok(()) => {
                 self.write_pid_file();
@@ -148,15 +198,10 @@ impl Daemon {
     ) -> Result<tcp::Pending, String> {
         let [client, backend] = <[OwnedFd; 2]>::try_from(fds)
             .map_err(|fds| format!("came with {} descriptors, not 2", fds.len()))?;
-        let stream = |fd: OwnedFd| {
-            let std = std::net::TcpStream::from(fd);
-            std.set_nonblocking(true)?;
-            tokio::net::TcpStream::from_std(std)
-        };
-        let (client, backend) = match (stream(client), stream(backend)) {
-            (Ok(c), Ok(b)) => (c, b),
-            (Err(e), _) | (_, Err(e)) => return Err(format!("cannot use its sockets: {e}")),
-        };
+        let (client, backend) = (
+            std::net::TcpStream::from(client),
+            std::net::TcpStream::from(backend),
+        );
         let listener = self
             .listeners
             .get(&(Protocol::Tcp, session.listen))
@@ -223,15 +268,15 @@ impl Daemon {
             Err(e) => return Upgrade::Kept(e),
         };
         let before_serving = async {
-            let pid = spawned.hello().await?;
+            let (pid, kernel) = spawned.hello().await?;
             info!(pid, "upgrade: the new process checked its configuration");
             self.xdp_filter(false)?;
-            self.send_listeners(&mut spawned).await?;
-            Ok::<u32, anyhow::Error>(pid)
+            let shared = self.send_listeners(&mut spawned, kernel).await?;
+            Ok::<(u32, bool), anyhow::Error>((pid, shared))
         }
         .await;
-        let pid = match before_serving {
-            Ok(pid) => pid,
+        let (pid, shared) = match before_serving {
+            Ok(got) => got,
             Err(e) => {
                 spawned.abandon().await;
                 self.resume_udp();
@@ -250,7 +295,14 @@ impl Daemon {
         }
         self.discovery.stop_all();
         self.health.stop_all();
+        if shared {
+            self.pass_ring(&spawned).await;
+        }
         let (moved, kept, broken) = self.send_sessions(&spawned).await;
+        let Moved {
+            all: moved,
+            in_kernel,
+        } = moved;
         let finished = match broken {
             Some(e) => Err(e),
             None => up::finish(&mut spawned).await,
@@ -259,6 +311,7 @@ impl Daemon {
             Ok(_) => info!(
                 pid,
                 sessions = moved,
+                in_kernel,
                 kept,
                 took_ms = began.elapsed().as_millis() as u64,
                 "upgrade: handed over"
@@ -288,12 +341,42 @@ impl Daemon {
         }
     }
 
-    async fn send_listeners(&self, spawned: &mut Spawned) -> anyhow::Result<()> {
+    /// Sends the state and listeners; returns whether the new process shares the
+    /// kernel path (it loaded the same one, `kernel`, and took its descriptors).
+    async fn send_listeners(
+        &self,
+        spawned: &mut Spawned,
+        kernel: Option<String>,
+    ) -> anyhow::Result<bool> {
         let ch = &spawned.channel;
         for mut state in self.upstreams.save() {
             state.position = self.discovery.position(&state.name);
             ch.send(&Msg::Upstream(state), &[]).await?;
         }
+        let splicer = self
+            .dp
+            .splicer
+            .as_ref()
+            .filter(|s| s.reads_ring() && kernel.as_deref() == Some(s.identity()));
+        let offered = match splicer {
+            Some(s) => {
+                let shared = s
+                    .shared()
+                    .context("cannot duplicate the kernel path's descriptors")?;
+                let fds = shared.fds().map(|fd| fd.as_raw_fd());
+                let msg = Msg::Kernel {
+                    identity: s.identity().to_string(),
+                };
+                ch.send(&msg, &fds).await?;
+                true
+            }
+            None => {
+                if kernel.is_some() && self.dp.splicer.is_some() {
+                    info!("upgrade: the new binary's kernel path differs from this one's; spliced sessions pause while they move");
+                }
+                false
+            }
+        };
         // UDP listeners stop reading first: a datagram waits in the socket for the new
         // process rather than opening a session that would then exist twice.
         for l in self.listeners.values() {
@@ -318,13 +401,44 @@ impl Daemon {
             ch.send(&msg, &[admin.socket.as_raw_fd()]).await?;
         }
         ch.send(&Msg::ListenersDone, &[]).await?;
+        let mut shared = false;
+        if offered {
+            match spawned
+                .recv(up::START_TIMEOUT, "taking the kernel path")
+                .await?
+                .0
+            {
+                Msg::KernelShared { why: None } => shared = true,
+                Msg::KernelShared { why: Some(why) } => {
+                    warn!(reason = %why, "upgrade: the new process does not share the kernel path; spliced sessions pause while they move");
+                }
+                other => {
+                    bail!("expected the new process's answer on the kernel path, got {other:?}")
+                }
+            }
+        }
         match spawned
             .recv(up::START_TIMEOUT, "opening its listeners")
             .await?
             .0
         {
-            Msg::Serving => Ok(()),
+            Msg::Serving => Ok(shared),
             other => bail!("expected the new process to serve, got {other:?}"),
+        }
+    }
+
+    /// The new process serves and shares the kernel path: this process stops reading
+    /// its event ring and tells it to read from here on. Its sessions then move
+    /// without leaving the kernel; those that stay here leave it for the copy path.
+    async fn pass_ring(&self, spawned: &Spawned) {
+        let Some(splicer) = &self.dp.splicer else {
+            return;
+        };
+        splicer.share_with_successor();
+        splicer.release_ring();
+        if let Err(e) = spawned.channel.send(&Msg::Ring, &[]).await {
+            // It reads the ring once the channel closes (it exits or is done).
+            warn!(error = %e, "cannot tell the new process to read the kernel path's events");
         }
     }
 
@@ -345,16 +459,18 @@ impl Daemon {
         }
     }
 
-    /// Parks every TCP session at a clean point and sends it; returns how many moved,
-    /// how many stay here, and the error that broke the handover if one did. Sessions
+    /// Parks every TCP session at a clean point and sends it; returns how many moved
+    /// (and of those, how many without leaving the kernel), how many stay here, and
+    /// the error that broke the handover if one did. Sessions
     /// are sent as they park, without waiting for the answers, which come in order:
     /// until its answer the old process still holds a session's sockets.
-    async fn send_sessions(&self, spawned: &Spawned) -> (u64, u64, Option<anyhow::Error>) {
+    async fn send_sessions(&self, spawned: &Spawned) -> (Moved, u64, Option<anyhow::Error>) {
         let ch = &spawned.channel;
         let mut parked = self.dp.handover.begin();
         self.dp.wake_dormant();
         let deadline = up::sessions_deadline();
-        let (mut moved, mut kept) = (0u64, 0u64);
+        let mut moved = Moved::default();
+        let mut kept = 0u64;
         let mut broken: Option<anyhow::Error> = None;
         let mut in_flight: VecDeque<Parked> = VecDeque::new();
         let mut refused: Vec<Parked> = Vec::new();
@@ -386,8 +502,9 @@ impl Daemon {
                     match answer {
                         Ok(true) => {
                             // Our copies close with `p`; the new process has its own.
+                            moved.in_kernel += u64::from(p.session.in_kernel.is_some());
+                            moved.all += 1;
                             let _ = p.back.send(None);
-                            moved += 1;
                         }
                         // Given back once the handover is over: back now, it would
                         // see the handover still asked for and park again.
@@ -437,6 +554,14 @@ impl Daemon {
         }
         (moved, kept + waiting, broken)
     }
+}
+
+/// Sessions a new process took.
+#[derive(Default)]
+struct Moved {
+    all: u64,
+    /// Of those, sessions that stayed in the shared kernel path's maps.
+    in_kernel: u64,
 }
 
 /// How an upgrade ended for the old process.

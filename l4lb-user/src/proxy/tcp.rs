@@ -25,7 +25,7 @@ use crate::metrics::{self, CopyReason, METRICS};
 use crate::panic;
 use crate::runtime::DataPath;
 use crate::runtime::Parked;
-use crate::splice::{Awake, Dormant, KernelEnd, Path, Resume, Splicer};
+use crate::splice::{Awake, Dormant, InPlace, KernelEnd, Path, Resume, Splicer};
 use crate::upgrade::wire;
 use crate::upstream::Lease;
 
@@ -106,7 +106,7 @@ fn copy_reason(server: &ServerConfig, dp: &DataPath) -> Option<CopyReason> {
         Some(CopyReason::SpliceOff)
     } else if server.proxy_upload_rate > 0 || server.proxy_download_rate > 0 {
         Some(CopyReason::RateLimited)
-    } else if dp.splicer.is_none() {
+    } else if !dp.splicer.as_ref().is_some_and(|s| s.accepts_sessions()) {
         Some(CopyReason::KernelUnavailable)
     } else {
         None
@@ -122,6 +122,11 @@ enum Start {
         established: Established,
         kernel: bool,
     },
+    /// Handed over still in the kernel path's maps, which both processes share.
+    AdoptedInKernel {
+        awake: Awake,
+        held: Held,
+    },
     /// A dormant kernel-path session woke (see [`Sleeping`]).
     Woken {
         awake: Awake,
@@ -132,8 +137,8 @@ enum Start {
 /// A session another process handed over.
 pub struct Adopted {
     pub session: wire::TcpSession,
-    pub client: TcpStream,
-    pub backend: TcpStream,
+    pub client: std::net::TcpStream,
+    pub backend: std::net::TcpStream,
 }
 
 /// A handed-over session, ready to run here once the old process let go of it.
@@ -187,18 +192,43 @@ pub fn adopt(
     let started = Instant::now()
         .checked_sub(Duration::from_millis(s.age_ms))
         .unwrap_or_else(Instant::now);
+    let held = Held { lease, _slot: slot };
+    let start = match &s.in_kernel {
+        Some(state) => {
+            let splicer = dp
+                .splicer
+                .as_ref()
+                .filter(|s| s.reads_ring())
+                .ok_or("it is in the kernel path's maps, which this process does not share")?;
+            let awake = splicer
+                .adopt_session(client, backend, state)
+                .map_err(|e| format!("cannot take it in the shared maps: {e}"))?;
+            Start::AdoptedInKernel { awake, held }
+        }
+        None => {
+            let stream = |std: std::net::TcpStream| {
+                std.set_nonblocking(true)?;
+                TcpStream::from_std(std)
+            };
+            let (client, backend) = match (stream(client), stream(backend)) {
+                (Ok(c), Ok(b)) => (c, b),
+                (Err(e), _) | (_, Err(e)) => return Err(format!("cannot use its sockets: {e}")),
+            };
+            Start::Adopted {
+                client,
+                established: Established {
+                    backend,
+                    held,
+                    early_bytes: 0,
+                },
+                kernel: s.kernel,
+            }
+        }
+    };
     Ok(Pending {
         ctx,
         dp: Arc::clone(dp),
-        start: Start::Adopted {
-            client,
-            established: Established {
-                backend,
-                held: Held { lease, _slot: slot },
-                early_bytes: 0,
-            },
-            kernel: s.kernel,
-        },
+        start,
         peer: s.client,
         permit,
         started,
@@ -240,7 +270,7 @@ async fn session(
                 };
                 caught_forward(at, Begin::connected(client, established), &transfer).await
             }
-            Start::Woken { awake, held } => {
+            Start::Woken { awake, held } | Start::AdoptedInKernel { awake, held } => {
                 let at = Forwarding {
                     ctx: &ctx,
                     dp: &dp,
@@ -626,6 +656,12 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
                             Err((c, b)) => in_kernel_or_copy(c, b, Duration::ZERO),
                         }
                     }
+                    KernelStretch::InPlace(in_place) => {
+                        match park_in_place(&at, lease, transfer, in_place).await {
+                            Ok(()) => return Outcome::handed_over(lease.spec.addr),
+                            Err(in_place) => Next::Kernel(Into::Leave(in_place)),
+                        }
+                    }
                     KernelStretch::Dormant(dormant) => {
                         return Outcome {
                             asleep: Some(Asleep { dormant, held }),
@@ -737,29 +773,8 @@ async fn park(
             return Ok(());
         }
     };
-    let (back, answer) = oneshot::channel();
-    let parked = Parked {
-        session: wire::TcpSession {
-            listen: at.ctx.server.listen,
-            client: at.peer,
-            server: lease.spec.addr,
-            age_ms: u64::try_from(at.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            upload: transfer.upload(),
-            download: transfer.download(),
-            kernel,
-        },
-        client,
-        backend,
-        back,
-    };
-    let returned = match at.dp.handover.park(parked) {
-        None => match answer.await {
-            Ok(None) => return Ok(()),
-            Ok(Some(socks)) => socks,
-            // The upgrade dropped the session without answering: it kept the sockets.
-            Err(_) => return Ok(()),
-        },
-        Some(p) => (p.client, p.backend),
+    let Some(returned) = offer(at, lease, transfer, kernel, None, client, backend).await else {
+        return Ok(());
     };
     match (
         TcpStream::from_std(returned.0),
@@ -773,6 +788,71 @@ async fn park(
     }
 }
 
+/// Offers a spliced session at a clean point to a binary upgrade whose new process
+/// shares the maps: only its state and duplicates of its sockets travel. `Err` gives
+/// it back when it stays here.
+async fn park_in_place(
+    at: &Forwarding<'_>,
+    lease: &Lease,
+    transfer: &Transfer,
+    in_place: InPlace,
+) -> Result<(), InPlace> {
+    let (client, backend) = match in_place.sockets() {
+        Ok(socks) => socks,
+        Err(e) => {
+            warn!(error = %e, "cannot duplicate a spliced session's sockets for the upgrade");
+            return Err(in_place);
+        }
+    };
+    let state = Some(in_place.state());
+    match offer(at, lease, transfer, true, state, client, backend).await {
+        None => {
+            in_place.release();
+            Ok(())
+        }
+        // The duplicates close; the session goes on with its own sockets.
+        Some(_) => Err(in_place),
+    }
+}
+
+/// Parks a session with the upgrade: `None` once the new process took it, the
+/// sockets back when it stays here.
+async fn offer(
+    at: &Forwarding<'_>,
+    lease: &Lease,
+    transfer: &Transfer,
+    kernel: bool,
+    in_kernel: Option<wire::KernelState>,
+    client: std::net::TcpStream,
+    backend: std::net::TcpStream,
+) -> Option<(std::net::TcpStream, std::net::TcpStream)> {
+    let (back, answer) = oneshot::channel();
+    let parked = Parked {
+        session: wire::TcpSession {
+            listen: at.ctx.server.listen,
+            client: at.peer,
+            server: lease.spec.addr,
+            age_ms: u64::try_from(at.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            upload: transfer.upload(),
+            download: transfer.download(),
+            kernel,
+            in_kernel,
+        },
+        client,
+        backend,
+        back,
+    };
+    match at.dp.handover.park(parked) {
+        None => match answer.await {
+            Ok(None) => None,
+            Ok(Some(socks)) => Some(socks),
+            // The upgrade dropped the session without answering: it kept the sockets.
+            Err(_) => None,
+        },
+        Some(p) => Some((p.client, p.backend)),
+    }
+}
+
 /// How a session's kernel stretch ended.
 enum KernelStretch {
     /// It is quiet and may sleep.
@@ -782,6 +862,8 @@ enum KernelStretch {
     Left(TcpStream, TcpStream, CopyReason),
     /// It left the kernel for a binary upgrade.
     Handover(TcpStream, TcpStream),
+    /// It goes to a binary upgrade's new process as it is, still in the kernel.
+    InPlace(InPlace),
 }
 
 /// How a session's kernel stretch begins.
@@ -790,6 +872,8 @@ enum Into<'a> {
     Insert(&'a Splicer, TcpStream, TcpStream, Duration),
     /// It is there already, and woke.
     Wake(Awake),
+    /// It is there, and must leave: a binary upgrade's new process reads the events now.
+    Leave(InPlace),
 }
 
 /// The kernel stretch of a session.
@@ -809,6 +893,7 @@ async fn in_kernel(
                 .await
         }
         Into::Wake(awake) => awake.run(limits, &kernel, handover).await,
+        Into::Leave(in_place) => in_place.leave(&kernel).await,
     };
     // A dormant session's stretch goes on: its bytes are counted when it ends.
     if let Some(userspace) = ended.userspace_bytes() {
@@ -824,6 +909,7 @@ async fn in_kernel(
     };
     match ended {
         KernelEnd::Dormant(d) => KernelStretch::Dormant(d),
+        KernelEnd::InPlace(i) => KernelStretch::InPlace(i),
         KernelEnd::Ended { end, path, .. } => KernelStretch::Done(end, path),
         KernelEnd::Handover {
             client, backend, ..

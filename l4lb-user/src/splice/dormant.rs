@@ -86,6 +86,10 @@ pub struct Awake {
 }
 
 impl Awake {
+    pub(super) fn new(session: Box<Session>, rx: PerWay<UnboundedReceiver<Event>>) -> Awake {
+        Awake { session, rx }
+    }
+
     pub async fn run(
         self,
         limits: CopyLimits,
@@ -193,13 +197,16 @@ fn look(maps: &Maps, l: &Look) -> Looked {
     }
 }
 
-/// Spawns the sweep on the current runtime; it runs as long as the watcher.
-pub fn start_sweep(watcher: Arc<Watcher>, maps: Arc<Maps>) {
+/// Spawns the sweep on the current runtime, until `stop`.
+pub fn start_sweep(watcher: Arc<Watcher>, maps: Arc<Maps>, stop: CancellationToken) {
     tokio::spawn(async move {
         let mut every = tokio::time::interval(SWEEP);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            every.tick().await;
+            tokio::select! {
+                _ = every.tick() => {}
+                () = stop.cancelled() => return,
+            }
             sweep(&watcher, &maps);
         }
     });

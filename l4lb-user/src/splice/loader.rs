@@ -1,10 +1,15 @@
 //! Loads the embedded eBPF object with aya, sets its read-only globals (log level,
 //! kernel structure offsets), attaches the
-//! verdict program and hands out the maps.
+//! verdict program and hands out the maps; or takes over the instance a running
+//! process loaded from the same object (binary upgrade), from its descriptors.
+
+use std::hash::{Hash, Hasher};
+use std::os::fd::{AsFd, OwnedFd};
 
 use anyhow::Context;
 use aya::maps::sock::SockMapFd;
 use aya::maps::{Map, MapData, MapFd, RingBuf};
+use aya::programs::sk_skb::SkSkbLink;
 use aya::programs::{CgroupAttachMode, SkSkb, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use l4lb_ebpf::{
@@ -19,14 +24,121 @@ static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/l
 /// What the kernel path needs from the loaded object; dropping it detaches the program
 /// and frees the maps.
 pub struct Loaded {
-    /// Owns the program and its attachment.
+    /// Owns the programs and the sock_ops program's attachment.
     pub ebpf: Ebpf,
+    /// The verdict's attachment to the attached map: detached when dropped.
+    pub verdict: SkSkbLink,
+    /// The sock_ops program, for a successor to attach again.
+    pub sockops_prog: OwnedFd,
     pub flows: MapData,
     pub ctl: MapData,
     pub targets: MapData,
     pub attached: MapData,
     pub events: RingBuf<MapData>,
     pub logger: Option<aya_log::EbpfLogger<super::watch::TracingLog>>,
+}
+
+/// The descriptors that make up a loaded instance, as a binary upgrade passes them: a
+/// process holding them shares the instance (the verdict stays attached to the
+/// attached map as long as some process holds that map).
+pub struct Shared {
+    pub flows: OwnedFd,
+    pub ctl: OwnedFd,
+    pub targets: OwnedFd,
+    pub attached: OwnedFd,
+    pub events: OwnedFd,
+    pub sockops_prog: OwnedFd,
+}
+
+impl Shared {
+    /// In the order [`Shared::from_fds`] takes them.
+    pub fn fds(&self) -> [&OwnedFd; 6] {
+        [
+            &self.flows,
+            &self.ctl,
+            &self.targets,
+            &self.attached,
+            &self.events,
+            &self.sockops_prog,
+        ]
+    }
+
+    pub fn from_fds(fds: Vec<OwnedFd>) -> anyhow::Result<Shared> {
+        let n = fds.len();
+        let [flows, ctl, targets, attached, events, sockops_prog] =
+            <[OwnedFd; 6]>::try_from(fds)
+                .map_err(|_| anyhow::anyhow!("came with {n} descriptors, not 6"))?;
+        Ok(Shared {
+            flows,
+            ctl,
+            targets,
+            attached,
+            events,
+            sockops_prog,
+        })
+    }
+
+    pub fn try_clone(&self) -> std::io::Result<Shared> {
+        let [flows, ctl, targets, attached, events, sockops_prog] =
+            self.fds().map(OwnedFd::try_clone);
+        Ok(Shared {
+            flows: flows?,
+            ctl: ctl?,
+            targets: targets?,
+            attached: attached?,
+            events: events?,
+            sockops_prog: sockops_prog?,
+        })
+    }
+}
+
+/// An instance another process loaded, taken over: its maps, and this process's own
+/// attachment of its sock_ops program (the predecessor's ends with it).
+pub struct Adopted {
+    pub flows: MapData,
+    pub ctl: MapData,
+    pub targets: MapData,
+    pub attached: MapData,
+    pub sockops_link: OwnedFd,
+}
+
+pub fn adopt(shared: &Shared) -> anyhow::Result<Adopted> {
+    let map = |fd: &OwnedFd, name: &str| -> anyhow::Result<MapData> {
+        let fd = fd
+            .try_clone()
+            .with_context(|| format!("duplicating map {name}"))?;
+        MapData::from_fd(fd).with_context(|| format!("map {name} from the running process"))
+    };
+    let cgroup = own_cgroup()?;
+    let dir = std::fs::File::open(&cgroup)
+        .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+    let sockops_link =
+        super::sys::cgroup_sock_ops_link(shared.sockops_prog.as_fd(), dir.as_fd())
+            .with_context(|| format!("attaching the sock_ops program to {}", cgroup.display()))?;
+    Ok(Adopted {
+        flows: map(&shared.flows, FLOWS_MAP)?,
+        ctl: map(&shared.ctl, CTL_MAP)?,
+        targets: map(&shared.targets, TARGETS_MAP)?,
+        attached: map(&shared.attached, ATTACHED_MAP)?,
+        sockops_link,
+    })
+}
+
+/// The events ring buffer from its descriptor. Its reader's position is read from the
+/// ring when this is called: only once the previous reader stopped.
+pub fn ring(events: &OwnedFd) -> anyhow::Result<RingBuf<MapData>> {
+    let data = MapData::from_fd(events.try_clone()?).context("events ring buffer")?;
+    RingBuf::try_from(Map::RingBuf(data)).context("events ring buffer")
+}
+
+/// Names the object and the settings it was loaded with: a new binary whose identity is
+/// the same can take over a running instance, whose maps it reads the same way.
+pub fn identity(params: &Params) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    PROGRAM.hash(&mut h);
+    params.max_sockets.hash(&mut h);
+    params.log_level.hash(&mut h);
+    format!("{:016x}-{}", h.finish(), PROGRAM.len())
 }
 
 pub struct Params {
@@ -65,7 +177,7 @@ pub fn load(params: &Params) -> anyhow::Result<Loaded> {
         .context("loading the eBPF object")?;
     let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, super::watch::TracingLog).ok();
     let attached = data(take(&mut ebpf, ATTACHED_MAP)?, ATTACHED_MAP)?;
-    {
+    let verdict = {
         let prog: &mut SkSkb = ebpf
             .program_mut(VERDICT_PROG)
             .with_context(|| format!("program {VERDICT_PROG} missing"))?
@@ -78,11 +190,14 @@ pub fn load(params: &Params) -> anyhow::Result<Loaded> {
         // cast is layout-preserving (aya does the same for its typed SockHash, which
         // insists on 4-byte values; this map has 8-byte ones).
         let sock_fd: &SockMapFd = unsafe { &*std::ptr::from_ref(fd).cast::<SockMapFd>() };
-        prog.attach(sock_fd)
+        let link = prog
+            .attach(sock_fd)
             .context("attaching the verdict program")?;
-    }
+        prog.take_link(link)
+            .context("the verdict program's attachment")?
+    };
     let cgroup = own_cgroup()?;
-    {
+    let sockops_prog = {
         let prog: &mut SockOps = ebpf
             .program_mut(SOCKOPS_PROG)
             .with_context(|| format!("program {SOCKOPS_PROG} missing"))?
@@ -96,13 +211,20 @@ pub fn load(params: &Params) -> anyhow::Result<Loaded> {
         // links never exclude each other: other daemons can attach to the same cgroup.
         prog.attach(&dir, CgroupAttachMode::Single)
             .with_context(|| format!("attaching the sock_ops program to {}", cgroup.display()))?;
-    }
+        prog.fd()
+            .context("the sock_ops program's fd")?
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the sock_ops program's fd")?
+    };
     let flows = data(take(&mut ebpf, FLOWS_MAP)?, FLOWS_MAP)?;
     let ctl = data(take(&mut ebpf, CTL_MAP)?, CTL_MAP)?;
     let targets = data(take(&mut ebpf, TARGETS_MAP)?, TARGETS_MAP)?;
     let events = RingBuf::try_from(take(&mut ebpf, EVENTS_MAP)?).context("events ring buffer")?;
     Ok(Loaded {
         ebpf,
+        verdict,
+        sockops_prog,
         flows,
         ctl,
         targets,

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::sync::atomic::AtomicBool;
 
 use aya::maps::MapData;
 use l4lb_ebpf::{Flow, FlowCtl};
@@ -15,6 +16,9 @@ pub struct Maps {
     pub targets: MapData,
     pub attached: MapData,
     pub max_sockets: usize,
+    /// A binary upgrade's new process shares these maps: a session at a clean point
+    /// moves to it without leaving the kernel.
+    pub successor: AtomicBool,
 }
 
 /// Entries of each map, for the metrics.
@@ -54,9 +58,14 @@ impl Maps {
         sys::map_update(fd(&self.flows), &cookie, &flow, sys::BPF_NOEXIST)
     }
 
+    /// A socket's control entry (all zero until the daemon first wrote one).
+    pub fn ctl(&self, cookie: u64) -> io::Result<FlowCtl> {
+        Ok(sys::map_lookup::<u64, FlowCtl>(fd(&self.ctl), &cookie)?.unwrap_or_default())
+    }
+
     /// Changes a socket's control entry. Only the session owning the socket writes it.
     fn update_ctl(&self, cookie: u64, f: impl FnOnce(&mut FlowCtl)) -> io::Result<()> {
-        let mut ctl = sys::map_lookup::<u64, FlowCtl>(fd(&self.ctl), &cookie)?.unwrap_or_default();
+        let mut ctl = self.ctl(cookie)?;
         f(&mut ctl);
         sys::map_update(fd(&self.ctl), &cookie, &ctl, sys::BPF_ANY)
     }

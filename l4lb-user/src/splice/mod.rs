@@ -26,7 +26,8 @@ mod way;
 use std::fmt;
 use std::io;
 use std::net::TcpStream as StdTcpStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -74,12 +75,54 @@ pub enum KernelEnd {
     Left(Leaving),
     /// The session is quiet: it may sleep, without a task, until something happens.
     Dormant(Dormant),
+    /// A binary upgrade's new process shares the maps: the session, at a clean point,
+    /// goes to it as it is, still in the kernel.
+    InPlace(InPlace),
     /// The session left the kernel, without losing a byte, for a binary upgrade.
     Handover {
         client: StdTcpStream,
         backend: StdTcpStream,
         userspace_bytes: u64,
     },
+}
+
+/// A spliced session at a clean point, offered to a binary upgrade's new process that
+/// shares the maps; its bytes keep flowing in the kernel meanwhile.
+pub struct InPlace {
+    session: Box<Session>,
+}
+
+impl InPlace {
+    pub fn state(&self) -> crate::upgrade::wire::KernelState {
+        self.session.export()
+    }
+
+    /// Duplicates of its sockets, to send.
+    pub fn sockets(&self) -> io::Result<(StdTcpStream, StdTcpStream)> {
+        Ok((
+            self.session.socks[Way::Up].stream.try_clone()?,
+            self.session.socks[Way::Down].stream.try_clone()?,
+        ))
+    }
+
+    /// The new process took it: forgotten here, the kernel untouched.
+    pub fn release(self) {
+        self.session.release();
+    }
+
+    /// It stays here, where the event ring is no longer read: it leaves the kernel for
+    /// the copy path, without losing a byte.
+    pub async fn leave(self, transfer: &Transfer) -> KernelEnd {
+        let why = io::Error::other("the kernel path went to a new process (binary upgrade)");
+        leave(
+            self.session,
+            Way::Up,
+            CopyReason::KernelUnavailable,
+            why,
+            transfer,
+        )
+        .await
+    }
 }
 
 /// A session that left the kernel: its sockets and why.
@@ -103,7 +146,7 @@ impl KernelEnd {
                 userspace_bytes, ..
             } => Some(*userspace_bytes),
             KernelEnd::Left(left) => Some(left.userspace_bytes),
-            KernelEnd::Dormant(_) => None,
+            KernelEnd::Dormant(_) | KernelEnd::InPlace(_) => None,
         }
     }
 
@@ -163,25 +206,63 @@ static STATS: Stats = Stats {
     wakeups: AtomicU64::new(0),
 };
 
+pub use loader::Shared;
+
+/// How long a session waits for the event ring before it stays on the copy path.
+const RING_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct Splicer {
     maps: Arc<Maps>,
     watcher: Arc<Watcher>,
-    /// Owns the program; dropping it would detach the verdict.
-    _ebpf: aya::Ebpf,
+    /// The object and settings the instance was loaded with (see `loader::identity`).
+    identity: String,
+    /// The descriptors a binary upgrade's new process needs to share this instance.
+    shared: Shared,
+    owner: Owner,
+    /// Set once this process passed the event ring to a new one: no session enters
+    /// the kernel here any more.
+    retired: AtomicBool,
+    /// True while this process reads the event ring; sessions enter the kernel only
+    /// then (a new process waits for the old one to stop reading it).
+    reading: tokio::sync::watch::Sender<bool>,
+    /// Ends the watcher's and the sweep's tasks.
+    stop: CancellationToken,
+}
+
+/// Who attached the programs.
+enum Owner {
+    /// This process loaded them. The verdict's attachment is dropped (detached) with
+    /// the splicer, unless a new process shares the maps (then it is let go).
+    Loaded {
+        _ebpf: aya::Ebpf,
+        verdict: std::sync::Mutex<Option<aya::programs::sk_skb::SkSkbLink>>,
+    },
+    /// The process this one replaced did; this one attached the sock_ops program again.
+    Adopted { _sockops_link: std::os::fd::OwnedFd },
+}
+
+impl Drop for Splicer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 impl Splicer {
+    fn params(max_sessions: usize) -> loader::Params {
+        let max_sockets =
+            u32::try_from(max_sessions.saturating_mul(2).clamp(1024, 1 << 21)).unwrap_or(1 << 21);
+        loader::Params {
+            max_sockets,
+            log_level: aya_log::Level::Warn as u8,
+        }
+    }
+
     /// Loads and attaches the programs; `max_sessions` sizes the maps. Must run inside
     /// the tokio runtime (it spawns the watcher).
     pub fn load(max_sessions: usize) -> anyhow::Result<Splicer> {
         tokio::runtime::Handle::try_current().context("the kernel path needs the tokio runtime")?;
-        let max_sockets =
-            u32::try_from(max_sessions.saturating_mul(2).clamp(1024, 1 << 21)).unwrap_or(1 << 21);
-        let loaded = loader::load(&loader::Params {
-            max_sockets,
-            log_level: aya_log::Level::Warn as u8,
-        })
-        .map_err(|e| {
+        let params = Self::params(max_sessions);
+        let loaded = loader::load(&params).map_err(|e| {
             // The kernel's own error (EPERM, or a verifier message about a helper) does
             // not say which capability was missing: name it first.
             match capabilities::describe_missing(&capabilities::missing_for_kernel_path()) {
@@ -189,20 +270,164 @@ impl Splicer {
                 None => e,
             }
         })?;
-        let watcher = watch::start(loaded.events, loaded.logger)?;
-        let maps = Arc::new(Maps {
+        let dup = |fd: &aya::maps::MapData| fd.fd().as_fd().try_clone_to_owned();
+        let shared = Shared {
+            flows: dup(&loaded.flows)?,
+            ctl: dup(&loaded.ctl)?,
+            targets: dup(&loaded.targets)?,
+            attached: dup(&loaded.attached)?,
+            events: loaded.events.as_fd().try_clone_to_owned()?,
+            sockops_prog: loaded.sockops_prog,
+        };
+        let stop = CancellationToken::new();
+        let watcher = watch::start(Some(loaded.events), loaded.logger, stop.clone())?;
+        let maps = Maps {
             flows: loaded.flows,
             ctl: loaded.ctl,
             targets: loaded.targets,
             attached: loaded.attached,
-            max_sockets: max_sockets as usize,
-        });
-        dormant::start_sweep(Arc::clone(&watcher), Arc::clone(&maps));
-        Ok(Splicer {
+            max_sockets: params.max_sockets as usize,
+            successor: AtomicBool::new(false),
+        };
+        let owner = Owner::Loaded {
+            _ebpf: loaded.ebpf,
+            verdict: std::sync::Mutex::new(Some(loaded.verdict)),
+        };
+        Ok(Self::assemble(
             maps,
             watcher,
-            _ebpf: loaded.ebpf,
-        })
+            loader::identity(&params),
+            shared,
+            owner,
+            stop,
+            true,
+        ))
+    }
+
+    /// Shares the instance a running process loaded (binary upgrade), when this
+    /// process loaded the same one (`identity`). The event ring is read once the old
+    /// process passes it ([`Splicer::take_ring`]); sessions wait for that to enter the
+    /// kernel.
+    pub fn adopt(shared: Shared, max_sessions: usize) -> anyhow::Result<Splicer> {
+        let params = Self::params(max_sessions);
+        let adopted = loader::adopt(&shared)?;
+        let stop = CancellationToken::new();
+        let watcher = watch::start(None, None, stop.clone())?;
+        let maps = Maps {
+            flows: adopted.flows,
+            ctl: adopted.ctl,
+            targets: adopted.targets,
+            attached: adopted.attached,
+            max_sockets: params.max_sockets as usize,
+            successor: AtomicBool::new(false),
+        };
+        let owner = Owner::Adopted {
+            _sockops_link: adopted.sockops_link,
+        };
+        Ok(Self::assemble(
+            maps,
+            watcher,
+            loader::identity(&params),
+            shared,
+            owner,
+            stop,
+            false,
+        ))
+    }
+
+    fn assemble(
+        maps: Maps,
+        watcher: Arc<Watcher>,
+        identity: String,
+        shared: Shared,
+        owner: Owner,
+        stop: CancellationToken,
+        reading: bool,
+    ) -> Splicer {
+        let maps = Arc::new(maps);
+        dormant::start_sweep(Arc::clone(&watcher), Arc::clone(&maps), stop.clone());
+        Splicer {
+            maps,
+            watcher,
+            identity,
+            shared,
+            owner,
+            retired: AtomicBool::new(false),
+            reading: tokio::sync::watch::Sender::new(reading),
+            stop,
+        }
+    }
+
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// The old process's side of sharing the instance with a new one, once that one
+    /// took the descriptors: the verdict stays attached when this process exits, and
+    /// sessions at a clean point move without leaving the kernel.
+    pub fn share_with_successor(&self) {
+        if let Owner::Loaded { verdict, .. } = &self.owner {
+            let link = verdict.lock().unwrap_or_else(|p| p.into_inner()).take();
+            // Dropping the link would detach the verdict from the map both share; the
+            // kernel drops the attachment with the map, when no process holds it.
+            std::mem::forget(link);
+        }
+        self.maps.successor.store(true, Ordering::Relaxed);
+    }
+
+    /// Stops reading the event ring for good (the new process reads it next); no
+    /// session enters the kernel here from now on.
+    pub fn release_ring(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+        self.watcher.release_ring();
+        self.reading.send_replace(false);
+    }
+
+    /// Becomes the event ring's reader, after the old process stopped reading it;
+    /// events for sessions still to arrive wait until [`Splicer::sessions_arrived`].
+    pub fn take_ring(&self) -> anyhow::Result<()> {
+        if self.watcher.reads_ring() {
+            return Ok(());
+        }
+        let ring = loader::ring(&self.shared.events)?;
+        self.watcher.take_ring(ring, true)?;
+        self.reading.send_replace(true);
+        Ok(())
+    }
+
+    pub fn reads_ring(&self) -> bool {
+        self.watcher.reads_ring()
+    }
+
+    pub fn sessions_arrived(&self) {
+        self.watcher.drop_orphans();
+    }
+
+    /// Sessions may enter the kernel here (not once the ring went to a new process).
+    pub fn accepts_sessions(&self) -> bool {
+        !self.retired.load(Ordering::Relaxed)
+    }
+
+    /// The descriptors to pass to a new process, duplicated.
+    pub fn shared(&self) -> io::Result<Shared> {
+        self.shared.try_clone()
+    }
+
+    /// A session the old process handed over still in the shared maps, woken here.
+    pub fn adopt_session(
+        &self,
+        client: StdTcpStream,
+        backend: StdTcpStream,
+        state: &crate::upgrade::wire::KernelState,
+    ) -> io::Result<Awake> {
+        let (session, rx) = Session::adopt(
+            Arc::clone(&self.maps),
+            Arc::clone(&self.watcher),
+            client,
+            backend,
+            state,
+        )?;
+        Ok(Awake::new(session, rx))
     }
 
     /// The kernel path's counters and map sizes (a map that cannot be counted shows 0).
@@ -248,6 +473,14 @@ impl Splicer {
         transfer: &Transfer,
         handover: &CancellationToken,
     ) -> KernelEnd {
+        // A new process shares the kernel path with the one it replaces, which reads its
+        // event ring until it passed its own sessions over (milliseconds).
+        let mut ready = self.reading.subscribe();
+        let usable = self.accepts_sessions()
+            && matches!(
+                tokio::time::timeout(RING_WAIT, ready.wait_for(|r| *r)).await,
+                Ok(Ok(_))
+            );
         // Out of tokio's reactor: it would wake on every redirected skb.
         let (client, backend) = match (client.into_std(), backend.into_std()) {
             (Ok(c), Ok(b)) => (c, b),
@@ -255,6 +488,19 @@ impl Splicer {
                 return KernelEnd::error(Side::Client, &e, CopyReason::InsertFailed)
             }
         };
+        if !usable {
+            return KernelEnd::Left(Leaving {
+                client,
+                backend,
+                reason: CopyReason::KernelUnavailable,
+                why: io::Error::other(if self.accepts_sessions() {
+                    "the process this one replaced did not pass the event ring on"
+                } else {
+                    "the kernel path went to a new process (binary upgrade)"
+                }),
+                userspace_bytes: 0,
+            });
+        }
         let (client, backend) = match (
             Snapshot::take(&client, Side::Client),
             Snapshot::take(&backend, Side::Backend),
@@ -321,6 +567,12 @@ async fn drive(
             rx,
             timeout: limits.idle_timeout,
         }),
+        End::Handover
+            if session.maps.successor.load(Ordering::Relaxed)
+                && session.at_clean_point(&mut rx) =>
+        {
+            KernelEnd::InPlace(InPlace { session })
+        }
         End::Handover => {
             match take_out(session, Way::Up, CopyReason::InsertFailed, transfer).await {
                 Ok((client, backend, userspace_bytes)) => KernelEnd::Handover {

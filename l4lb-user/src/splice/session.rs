@@ -20,6 +20,7 @@ use super::way::{PerWay, Way};
 use super::STATS;
 use crate::proxy::copy::{CopyLimits, Transfer};
 use crate::proxy::{SessionEnd, Side};
+use crate::upgrade::wire::KernelState;
 
 /// How long taking a flowing session out of the kernel may wait for the sock_ops program.
 const DETACH_WAIT: Duration = Duration::from_secs(1);
@@ -253,6 +254,117 @@ impl Session {
             }
         }
         Ok(rx)
+    }
+
+    /// What a binary upgrade's new process needs to carry the session on in the shared
+    /// maps.
+    pub fn export(&self) -> KernelState {
+        let per = |f: &dyn Fn(Way) -> u64| [f(Way::Up), f(Way::Down)];
+        KernelState {
+            queued0: per(&|i| self.socks[i].queued0),
+            consumed0: per(&|i| self.socks[i].consumed0),
+            read: per(&|i| self.dirs[i].read()),
+            forwarded: per(&|i| self.dirs[i].forwarded()),
+            last_user_ns: self.last_user_ns.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A session the process this one replaced spliced, in maps both share: watched
+    /// here from now on. Nothing in the maps is touched, also when this fails (the
+    /// session is still the other process's then).
+    pub fn adopt(
+        maps: Arc<Maps>,
+        watcher: Arc<Watcher>,
+        client: StdTcpStream,
+        backend: StdTcpStream,
+        state: &KernelState,
+    ) -> io::Result<(Box<Session>, PerWay<UnboundedReceiver<Event>>)> {
+        let sock = |stream: StdTcpStream, side, at: usize| -> io::Result<Sock> {
+            let fd = stream.as_raw_fd();
+            Ok(Sock {
+                cookie: sys::socket_cookie(fd)?,
+                stream,
+                fd,
+                side,
+                queued0: state.queued0[at],
+                consumed0: state.consumed0[at],
+            })
+        };
+        let (client, backend) = (
+            sock(client, Side::Client, 0)?,
+            sock(backend, Side::Backend, 1)?,
+        );
+        for s in [&client, &backend] {
+            maps.flow(s.cookie)?;
+        }
+        let session = Box::new(Session::new(maps, watcher, client, backend, Duration::ZERO));
+        session
+            .last_user_ns
+            .store(state.last_user_ns, Ordering::Relaxed);
+        for (i, at) in [(Way::Up, 0), (Way::Down, 1)] {
+            session.dirs[i]
+                .read
+                .store(state.read[at], Ordering::Relaxed);
+            session.dirs[i]
+                .forwarded
+                .store(state.forwarded[at], Ordering::Relaxed);
+        }
+        let (routes, rx) = watch::wire();
+        for ((i, s), (_, route)) in session.socks.iter().zip(routes.into_ways()) {
+            session.watcher.add(s.fd, s.cookie, route)?;
+            session.mark(i, |m| m.watched = true);
+        }
+        for i in Way::BOTH {
+            let attached = session.maps.is_attached(session.socks[i].cookie)?;
+            session.mark(i, |m| {
+                m.state = true;
+                m.target = true;
+                m.attached = attached;
+            });
+        }
+        Ok((session, rx))
+    }
+
+    /// Whether the session may move to a process sharing the maps as it is: nothing
+    /// paused, held, half-closed or pending here, and no event waiting that would change
+    /// that (the events are taken: the session's loop is over).
+    pub fn at_clean_point(&self, rx: &mut PerWay<UnboundedReceiver<Event>>) -> bool {
+        let mut calm = true;
+        let (up, down) = rx.pair_mut();
+        for r in [up, down] {
+            while let Ok(ev) = r.try_recv() {
+                calm &= match ev {
+                    Event::Progress => true,
+                    Event::Own(bits) | Event::Peer(bits) => {
+                        bits & (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32 == 0
+                    }
+                    Event::Held | Event::Broken | Event::Detached | Event::Paused => false,
+                };
+            }
+        }
+        calm && Way::BOTH.iter().all(|&i| {
+            let (d, cookie) = (&self.dirs[i], self.socks[i].cookie);
+            let kernel_calm = match (self.maps.flow(cookie), self.maps.ctl(cookie)) {
+                (Ok(f), Ok(c)) => f.passed <= d.read() && f.pauses == c.resumes && c.detach == 0,
+                _ => false,
+            };
+            kernel_calm
+                && !d.paused.load(Ordering::Relaxed)
+                && !d.finished.load(Ordering::Relaxed)
+                && d.pending().is_empty()
+                && self.attached(i)
+        })
+    }
+
+    /// The session runs in another process now, which shares the maps: this one stops
+    /// watching it and forgets it without touching the kernel.
+    pub fn release(self: Box<Self>) {
+        for (i, s) in self.socks.iter() {
+            if self.inserted(i).watched {
+                self.watcher.remove(s.fd, s.cookie);
+            }
+            *self.inserted(i) = Inserted::default();
+        }
     }
 
     /// Stops the verdict on both sockets; redirects already queued still drain.

@@ -4,12 +4,14 @@
 
 use std::io;
 use std::mem::{size_of, MaybeUninit};
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_CGROUP_SOCK_OPS: u32 = 3;
 /// Update flag: fail if the key exists.
 pub const BPF_NOEXIST: u64 = 1;
 /// Update flag: create or replace.
@@ -55,6 +57,43 @@ fn bpf_map_cmd(
     } else {
         Ok(())
     }
+}
+
+/// `union bpf_attr` as BPF_LINK_CREATE uses it; the tail the kernel may read is zero.
+#[repr(C)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    _rest: [u64; 4],
+}
+
+/// Attaches a loaded sock_ops program to a cgroup with a new bpf link of this process
+/// (what aya does when it loads the program itself): the link lasts as long as its fd.
+pub fn cgroup_sock_ops_link(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type: BPF_CGROUP_SOCK_OPS,
+        flags: 0,
+        _rest: [0; 4],
+    };
+    // SAFETY: `attr` is a valid, zero-padded bpf_attr for BPF_LINK_CREATE and its size
+    // is passed; both fds are borrowed for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            std::ptr::from_mut(&mut attr),
+            size_of::<LinkCreateAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this new fd to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) })
 }
 
 pub fn map_update<K, V>(fd: BorrowedFd<'_>, key: &K, value: &V, flags: u64) -> io::Result<()> {

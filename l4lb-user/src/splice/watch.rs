@@ -17,6 +17,7 @@ use l4lb_ebpf::{
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, trace, warn};
 
 use super::dormant::{resume, Sleeper, Woken};
@@ -99,13 +100,18 @@ impl Table {
         Some((sleeper, rx))
     }
 
-    /// Sends an event to its session, waking it if it sleeps.
-    fn deliver(&mut self, cookie: u64, woken: &mut Vec<Woken>, send: impl Fn(&Route)) {
+    /// Sends an event to its session, waking it if it sleeps; false when no session
+    /// watches the socket.
+    fn deliver(&mut self, cookie: u64, woken: &mut Vec<Woken>, send: impl Fn(&Route)) -> bool {
         if let Some(&Route::Asleep(id)) = self.routes.get(&cookie) {
             woken.extend(self.wake(id));
         }
-        if let Some(route) = self.routes.get(&cookie) {
-            send(route);
+        match self.routes.get(&cookie) {
+            Some(route) => {
+                send(route);
+                true
+            }
+            None => false,
         }
     }
 }
@@ -113,7 +119,18 @@ impl Table {
 pub struct Watcher {
     epoll: OwnedFd,
     table: Mutex<Table>,
+    /// The program's event ring, while this process is its reader: a ring has one
+    /// reader, and a binary upgrade passes it from the old process to the new one.
+    ring: Mutex<Option<RingBuf<MapData>>>,
+    /// Ring events for sockets not watched yet, kept while sessions arrive from the
+    /// process this one replaces (it stopped reading the ring before sending them).
+    orphans: Mutex<Option<HashMap<u64, Vec<Event>>>>,
 }
+
+/// Most sockets, and events per socket, kept as orphans: past that they are dropped
+/// (a session's periodic checks make up for a lost event, as for a full ring).
+const MAX_ORPHAN_SOCKETS: usize = 1 << 16;
+const MAX_ORPHAN_EVENTS: usize = 64;
 
 fn epoll_ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
     let mut ev = libc::epoll_event { events, u64: token };
@@ -137,6 +154,8 @@ impl Watcher {
             // SAFETY: a fresh descriptor nobody else owns.
             epoll: unsafe { OwnedFd::from_raw_fd(fd) },
             table: Mutex::new(Table::default()),
+            ring: Mutex::new(None),
+            orphans: Mutex::new(None),
         })
     }
 
@@ -146,6 +165,12 @@ impl Watcher {
 
     /// Starts watching a socket.
     pub fn add(&self, fd: RawFd, cookie: u64, route: Route) -> io::Result<()> {
+        let orphaned = self.orphans().as_mut().and_then(|o| o.remove(&cookie));
+        if let (Some(events), Route::Live { own, .. }) = (orphaned, &route) {
+            for ev in events {
+                let _ = own.send(ev);
+            }
+        }
         self.table().routes.insert(cookie, route);
         epoll_ctl(
             self.epoll.as_raw_fd(),
@@ -157,6 +182,55 @@ impl Watcher {
         .inspect_err(|_| {
             self.table().routes.remove(&cookie);
         })
+    }
+
+    fn orphans(&self) -> MutexGuard<'_, Option<HashMap<u64, Vec<Event>>>> {
+        self.orphans.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ring(&self) -> MutexGuard<'_, Option<RingBuf<MapData>>> {
+        self.ring.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Becomes the ring's reader. `orphans`: keep events for sockets not watched yet
+    /// until [`Watcher::drop_orphans`] (sessions are still arriving).
+    pub fn take_ring(&self, ring: RingBuf<MapData>, orphans: bool) -> io::Result<()> {
+        if orphans {
+            *self.orphans() = Some(HashMap::new());
+        }
+        let mut slot = self.ring();
+        epoll_ctl(
+            self.epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            ring.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            TOKEN_EVENTS,
+        )?;
+        *slot = Some(ring);
+        Ok(())
+    }
+
+    /// Stops reading the ring for good; once this returns, no read is under way.
+    pub fn release_ring(&self) {
+        if let Some(ring) = self.ring().take() {
+            let _ = epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                ring.as_raw_fd(),
+                0,
+                TOKEN_EVENTS,
+            );
+        }
+    }
+
+    pub fn reads_ring(&self) -> bool {
+        self.ring().is_some()
+    }
+
+    /// Every session that was to arrive did: events for unknown sockets are dropped
+    /// again.
+    pub fn drop_orphans(&self) {
+        *self.orphans() = None;
     }
 
     /// Adds or drops EPOLLOUT for a watched socket. Adding reports at once if there is
@@ -225,7 +299,8 @@ impl Watcher {
     }
 
     fn socket_event(&self, cookie: u64, bits: u32, woken: &mut Vec<Woken>) {
-        self.table().deliver(cookie, woken, |route| {
+        // A socket no session watches any more: nothing to tell.
+        let _ = self.table().deliver(cookie, woken, |route| {
             if let Route::Live { own, peer } = route {
                 let _ = own.send(Event::Own(bits));
                 let _ = peer.send(Event::Peer(bits));
@@ -242,11 +317,21 @@ impl Watcher {
             EVENT_PAUSED => Event::Paused,
             _ => return,
         };
-        self.table().deliver(ev.cookie, woken, |route| {
+        let delivered = self.table().deliver(ev.cookie, woken, |route| {
             if let Route::Live { own, .. } = route {
                 let _ = own.send(event);
             }
         });
+        if !delivered {
+            if let Some(orphans) = self.orphans().as_mut() {
+                if orphans.len() < MAX_ORPHAN_SOCKETS || orphans.contains_key(&ev.cookie) {
+                    let kept = orphans.entry(ev.cookie).or_default();
+                    if kept.len() < MAX_ORPHAN_EVENTS {
+                        kept.push(event);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -259,20 +344,18 @@ impl AsRawFd for EpollFd {
     }
 }
 
-/// Creates the watcher and spawns its dispatcher task on the current runtime.
+/// Creates the watcher and spawns its dispatcher task on the current runtime, until
+/// `stop`. Without `events`, the ring is read once [`Watcher::take_ring`] gives it.
 pub fn start(
-    mut events: RingBuf<MapData>,
+    events: Option<RingBuf<MapData>>,
     mut logger: Option<aya_log::EbpfLogger<TracingLog>>,
+    stop: CancellationToken,
 ) -> anyhow::Result<Arc<Watcher>> {
     let watcher = Arc::new(Watcher::new()?);
     let epfd = watcher.epoll.as_raw_fd();
-    epoll_ctl(
-        epfd,
-        libc::EPOLL_CTL_ADD,
-        events.as_raw_fd(),
-        libc::EPOLLIN as u32,
-        TOKEN_EVENTS,
-    )?;
+    if let Some(events) = events {
+        watcher.take_ring(events, false)?;
+    }
     if let Some(l) = &logger {
         epoll_ctl(
             epfd,
@@ -291,7 +374,11 @@ pub fn start(
     tokio::spawn(async move {
         let mut buf = [libc::epoll_event { events: 0, u64: 0 }; 64];
         loop {
-            let mut guard = match afd.readable().await {
+            let readable = tokio::select! {
+                r = afd.readable() => r,
+                () = stop.cancelled() => return,
+            };
+            let mut guard = match readable {
                 Ok(g) => g,
                 Err(e) => {
                     error!(error = %e, "splice watcher stopped; spliced sessions will end at their idle timeout");
@@ -314,9 +401,11 @@ pub fn start(
                 for ev in &buf[..n as usize] {
                     match ev.u64 {
                         TOKEN_EVENTS => {
-                            while let Some(item) = events.next() {
-                                if let Some(ev) = ring_event(&item) {
-                                    w.ring_event(ev, &mut woken);
+                            if let Some(events) = w.ring().as_mut() {
+                                while let Some(item) = events.next() {
+                                    if let Some(ev) = ring_event(&item) {
+                                        w.ring_event(ev, &mut woken);
+                                    }
                                 }
                             }
                         }

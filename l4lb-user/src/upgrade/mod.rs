@@ -95,8 +95,9 @@ impl Spawned {
         })
     }
 
-    /// Waits for the new process's hello and checks its version.
-    pub async fn hello(&mut self) -> anyhow::Result<u32> {
+    /// Waits for the new process's hello and checks its version; returns its pid and
+    /// the identity of the kernel path it loaded.
+    pub async fn hello(&mut self) -> anyhow::Result<(u32, Option<String>)> {
         let (msg, _) = self.recv(START_TIMEOUT, "its configuration check").await?;
         check_hello(&self.channel, msg).await
     }
@@ -134,9 +135,13 @@ impl Spawned {
 
 /// Accepts a hello of this process's protocol version; refuses any other, telling
 /// the new process why, rather than misreading what it would send.
-async fn check_hello(channel: &Channel, msg: Msg) -> anyhow::Result<u32> {
+async fn check_hello(channel: &Channel, msg: Msg) -> anyhow::Result<(u32, Option<String>)> {
     match msg {
-        Msg::Hello { version, pid } if version == wire::VERSION => Ok(pid),
+        Msg::Hello {
+            version,
+            pid,
+            kernel,
+        } if version == wire::VERSION => Ok((pid, kernel)),
         Msg::Hello { version, .. } => {
             let why = format!(
                 "handover protocol version {version} is not this process's {}",
@@ -278,6 +283,7 @@ mod tests {
         let hello = Msg::Hello {
             version: wire::VERSION + 1,
             pid: 1,
+            kernel: None,
         };
         let err = check_hello(&old, hello).await.unwrap_err().to_string();
         assert!(
@@ -291,7 +297,11 @@ mod tests {
         let same = Msg::Hello {
             version: wire::VERSION,
             pid: 42,
+            kernel: Some("k".into()),
         };
-        assert_eq!(check_hello(&old, same).await.unwrap(), 42);
+        assert_eq!(
+            check_hello(&old, same).await.unwrap(),
+            (42, Some("k".to_string()))
+        );
     }
 }

@@ -25,8 +25,8 @@ pub const ENV_FD: &str = "L4LB_UPGRADE_FD";
 
 /// Largest message: one upstream's state, or one session.
 const MAX_MESSAGE: usize = 4 << 20;
-/// Most descriptors one message carries (a TCP session has two).
-const MAX_FDS: usize = 4;
+/// Most descriptors one message carries (a TCP session has two, the kernel path six).
+const MAX_FDS: usize = 8;
 
 /// A TCP session at a clean point, with its two sockets attached (client, backend).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -41,6 +41,24 @@ pub struct TcpSession {
     pub download: u64,
     /// On the kernel path: the new process puts it back there at once.
     pub kernel: bool,
+    /// Still in the kernel path's maps, which both processes share: the new process
+    /// carries on from this state, and no byte waits. Absent from older binaries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_kernel: Option<KernelState>,
+}
+
+/// What the userspace half of a spliced session knows, per direction (client to
+/// backend first): the rest is in the shared maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelState {
+    /// Each source socket's `queued_total` and consumed bytes at insert.
+    pub queued0: [u64; 2],
+    pub consumed0: [u64; 2],
+    /// Bytes the daemon read from each source itself, and wrote to its peer.
+    pub read: [u64; 2],
+    pub forwarded: [u64; 2],
+    /// CLOCK_MONOTONIC ns of the last byte moved (one clock for every process).
+    pub last_user_ns: u64,
 }
 
 /// A UDP session, with its connected backend socket attached.
@@ -62,7 +80,22 @@ pub enum Msg {
     Hello {
         version: u32,
         pid: u32,
+        /// The identity of the kernel path it loaded (object and settings), if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kernel: Option<String>,
     },
+    /// Old → new, when the new process loaded the same kernel path: the running
+    /// instance's maps, event ring and sock_ops program (six descriptors), to share.
+    Kernel {
+        identity: String,
+    },
+    /// New → old: it shares the running instance (`why` when it does not).
+    KernelShared {
+        why: Option<String>,
+    },
+    /// Old → new: the old process no longer reads the shared event ring; the new one
+    /// does from now on.
+    Ring,
     /// Old → new: the handover will not happen; the new process exits.
     Refused {
         why: String,
@@ -269,6 +302,7 @@ mod tests {
             &Msg::Hello {
                 version: VERSION,
                 pid: 7,
+                kernel: None,
             },
             &[file.as_raw_fd()],
         )
@@ -280,7 +314,8 @@ mod tests {
             msg,
             Msg::Hello {
                 version: VERSION,
-                pid: 7
+                pid: 7,
+                kernel: None,
             }
         ));
         assert_eq!(fds.len(), 1);
@@ -290,5 +325,41 @@ mod tests {
         drop(a);
         let err = b.recv().await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// What a binary from before the shared kernel path sends still reads, and what
+    /// this one sends such a binary carries nothing new unless the new side asked.
+    #[test]
+    fn older_binaries_messages_read_the_same() {
+        let hello: Msg = serde_json::from_str(r#"{"type":"hello","version":1,"pid":9}"#).unwrap();
+        assert!(matches!(
+            hello,
+            Msg::Hello {
+                version: 1,
+                pid: 9,
+                kernel: None
+            }
+        ));
+        let tcp = r#"{"type":"tcp","listen":"127.0.0.1:1","client":"127.0.0.1:2",
+            "server":"127.0.0.1:3","age_ms":5,"upload":6,"download":7,"kernel":true}"#;
+        let Msg::Tcp(session) = serde_json::from_str(tcp).unwrap() else {
+            panic!("not a tcp session");
+        };
+        assert_eq!(session.in_kernel, None);
+        let sent = serde_json::to_string(&Msg::Tcp(session)).unwrap();
+        assert!(!sent.contains("in_kernel"), "{sent}");
+        let state = KernelState {
+            read: [1, 2],
+            ..KernelState::default()
+        };
+        let with = Msg::Tcp(TcpSession {
+            in_kernel: Some(state.clone()),
+            ..serde_json::from_str::<TcpSession>(&tcp.replace(r#""type":"tcp","#, "")).unwrap()
+        });
+        let Msg::Tcp(back) = serde_json::from_str(&serde_json::to_string(&with).unwrap()).unwrap()
+        else {
+            panic!("not a tcp session");
+        };
+        assert_eq!(back.in_kernel, Some(state));
     }
 }
