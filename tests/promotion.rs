@@ -358,14 +358,14 @@ async fn promotion_under_load_is_byte_exact() {
         bytes as f64 / 1048576.0
     );
     // How many live long enough to move depends on how fast the rest is moved: 113-127
-    // on bf5f2af (the 1,000 took 15-16 s), 84-103 since (13.5-14.5 s; not bisected).
-    // That each long session moved is checked above; this is a floor against
-    // promotion not working at all.
+    // on bf5f2af (the 1,000 took 15-16 s), 84-103 later (13.5-14.5 s), 47-49 on a faster
+    // host (9.8 s). That each long session moved is checked above; this is a floor
+    // against promotion not working at all.
     assert!(
-        promoted >= 50.0,
+        promoted >= 20.0,
         "only {promoted} sessions moved into the kernel"
     );
-    assert!(paths.get("kernel").copied().unwrap_or(0) >= 50, "{paths:?}");
+    assert!(paths.get("kernel").copied().unwrap_or(0) >= 20, "{paths:?}");
     assert!(
         paths.get("copy:short").copied().unwrap_or(0) >= 50,
         "{paths:?}"
@@ -437,7 +437,13 @@ async fn promotion_with_a_slow_reader_is_bounded_and_exact() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (got, mut c) = reader.await.expect("reader");
-    assert_eq!(got.expect("byte-exact"), SIZE);
+    match got {
+        Ok(n) if n == SIZE => {}
+        other => panic!(
+            "the client got {other:?} of {SIZE} bytes; daemon log:\n{}",
+            d.log()
+        ),
+    }
     sender.await.expect("sender").expect("sent");
     c.shutdown().await.expect("client FIN");
     let line = {

@@ -28,6 +28,10 @@ pub const FLOW_HELD: u64 = 1;
 /// [`Flow::flags`]: [`Flow::next_seq`] is set (from the socket's `copied_seq` at the
 /// first skb the verdict sees).
 pub const FLOW_SEQ: u64 = 2;
+/// [`Flow::flags`]: the verdict could not keep this direction's stream intact; it drops
+/// everything from then on, so the peer sees the stream stop rather than a gap, and the
+/// daemon ends the session.
+pub const FLOW_BROKEN: u64 = 4;
 
 /// Read-only global: `offsetof(struct sk_buff, sk)` on the running kernel (from BTF).
 pub const SKB_SK_OFF_GLOBAL: &str = "L4LB_SKB_SK_OFF";

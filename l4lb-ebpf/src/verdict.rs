@@ -37,7 +37,7 @@ use aya_ebpf::EbpfContext;
 use aya_log_ebpf::{error, warn};
 use l4lb_ebpf::{
     Event, Flow, FlowCtl, DEFAULT_MAX_SOCKETS, EVENT_BROKEN, EVENT_DETACHED, EVENT_HELD,
-    EVENT_PAUSED, EVENT_PROGRESS, FLOW_HELD, FLOW_SEQ, PAUSE_ABOVE, PAUSE_CHECK_SHIFT,
+    EVENT_PAUSED, EVENT_PROGRESS, FLOW_BROKEN, FLOW_HELD, FLOW_SEQ, PAUSE_ABOVE, PAUSE_CHECK_SHIFT,
     PROGRESS_SHIFT,
 };
 
@@ -60,8 +60,11 @@ static L4LB_TCP_SND_UNA_OFF: u32 = 0;
 const TCP_ESTABLISHED: u32 = 1;
 /// `bpf_skb_adjust_room` cuts at most this much per call.
 const TRIM_STEP: u32 = 0xfff;
-/// Bounds the trimming loop: 64 steps cover 256 KiB, more than any TCP skb here.
-const TRIM_STEPS: u32 = 64;
+/// Bounds the trimming loop: 192 steps cut 768 KiB. An skb that waited in a paused
+/// socket's receive queue may have been coalesced with its neighbours (up to
+/// MAX_SKB_FRAGS frags of up to 32 KiB each): one of 327,415 bytes repeating 265,536
+/// was seen on 6.18, past the 256 KiB an earlier bound of 64 steps covered.
+const TRIM_STEPS: u32 = 192;
 
 /// A SockHash with 8-byte values (aya-ebpf's has 4-byte ones, which bpftool cannot dump).
 #[repr(transparent)]
@@ -124,14 +127,19 @@ pub fn l4lb_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: a live entry of a hash map; the verdict of one socket runs under its lock,
     // so this program is the only writer of the non-atomic fields.
     let flow = unsafe { &mut *flow };
+    if flow.flags & FLOW_BROKEN != 0 {
+        return SK_DROP;
+    }
     let len = match unseen(&ctx, flow) {
         // Nothing in it the verdict has not seen.
         Ok(0) => return SK_DROP,
         Ok(n) => n,
         Err(()) => {
             // Neither forwarding the repeated bytes nor dropping the new ones keeps the
-            // stream intact: the daemon resets the session.
+            // stream intact: nothing more goes through, and the daemon resets the
+            // session.
             error!(&ctx, "l4lb: cannot cut repeated bytes on socket {}", cookie);
+            flow.flags |= FLOW_BROKEN;
             emit(&ctx, cookie, EVENT_BROKEN);
             return SK_DROP;
         }
@@ -313,7 +321,12 @@ fn unseen(ctx: &SkBuffContext, flow: &mut Flow) -> Result<u32, ()> {
         flow.next_seq = u64::from(end);
         return Ok(len);
     }
-    let seen = (seen as u32).min(len);
+    if seen as u32 >= len {
+        // All of it repeats what was seen: nothing to cut, it is dropped whole.
+        add(&mut flow.trimmed, len);
+        return Ok(0);
+    }
+    let seen = seen as u32;
     let mut left = seen;
     for _ in 0..TRIM_STEPS {
         if left == 0 {
