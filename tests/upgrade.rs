@@ -641,13 +641,41 @@ async fn a_new_binary_that_cannot_start_leaves_the_old_process_serving() {
 /// A new process with room for fewer sessions (a smaller `max_connections`) takes what
 /// fits (each refused session is offered once) and refuses the rest, which stay in the old process: it keeps serving them
 /// until they end, then exits. Every session is in exactly one process and byte-exact.
+/// The default `max_connections` sizes the kernel maps differently from 25, so the two
+/// processes do not share the kernel path: spliced sessions leave the sockmap to move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sessions_the_new_process_refuses_stay_in_the_old_one() {
+    let line = refused_sessions_stay(None).await;
+    assert_eq!(support::log_field(&line, "in_kernel"), Some("0"), "{line}");
+}
+
+/// As above, with maps sized the same in both processes (500 and 25 sessions both get
+/// the smallest maps): they share the kernel path, spliced sessions that fit move
+/// without leaving it, and those refused leave it for the copy path in the old process,
+/// which no longer reads the kernel path's events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_sessions_leave_a_shared_kernel_path_in_the_old_process() {
+    let line = refused_sessions_stay(Some(500)).await;
+    let in_kernel: u64 = support::log_field(&line, "in_kernel")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(in_kernel > 0, "{line}");
+}
+
+/// 40 sessions (20 spliced) under `max_connections = base` (the default when `None`),
+/// then an upgrade to `max_connections = 25`; returns the old process's handover line.
+async fn refused_sessions_stay(base: Option<u32>) -> String {
     let echo = [Backend::start(Behaviour::Echo).await];
     let udp = [UdpBackend::start("u1").await];
     let p = Ports::new();
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = config(dir.path(), &p, &[echo[0].addr], &[udp[0].addr]);
+    let mut cfg = config(dir.path(), &p, &[echo[0].addr], &[udp[0].addr]);
+    if let Some(base) = base {
+        cfg = cfg.replace(
+            "[global]\n",
+            &format!("[global]\nmax_connections = {base}\n"),
+        );
+    }
     let d = Daemon::start_with_env(&cfg, &[("L4LB_ADMIN_TOKEN", TOKEN)]);
     let current = Current {
         pid_file: dir.path().join("l4lb.pid"),
@@ -665,7 +693,13 @@ async fn sessions_the_new_process_refuses_stay_in_the_old_one() {
     );
 
     // Global settings take effect at restart, which an upgrade is.
-    let smaller = cfg.replace("[global]\n", "[global]\nmax_connections = 25\n");
+    let smaller = match base {
+        Some(base) => cfg.replace(
+            &format!("max_connections = {base}\n"),
+            "max_connections = 25\n",
+        ),
+        None => cfg.replace("[global]\n", "[global]\nmax_connections = 25\n"),
+    };
     std::fs::write(&d.config_path, smaller).expect("rewrite config");
     let new = tokio::task::block_in_place(|| signal_upgrade(&d, &current));
     assert!(new.starts_with("ok "), "{new}\n{}", d.log());
@@ -673,10 +707,11 @@ async fn sessions_the_new_process_refuses_stay_in_the_old_one() {
     let line = log
         .lines()
         .find(|l| l.contains("upgrade: handed over"))
-        .expect("handed over line");
+        .expect("handed over line")
+        .to_string();
     // Each TCP listener's accept loop holds a place too: 23 sessions fit.
     let field = |name| {
-        support::log_field(line, name)
+        support::log_field(&line, name)
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or_else(|| panic!("{line}"))
     };
@@ -696,6 +731,7 @@ async fn sessions_the_new_process_refuses_stay_in_the_old_one() {
         exited.is_some(),
         "the old process did not exit once its sessions ended"
     );
+    line
 }
 
 /// An upgrade right after a Consul change and one right after a SIGHUP: the new
