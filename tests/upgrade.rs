@@ -507,8 +507,8 @@ async fn ten_upgrades_in_a_row_lose_no_session_byte_or_connection() {
     );
     let after = active(admin, "db");
     for ((addr, a), (_, b)) in before.iter().zip(&after) {
-        // The connect loop may hold one connection at either moment.
-        assert!(a.abs_diff(*b) <= 1, "{addr}: {a} active before, {b} after");
+        // The connect loop may hold a connection at either moment, and one closing.
+        assert!(a.abs_diff(*b) <= 2, "{addr}: {a} active before, {b} after");
     }
     let (kernel_gap, copy_gap) = load.finish().await;
     println!(
