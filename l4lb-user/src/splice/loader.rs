@@ -135,10 +135,53 @@ pub fn ring(events: &OwnedFd) -> anyhow::Result<RingBuf<MapData>> {
 /// the same can take over a running instance, whose maps it reads the same way.
 pub fn identity(params: &Params) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    PROGRAM.hash(&mut h);
     params.max_sockets.hash(&mut h);
     params.log_level.hash(&mut h);
-    format!("{:016x}-{}", h.finish(), PROGRAM.len())
+    format!("{:016x}-{:016x}", object_identity(PROGRAM), h.finish())
+}
+
+/// What the kernel runs of an object: the sections it loads (programs, map
+/// definitions, read-only data, license), their relocations, and the names of global
+/// symbols (maps and programs are found by name). Debug information, BTF and local
+/// symbol names are left out: they carry build paths and crate hashes, so the same
+/// source built in another directory names the same thing. An object that does not
+/// parse is named by all its bytes.
+fn object_identity(bytes: &[u8]) -> u64 {
+    use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget, SectionFlags};
+    const SHF_ALLOC: u64 = 0x2;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let Ok(file) = object::File::parse(bytes) else {
+        bytes.hash(&mut h);
+        return h.finish();
+    };
+    for section in file.sections() {
+        let loaded =
+            matches!(section.flags(), SectionFlags::Elf { sh_flags } if sh_flags & SHF_ALLOC != 0);
+        if !loaded {
+            continue;
+        }
+        section.name_bytes().unwrap_or_default().hash(&mut h);
+        section.data().unwrap_or_default().hash(&mut h);
+        for (offset, reloc) in section.relocations() {
+            offset.hash(&mut h);
+            format!("{:?}", reloc.flags()).hash(&mut h);
+            reloc.addend().hash(&mut h);
+            if let RelocationTarget::Symbol(index) = reloc.target() {
+                if let Ok(symbol) = file.symbol_by_index(index) {
+                    if symbol.is_global() {
+                        symbol.name_bytes().unwrap_or_default().hash(&mut h);
+                    }
+                    format!("{:?}", symbol.section_index()).hash(&mut h);
+                    symbol.address().hash(&mut h);
+                }
+            }
+        }
+    }
+    for symbol in file.symbols().filter(|s| s.is_global()) {
+        symbol.name_bytes().unwrap_or_default().hash(&mut h);
+        symbol.address().hash(&mut h);
+    }
+    h.finish()
 }
 
 pub struct Params {
@@ -259,7 +302,35 @@ fn cgroup2_mount(mountinfo: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
-    use super::cgroup2_mount;
+    use super::{cgroup2_mount, object_identity, PROGRAM};
+    use object::{Object, ObjectSection};
+
+    /// A copy of the program with one byte of the named section changed.
+    fn with_byte_changed(section: &str) -> Vec<u8> {
+        let file = object::File::parse(PROGRAM).unwrap();
+        let (at, len) = file
+            .section_by_name(section)
+            .and_then(|s| s.file_range())
+            .unwrap_or_else(|| panic!("no section {section}"));
+        assert!(len > 0);
+        let mut copy = PROGRAM.to_vec();
+        copy[(at + len / 2) as usize] ^= 0x5a;
+        copy
+    }
+
+    /// A build elsewhere changes debug information (paths), not what the kernel runs; a
+    /// changed instruction changes the identity.
+    #[test]
+    fn the_identity_follows_the_code_not_the_debug_information() {
+        let id = object_identity(PROGRAM);
+        assert_eq!(id, object_identity(PROGRAM), "deterministic");
+        assert_eq!(id, object_identity(&with_byte_changed(".debug_str")));
+        assert_ne!(
+            id,
+            object_identity(&with_byte_changed("sk_skb/stream_verdict"))
+        );
+        assert_ne!(id, object_identity(&with_byte_changed("maps")));
+    }
 
     #[test]
     fn finds_the_cgroup2_mount_point() {
