@@ -7,6 +7,7 @@ use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -174,9 +175,30 @@ pub fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago, for a server started next. It
+/// comes from below the kernel's ephemeral range: a port from that range, once
+/// released, can become the source port of a workload's connection before the server
+/// binds it (the end-to-end tests saw that in CI). The bench starts one server at a
+/// time, so walking the range from a point that depends on the process is enough.
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral.saturating_sub(LOW).max(1_000);
+    let start = std::process::id().wrapping_mul(7_919);
+    for _ in 0..span {
+        let port = LOW + start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free TCP port on 127.0.0.1 in {LOW}..{}", LOW + span)
 }
 
 /// Local ports in LISTEN state (IPv4), from /proc/net/tcp: a readiness check that needs
@@ -196,4 +218,25 @@ fn listening_ports() -> Result<Vec<u16>> {
                 .flatten()
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::free_port;
+
+    #[test]
+    fn ports_come_from_below_the_ephemeral_range_and_are_free() {
+        let ephemeral: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .expect("port range")
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("first port");
+        let (a, b) = (free_port().expect("a port"), free_port().expect("another"));
+        assert_ne!(a, b);
+        for port in [a, b] {
+            assert!((10_000..ephemeral).contains(&port), "{port}");
+            std::net::TcpListener::bind(("127.0.0.1", port)).expect("still free");
+        }
+    }
 }
