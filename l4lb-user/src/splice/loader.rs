@@ -12,6 +12,8 @@ use aya::maps::{Map, MapData, MapFd, RingBuf};
 use aya::programs::sk_skb::SkSkbLink;
 use aya::programs::{CgroupAttachMode, SkSkb, SockOps};
 use aya::{Ebpf, EbpfLoader};
+
+use super::maps::Maps;
 use l4lb_ebpf::{
     ATTACHED_MAP, CTL_MAP, EVENTS_MAP, FLOWS_MAP, SKB_CB_OFF_GLOBAL, SKB_SK_OFF_GLOBAL,
     SOCKOPS_PROG, TARGETS_MAP, TCP_BYTES_ACKED_OFF_GLOBAL, TCP_COPIED_SEQ_OFF_GLOBAL,
@@ -28,13 +30,10 @@ pub struct Loaded {
     pub ebpf: Ebpf,
     /// The verdict's attachment to the attached map: detached when dropped.
     pub verdict: SkSkbLink,
-    /// The sock_ops program, for a successor to attach again.
-    pub sockops_prog: OwnedFd,
-    pub flows: MapData,
-    pub ctl: MapData,
-    pub targets: MapData,
-    pub attached: MapData,
+    pub maps: Maps,
     pub events: RingBuf<MapData>,
+    /// Duplicates of the instance's descriptors, for a successor to share it.
+    pub shared: Shared,
     pub logger: Option<aya_log::EbpfLogger<super::watch::TracingLog>>,
 }
 
@@ -95,14 +94,11 @@ impl Shared {
 /// An instance another process loaded, taken over: its maps, and this process's own
 /// attachment of its sock_ops program (the predecessor's ends with it).
 pub struct Adopted {
-    pub flows: MapData,
-    pub ctl: MapData,
-    pub targets: MapData,
-    pub attached: MapData,
+    pub maps: Maps,
     pub sockops_link: OwnedFd,
 }
 
-pub fn adopt(shared: &Shared) -> anyhow::Result<Adopted> {
+pub fn adopt(shared: &Shared, params: &Params) -> anyhow::Result<Adopted> {
     let map = |fd: &OwnedFd, name: &str| -> anyhow::Result<MapData> {
         let fd = fd
             .try_clone()
@@ -116,10 +112,13 @@ pub fn adopt(shared: &Shared) -> anyhow::Result<Adopted> {
         super::sys::cgroup_sock_ops_link(shared.sockops_prog.as_fd(), dir.as_fd())
             .with_context(|| format!("attaching the sock_ops program to {}", cgroup.display()))?;
     Ok(Adopted {
-        flows: map(&shared.flows, FLOWS_MAP)?,
-        ctl: map(&shared.ctl, CTL_MAP)?,
-        targets: map(&shared.targets, TARGETS_MAP)?,
-        attached: map(&shared.attached, ATTACHED_MAP)?,
+        maps: Maps::new(
+            map(&shared.flows, FLOWS_MAP)?,
+            map(&shared.ctl, CTL_MAP)?,
+            map(&shared.targets, TARGETS_MAP)?,
+            map(&shared.attached, ATTACHED_MAP)?,
+            params.max_sockets,
+        ),
         sockops_link,
     })
 }
@@ -264,15 +263,21 @@ pub fn load(params: &Params) -> anyhow::Result<Loaded> {
     let ctl = data(take(&mut ebpf, CTL_MAP)?, CTL_MAP)?;
     let targets = data(take(&mut ebpf, TARGETS_MAP)?, TARGETS_MAP)?;
     let events = RingBuf::try_from(take(&mut ebpf, EVENTS_MAP)?).context("events ring buffer")?;
+    let dup = |m: &MapData| m.fd().as_fd().try_clone_to_owned();
+    let shared = Shared {
+        flows: dup(&flows)?,
+        ctl: dup(&ctl)?,
+        targets: dup(&targets)?,
+        attached: dup(&attached)?,
+        events: events.as_fd().try_clone_to_owned()?,
+        sockops_prog,
+    };
     Ok(Loaded {
         ebpf,
         verdict,
-        sockops_prog,
-        flows,
-        ctl,
-        targets,
-        attached,
+        maps: Maps::new(flows, ctl, targets, attached, params.max_sockets),
         events,
+        shared,
         logger,
     })
 }

@@ -35,6 +35,23 @@ fn fd(m: &MapData) -> BorrowedFd<'_> {
 }
 
 impl Maps {
+    pub fn new(
+        flows: MapData,
+        ctl: MapData,
+        targets: MapData,
+        attached: MapData,
+        max_sockets: u32,
+    ) -> Maps {
+        Maps {
+            flows,
+            ctl,
+            targets,
+            attached,
+            max_sockets: max_sockets as usize,
+            successor: AtomicBool::new(false),
+        }
+    }
+
     pub fn flow(&self, cookie: u64) -> io::Result<Flow> {
         sys::map_lookup::<u64, Flow>(fd(&self.flows), &cookie)?
             .ok_or_else(|| io::Error::other("flow state vanished from the kernel map"))

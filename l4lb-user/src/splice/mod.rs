@@ -26,7 +26,6 @@ mod way;
 use std::fmt;
 use std::io;
 use std::net::TcpStream as StdTcpStream;
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -270,38 +269,18 @@ impl Splicer {
                 None => e,
             }
         })?;
-        let dup = |fd: &aya::maps::MapData| fd.fd().as_fd().try_clone_to_owned();
-        let shared = Shared {
-            flows: dup(&loaded.flows)?,
-            ctl: dup(&loaded.ctl)?,
-            targets: dup(&loaded.targets)?,
-            attached: dup(&loaded.attached)?,
-            events: loaded.events.as_fd().try_clone_to_owned()?,
-            sockops_prog: loaded.sockops_prog,
-        };
-        let stop = CancellationToken::new();
-        let watcher = watch::start(Some(loaded.events), loaded.logger, stop.clone())?;
-        let maps = Maps {
-            flows: loaded.flows,
-            ctl: loaded.ctl,
-            targets: loaded.targets,
-            attached: loaded.attached,
-            max_sockets: params.max_sockets as usize,
-            successor: AtomicBool::new(false),
-        };
         let owner = Owner::Loaded {
             _ebpf: loaded.ebpf,
             verdict: std::sync::Mutex::new(Some(loaded.verdict)),
         };
-        Ok(Self::assemble(
-            maps,
-            watcher,
-            loader::identity(&params),
-            shared,
+        Self::assemble(
+            &params,
+            loaded.maps,
+            loaded.shared,
             owner,
-            stop,
-            true,
-        ))
+            Some(loaded.events),
+            loaded.logger,
+        )
     }
 
     /// Shares the instance a running process loaded (binary upgrade), when this
@@ -310,52 +289,38 @@ impl Splicer {
     /// kernel.
     pub fn adopt(shared: Shared, max_sessions: usize) -> anyhow::Result<Splicer> {
         let params = Self::params(max_sessions);
-        let adopted = loader::adopt(&shared)?;
-        let stop = CancellationToken::new();
-        let watcher = watch::start(None, None, stop.clone())?;
-        let maps = Maps {
-            flows: adopted.flows,
-            ctl: adopted.ctl,
-            targets: adopted.targets,
-            attached: adopted.attached,
-            max_sockets: params.max_sockets as usize,
-            successor: AtomicBool::new(false),
-        };
+        let adopted = loader::adopt(&shared, &params)?;
         let owner = Owner::Adopted {
             _sockops_link: adopted.sockops_link,
         };
-        Ok(Self::assemble(
-            maps,
-            watcher,
-            loader::identity(&params),
-            shared,
-            owner,
-            stop,
-            false,
-        ))
+        Self::assemble(&params, adopted.maps, shared, owner, None, None)
     }
 
+    /// Starts the watcher and the sweep; without `events`, the ring is read once
+    /// [`Splicer::take_ring`] gives it.
     fn assemble(
+        params: &loader::Params,
         maps: Maps,
-        watcher: Arc<Watcher>,
-        identity: String,
         shared: Shared,
         owner: Owner,
-        stop: CancellationToken,
-        reading: bool,
-    ) -> Splicer {
+        events: Option<aya::maps::RingBuf<aya::maps::MapData>>,
+        logger: Option<aya_log::EbpfLogger<watch::TracingLog>>,
+    ) -> anyhow::Result<Splicer> {
+        let stop = CancellationToken::new();
+        let reading = events.is_some();
+        let watcher = watch::start(events, logger, stop.clone())?;
         let maps = Arc::new(maps);
         dormant::start_sweep(Arc::clone(&watcher), Arc::clone(&maps), stop.clone());
-        Splicer {
+        Ok(Splicer {
             maps,
             watcher,
-            identity,
+            identity: loader::identity(params),
             shared,
             owner,
             retired: AtomicBool::new(false),
             reading: tokio::sync::watch::Sender::new(reading),
             stop,
-        }
+        })
     }
 
     pub fn identity(&self) -> &str {
@@ -386,7 +351,7 @@ impl Splicer {
     /// Becomes the event ring's reader, after the old process stopped reading it;
     /// events for sessions still to arrive wait until [`Splicer::sessions_arrived`].
     pub fn take_ring(&self) -> anyhow::Result<()> {
-        if self.watcher.reads_ring() {
+        if self.reads_ring() {
             return Ok(());
         }
         let ring = loader::ring(&self.shared.events)?;
@@ -396,7 +361,14 @@ impl Splicer {
     }
 
     pub fn reads_ring(&self) -> bool {
-        self.watcher.reads_ring()
+        *self.reading.borrow()
+    }
+
+    /// Waits up to [`RING_WAIT`] for this process to read the event ring.
+    async fn ring_arrives(&self) -> bool {
+        let mut reading = self.reading.subscribe();
+        let arrived = tokio::time::timeout(RING_WAIT, reading.wait_for(|r| *r)).await;
+        matches!(arrived, Ok(Ok(_)))
     }
 
     pub fn sessions_arrived(&self) {
@@ -475,12 +447,8 @@ impl Splicer {
     ) -> KernelEnd {
         // A new process shares the kernel path with the one it replaces, which reads its
         // event ring until it passed its own sessions over (milliseconds).
-        let mut ready = self.reading.subscribe();
-        let usable = self.accepts_sessions()
-            && matches!(
-                tokio::time::timeout(RING_WAIT, ready.wait_for(|r| *r)).await,
-                Ok(Ok(_))
-            );
+        let retired = !self.accepts_sessions();
+        let usable = !retired && (self.reads_ring() || self.ring_arrives().await);
         // Out of tokio's reactor: it would wake on every redirected skb.
         let (client, backend) = match (client.into_std(), backend.into_std()) {
             (Ok(c), Ok(b)) => (c, b),
@@ -493,10 +461,10 @@ impl Splicer {
                 client,
                 backend,
                 reason: CopyReason::KernelUnavailable,
-                why: io::Error::other(if self.accepts_sessions() {
-                    "the process this one replaced did not pass the event ring on"
-                } else {
+                why: io::Error::other(if retired {
                     "the kernel path went to a new process (binary upgrade)"
+                } else {
+                    "the process this one replaced did not pass the event ring on"
                 }),
                 userspace_bytes: 0,
             });

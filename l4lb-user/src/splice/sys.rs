@@ -41,21 +41,24 @@ fn bpf_map_cmd(
         value_or_next_key: value,
         flags,
     };
-    // SAFETY: `attr` is a valid bpf_attr prefix for the map element commands, its size is
-    // passed, and the key/value pointers in it point to live buffers of the map's sizes
-    // (the callers take `&K`/`&mut V` of the map's own types).
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(&mut attr),
-            size_of::<MapElemAttr>(),
-        )
-    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for the map element commands, and the
+    // key/value pointers in it point to live buffers of the map's sizes (the callers take
+    // `&K`/`&mut V` of the map's own types).
+    unsafe { bpf(cmd, &mut attr) }.map(drop)
+}
+
+/// bpf(2) with `attr` and its size; the kernel's non-negative result.
+///
+/// # Safety
+/// `attr` must be a valid `union bpf_attr` prefix for `cmd`, and every pointer in it
+/// valid for what `cmd` does with it.
+unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
+    // SAFETY: as the caller guarantees; the size passed is the struct's own.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<A>()) };
     if rc < 0 {
         Err(io::Error::last_os_error())
     } else {
-        Ok(())
+        Ok(rc)
     }
 }
 
@@ -79,19 +82,9 @@ pub fn cgroup_sock_ops_link(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>) -> io:
         flags: 0,
         _rest: [0; 4],
     };
-    // SAFETY: `attr` is a valid, zero-padded bpf_attr for BPF_LINK_CREATE and its size
-    // is passed; both fds are borrowed for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_CREATE,
-            std::ptr::from_mut(&mut attr),
-            size_of::<LinkCreateAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: `attr` is a valid, zero-padded bpf_attr for BPF_LINK_CREATE; both fds are
+    // borrowed for the call.
+    let rc = unsafe { bpf(BPF_LINK_CREATE, &mut attr) }?;
     // SAFETY: the kernel just returned this new fd to us.
     Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) })
 }

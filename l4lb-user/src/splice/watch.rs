@@ -223,10 +223,6 @@ impl Watcher {
         }
     }
 
-    pub fn reads_ring(&self) -> bool {
-        self.ring().is_some()
-    }
-
     /// Every session that was to arrive did: events for unknown sockets are dropped
     /// again.
     pub fn drop_orphans(&self) {
