@@ -221,6 +221,7 @@ impl Session {
             // resumes, is its receive buffer: cap it (autotuning would grow it to
             // net.ipv4.tcp_rmem's maximum).
             sys::set_rcvbuf(s.fd, super::accounting::SPLICE_RCVBUF).map_err(plain)?;
+            sys::set_sndbuf(s.fd, super::accounting::SPLICE_SNDBUF).map_err(plain)?;
         }
         self.maps
             .create_flow(a.cookie, b.cookie, a.consumed0, b.queued0)
@@ -655,7 +656,10 @@ impl Session {
                     check.reset();
                 }
                 Some(Event::Progress) => self.regulate(i, &mut check)?,
-                Some(Event::Paused) => self.paused_by_program(i)?,
+                Some(Event::Paused) => {
+                    check.paused();
+                    self.paused_by_program(i)?;
+                }
                 Some(Event::Detached) => {
                     self.mark(i, |m| m.attached = false);
                     if !self.paused(i) && !self.dirs[i].finished.load(Ordering::Relaxed) {

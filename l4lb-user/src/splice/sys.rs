@@ -218,17 +218,24 @@ pub fn set_rcvbuf(fd: RawFd, bytes: usize) -> io::Result<()> {
     )
 }
 
+/// Fixes the send buffer at `bytes` (doubled by the kernel), past `net.core.wmem_max`
+/// where the daemon may (`SO_SNDBUFFORCE`, CAP_NET_ADMIN), else up to it.
+pub fn set_sndbuf(fd: RawFd, bytes: usize) -> io::Result<()> {
+    let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    match setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, bytes)
+        }
+        r => r,
+    }
+}
+
 /// Re-sets `SO_SNDBUF` to its current size: the kernel calls the socket's write-space
 /// callback, which reschedules a stalled sockmap redirect worker.
 pub fn kick_write_space(fd: RawFd) -> io::Result<()> {
     let current = getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_SNDBUF)?;
     // getsockopt reports the doubled value the kernel keeps.
-    setsockopt_int(
-        fd,
-        libc::SOL_SOCKET,
-        libc::SO_SNDBUF,
-        (current / 2).max(4096),
-    )
+    set_sndbuf(fd, usize::try_from(current / 2).unwrap_or(0).max(4096))
 }
 
 pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
