@@ -7,11 +7,12 @@
 //! splice(2) through a pipe (`pipe`), so its bytes are no longer copied at all.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use std::os::fd::AsRawFd;
 
+use socket2::SockRef;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -128,6 +129,8 @@ struct Shared<'a> {
     /// Milliseconds since `start` of the last read or write.
     last_activity: AtomicU64,
     start: Instant,
+    /// Directions that read their source's EOF.
+    finished: AtomicU8,
 }
 
 enum Pumped {
@@ -152,6 +155,7 @@ pub async fn copy(
         transfer,
         last_activity: AtomicU64::new(0),
         start: Instant::now(),
+        finished: AtomicU8::new(0),
     };
     let up = Dir {
         rate: limits.upload_rate,
@@ -262,9 +266,22 @@ async fn pump(
             buf = vec![0u8; INITIAL_BUF];
         }
         let want = buf.len().min(chunk_cap);
-        let n = match reader.try_read(&mut buf[..want]) {
-            Ok(0) => return finish(writer, to).await,
+        // A short read emptied the socket's queue, so it also clears the readiness (bytes
+        // arriving since set it again): the next turn waits for them instead of paying a
+        // read that only says EAGAIN, one system call per message each way.
+        let mut got = 0;
+        let read = reader.as_ref().try_io(Interest::READABLE, || {
+            got = io::Read::read(&mut &*SockRef::from(reader.as_ref()), &mut buf[..want])?;
+            if got > 0 && got < want {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(got)
+            }
+        });
+        let n = match read {
+            Ok(0) => return finish(writer, to, shared).await,
             Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => got,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // Nothing to read: a small buffer goes back to the allocator until the
                 // next readiness; a grown one (a bulk stream) is kept.
@@ -328,7 +345,7 @@ async fn spliced(
             return Ok(Pumped::Stopped);
         }
         let n = match src.try_io(Interest::READABLE, || pipe.fill(src.as_raw_fd())) {
-            Ok(0) => return finish(writer, to).await,
+            Ok(0) => return finish(writer, to, shared).await,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if !ready(reader, stop, from).await? {
@@ -355,8 +372,17 @@ async fn spliced(
     }
 }
 
-/// The source's EOF: pass the FIN on and keep the other direction running.
-async fn finish(writer: &mut WriteHalf<'_>, to: Side) -> Result<Pumped, SessionEnd> {
+/// The source's EOF: pass the FIN on and keep the other direction running. The second
+/// direction to finish leaves its FIN to the close that follows at once (the peer has
+/// sent its own FIN, so nothing unread turns the close into a reset): one system call.
+async fn finish(
+    writer: &mut WriteHalf<'_>,
+    to: Side,
+    shared: &Shared<'_>,
+) -> Result<Pumped, SessionEnd> {
+    if shared.finished.fetch_add(1, Ordering::Relaxed) == 1 {
+        return Ok(Pumped::Finished);
+    }
     match writer.shutdown().await {
         Ok(()) => Ok(Pumped::Finished),
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(Pumped::Finished),
