@@ -168,8 +168,12 @@ fn paused_check(lag: u64, before: u64, over: Duration) -> Duration {
         return PAUSED_CHECK_MAX;
     }
     let left = lag.saturating_sub(RESUME_BELOW);
-    over.mul_f64(0.75 * left as f64 / drained as f64)
-        .clamp(PAUSED_CHECK_MIN, PAUSED_CHECK_MAX)
+    // try_from rather than mul_f64, which panics on overflow: a long gap between two
+    // looks must not end the session.
+    Duration::try_from_secs_f64(over.as_secs_f64() * 0.75 * left as f64 / drained as f64)
+        .map_or(PAUSED_CHECK_MAX, |d| {
+            d.clamp(PAUSED_CHECK_MIN, PAUSED_CHECK_MAX)
+        })
 }
 
 /// Dups of the two sockets registered with tokio for the duration of a forwarding
@@ -230,9 +234,9 @@ impl Session {
         }
         check.interval = if self.paused(i) {
             let now = Instant::now();
-            let next = check
-                .paused_at
-                .map_or(PAUSED_CHECK_MIN, |at| paused_check(lag, before, now - at));
+            let next = check.paused_at.map_or(PAUSED_CHECK_MIN, |at| {
+                paused_check(lag, before, now.saturating_duration_since(at))
+            });
             check.paused_at = Some(now);
             next
         } else {
@@ -577,6 +581,15 @@ mod tests {
         );
         assert_eq!(
             paused_check(RESUME_BELOW + 2 * MIB, RESUME_BELOW, ms(4)),
+            PAUSED_CHECK_MAX
+        );
+        // A huge gap between two looks: the cap, not a panic.
+        assert_eq!(
+            paused_check(
+                RESUME_BELOW + 60 * MIB,
+                RESUME_BELOW + 60 * MIB + 1,
+                Duration::MAX
+            ),
             PAUSED_CHECK_MAX
         );
     }
