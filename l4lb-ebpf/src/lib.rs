@@ -18,6 +18,12 @@ pub const EVENTS_MAP: &str = "L4LB_EVENTS";
 pub const VERDICT_PROG: &str = "l4lb_verdict";
 /// The sock_ops program that takes a socket out of [`ATTACHED_MAP`] under its lock.
 pub const SOCKOPS_PROG: &str = "l4lb_sockops";
+/// The cgroup setsockopt program that, asked with [`SEGMENTS_SOCKOPT`], has a socket's
+/// outgoing segments reach [`SOCKOPS_PROG`].
+pub const SEGMENTS_PROG: &str = "l4lb_segments";
+/// `IPPROTO_TCP` option the daemon sets on a socket it splices, for [`SEGMENTS_PROG`]
+/// (the kernel knows no such option: without the program it fails with ENOPROTOOPT).
+pub const SEGMENTS_SOCKOPT: i32 = 0x4c34_0001;
 
 /// Default entries of the per-socket maps (two per session).
 pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;

@@ -22,23 +22,22 @@ use core::ptr;
 use aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_SOCKHASH;
 use aya_ebpf::bindings::sk_action::{SK_DROP, SK_PASS};
 use aya_ebpf::bindings::{
-    bpf_map_def, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
-    BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
+    bpf_map_def, BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
 };
 use aya_ebpf::helpers::{
-    bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_delete_elem, bpf_map_lookup_elem,
-    bpf_probe_read_kernel, bpf_sk_redirect_hash, bpf_sk_release, bpf_skb_adjust_room,
-    bpf_skc_to_tcp_sock,
+    bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_map_delete_elem,
+    bpf_map_lookup_elem, bpf_probe_read_kernel, bpf_setsockopt, bpf_sk_redirect_hash,
+    bpf_sk_release, bpf_skb_adjust_room, bpf_skc_to_tcp_sock,
 };
-use aya_ebpf::macros::{map, sock_ops, stream_verdict};
+use aya_ebpf::macros::{cgroup_sockopt, map, sock_ops, stream_verdict};
 use aya_ebpf::maps::{HashMap, RingBuf};
-use aya_ebpf::programs::{SkBuffContext, SockOpsContext};
+use aya_ebpf::programs::{SkBuffContext, SockOpsContext, SockoptContext};
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::{error, warn};
 use l4lb_ebpf::{
     Event, Flow, FlowCtl, DEFAULT_MAX_SOCKETS, EVENT_BROKEN, EVENT_DETACHED, EVENT_HELD,
     EVENT_PAUSED, EVENT_PROGRESS, FLOW_BROKEN, FLOW_HELD, FLOW_SEQ, PAUSE_ABOVE, PAUSE_CHECK_SHIFT,
-    PROGRESS_SHIFT,
+    PROGRESS_SHIFT, SEGMENTS_SOCKOPT,
 };
 
 // Kernel structure offsets, set by the daemon from the running kernel's BTF at load
@@ -241,21 +240,70 @@ fn peer_queued(peer: u64) -> Option<u64> {
 /// verdict's own loop (an ACK sent while consuming an skb), is ruled out by deleting only
 /// when the verdict has seen every byte received, so no skb is left in that loop.
 ///
-/// Every socket of the daemon's cgroup gets the header-option callback at connect (a
-/// map lookup per outgoing segment for sockets not spliced); the daemon triggers it at
-/// once with a zero-length send, and every outgoing segment retries it.
+/// Only sockets the daemon splices get the header-option callback (see
+/// [`l4lb_segments`]); the daemon triggers it at once with a zero-length send, and every
+/// outgoing segment retries it.
 #[sock_ops]
 pub fn l4lb_sockops(ctx: SockOpsContext) -> u32 {
-    match ctx.op() {
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            let flags = ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
-            if ctx.set_cb_flags(flags as i32).is_err() {
-                warn!(&ctx, "l4lb: cannot set the sock_ops callback flags");
-            }
-        }
-        BPF_SOCK_OPS_HDR_OPT_LEN_CB => detach_if_asked(&ctx),
-        _ => {}
+    if ctx.op() == BPF_SOCK_OPS_HDR_OPT_LEN_CB {
+        detach_if_asked(&ctx);
     }
+    1
+}
+
+/// `TCP_BPF_SOCK_OPS_CB_FLAGS` (uapi `linux/bpf.h`): a socket's sock_ops callback
+/// flags, through bpf_setsockopt.
+const TCP_BPF_SOCK_OPS_CB_FLAGS: i32 = 1008;
+const IPPROTO_TCP: i32 = 6;
+
+/// The daemon's [`SEGMENTS_SOCKOPT`] on a socket it is about to splice: from then on the
+/// socket's outgoing segments reach [`l4lb_sockops`]. Only then: the callback costs
+/// every segment of every socket it is set on (set at connect for every socket of the
+/// daemon's cgroup, it cost 8% of the new connections per second of sessions that never
+/// reach the kernel). Other options pass untouched.
+#[cgroup_sockopt(setsockopt)]
+pub fn l4lb_segments(ctx: SockoptContext) -> i32 {
+    // SAFETY: `sockopt` is the kernel's context, valid for the program's run.
+    let opt = unsafe { &mut *ctx.sockopt };
+    if opt.level != IPPROTO_TCP || opt.optname != SEGMENTS_SOCKOPT {
+        return 1;
+    }
+    // SAFETY: as above; the verifier checks the socket pointer is not null.
+    let sk = unsafe { opt.__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return 0;
+    }
+    let mut flags: i32 = 0;
+    // SAFETY: a valid socket and a stack value of the size given.
+    let got = unsafe {
+        bpf_getsockopt(
+            sk.cast(),
+            IPPROTO_TCP,
+            TCP_BPF_SOCK_OPS_CB_FLAGS,
+            ptr::from_mut(&mut flags).cast(),
+            4,
+        )
+    };
+    if got != 0 {
+        flags = 0;
+    }
+    flags |= BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG as i32;
+    // SAFETY: as above.
+    let set = unsafe {
+        bpf_setsockopt(
+            sk.cast(),
+            IPPROTO_TCP,
+            TCP_BPF_SOCK_OPS_CB_FLAGS,
+            ptr::from_mut(&mut flags).cast(),
+            4,
+        )
+    };
+    if set != 0 {
+        // The daemon's setsockopt fails (EPERM), and the session stays copied.
+        return 0;
+    }
+    // Done: the kernel's own setsockopt, which knows no such option, is skipped.
+    opt.optlen = -1;
     1
 }
 

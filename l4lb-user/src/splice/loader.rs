@@ -10,14 +10,14 @@ use anyhow::Context;
 use aya::maps::sock::SockMapFd;
 use aya::maps::{Map, MapData, MapFd, RingBuf};
 use aya::programs::sk_skb::SkSkbLink;
-use aya::programs::{CgroupAttachMode, SkSkb, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSockopt, SkSkb, SockOps};
 use aya::{Ebpf, EbpfLoader};
 
 use super::maps::Maps;
 use l4lb_ebpf::{
-    ATTACHED_MAP, CTL_MAP, EVENTS_MAP, FLOWS_MAP, SKB_CB_OFF_GLOBAL, SKB_SK_OFF_GLOBAL,
-    SOCKOPS_PROG, TARGETS_MAP, TCP_BYTES_ACKED_OFF_GLOBAL, TCP_COPIED_SEQ_OFF_GLOBAL,
-    TCP_SND_UNA_OFF_GLOBAL, TCP_WRITE_SEQ_OFF_GLOBAL, VERDICT_PROG,
+    ATTACHED_MAP, CTL_MAP, EVENTS_MAP, FLOWS_MAP, SEGMENTS_PROG, SKB_CB_OFF_GLOBAL,
+    SKB_SK_OFF_GLOBAL, SOCKOPS_PROG, TARGETS_MAP, TCP_BYTES_ACKED_OFF_GLOBAL,
+    TCP_COPIED_SEQ_OFF_GLOBAL, TCP_SND_UNA_OFF_GLOBAL, TCP_WRITE_SEQ_OFF_GLOBAL, VERDICT_PROG,
 };
 
 /// The verdict program, built by build.rs for bpfel-unknown-none.
@@ -26,7 +26,7 @@ static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/l
 /// What the kernel path needs from the loaded object; dropping it detaches the program
 /// and frees the maps.
 pub struct Loaded {
-    /// Owns the programs and the sock_ops program's attachment.
+    /// Owns the programs and the cgroup programs' attachments.
     pub ebpf: Ebpf,
     /// The verdict's attachment to the attached map: detached when dropped.
     pub verdict: SkSkbLink,
@@ -47,11 +47,12 @@ pub struct Shared {
     pub attached: OwnedFd,
     pub events: OwnedFd,
     pub sockops_prog: OwnedFd,
+    pub segments_prog: OwnedFd,
 }
 
 impl Shared {
     /// In the order [`Shared::from_fds`] takes them.
-    pub fn fds(&self) -> [&OwnedFd; 6] {
+    pub fn fds(&self) -> [&OwnedFd; 7] {
         [
             &self.flows,
             &self.ctl,
@@ -59,14 +60,15 @@ impl Shared {
             &self.attached,
             &self.events,
             &self.sockops_prog,
+            &self.segments_prog,
         ]
     }
 
     pub fn from_fds(fds: Vec<OwnedFd>) -> anyhow::Result<Shared> {
         let n = fds.len();
-        let [flows, ctl, targets, attached, events, sockops_prog] =
-            <[OwnedFd; 6]>::try_from(fds)
-                .map_err(|_| anyhow::anyhow!("came with {n} descriptors, not 6"))?;
+        let [flows, ctl, targets, attached, events, sockops_prog, segments_prog] =
+            <[OwnedFd; 7]>::try_from(fds)
+                .map_err(|_| anyhow::anyhow!("came with {n} descriptors, not 7"))?;
         Ok(Shared {
             flows,
             ctl,
@@ -74,11 +76,12 @@ impl Shared {
             attached,
             events,
             sockops_prog,
+            segments_prog,
         })
     }
 
     pub fn try_clone(&self) -> std::io::Result<Shared> {
-        let [flows, ctl, targets, attached, events, sockops_prog] =
+        let [flows, ctl, targets, attached, events, sockops_prog, segments_prog] =
             self.fds().map(OwnedFd::try_clone);
         Ok(Shared {
             flows: flows?,
@@ -87,15 +90,16 @@ impl Shared {
             attached: attached?,
             events: events?,
             sockops_prog: sockops_prog?,
+            segments_prog: segments_prog?,
         })
     }
 }
 
 /// An instance another process loaded, taken over: its maps, and this process's own
-/// attachment of its sock_ops program (the predecessor's ends with it).
+/// attachments of its cgroup programs (the predecessor's end with it).
 pub struct Adopted {
     pub maps: Maps,
-    pub sockops_link: OwnedFd,
+    pub links: [OwnedFd; 2],
 }
 
 pub fn adopt(shared: &Shared, params: &Params) -> anyhow::Result<Adopted> {
@@ -108,9 +112,18 @@ pub fn adopt(shared: &Shared, params: &Params) -> anyhow::Result<Adopted> {
     let cgroup = own_cgroup()?;
     let dir = std::fs::File::open(&cgroup)
         .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
-    let sockops_link =
-        super::sys::cgroup_sock_ops_link(shared.sockops_prog.as_fd(), dir.as_fd())
-            .with_context(|| format!("attaching the sock_ops program to {}", cgroup.display()))?;
+    let sockops_link = super::sys::cgroup_link(
+        shared.sockops_prog.as_fd(),
+        dir.as_fd(),
+        super::sys::CgroupHook::SockOps,
+    )
+    .with_context(|| format!("attaching the sock_ops program to {}", cgroup.display()))?;
+    let segments_link = super::sys::cgroup_link(
+        shared.segments_prog.as_fd(),
+        dir.as_fd(),
+        super::sys::CgroupHook::Setsockopt,
+    )
+    .with_context(|| format!("attaching the setsockopt program to {}", cgroup.display()))?;
     Ok(Adopted {
         maps: Maps::new(
             map(&shared.flows, FLOWS_MAP)?,
@@ -119,7 +132,7 @@ pub fn adopt(shared: &Shared, params: &Params) -> anyhow::Result<Adopted> {
             map(&shared.attached, ATTACHED_MAP)?,
             params.max_sockets,
         ),
-        sockops_link,
+        links: [sockops_link, segments_link],
     })
 }
 
@@ -259,6 +272,24 @@ pub fn load(params: &Params) -> anyhow::Result<Loaded> {
             .try_clone_to_owned()
             .context("duplicating the sock_ops program's fd")?
     };
+    let segments_prog = {
+        let prog: &mut CgroupSockopt = ebpf
+            .program_mut(SEGMENTS_PROG)
+            .with_context(|| format!("program {SEGMENTS_PROG} missing"))?
+            .try_into()
+            .context("setsockopt program type")?;
+        prog.load()
+            .context("loading the setsockopt program (verifier)")?;
+        let dir = std::fs::File::open(&cgroup)
+            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        prog.attach(&dir, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching the setsockopt program to {}", cgroup.display()))?;
+        prog.fd()
+            .context("the setsockopt program's fd")?
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the setsockopt program's fd")?
+    };
     let flows = data(take(&mut ebpf, FLOWS_MAP)?, FLOWS_MAP)?;
     let ctl = data(take(&mut ebpf, CTL_MAP)?, CTL_MAP)?;
     let targets = data(take(&mut ebpf, TARGETS_MAP)?, TARGETS_MAP)?;
@@ -271,6 +302,7 @@ pub fn load(params: &Params) -> anyhow::Result<Loaded> {
         attached: dup(&attached)?,
         events: events.as_fd().try_clone_to_owned()?,
         sockops_prog,
+        segments_prog,
     };
     Ok(Loaded {
         ebpf,
@@ -335,6 +367,31 @@ mod tests {
             object_identity(&with_byte_changed("sk_skb/stream_verdict"))
         );
         assert_ne!(id, object_identity(&with_byte_changed("maps")));
+    }
+
+    /// The kernel path's socket option reaches its setsockopt program and no further:
+    /// accepted while the program is attached, unknown to the kernel once it is gone (so
+    /// a session cannot enter the kernel without the segment callback it needs).
+    #[test]
+    fn the_segments_option_exists_only_with_the_program() {
+        if std::env::var("L4LB_NO_EBPF").is_ok_and(|v| v == "1") {
+            eprintln!("the_segments_option_exists_only_with_the_program: skipped by request (L4LB_NO_EBPF=1)");
+            return;
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+        let params = super::Params {
+            max_sockets: 1024,
+            log_level: aya_log::Level::Warn as u8,
+        };
+        let loaded = super::load(&params).expect("the kernel path loads (L4LB_NO_EBPF=1 skips)");
+        super::super::sys::watch_segments(fd).expect("the program takes the option");
+        drop(loaded);
+        let gone = super::super::sys::watch_segments(fd).expect_err(
+            "the kernel itself refuses the option (is another l4lb attached to this cgroup?)",
+        );
+        assert_eq!(gone.raw_os_error(), Some(libc::ENOPROTOOPT), "{gone}");
     }
 
     #[test]

@@ -236,8 +236,8 @@ enum Owner {
         _ebpf: aya::Ebpf,
         verdict: std::sync::Mutex<Option<aya::programs::sk_skb::SkSkbLink>>,
     },
-    /// The process this one replaced did; this one attached the sock_ops program again.
-    Adopted { _sockops_link: std::os::fd::OwnedFd },
+    /// The process this one replaced did; this one attached the cgroup programs again.
+    Adopted { _links: [std::os::fd::OwnedFd; 2] },
 }
 
 impl Drop for Splicer {
@@ -291,7 +291,7 @@ impl Splicer {
         let params = Self::params(max_sessions);
         let adopted = loader::adopt(&shared, &params)?;
         let owner = Owner::Adopted {
-            _sockops_link: adopted.sockops_link,
+            _links: adopted.links,
         };
         Self::assemble(&params, adopted.maps, shared, owner, None, None)
     }

@@ -222,6 +222,7 @@ impl Session {
             // net.ipv4.tcp_rmem's maximum).
             sys::set_rcvbuf(s.fd, super::accounting::SPLICE_RCVBUF).map_err(plain)?;
             sys::set_sndbuf(s.fd, super::accounting::SPLICE_SNDBUF).map_err(plain)?;
+            sys::watch_segments(s.fd).map_err(plain)?;
         }
         self.maps
             .create_flow(a.cookie, b.cookie, a.consumed0, b.queued0)

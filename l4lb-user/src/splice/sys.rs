@@ -12,6 +12,7 @@ const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_CGROUP_SOCK_OPS: u32 = 3;
+const BPF_CGROUP_SETSOCKOPT: u32 = 22;
 /// Update flag: fail if the key exists.
 pub const BPF_NOEXIST: u64 = 1;
 /// Update flag: create or replace.
@@ -72,13 +73,27 @@ struct LinkCreateAttr {
     _rest: [u64; 4],
 }
 
-/// Attaches a loaded sock_ops program to a cgroup with a new bpf link of this process
+/// Where a cgroup program of the kernel path attaches.
+#[derive(Clone, Copy)]
+pub enum CgroupHook {
+    SockOps,
+    Setsockopt,
+}
+
+/// Attaches a loaded cgroup program to a cgroup with a new bpf link of this process
 /// (what aya does when it loads the program itself): the link lasts as long as its fd.
-pub fn cgroup_sock_ops_link(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+pub fn cgroup_link(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    hook: CgroupHook,
+) -> io::Result<OwnedFd> {
     let mut attr = LinkCreateAttr {
         prog_fd: prog.as_raw_fd() as u32,
         target_fd: cgroup.as_raw_fd() as u32,
-        attach_type: BPF_CGROUP_SOCK_OPS,
+        attach_type: match hook {
+            CgroupHook::SockOps => BPF_CGROUP_SOCK_OPS,
+            CgroupHook::Setsockopt => BPF_CGROUP_SETSOCKOPT,
+        },
         flags: 0,
         _rest: [0; 4],
     };
@@ -228,6 +243,12 @@ pub fn set_sndbuf(fd: RawFd, bytes: usize) -> io::Result<()> {
         }
         r => r,
     }
+}
+
+/// Has the socket's outgoing segments reach the sock_ops program, where a spliced
+/// socket leaves the attached map (the kernel path's setsockopt program does it).
+pub fn watch_segments(fd: RawFd) -> io::Result<()> {
+    setsockopt_int(fd, libc::IPPROTO_TCP, l4lb_ebpf::SEGMENTS_SOCKOPT, 1)
 }
 
 /// Re-sets `SO_SNDBUF` to its current size: the kernel calls the socket's write-space
