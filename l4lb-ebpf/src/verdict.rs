@@ -268,11 +268,8 @@ pub fn l4lb_segments(ctx: SockoptContext) -> i32 {
     if opt.level != IPPROTO_TCP || opt.optname != SEGMENTS_SOCKOPT {
         return 1;
     }
-    // SAFETY: as above; the verifier checks the socket pointer is not null.
+    // SAFETY: as above; the kernel always gives this hook its socket.
     let sk = unsafe { opt.__bindgen_anon_1.sk };
-    if sk.is_null() {
-        return 0;
-    }
     let mut flags: i32 = 0;
     // SAFETY: a valid socket and a stack value of the size given.
     let got = unsafe {

@@ -269,13 +269,14 @@ async fn pump(
             buf = Vec::with_capacity(INITIAL_BUF);
         }
         let size = buf.capacity();
-        let want = size.min(chunk_cap);
         // A short read emptied the socket's queue, so it also clears the readiness (bytes
         // arriving since set it again): the next turn waits for them instead of paying a
         // read that only says EAGAIN, one system call per message each way.
+        let spare = buf.spare_capacity_mut();
+        let want = spare.len().min(chunk_cap);
         let mut got = 0;
         let read = reader.as_ref().try_io(Interest::READABLE, || {
-            got = SockRef::from(reader.as_ref()).recv(&mut buf.spare_capacity_mut()[..want])?;
+            got = SockRef::from(reader.as_ref()).recv(&mut spare[..want])?;
             if got > 0 && got < want {
                 Err(io::ErrorKind::WouldBlock.into())
             } else {
