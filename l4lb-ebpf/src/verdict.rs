@@ -145,12 +145,8 @@ pub fn l4lb_verdict(ctx: SkBuffContext) -> u32 {
     };
     // SAFETY: no preconditions.
     flow.last_ns = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: a live entry of a hash map, only read.
-    let ctl = unsafe { L4LB_CTL.get(&cookie) }
-        .copied()
-        .unwrap_or_default();
     if flow.flags & FLOW_HELD != 0 {
-        if ctl.forwarded < flow.passed {
+        if control(cookie).forwarded < flow.passed {
             // Passed bytes wait in this socket for the daemon: keep the order.
             return pass(flow, len);
         }
@@ -176,10 +172,11 @@ pub fn l4lb_verdict(ctx: SkBuffContext) -> u32 {
     if before >> PROGRESS_SHIFT != after >> PROGRESS_SHIFT {
         emit(&ctx, cookie, EVENT_PROGRESS);
     }
-    if before >> PAUSE_CHECK_SHIFT != after >> PAUSE_CHECK_SHIFT
-        && flow.pauses == ctl.resumes
-        && established(&ctx)
-    {
+    if before >> PAUSE_CHECK_SHIFT == after >> PAUSE_CHECK_SHIFT {
+        return SK_PASS;
+    }
+    let ctl = control(cookie);
+    if flow.pauses == ctl.resumes && established(&ctx) {
         if let Some(queued) = peer_queued(flow.peer) {
             let taken = queued
                 .saturating_sub(flow.peer_queued0)
@@ -191,6 +188,15 @@ pub fn l4lb_verdict(ctx: SkBuffContext) -> u32 {
         }
     }
     SK_PASS
+}
+
+/// What the daemon has said about a socket; only read where it matters (a hold, a
+/// pause check), not for every skb.
+fn control(cookie: u64) -> FlowCtl {
+    // SAFETY: a live entry of a hash map, only read.
+    unsafe { L4LB_CTL.get(&cookie) }
+        .copied()
+        .unwrap_or_default()
 }
 
 /// Whether this socket could rejoin the attached map after a pause: only established
@@ -240,13 +246,18 @@ fn peer_queued(peer: u64) -> Option<u64> {
 /// verdict's own loop (an ACK sent while consuming an skb), is ruled out by deleting only
 /// when the verdict has seen every byte received, so no skb is left in that loop.
 ///
-/// Only sockets the daemon splices get the header-option callback (see
-/// [`l4lb_segments`]); the daemon triggers it at once with a zero-length send, and every
-/// outgoing segment retries it.
+/// A socket gets the header-option callback only while the daemon waits for it to
+/// leave (see [`l4lb_segments`]): the daemon sets it when it asks for a detach or takes
+/// up a pause, triggers it at once with a zero-length send, and every outgoing segment
+/// retries until the socket has left; then, or when nothing is asked, the callback turns
+/// itself off. Left on, it ran twice per message of a spliced session (2.5% of the
+/// machine's time with 50 redis keep-alive clients in the kernel).
 #[sock_ops]
 pub fn l4lb_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_HDR_OPT_LEN_CB {
-        detach_if_asked(&ctx);
+    if ctx.op() == BPF_SOCK_OPS_HDR_OPT_LEN_CB && !detach_if_asked(&ctx) {
+        let flags = ctx.cb_flags() & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
+        // A failure leaves the callback on: a cost, not an error.
+        let _ = ctx.set_cb_flags(flags as i32);
     }
     1
 }
@@ -256,11 +267,13 @@ pub fn l4lb_sockops(ctx: SockOpsContext) -> u32 {
 const TCP_BPF_SOCK_OPS_CB_FLAGS: i32 = 1008;
 const IPPROTO_TCP: i32 = 6;
 
-/// The daemon's [`SEGMENTS_SOCKOPT`] on a socket it is about to splice: from then on the
-/// socket's outgoing segments reach [`l4lb_sockops`]. Only then: the callback costs
-/// every segment of every socket it is set on (set at connect for every socket of the
-/// daemon's cgroup, it cost 8% of the new connections per second of sessions that never
-/// reach the kernel). Other options pass untouched.
+/// The daemon's [`SEGMENTS_SOCKOPT`] on a spliced socket: its next outgoing segments
+/// reach [`l4lb_sockops`]. The daemon sets it at insert (a session whose option fails
+/// stays copied: the program is missing) and whenever it waits for the socket to leave
+/// the attached map. Only then: the callback costs every segment of every socket it is
+/// on (set at connect for every socket of the daemon's cgroup, it cost 8% of the new
+/// connections per second of sessions that never reach the kernel). Other options pass
+/// untouched.
 #[cgroup_sockopt(setsockopt)]
 pub fn l4lb_segments(ctx: SockoptContext) -> i32 {
     // SAFETY: `sockopt` is the kernel's context, valid for the program's run.
@@ -304,25 +317,25 @@ pub fn l4lb_segments(ctx: SockoptContext) -> i32 {
     1
 }
 
-fn detach_if_asked(ctx: &SockOpsContext) {
+/// Takes the socket out of the attached map if the daemon or the verdict asked for it.
+/// True while that is still to be done (the verdict has not yet seen every byte
+/// received): the next segment tries again.
+fn detach_if_asked(ctx: &SockOpsContext) -> bool {
     // SAFETY: the context is a valid `bpf_sock_ops` for the helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: a live entry of a hash map, only read.
     let Some(flow) = (unsafe { L4LB_FLOWS.get(&cookie) }) else {
-        return;
+        return false;
     };
     // The daemon writes a control entry only once it has something to say.
-    // SAFETY: as above.
-    let ctl = unsafe { L4LB_CTL.get(&cookie) }
-        .copied()
-        .unwrap_or_default();
+    let ctl = control(cookie);
     if ctl.detach == 0 && flow.pauses == ctl.resumes {
-        return;
+        return false;
     }
     // SAFETY: `ops` is the kernel's context, valid for the program's run.
     let received = unsafe { (*ctx.ops).bytes_received };
     if flow.base + flow.redirected + flow.passed != received {
-        return;
+        return true;
     }
     let mut key = cookie;
     // SAFETY: valid map and key pointers; the kernel allows sockhash deletes here.
@@ -330,6 +343,7 @@ fn detach_if_asked(ctx: &SockOpsContext) {
     if rc == 0 {
         emit(ctx, cookie, EVENT_DETACHED);
     }
+    false
 }
 
 fn global(g: &u32) -> u64 {

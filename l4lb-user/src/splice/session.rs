@@ -399,13 +399,15 @@ impl Session {
 
     /// Backpressure: the program asked for socket `i` to leave the attached map, so what
     /// arrives from then on stays in its receive queue, charged to it, and its TCP window
-    /// closes. The sock_ops program does it at the next outgoing segment (a zero-length
-    /// send makes one at once); [`Event::Detached`] confirms. The peer is watched for
+    /// closes. The sock_ops program does it at the next outgoing segment (its callback is
+    /// turned on here; a zero-length send makes one at once); [`Event::Detached`]
+    /// confirms. The peer is watched for
     /// room to write, when the pause may end.
     pub fn paused_by_program(&self, i: Way) -> Result<(), End> {
         let (j, s) = (i.reverse(), &self.socks[i]);
         self.dirs[i].paused.store(true, Ordering::Relaxed);
         STATS.pauses.fetch_add(1, Ordering::Relaxed);
+        sys::watch_segments(s.fd).map_err(|e| io_end(s.side, &e, "watch for pause"))?;
         match sys::send(s.fd, &[]) {
             Err(e) if e.raw_os_error() != Some(libc::EPIPE) => {
                 return Err(io_end(s.side, &e, "trigger pause"))
@@ -472,13 +474,18 @@ impl Session {
         Ok(())
     }
 
-    /// Sets the detach request of socket `i` and gives the program a chance to act on it
-    /// at once: a zero-length send runs it under the socket lock.
+    /// Sets the detach request of socket `i`, turns on the program's callback for the
+    /// socket's segments and gives it a chance to act at once: a zero-length send runs
+    /// it under the socket lock.
     fn request_detach(&self, i: Way) -> Result<(), End> {
         let s = &self.socks[i];
         self.maps
             .set_detach(s.cookie)
             .map_err(|e| End::Session(SessionEnd::Error(s.side, e.to_string())))?;
+        if let Err(e) = sys::watch_segments(s.fd) {
+            // The socket then leaves from here once `DETACH_WAIT` has passed.
+            warn!(side = %s.side, error = %e, "cannot have the program detach the socket");
+        }
         // A socket whose write side is shut down refuses even an empty send; its next
         // ACK runs the program instead.
         match sys::send(s.fd, &[]) {
