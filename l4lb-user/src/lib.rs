@@ -19,6 +19,7 @@ mod notify;
 pub mod panic;
 mod proxy;
 mod runtime;
+mod session;
 mod splice;
 pub mod upgrade;
 mod upstream;

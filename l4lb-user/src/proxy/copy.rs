@@ -16,90 +16,18 @@ use socket2::SockRef;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use tracing::debug;
 
 use super::pipe::Pipe;
-use super::{SessionEnd, Side};
+use crate::session::{Limits, SessionEnd, Side, Transfer};
 
 const INITIAL_BUF: usize = 16 * 1024;
 const MAX_BUF: usize = 256 * 1024;
 /// An unpaced direction whose read fills a buffer this large is a bulk stream and moves
 /// to splice(2) (README, copy path).
 const SPLICE_AFTER_FULL_READ: usize = 64 * 1024;
-
-#[derive(Clone, Copy, Debug)]
-pub struct CopyLimits {
-    /// nginx `proxy_timeout`: longest time with no read or write in either direction.
-    pub idle_timeout: Duration,
-    /// Bytes per second client -> backend, 0 = unlimited.
-    pub upload_rate: u64,
-    /// Bytes per second backend -> client, 0 = unlimited.
-    pub download_rate: u64,
-}
-
-/// Bytes moved by one session, readable while it runs.
-#[derive(Debug)]
-pub struct Transfer {
-    /// Client -> backend.
-    pub upload: AtomicU64,
-    /// Backend -> client.
-    pub download: AtomicU64,
-    /// [`Transfer::reached`] wakes once upload + download reach this.
-    watermark: AtomicU64,
-    watermark_reached: Notify,
-}
-
-impl Default for Transfer {
-    fn default() -> Self {
-        Transfer {
-            upload: AtomicU64::new(0),
-            download: AtomicU64::new(0),
-            watermark: AtomicU64::new(u64::MAX),
-            watermark_reached: Notify::new(),
-        }
-    }
-}
-
-impl Transfer {
-    pub fn upload(&self) -> u64 {
-        self.upload.load(Ordering::Relaxed)
-    }
-
-    pub fn download(&self) -> u64 {
-        self.download.load(Ordering::Relaxed)
-    }
-
-    pub fn total(&self) -> u64 {
-        self.upload() + self.download()
-    }
-
-    /// Adds the bytes of another stretch of the session (e.g. its kernel path).
-    pub fn add(&self, other: &Transfer) {
-        self.upload.fetch_add(other.upload(), Ordering::Relaxed);
-        self.download.fetch_add(other.download(), Ordering::Relaxed);
-    }
-
-    /// Resolves once upload + download reach `bytes` (counted by the copy path).
-    pub async fn reached(&self, bytes: u64) {
-        self.watermark.store(bytes, Ordering::Relaxed);
-        while self.total() < bytes {
-            self.watermark_reached.notified().await;
-        }
-    }
-
-    /// Counts `n` bytes one way, as the copy path moves them.
-    pub fn count(&self, upload: bool, n: u64) {
-        let counter = if upload { &self.upload } else { &self.download };
-        counter.fetch_add(n, Ordering::Relaxed);
-        if self.total() >= self.watermark.load(Ordering::Relaxed) {
-            // A stored permit, if nobody waits yet: `reached` checks again.
-            self.watermark_reached.notify_one();
-        }
-    }
-}
 
 /// How a stretch of copying ended.
 #[derive(Debug)]
@@ -147,7 +75,7 @@ enum Pumped {
 pub async fn copy(
     client: &mut TcpStream,
     backend: &mut TcpStream,
-    limits: CopyLimits,
+    limits: Limits,
     transfer: &Transfer,
     stop: Option<&CancellationToken>,
 ) -> CopyEnd {

@@ -10,7 +10,6 @@ pub mod proxy_protocol;
 pub mod tcp;
 pub mod udp;
 
-use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -69,62 +68,6 @@ impl HandedOver {
             lease: upstream.lease_for(server),
             slot,
         })
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
-    Client,
-    Backend,
-}
-
-impl fmt::Display for Side {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Side::Client => "client",
-            Side::Backend => "backend",
-        })
-    }
-}
-
-/// How a session ended, for the access log.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SessionEnd {
-    /// Both directions finished with FIN.
-    Closed,
-    /// `proxy_timeout` passed with no traffic.
-    IdleTimeout,
-    /// A side reset the connection.
-    Reset(Side),
-    /// Another I/O error on a side.
-    Error(Side, String),
-    /// The daemon stopped before the session finished.
-    Shutdown,
-    /// A bug: the session's code panicked (counted in `session_panics`).
-    Panic,
-}
-
-impl SessionEnd {
-    pub fn error(side: Side, e: &io::Error) -> Self {
-        match e.kind() {
-            io::ErrorKind::ConnectionReset
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::ConnectionAborted => SessionEnd::Reset(side),
-            _ => SessionEnd::Error(side, e.to_string()),
-        }
-    }
-}
-
-impl fmt::Display for SessionEnd {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SessionEnd::Closed => f.write_str("closed"),
-            SessionEnd::IdleTimeout => f.write_str("idle_timeout"),
-            SessionEnd::Reset(side) => write!(f, "{side}_reset"),
-            SessionEnd::Error(side, e) => write!(f, "{side}_error({e})"),
-            SessionEnd::Shutdown => f.write_str("shutdown"),
-            SessionEnd::Panic => f.write_str("panic"),
-        }
     }
 }
 

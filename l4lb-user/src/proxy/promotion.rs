@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use crate::config::SpliceAfter;
 use crate::metrics::METRICS;
 
-use super::copy::Transfer;
+use crate::session::Transfer;
 
 /// How long a due session's rate is measured before it is moved.
 const SAMPLE: Duration = Duration::from_millis(100);

@@ -15,16 +15,15 @@ use tracing::{debug, error, info, warn};
 
 use super::access::{self, ConnSlot};
 use super::connect::{connect, ConnectError};
-use super::copy::{copy, CopyEnd, CopyLimits, Transfer};
+use super::copy::{copy, CopyEnd};
 use super::promotion::{self, Decision};
-use super::{
-    is_resource_exhaustion, proxy_protocol, HandedOver, ListenerCtx, SessionEnd, SharedCtx, Side,
-};
+use super::{is_resource_exhaustion, proxy_protocol, HandedOver, ListenerCtx, SharedCtx};
 use crate::config::{ProxyProtocol, ServerConfig, SpliceMode};
 use crate::metrics::{self, CopyReason, METRICS};
 use crate::panic;
 use crate::runtime::DataPath;
 use crate::runtime::Parked;
+use crate::session::{Limits, SessionEnd, Side, Transfer};
 use crate::splice::{Awake, Dormant, InPlace, KernelEnd, Path, Resume, Splicer};
 use crate::upgrade::wire;
 use crate::upstream::Lease;
@@ -563,7 +562,7 @@ async fn establish(
         if let Err(e) = backend.write_all(&first).await {
             return Err(Outcome::ended(
                 Some(lease.spec.addr),
-                SessionEnd::error(super::Side::Backend, &e),
+                SessionEnd::error(Side::Backend, &e),
             ));
         }
     }
@@ -604,7 +603,7 @@ enum Next<'a> {
 async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outcome {
     let (ctx, dp) = (at.ctx, at.dp);
     let server = &ctx.server;
-    let limits = CopyLimits {
+    let limits = Limits {
         idle_timeout: server.proxy_timeout,
         upload_rate: server.proxy_upload_rate,
         download_rate: server.proxy_download_rate,
@@ -891,7 +890,7 @@ enum Into<'a> {
 /// The kernel stretch of a session.
 async fn in_kernel(
     into: Into<'_>,
-    limits: CopyLimits,
+    limits: Limits,
     transfer: &Transfer,
     handover: &CancellationToken,
 ) -> KernelStretch {

@@ -37,7 +37,7 @@ use tracing::debug;
 use super::session::{io_end, End, Session};
 use super::sys::{self, TcpProgress};
 use super::way::Way;
-use crate::proxy::SessionEnd;
+use crate::session::SessionEnd;
 
 /// A direction with bytes queued in the kernel and no progress for this long, while the
 /// peer's own send queue is empty, is stalled.

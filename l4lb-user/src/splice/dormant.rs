@@ -26,7 +26,7 @@ use super::sys;
 use super::watch::{Event, Watcher};
 use super::way::{PerWay, Way};
 use super::{KernelEnd, STATS};
-use crate::proxy::copy::{CopyLimits, Transfer};
+use crate::session::{Limits, Transfer};
 
 /// How often the sweep runs ...
 const SWEEP: Duration = Duration::from_secs(1);
@@ -92,7 +92,7 @@ impl Awake {
 
     pub async fn run(
         self,
-        limits: CopyLimits,
+        limits: Limits,
         transfer: &Transfer,
         handover: &CancellationToken,
     ) -> KernelEnd {

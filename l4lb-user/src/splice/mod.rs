@@ -36,8 +36,7 @@ use tracing::warn;
 
 use crate::capabilities;
 use crate::metrics::CopyReason;
-use crate::proxy::copy::{CopyLimits, Transfer};
-use crate::proxy::{SessionEnd, Side};
+use crate::session::{Limits, SessionEnd, Side, Transfer};
 pub use dormant::{Awake, Dormant, Resume};
 use maps::Maps;
 use session::{End, Session, Snapshot};
@@ -441,7 +440,7 @@ impl Splicer {
         client: TcpStream,
         backend: TcpStream,
         quiet_for: std::time::Duration,
-        limits: CopyLimits,
+        limits: Limits,
         transfer: &Transfer,
         handover: &CancellationToken,
     ) -> KernelEnd {
@@ -524,7 +523,7 @@ impl Splicer {
 async fn drive(
     session: Box<Session>,
     mut rx: PerWay<UnboundedReceiver<watch::Event>>,
-    limits: CopyLimits,
+    limits: Limits,
     transfer: &Transfer,
     handover: &CancellationToken,
 ) -> KernelEnd {

@@ -18,8 +18,7 @@ use super::sys::{self, TcpProgress};
 use super::watch::{self, Event, Watcher};
 use super::way::{PerWay, Way};
 use super::STATS;
-use crate::proxy::copy::{CopyLimits, Transfer};
-use crate::proxy::{SessionEnd, Side};
+use crate::session::{Limits, SessionEnd, Side, Transfer};
 use crate::upgrade::wire::KernelState;
 
 /// How long taking a flowing session out of the kernel may wait for the sock_ops program.
@@ -585,7 +584,7 @@ impl Session {
     pub async fn splice(
         &self,
         rx: &mut PerWay<UnboundedReceiver<Event>>,
-        limits: CopyLimits,
+        limits: Limits,
         transfer: &Transfer,
         handover: &CancellationToken,
     ) -> End {

@@ -1,0 +1,139 @@
+//! What a TCP session is, whichever path carries it (the copy path in `proxy` or the
+//! kernel path in `splice`): its sides, its limits, its byte counts and how it ended.
+//! The session in `proxy::tcp` owns these; both paths only use them.
+
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Backend,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Client => "client",
+            Side::Backend => "backend",
+        })
+    }
+}
+
+/// How a session ended, for the access log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// Both directions finished with FIN.
+    Closed,
+    /// `proxy_timeout` passed with no traffic.
+    IdleTimeout,
+    /// A side reset the connection.
+    Reset(Side),
+    /// Another I/O error on a side.
+    Error(Side, String),
+    /// The daemon stopped before the session finished.
+    Shutdown,
+    /// A bug: the session's code panicked (counted in `session_panics`).
+    Panic,
+}
+
+impl SessionEnd {
+    pub fn error(side: Side, e: &io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted => SessionEnd::Reset(side),
+            _ => SessionEnd::Error(side, e.to_string()),
+        }
+    }
+}
+
+impl fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SessionEnd::Closed => f.write_str("closed"),
+            SessionEnd::IdleTimeout => f.write_str("idle_timeout"),
+            SessionEnd::Reset(side) => write!(f, "{side}_reset"),
+            SessionEnd::Error(side, e) => write!(f, "{side}_error({e})"),
+            SessionEnd::Shutdown => f.write_str("shutdown"),
+            SessionEnd::Panic => f.write_str("panic"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+/// What bounds a session on either path (the rates only on the copy path, which paces
+/// them).
+pub struct Limits {
+    /// nginx `proxy_timeout`: longest time with no read or write in either direction.
+    pub idle_timeout: Duration,
+    /// Bytes per second client -> backend, 0 = unlimited.
+    pub upload_rate: u64,
+    /// Bytes per second backend -> client, 0 = unlimited.
+    pub download_rate: u64,
+}
+
+/// Bytes moved by one session, readable while it runs.
+#[derive(Debug)]
+pub struct Transfer {
+    /// Client -> backend.
+    pub upload: AtomicU64,
+    /// Backend -> client.
+    pub download: AtomicU64,
+    /// [`Transfer::reached`] wakes once upload + download reach this.
+    watermark: AtomicU64,
+    watermark_reached: Notify,
+}
+
+impl Default for Transfer {
+    fn default() -> Self {
+        Transfer {
+            upload: AtomicU64::new(0),
+            download: AtomicU64::new(0),
+            watermark: AtomicU64::new(u64::MAX),
+            watermark_reached: Notify::new(),
+        }
+    }
+}
+
+impl Transfer {
+    pub fn upload(&self) -> u64 {
+        self.upload.load(Ordering::Relaxed)
+    }
+
+    pub fn download(&self) -> u64 {
+        self.download.load(Ordering::Relaxed)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.upload() + self.download()
+    }
+
+    /// Adds the bytes of another stretch of the session (e.g. its kernel path).
+    pub fn add(&self, other: &Transfer) {
+        self.upload.fetch_add(other.upload(), Ordering::Relaxed);
+        self.download.fetch_add(other.download(), Ordering::Relaxed);
+    }
+
+    /// Resolves once upload + download reach `bytes` (counted by the copy path).
+    pub async fn reached(&self, bytes: u64) {
+        self.watermark.store(bytes, Ordering::Relaxed);
+        while self.total() < bytes {
+            self.watermark_reached.notified().await;
+        }
+    }
+
+    /// Counts `n` bytes one way, as the copy path moves them.
+    pub fn count(&self, upload: bool, n: u64) {
+        let counter = if upload { &self.upload } else { &self.download };
+        counter.fetch_add(n, Ordering::Relaxed);
+        if self.total() >= self.watermark.load(Ordering::Relaxed) {
+            // A stored permit, if nobody waits yet: `reached` checks again.
+            self.watermark_reached.notify_one();
+        }
+    }
+}
