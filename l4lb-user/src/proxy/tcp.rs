@@ -1,6 +1,7 @@
 //! TCP listeners: accept (with backoff), connect with retries, then hand the pair to the
 //! kernel splice path or the userspace copy path, and write the access log line.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -350,7 +351,7 @@ async fn session(
 
 struct Outcome {
     backend: Option<SocketAddr>,
-    end: String,
+    end: Ended,
     path: Option<Path>,
     /// The session went on in a new process (binary upgrade).
     handed_over: bool,
@@ -358,11 +359,40 @@ struct Outcome {
     asleep: Option<Asleep>,
 }
 
+/// The access log's `end`: how a forwarded session ended, or why it never was
+/// (`denied`, `limit_conn`, `no_upstream`, `connect_failed`, ...). Formatted only when
+/// the line is written.
+enum Ended {
+    Session(SessionEnd),
+    Before(&'static str),
+}
+
+impl From<SessionEnd> for Ended {
+    fn from(end: SessionEnd) -> Self {
+        Ended::Session(end)
+    }
+}
+
+impl From<&'static str> for Ended {
+    fn from(why: &'static str) -> Self {
+        Ended::Before(why)
+    }
+}
+
+impl fmt::Display for Ended {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ended::Session(end) => end.fmt(f),
+            Ended::Before(why) => f.write_str(why),
+        }
+    }
+}
+
 impl Outcome {
-    fn ended(backend: Option<SocketAddr>, end: impl ToString) -> Self {
+    fn ended(backend: Option<SocketAddr>, end: impl std::convert::Into<Ended>) -> Self {
         Outcome {
             backend,
-            end: end.to_string(),
+            end: end.into(),
             path: None,
             handed_over: false,
             asleep: None,
@@ -750,7 +780,7 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
     drop(held);
     Outcome {
         backend: backend_addr,
-        end: end.to_string(),
+        end: end.into(),
         path: Some(path),
         handed_over: false,
         asleep: None,
