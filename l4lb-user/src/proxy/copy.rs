@@ -7,7 +7,8 @@
 //! splice(2) through a pipe (`pipe`), so its bytes are no longer copied at all.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use std::os::fd::AsRawFd;
@@ -16,7 +17,6 @@ use socket2::SockRef;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 use tracing::debug;
 
@@ -68,8 +68,25 @@ enum Pumped {
     Stopped,
 }
 
+/// Asks a copy to stop at its next clean point. The session's own task sets it and then
+/// polls the copy again, so the directions need no waker: they look at it whenever they
+/// are polled. (A `CancellationToken` took a mutex for every look and registered a
+/// waiter for every wait for bytes: per message, each way.)
+#[derive(Debug, Default)]
+pub struct Stop(AtomicBool);
+
+impl Stop {
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// Copies both ways until both sides have finished (half-close propagated), one side
-/// fails, the session is idle for `idle_timeout`, or `stop` is cancelled: then each
+/// fails, the session is idle for `idle_timeout`, or `stop` is set: then each
 /// direction stops at its next clean point, and a direction whose side finishes first
 /// makes the other run to its end instead.
 pub async fn copy(
@@ -77,7 +94,7 @@ pub async fn copy(
     backend: &mut TcpStream,
     limits: Limits,
     transfer: &Transfer,
-    stop: Option<&CancellationToken>,
+    stop: Option<&Stop>,
 ) -> CopyEnd {
     let shared = Shared {
         transfer,
@@ -142,20 +159,15 @@ pub async fn idle(last_activity: &AtomicU64, start: Instant, timeout: Duration) 
 }
 
 /// Waits for `reader` to be readable; false when `stop` came first.
-async fn ready(
-    reader: &ReadHalf<'_>,
-    stop: Option<&CancellationToken>,
-    from: Side,
-) -> Result<bool, SessionEnd> {
-    let r = match stop {
-        None => reader.readable().await.map(|()| true),
-        Some(stop) => tokio::select! {
-            biased;
-            () = stop.cancelled() => Ok(false),
-            r = reader.readable() => r.map(|()| true),
-        },
-    };
-    r.map_err(|e| SessionEnd::error(from, &e))
+async fn ready(reader: &ReadHalf<'_>, stop: Option<&Stop>, from: Side) -> Result<bool, SessionEnd> {
+    std::future::poll_fn(|cx| {
+        if stop.is_some_and(Stop::is_set) {
+            return Poll::Ready(Ok(false));
+        }
+        reader.as_ref().poll_read_ready(cx).map_ok(|()| true)
+    })
+    .await
+    .map_err(|e| SessionEnd::error(from, &e))
 }
 
 async fn pump(
@@ -163,7 +175,7 @@ async fn pump(
     writer: &mut WriteHalf<'_>,
     dir: Dir,
     shared: &Shared<'_>,
-    stop: Option<&CancellationToken>,
+    stop: Option<&Stop>,
 ) -> Result<Pumped, SessionEnd> {
     let Dir {
         rate,
@@ -187,7 +199,7 @@ async fn pump(
     let mut sent: u64 = 0;
     loop {
         // Here every byte read so far has been written: a clean point to stop at.
-        if stop.is_some_and(CancellationToken::is_cancelled) {
+        if stop.is_some_and(Stop::is_set) {
             return Ok(Pumped::Stopped);
         }
         if buf.capacity() == 0 {
@@ -268,7 +280,7 @@ async fn spliced(
     writer: &mut WriteHalf<'_>,
     dir: Dir,
     shared: &Shared<'_>,
-    stop: Option<&CancellationToken>,
+    stop: Option<&Stop>,
     mut pipe: Pipe,
 ) -> Result<Pumped, SessionEnd> {
     let Dir {
@@ -278,7 +290,7 @@ async fn spliced(
     let dst = writer.as_ref();
     loop {
         // The pipe is empty here: a clean point to stop at.
-        if stop.is_some_and(CancellationToken::is_cancelled) {
+        if stop.is_some_and(Stop::is_set) {
             return Ok(Pumped::Stopped);
         }
         let n = match src.try_io(Interest::READABLE, || pipe.fill(src.as_raw_fd())) {

@@ -16,7 +16,7 @@ use tracing::{debug, error, info, warn};
 
 use super::access::{self, ConnSlot};
 use super::connect::{connect, ConnectError};
-use super::copy::{copy, CopyEnd};
+use super::copy::{copy, CopyEnd, Stop};
 use super::promotion::{self, Decision};
 use super::{is_resource_exhaustion, proxy_protocol, HandedOver, ListenerCtx, SharedCtx};
 use crate::config::{ProxyProtocol, ServerConfig, SpliceMode};
@@ -716,8 +716,8 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
                 mut backend,
                 promote,
             } => {
-                // Cancelled by promotion, or with its parent by a binary upgrade.
-                let stop = handover.child_token();
+                // Set when the session is due for the kernel, or for a binary upgrade.
+                let stop = Stop::default();
                 let before = transfer.total();
                 let copied = {
                     let copying = copy(&mut client, &mut backend, limits, transfer, Some(&stop));
@@ -738,7 +738,11 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
                     tokio::select! {
                         end = &mut copying => end,
                         () = due => {
-                            stop.cancel();
+                            stop.set();
+                            copying.await
+                        }
+                        () = handover.cancelled() => {
+                            stop.set();
                             copying.await
                         }
                     }
@@ -750,7 +754,7 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
                         let reason = match (left, fallback) {
                             (Some(r), _) | (None, Some(r)) => r,
                             (None, None) if decision.deferred => CopyReason::Bulk,
-                            (None, None) if stop.is_cancelled() => CopyReason::HalfClosed,
+                            (None, None) if stop.is_set() => CopyReason::HalfClosed,
                             (None, None) => CopyReason::Short,
                         };
                         break (end, Path::Copy(reason));
