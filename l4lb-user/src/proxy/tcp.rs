@@ -735,13 +735,15 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
                             std::future::pending::<()>().await;
                         }
                     };
+                    let asked_to_stop = async {
+                        tokio::select! {
+                            () = due => {}
+                            () = handover.cancelled() => {}
+                        }
+                    };
                     tokio::select! {
                         end = &mut copying => end,
-                        () = due => {
-                            stop.set();
-                            copying.await
-                        }
-                        () = handover.cancelled() => {
+                        () = asked_to_stop => {
                             stop.set();
                             copying.await
                         }
