@@ -264,8 +264,10 @@ const METHOD: &str = "## Method\n\n\
   balancer share its CPUs, so absolute numbers are loopback numbers: compare contenders.\n\
 - Each balancer has one worker: nginx `worker_processes 1`, haproxy `nbthread 1`, l4lb \
   `worker_threads = 1`; least-connections balancing to one backend per service; buffer \
-  sizes are each product's defaults (nginx proxy_buffer_size 16k, haproxy tune.bufsize \
-  16k, l4lb's copy path grows to 256 KiB). l4lb's access log is off. l4lb runs its \
+  sizes at each product's best for one bulk stream (nginx proxy_buffer_size 64k, haproxy \
+  tune.bufsize 64k, haproxy-splice tune.pipesize 256 KiB; the shipped 16k/16k/64 KiB held \
+  them to 55-80% of that; l4lb's copy path grows to 256 KiB, then splices through 256 KiB \
+  pipes). l4lb's access log is off. l4lb runs its \
   defaults (`l4lb`), `splice = \"off\"` (`l4lb-copy`) and `splice = \"auto\"` with \
   every session promoted to the kernel path at once (`l4lb-kernel-always`).\n\
 - haproxy-splice uses `option splice-request` and `option splice-response` (haproxy \
