@@ -209,6 +209,11 @@ pub const TARGETS: &[Target] = &[
         goal: Goal::MinPeerRatio(1.0),
     },
     Target {
+        name: "sysbench tps >= 1.2x best peer",
+        column: col(Workload::Sysbench, "tps", "", true),
+        goal: Goal::MinPeerRatio(1.2),
+    },
+    Target {
         name: "proxy CPU per GB, slow endpoints <= 0.05 CPU-s/GB",
         column: col(Workload::SlowEndpoints, "cpu_proxy", "", false),
         goal: Goal::MaxValue(0.05, " CPU-s/GB"),
