@@ -462,6 +462,18 @@ mod tests {
     }
 
     #[test]
+    fn nginx_config_has_one_worker_and_64k_buffers() {
+        let opts = Options {
+            access_log: false,
+            max_fds: 20_000,
+        };
+        let conf = nginx_conf(&[("iperf", 1, 2)], Path::new("/tmp/n"), opts);
+        assert!(conf.contains("worker_processes 1;"));
+        assert!(conf
+            .contains("server { listen 127.0.0.1:1; proxy_pass iperf; proxy_buffer_size 64k; }"));
+    }
+
+    #[test]
     fn haproxy_splice_config_splices_both_ways() {
         let opts = Options {
             access_log: false,
