@@ -65,9 +65,9 @@ impl fmt::Display for SessionEnd {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
 /// What bounds a session on either path (the rates only on the copy path, which paces
 /// them).
+#[derive(Clone, Copy, Debug)]
 pub struct Limits {
     /// nginx `proxy_timeout`: longest time with no read or write in either direction.
     pub idle_timeout: Duration,

@@ -389,7 +389,7 @@ impl fmt::Display for Ended {
 }
 
 impl Outcome {
-    fn ended(backend: Option<SocketAddr>, end: impl std::convert::Into<Ended>) -> Self {
+    fn ended(backend: Option<SocketAddr>, end: impl Into<Ended>) -> Self {
         Outcome {
             backend,
             end: end.into(),
@@ -622,7 +622,7 @@ enum Next<'a> {
         backend: TcpStream,
         promote: bool,
     },
-    Kernel(Into<'a>),
+    Kernel(KernelStart<'a>),
 }
 
 /// Forwards the connected pair: on the copy path, moved into the kernel once the
@@ -641,7 +641,7 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
     let fallback = copy_reason(server, dp);
     let splicer = dp.splicer.as_deref().filter(|_| fallback.is_none());
     let in_kernel_or_copy = |client, backend, quiet_for| match splicer {
-        Some(s) => Next::Kernel(Into::Insert(s, client, backend, quiet_for)),
+        Some(s) => Next::Kernel(KernelStart::Insert(s, client, backend, quiet_for)),
         None => Next::Copy {
             client,
             backend,
@@ -649,7 +649,7 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
         },
     };
     let (mut next, held) = match begin {
-        Begin::Woken(awake, held) => (Next::Kernel(Into::Wake(awake)), held),
+        Begin::Woken(awake, held) => (Next::Kernel(KernelStart::Wake(awake)), held),
         Begin::Connected {
             client,
             backend,
@@ -679,9 +679,9 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
     let (end, path) = loop {
         let handover = dp.handover.token();
         next = match next {
-            Next::Kernel(into) => {
+            Next::Kernel(start) => {
                 let handover = handover.child_token();
-                match in_kernel(into, limits, transfer, &handover).await {
+                match in_kernel(start, limits, transfer, &handover).await {
                     KernelStretch::Done(end, path) => break (end, path),
                     KernelStretch::Left(client, backend, reason) => {
                         left = Some(reason);
@@ -700,7 +700,7 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
                     KernelStretch::InPlace(in_place) => {
                         match park_in_place(&at, lease, transfer, in_place).await {
                             Ok(()) => return Outcome::handed_over(lease.spec.addr),
-                            Err(in_place) => Next::Kernel(Into::Leave(in_place)),
+                            Err(in_place) => Next::Kernel(KernelStart::Leave(in_place)),
                         }
                     }
                     KernelStretch::Dormant(dormant) => {
@@ -914,7 +914,7 @@ enum KernelStretch {
 }
 
 /// How a session's kernel stretch begins.
-enum Into<'a> {
+enum KernelStart<'a> {
     /// Its sockets go into the kernel; no byte has moved for the duration.
     Insert(&'a Splicer, TcpStream, TcpStream, Duration),
     /// It is there already, and woke.
@@ -925,7 +925,7 @@ enum Into<'a> {
 
 /// The kernel stretch of a session.
 async fn in_kernel(
-    into: Into<'_>,
+    start: KernelStart<'_>,
     limits: Limits,
     transfer: &Transfer,
     handover: &CancellationToken,
@@ -933,14 +933,14 @@ async fn in_kernel(
     // The kernel counts from the insert, also across sleeps; its bytes join the
     // session's when the stretch ends.
     let kernel = Transfer::default();
-    let ended = match into {
-        Into::Insert(splicer, client, backend, quiet_for) => {
+    let ended = match start {
+        KernelStart::Insert(splicer, client, backend, quiet_for) => {
             splicer
                 .run(client, backend, quiet_for, limits, &kernel, handover)
                 .await
         }
-        Into::Wake(awake) => awake.run(limits, &kernel, handover).await,
-        Into::Leave(in_place) => in_place.leave(&kernel).await,
+        KernelStart::Wake(awake) => awake.run(limits, &kernel, handover).await,
+        KernelStart::Leave(in_place) => in_place.leave(&kernel).await,
     };
     // A dormant session's stretch goes on: its bytes are counted when it ends.
     if let Some(userspace) = ended.userspace_bytes() {
