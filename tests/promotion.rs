@@ -548,3 +548,78 @@ async fn defaults_keep_short_sessions_copied_and_move_long_ones() {
     assert_eq!(log_field(&line, "path"), Some("kernel"), "{line}");
     assert_eq!(log_field(&line, "end"), Some("idle_timeout"), "{line}");
 }
+
+/// One request through the echo backend; its answer must come back unchanged.
+async fn ask(sock: &mut TcpStream, i: u32) {
+    let req = format!("request {i:08}\n");
+    sock.write_all(req.as_bytes()).await.expect("request");
+    let mut answer = vec![0u8; req.len()];
+    sock.read_exact(&mut answer).await.expect("answer");
+    assert_eq!(answer, req.as_bytes(), "answer {i}");
+}
+
+/// A session busy with small requests and answers stays on the copy path while it is
+/// busy (the kernel relays those slower), and moves once it calms down; every answer
+/// comes back right on both paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_request_response_stays_copied_until_it_calms_down() {
+    if !kernel_wanted("busy_request_response_stays_copied_until_it_calms_down") {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let b = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n @ 1..) = sock.read(&mut buf).await {
+                    if sock.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let port = free_port();
+    let d = Daemon::start(&config(
+        port,
+        b,
+        "splice_after_bytes = \"1m\"\nsplice_after_time = \"200ms\"",
+    ));
+    let flows = |d: &Daemon| kernel_figure(d, "l4lb_kernel_map_entries", &[("map", "flows")]);
+    let mut sock = TcpStream::connect(addr(port)).await.expect("connect");
+    // About 500 exchanges a second for 1.5 s: due at 200 ms, deferred, and measured
+    // again at 1.3 s.
+    let busy = Instant::now();
+    let mut i = 0;
+    while busy.elapsed() < Duration::from_millis(1500) {
+        ask(&mut sock, i).await;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(flows(&d), 0.0, "moved while busy ({i} exchanges)");
+    let deferred = kernel_figure(&d, "l4lb_kernel_promotions_deferred_total", &[]);
+    assert!(deferred >= 2.0, "deferred {deferred} times");
+    // Quiet: a few exchanges a second. The next check (within 1.1 s) moves it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while flows(&d) < 2.0 {
+        assert!(Instant::now() < deadline, "never moved once quiet");
+        ask(&mut sock, i).await;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for _ in 0..20 {
+        ask(&mut sock, i).await;
+        i += 1;
+    }
+    drop(sock);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        if let Some(l) = d.access_lines().first() {
+            break l.clone();
+        }
+        assert!(Instant::now() < deadline, "access log");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(log_field(&line, "path"), Some("kernel"), "{line}");
+}

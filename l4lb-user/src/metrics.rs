@@ -52,10 +52,13 @@ pub enum CopyReason {
     /// The session moved bytes as one bulk stream whenever it was due for the kernel
     /// path, where one stream is slower on these hosts (README, Kernel path).
     Bulk,
+    /// The session was busy with small requests and answers whenever it was due for
+    /// the kernel path, which relays those slower (README, Kernel path).
+    Chatty,
 }
 
 impl CopyReason {
-    pub const ALL: [CopyReason; 10] = [
+    pub const ALL: [CopyReason; 11] = [
         CopyReason::SpliceOff,
         CopyReason::RateLimited,
         CopyReason::KernelUnavailable,
@@ -66,6 +69,7 @@ impl CopyReason {
         CopyReason::Short,
         CopyReason::HalfClosed,
         CopyReason::Bulk,
+        CopyReason::Chatty,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -80,6 +84,7 @@ impl CopyReason {
             CopyReason::Short => "short",
             CopyReason::HalfClosed => "half_closed",
             CopyReason::Bulk => "bulk",
+            CopyReason::Chatty => "chatty",
         }
     }
 }
@@ -226,7 +231,7 @@ pub fn registry(
     );
     r.register(
         "kernel_promotions_deferred",
-        "Times a session due for the kernel path stayed on the copy path because it moved bytes as one bulk stream",
+        "Times a session due for the kernel path stayed on the copy path because it moved bytes as one bulk stream or was busy with small requests and answers",
         m.promotions_deferred.clone(),
     );
     r.register(

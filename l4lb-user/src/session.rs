@@ -84,6 +84,10 @@ pub struct Transfer {
     pub upload: AtomicU64,
     /// Backend -> client.
     pub download: AtomicU64,
+    /// Reads the copy path passed on, each way: with the bytes, the promotion policy
+    /// tells request/response traffic from streams.
+    upload_messages: AtomicU64,
+    download_messages: AtomicU64,
     /// [`Transfer::reached`] wakes once upload + download reach this.
     watermark: AtomicU64,
     watermark_reached: Notify,
@@ -94,6 +98,8 @@ impl Default for Transfer {
         Transfer {
             upload: AtomicU64::new(0),
             download: AtomicU64::new(0),
+            upload_messages: AtomicU64::new(0),
+            download_messages: AtomicU64::new(0),
             watermark: AtomicU64::new(u64::MAX),
             watermark_reached: Notify::new(),
         }
@@ -107,6 +113,14 @@ impl Transfer {
 
     pub fn download(&self) -> u64 {
         self.download.load(Ordering::Relaxed)
+    }
+
+    /// Messages (reads passed on) client -> backend and backend -> client.
+    pub fn messages(&self) -> (u64, u64) {
+        (
+            self.upload_messages.load(Ordering::Relaxed),
+            self.download_messages.load(Ordering::Relaxed),
+        )
     }
 
     pub fn total(&self) -> u64 {
@@ -127,10 +141,15 @@ impl Transfer {
         }
     }
 
-    /// Counts `n` bytes one way, as the copy path moves them.
+    /// Counts one read of `n` bytes one way, as the copy path moves it.
     pub fn count(&self, upload: bool, n: u64) {
-        let counter = if upload { &self.upload } else { &self.download };
+        let (counter, messages) = if upload {
+            (&self.upload, &self.upload_messages)
+        } else {
+            (&self.download, &self.download_messages)
+        };
         counter.fetch_add(n, Ordering::Relaxed);
+        messages.fetch_add(1, Ordering::Relaxed);
         if self.total() >= self.watermark.load(Ordering::Relaxed) {
             // A stored permit, if nobody waits yet: `reached` checks again.
             self.watermark_reached.notify_one();

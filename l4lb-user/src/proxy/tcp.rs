@@ -755,9 +755,11 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
                     CopyEnd::Ended(end) => {
                         let reason = match (left, fallback) {
                             (Some(r), _) | (None, Some(r)) => r,
-                            (None, None) if decision.deferred => CopyReason::Bulk,
-                            (None, None) if stop.is_set() => CopyReason::HalfClosed,
-                            (None, None) => CopyReason::Short,
+                            (None, None) => match decision.deferred {
+                                Some(r) => r,
+                                None if stop.is_set() => CopyReason::HalfClosed,
+                                None => CopyReason::Short,
+                            },
                         };
                         break (end, Path::Copy(reason));
                     }
