@@ -165,31 +165,6 @@ mod tests {
         assert_eq!(d.deferred, None);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_bulk_stream_waits_until_it_slows_down() {
-        let t = std::sync::Arc::new(Transfer::default());
-        let bulk = {
-            let t = std::sync::Arc::clone(&t);
-            tokio::spawn(async move {
-                // 1 GB/s for 3 s, then nothing.
-                for _ in 0..300 {
-                    t.count(true, 10_000_000);
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            })
-        };
-        let mut d = Decision::default();
-        let start = Instant::now();
-        due(after(1000, 60_000), &t, start, &mut d).await;
-        bulk.await.unwrap();
-        assert_eq!(d.deferred, Some(CopyReason::Bulk));
-        assert!(
-            start.elapsed() >= Duration::from_secs(3),
-            "promoted at {:?}, while still bulk",
-            start.elapsed()
-        );
-    }
-
     /// Counts `per_tick` messages of `size` bytes each way (or only upload) every
     /// `tick_ms` for 3 s, then nothing.
     fn traffic(
@@ -214,20 +189,26 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn requests_and_answers_wait_until_they_calm_down() {
-        let t = std::sync::Arc::new(Transfer::default());
-        // 300 small requests and answers a second for 3 s.
-        let busy = traffic(&t, 10, 3, 100, true);
-        let mut d = Decision::default();
-        let start = Instant::now();
-        due(after(1 << 20, 200), &t, start, &mut d).await;
-        busy.await.unwrap();
-        assert_eq!(d.deferred, Some(CopyReason::Chatty));
-        assert!(
-            start.elapsed() >= Duration::from_secs(3),
-            "promoted at {:?}, while still busy",
-            start.elapsed()
-        );
+    async fn busy_sessions_wait_until_they_calm_down() {
+        for (tick_ms, per_tick, size, both_ways, why) in [
+            // 1 GB/s one way for 3 s.
+            (10, 1, 10_000_000, false, CopyReason::Bulk),
+            // 300 small requests and answers a second for 3 s.
+            (10, 3, 100, true, CopyReason::Chatty),
+        ] {
+            let t = std::sync::Arc::new(Transfer::default());
+            let busy = traffic(&t, tick_ms, per_tick, size, both_ways);
+            let mut d = Decision::default();
+            let start = Instant::now();
+            due(after(1 << 20, 200), &t, start, &mut d).await;
+            busy.await.unwrap();
+            assert_eq!(d.deferred, Some(why));
+            assert!(
+                start.elapsed() >= Duration::from_secs(3),
+                "{why:?}: promoted at {:?}, while still busy",
+                start.elapsed()
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]
