@@ -28,8 +28,9 @@ const BULK_PER_SAMPLE: u64 = 20_000_000;
 const CHATTY_PER_SAMPLE: u64 = 10;
 /// ... of less than this on average is request/response traffic, which stays copied:
 /// the kernel hands each message to its redirect worker on its own, and redis
-/// keep-alive ran 6-16% slower there, for 4-19% more machine CPU per request, in the
-/// bench (README). A stream, even one of small segments, goes one way, so it moves.
+/// keep-alive ran 6-16% slower there, for 10-26% more machine CPU per request, in two
+/// full benches (README). A stream, even one of small segments, goes one way, so it
+/// moves.
 const SMALL_MESSAGE: u64 = 4096;
 /// How long a deferred session stays copied before it is measured again.
 const RECHECK: Duration = Duration::from_secs(1);
