@@ -57,7 +57,8 @@ pub struct BenchArgs {
     /// Workloads, comma-separated (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     workloads: Vec<Workload>,
-    /// Rounds; each round runs every contender once, in the same order (default 3, quick 1).
+    /// Rounds; each round runs every contender once, each round in a rotated order
+    /// (default 3, quick 1).
     #[arg(long)]
     rounds: Option<usize>,
     /// Seconds per workload (default 10, quick 2).
@@ -159,7 +160,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let mut samples = Vec::new();
     for round in 0..rounds {
-        for &who in &contenders {
+        for who in round_order(&contenders, round, rounds) {
             eprintln!("bench: round {}/{rounds}: {}", round + 1, who.name());
             samples.extend(run_contender(&plan, &backends, who, round));
         }
@@ -220,6 +221,25 @@ fn one_line(e: &anyhow::Error) -> String {
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
         .join(" / ")
+}
+
+/// The contenders in the order `round` runs them: the list rotated by an even share per
+/// round, so that across rounds each contender runs at different places. The host's
+/// speed drifts within a round and the contender run first did better in paired runs
+/// (README, Benchmarks): a fixed order would put that drift into the ratios.
+fn round_order<T: Copy>(contenders: &[T], round: usize, rounds: usize) -> Vec<T> {
+    let n = contenders.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let shift = round % rounds.max(1) * n / rounds.max(1);
+    contenders
+        .iter()
+        .cycle()
+        .skip(shift)
+        .take(n)
+        .copied()
+        .collect()
 }
 
 fn or_all<T: Copy>(chosen: Vec<T>, all: &[T]) -> Vec<T> {
@@ -437,5 +457,33 @@ fn measure(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_order;
+
+    #[test]
+    fn each_round_runs_everyone_once_and_nobody_keeps_a_place() {
+        let all: Vec<usize> = (0..7).collect();
+        let orders: Vec<Vec<usize>> = (0..3).map(|r| round_order(&all, r, 3)).collect();
+        assert_eq!(orders[0], all);
+        for order in &orders {
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, all);
+        }
+        for who in &all {
+            let mut places: Vec<usize> = orders
+                .iter()
+                .map(|o| o.iter().position(|c| c == who).unwrap())
+                .collect();
+            places.sort_unstable();
+            places.dedup();
+            assert_eq!(places.len(), 3, "contender {who} ran at {places:?}");
+        }
+        assert_eq!(round_order(&[1, 2], 0, 1), vec![1, 2]);
+        assert!(round_order::<u8>(&[], 2, 3).is_empty());
     }
 }
