@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use tokio::net::{TcpSocket, UdpSocket};
+use tokio::net::{TcpListener, TcpSocket, UdpSocket};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -112,6 +112,31 @@ fn bind_error(e: std::io::Error, addr: SocketAddr) -> anyhow::Error {
     } else {
         e
     }
+}
+
+/// The TCP listener on `addr`: the one inherited from the predecessor, else a new one.
+/// Either way the sockets it accepts have TCP_NODELAY, as nginx's stream module sets
+/// on both sides: Linux copies a listener's options to the sockets it accepts, so set
+/// here once it saves every session a setsockopt call (and a run of the kernel path's
+/// setsockopt hook). An inherited listener gets it too: an older binary did not set it.
+fn tcp_listener(addr: SocketAddr, inherited: Option<OwnedFd>) -> anyhow::Result<TcpListener> {
+    let listener = match inherited {
+        Some(fd) => crate::upgrade::tcp_listener(fd)?,
+        None => {
+            let socket = if addr.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr).map_err(|e| bind_error(e, addr))?;
+            socket.listen(LISTEN_BACKLOG)?
+        }
+    };
+    socket2::SockRef::from(&listener)
+        .set_tcp_nodelay(true)
+        .with_context(|| format!("setting TCP_NODELAY on the listener {addr}"))?;
+    Ok(listener)
 }
 
 impl Daemon {
@@ -249,21 +274,7 @@ impl Daemon {
         let inherited = self.inherited.listeners.remove(&server.key());
         let (socket, udp) = match server.protocol {
             Protocol::Tcp => {
-                let listener = match inherited {
-                    Some(fd) => crate::upgrade::tcp_listener(fd)?,
-                    None => {
-                        let socket = if server.listen.is_ipv4() {
-                            TcpSocket::new_v4()?
-                        } else {
-                            TcpSocket::new_v6()?
-                        };
-                        socket.set_reuseaddr(true)?;
-                        socket
-                            .bind(server.listen)
-                            .map_err(|e| bind_error(e, server.listen))?;
-                        socket.listen(LISTEN_BACKLOG)?
-                    }
-                };
+                let listener = tcp_listener(server.listen, inherited)?;
                 let dup = listener.as_fd().try_clone_to_owned()?;
                 if server.upstream_show {
                     tokio::spawn(crate::admin::serve_upstream_show(
@@ -528,5 +539,29 @@ impl Daemon {
             self.dp.sessions.wait().await;
         }
         info!("stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::OwnedFd;
+
+    use super::tcp_listener;
+
+    #[tokio::test]
+    async fn accepted_sockets_have_nodelay_on_new_and_inherited_listeners() {
+        let fresh = tcp_listener("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let plain_addr = plain.local_addr().unwrap();
+        let inherited = tcp_listener(plain_addr, Some(OwnedFd::from(plain))).unwrap();
+        for listener in [fresh, inherited] {
+            let addr = listener.local_addr().unwrap();
+            let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (accepted, _) = listener.accept().await.unwrap();
+            assert!(
+                accepted.nodelay().unwrap(),
+                "accepted on {addr} without TCP_NODELAY"
+            );
+        }
     }
 }

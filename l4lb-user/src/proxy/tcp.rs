@@ -569,7 +569,6 @@ async fn establish(
     let Some(upstream) = ctx.upstream.as_ref() else {
         return Err(Outcome::ended(None, "no_upstream"));
     };
-    let _ = client.set_nodelay(true);
     let (mut backend, lease) = connect(upstream, server, peer).await.map_err(|e| {
         match e {
             ConnectError::NoServer(_) => ctx.metrics.no_server.inc(),
