@@ -226,7 +226,7 @@ fn one_line(e: &anyhow::Error) -> String {
 /// The contenders in the order `round` runs them: the list rotated by an even share per
 /// round, so that across rounds each contender runs at different places. The host's
 /// speed drifts within a round and the contender run first did better in paired runs
-/// (README, Benchmarks): a fixed order would put that drift into the ratios.
+/// (bench/README.md, Method): a fixed order would put that drift into the ratios.
 fn round_order<T: Copy>(contenders: &[T], round: usize, rounds: usize) -> Vec<T> {
     let n = contenders.len();
     if n == 0 {
