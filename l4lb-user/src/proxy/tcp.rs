@@ -752,14 +752,14 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
                 metrics::add_bytes(0, transfer.total().saturating_sub(before));
                 match copied {
                     CopyEnd::Ended(end) => {
-                        let reason = match (left, fallback) {
-                            (Some(r), _) | (None, Some(r)) => r,
-                            (None, None) => match decision.deferred {
-                                Some(r) => r,
-                                None if stop.is_set() => CopyReason::HalfClosed,
-                                None => CopyReason::Short,
-                            },
-                        };
+                        let reason =
+                            left.or(fallback)
+                                .or(decision.deferred)
+                                .unwrap_or(if stop.is_set() {
+                                    CopyReason::HalfClosed
+                                } else {
+                                    CopyReason::Short
+                                });
                         break (end, Path::Copy(reason));
                     }
                     CopyEnd::Stopped { .. } if handing => {

@@ -229,10 +229,7 @@ fn one_line(e: &anyhow::Error) -> String {
 /// (bench/README.md, Method): a fixed order would put that drift into the ratios.
 fn round_order<T: Copy>(contenders: &[T], round: usize, rounds: usize) -> Vec<T> {
     let n = contenders.len();
-    if n == 0 {
-        return Vec::new();
-    }
-    let shift = round % rounds.max(1) * n / rounds.max(1);
+    let shift = round * n / rounds.max(1);
     contenders
         .iter()
         .cycle()
