@@ -28,7 +28,7 @@ use crate::logging::AccessSink;
 use crate::metrics::ListenerMetrics;
 use crate::notify;
 use crate::proxy::{tcp, udp, ListenerCtx, SharedCtx};
-use crate::runtime::{DataPath, Handover};
+use crate::runtime::{Alarm, DataPath, Handover};
 use crate::splice::Splicer;
 use crate::upgrade::wire::{Channel, Msg};
 use crate::upgrade::Exe;
@@ -174,7 +174,7 @@ impl Daemon {
             splicer,
             conn_limit: Arc::new(Semaphore::new(config.global.max_connections)),
             sessions: TaskTracker::new(),
-            shutdown: CancellationToken::new(),
+            shutdown: Alarm::default(),
             access_log,
             handover: Handover::default(),
         });
@@ -534,7 +534,7 @@ impl Daemon {
                 sessions = self.dp.sessions.len(),
                 "grace period over; closing remaining sessions"
             );
-            self.dp.shutdown.cancel();
+            self.dp.shutdown.raise();
             self.dp.wake_dormant();
             self.dp.sessions.wait().await;
         }

@@ -296,12 +296,10 @@ async fn session(
             }
         }
     };
-    // A child token: polling it locks only this session's node, where polling the
-    // shared one would make every session's every wake-up take one lock.
-    let shutdown = dp.shutdown.child_token();
     let mut outcome = tokio::select! {
+        biased;
         o = run => o,
-        () = shutdown.cancelled() => Outcome::ended(None, SessionEnd::Shutdown),
+        () = dp.shutdown.raised() => Outcome::ended(None, SessionEnd::Shutdown),
     };
     if let Some(asleep) = outcome.asleep.take() {
         let cont = Sleeping {
@@ -315,7 +313,7 @@ async fn session(
             _tracked: dp.sessions.token(),
         };
         asleep.dormant.sleep(Box::new(cont), || {
-            dp.handover.token().is_cancelled() || dp.shutdown.is_cancelled()
+            dp.handover.alarm().is_raised() || dp.shutdown.is_raised()
         });
         return;
     }
@@ -676,10 +674,10 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
     let mut decision = Decision::default();
     let mut left: Option<CopyReason> = None;
     let (end, path) = loop {
-        let handover = dp.handover.token();
+        let handover = dp.handover.alarm();
         next = match next {
             Next::Kernel(start) => {
-                let handover = handover.child_token();
+                let handover = handover.token().child_token();
                 match in_kernel(start, limits, transfer, &handover).await {
                     KernelStretch::Done(end, path) => break (end, path),
                     KernelStretch::Left(client, backend, reason) => {
@@ -736,11 +734,13 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
                     };
                     let asked_to_stop = async {
                         tokio::select! {
+                            biased;
                             () = due => {}
-                            () = handover.cancelled() => {}
+                            () = handover.raised() => {}
                         }
                     };
                     tokio::select! {
+                        biased;
                         end = &mut copying => end,
                         () = asked_to_stop => {
                             stop.set();
@@ -748,7 +748,7 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
                         }
                     }
                 };
-                let handing = handover.is_cancelled();
+                let handing = handover.is_raised();
                 metrics::add_bytes(0, transfer.total().saturating_sub(before));
                 match copied {
                     CopyEnd::Ended(end) => {

@@ -309,7 +309,7 @@ async fn replies(
     let lease = &session.lease;
     let mut buf = vec![0u8; MAX_DATAGRAM];
     // This session's own nodes: the loop polls them for every datagram.
-    let (shutdown, pause) = (dp.shutdown.child_token(), pause.child_token());
+    let (shutdown, pause) = (dp.shutdown.token().child_token(), pause.child_token());
     let end = loop {
         if server
             .proxy_responses
