@@ -151,8 +151,42 @@ impl Transfer {
         counter.fetch_add(n, Ordering::Relaxed);
         messages.fetch_add(1, Ordering::Relaxed);
         if self.total() >= self.watermark.load(Ordering::Relaxed) {
+            // Once: the reads after it would each pay a notification nobody waits for.
+            self.watermark.store(u64::MAX, Ordering::Relaxed);
             // A stored permit, if nobody waits yet: `reached` checks again.
             self.watermark_reached.notify_one();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::time::timeout;
+
+    const TICK: Duration = Duration::from_millis(10);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watermark_fires_once_and_the_next_waits_for_its_own_bytes() {
+        let t = Transfer::default();
+        let first = t.reached(100);
+        tokio::pin!(first);
+        assert!(timeout(TICK, first.as_mut()).await.is_err());
+        t.count(true, 60);
+        assert!(timeout(TICK, first.as_mut()).await.is_err());
+        t.count(false, 60);
+        assert_eq!(
+            t.watermark.load(Ordering::Relaxed),
+            u64::MAX,
+            "passing the watermark clears it, so later reads do not notify"
+        );
+        timeout(TICK, first).await.expect("the first watermark");
+        t.count(true, 1000);
+        let next = t.reached(5000);
+        tokio::pin!(next);
+        assert!(timeout(TICK, next.as_mut()).await.is_err());
+        t.count(false, 4000);
+        timeout(TICK, next).await.expect("the next watermark");
     }
 }
