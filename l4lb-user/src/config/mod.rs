@@ -16,7 +16,8 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
 pub use schema::{
-    BalanceKind, CheckType, Consistency, LogFormat, Protocol, ProxyProtocol, SpliceMode, UpsyncKind,
+    BalanceKind, ChattyPath, CheckType, Consistency, LogFormat, Protocol, ProxyProtocol,
+    SpliceMode, UpsyncKind,
 };
 use schema::{
     RawAccessLog, RawAdmin, RawGlobal, RawHealthCheck, RawPeer, RawServer, RawUpstream, RawUpsync,
@@ -64,6 +65,7 @@ pub struct Global {
 pub struct SpliceAfter {
     pub bytes: u64,
     pub time: Duration,
+    pub chatty: ChattyPath,
 }
 
 impl Default for SpliceAfter {
@@ -74,16 +76,23 @@ impl Default for SpliceAfter {
         SpliceAfter {
             bytes: 256 << 10,
             time: Duration::from_secs(1),
+            chatty: ChattyPath::default(),
         }
     }
 }
 
 impl SpliceAfter {
-    /// `bytes`/`time` given in a section, the rest from `base`.
-    fn over(base: SpliceAfter, bytes: Option<NgxSize>, time: Option<NgxDuration>) -> Self {
+    /// What a section gives, the rest from `base`.
+    fn over(
+        base: SpliceAfter,
+        bytes: Option<NgxSize>,
+        time: Option<NgxDuration>,
+        chatty: Option<ChattyPath>,
+    ) -> Self {
         SpliceAfter {
             bytes: bytes.map_or(base.bytes, |b| b.0),
             time: time.map_or(base.time, |t| t.0),
+            chatty: chatty.unwrap_or(base.chatty),
         }
     }
 }
@@ -588,6 +597,7 @@ impl Validator<'_> {
                 SpliceAfter::default(),
                 raw.splice_after_bytes,
                 raw.splice_after_time,
+                raw.splice_chatty,
             ),
             worker_shutdown_timeout: raw
                 .worker_shutdown_timeout
@@ -1048,6 +1058,7 @@ impl Validator<'_> {
                 global.splice_after,
                 raw.splice_after_bytes,
                 raw.splice_after_time,
+                raw.splice_chatty,
             ),
             upstream_show,
             access,

@@ -17,6 +17,7 @@ pub struct RawGlobal {
     pub splice: Option<SpliceMode>,
     pub splice_after_bytes: Option<NgxSize>,
     pub splice_after_time: Option<NgxDuration>,
+    pub splice_chatty: Option<ChattyPath>,
     pub worker_shutdown_timeout: Option<NgxDuration>,
     /// Enforce `access` deny rules in XDP on this interface.
     pub xdp_interface: Option<String>,
@@ -126,6 +127,7 @@ pub struct RawServer {
     pub splice: Option<SpliceMode>,
     pub splice_after_bytes: Option<NgxSize>,
     pub splice_after_time: Option<NgxDuration>,
+    pub splice_chatty: Option<ChattyPath>,
     pub upstream_show: Option<bool>,
     /// nginx's `allow`/`deny` in order: "allow 10.0.0.0/8", "deny all", ...
     pub access: Option<Vec<String>>,
@@ -160,6 +162,19 @@ pub enum SpliceMode {
     Off,
     /// Refuse to start when the kernel path cannot load.
     Required,
+}
+
+/// Where a session busy with small requests and answers goes once it is due for the
+/// kernel path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChattyPath {
+    /// Into the kernel, like any other session.
+    #[default]
+    Kernel,
+    /// Stays copied while busy, for hosts whose redirect worker relays small messages
+    /// slower than the copy path (README, Kernel path).
+    Copy,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

@@ -60,6 +60,7 @@ fn splice_after_is_inherited_key_by_key() {
         r#"
 [global]
 splice_after_bytes = "1m"
+splice_chatty = "copy"
 
 [upstream.u]
 servers = [{ address = "127.0.0.1:1" }]
@@ -73,15 +74,25 @@ splice_after_time = "5s"
 listen = "127.0.0.1:1001"
 proxy_pass = "u"
 splice_after_time = 0
+splice_chatty = "kernel"
 "#,
     )
     .unwrap();
     let after = |i: usize| {
         let a = c.servers[i].splice_after;
-        (a.bytes, a.time)
+        (a.bytes, a.time, a.chatty)
     };
-    assert_eq!(after(0), (1 << 20, Duration::from_secs(5)));
-    assert_eq!(after(1), (1 << 20, Duration::ZERO));
+    assert_eq!(
+        after(0),
+        (1 << 20, Duration::from_secs(5), ChattyPath::Copy)
+    );
+    assert_eq!(after(1), (1 << 20, Duration::ZERO, ChattyPath::Kernel));
+}
+
+#[test]
+fn chatty_sessions_go_into_the_kernel_by_default() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.servers[0].splice_after.chatty, ChattyPath::Kernel);
 }
 
 #[test]
@@ -262,6 +273,11 @@ fn semantic_errors() {
         ),
         ("[admin]\nlisten = \"localhost\"\n", "admin.listen", "ip:port"),
         ("[global]\nsplice = \"maybe\"\n", "global.splice", "unknown variant"),
+        (
+            "[global]\nsplice_chatty = \"userspace\"\n",
+            "global.splice_chatty",
+            "expected `kernel` or `copy`",
+        ),
         ("[global\n", "(syntax)", ""),
     ];
     for (text, key, msg) in cases {

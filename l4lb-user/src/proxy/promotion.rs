@@ -1,16 +1,15 @@
 //! When a TCP session on the copy path earns the kernel path: once it has moved
 //! `splice_after_bytes` or lived `splice_after_time` (whichever first), unless at that
 //! moment it is moving bytes as a bulk stream, which the copy path's splice(2) moves
-//! faster than the kernel's redirect worker on these hosts, or is busy with small
-//! requests and answers, which the copy path relays faster and for less CPU (README,
-//! Kernel path). Such a session is measured again every second, and moves once it
-//! calms down.
+//! faster than the kernel's redirect worker on these hosts, or, with
+//! `splice_chatty = "copy"`, is busy with small requests and answers (README, Kernel
+//! path). Such a session is measured again every second, and moves once it calms down.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::SpliceAfter;
+use crate::config::{ChattyPath, SpliceAfter};
 use crate::metrics::{CopyReason, METRICS};
 
 use crate::session::Transfer;
@@ -26,11 +25,10 @@ const BULK_PER_SAMPLE: u64 = 20_000_000;
 /// A session that passed at least this many messages each way in a [`SAMPLE`] (100
 /// requests and answers a second) ...
 const CHATTY_PER_SAMPLE: u64 = 10;
-/// ... of less than this on average is request/response traffic, which stays copied:
-/// the kernel hands each message to its redirect worker on its own, and redis
-/// keep-alive ran 6-16% slower there, for 10-26% more machine CPU per request, in two
-/// full benches (README). A stream, even one of small segments, goes one way, so it
-/// moves.
+/// ... of less than this on average is request/response traffic, which
+/// `splice_chatty = "copy"` keeps copied: the kernel hands each message to its redirect
+/// worker on its own, which on some hosts relays them slower than the copy path (README).
+/// A stream, even one of small segments, goes one way, so it moves.
 const SMALL_MESSAGE: u64 = 4096;
 /// How long a deferred session stays copied before it is measured again.
 const RECHECK: Duration = Duration::from_secs(1);
@@ -67,7 +65,8 @@ pub async fn due(
     loop {
         let before = Sample::take(transfer);
         tokio::time::sleep(SAMPLE).await;
-        let Some(reason) = Sample::take(transfer).since(&before).keeps_copied() else {
+        let sample = Sample::take(transfer).since(&before);
+        let Some(reason) = sample.keeps_copied(after.chatty) else {
             return;
         };
         decision.deferred = Some(reason);
@@ -99,14 +98,15 @@ impl Sample {
     }
 
     /// For the traffic of one [`SAMPLE`]: why it should stay copied, if it should.
-    fn keeps_copied(&self) -> Option<CopyReason> {
+    fn keeps_copied(&self, chatty_path: ChattyPath) -> Option<CopyReason> {
         let (up, down) = self.bytes;
         let (up_msgs, down_msgs) = self.messages;
         if up.max(down) >= BULK_PER_SAMPLE {
             return Some(CopyReason::Bulk);
         }
         let msgs = up_msgs + down_msgs;
-        let chatty = up_msgs.min(down_msgs) >= CHATTY_PER_SAMPLE
+        let chatty = chatty_path == ChattyPath::Copy
+            && up_msgs.min(down_msgs) >= CHATTY_PER_SAMPLE
             && (up + down) < SMALL_MESSAGE.saturating_mul(msgs);
         chatty.then_some(CopyReason::Chatty)
     }
@@ -120,6 +120,7 @@ mod tests {
         SpliceAfter {
             bytes,
             time: Duration::from_millis(ms),
+            ..SpliceAfter::default()
         }
     }
 
@@ -191,17 +192,28 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn busy_sessions_wait_until_they_calm_down() {
-        for (tick_ms, per_tick, size, both_ways, why) in [
+        for (tick_ms, per_tick, size, both_ways, chatty, why) in [
             // 1 GB/s one way for 3 s.
-            (10, 1, 10_000_000, false, CopyReason::Bulk),
-            // 300 small requests and answers a second for 3 s.
-            (10, 3, 100, true, CopyReason::Chatty),
+            (
+                10,
+                1,
+                10_000_000,
+                false,
+                ChattyPath::Kernel,
+                CopyReason::Bulk,
+            ),
+            // 300 small requests and answers a second for 3 s, kept copied by request.
+            (10, 3, 100, true, ChattyPath::Copy, CopyReason::Chatty),
         ] {
             let t = std::sync::Arc::new(Transfer::default());
             let busy = traffic(&t, tick_ms, per_tick, size, both_ways);
             let mut d = Decision::default();
             let start = Instant::now();
-            due(after(1 << 20, 200), &t, start, &mut d).await;
+            let rules = SpliceAfter {
+                chatty,
+                ..after(1 << 20, 200)
+            };
+            due(rules, &t, start, &mut d).await;
             busy.await.unwrap();
             assert_eq!(d.deferred, Some(why));
             assert!(
@@ -213,20 +225,27 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn quiet_exchanges_and_streams_of_small_segments_move() {
-        for (tick_ms, per_tick, size, both_ways) in [
+    async fn exchanges_and_streams_of_small_segments_move() {
+        // Whatever moves with `splice_chatty = "copy"` moves with the default too.
+        for (tick_ms, per_tick, size, both_ways, chatty) in [
+            // 300 small requests and answers a second: busy, and moved by default.
+            (10, 3, 100, true, ChattyPath::default()),
             // 50 requests and answers a second: a pooled connection in use.
-            (20, 1, 100, true),
+            (20, 1, 100, true, ChattyPath::Copy),
             // A stream of 1,448-byte segments one way, 2,000 a second.
-            (10, 20, 1448, false),
+            (10, 20, 1448, false, ChattyPath::Copy),
             // Both ways at 64 KiB per message, 200 MB/s in all: slow endpoints.
-            (10, 8, 64 * 1024, true),
+            (10, 8, 64 * 1024, true, ChattyPath::Copy),
         ] {
             let t = std::sync::Arc::new(Transfer::default());
             let traffic = traffic(&t, tick_ms, per_tick, size, both_ways);
             let mut d = Decision::default();
             let start = Instant::now();
-            due(after(1 << 40, 200), &t, start, &mut d).await;
+            let rules = SpliceAfter {
+                chatty,
+                ..after(1 << 40, 200)
+            };
+            due(rules, &t, start, &mut d).await;
             assert_eq!(
                 start.elapsed(),
                 Duration::from_millis(200) + SAMPLE,
