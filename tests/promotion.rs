@@ -6,7 +6,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -664,5 +664,87 @@ async fn busy_request_response_stays_copied_until_it_calms_down_on_request() {
         i += 1;
     }
     drop(sock);
+    assert_eq!(ended_on(&d).await, "kernel");
+}
+
+/// A bulk stream moves on trial, and one slower in the kernel than it was copied goes
+/// back to the copy path without losing a byte; once it is no longer a bulk stream it
+/// moves again, for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_stream_slower_in_the_kernel_goes_back_to_the_copy_path() {
+    if !kernel_wanted("a_bulk_stream_slower_in_the_kernel_goes_back_to_the_copy_path") {
+        return;
+    }
+    // A prime period: a byte lost, repeated or reordered shows as a mismatch.
+    const PERIOD: usize = 1_048_573;
+    let pattern: Arc<Vec<u8>> = Arc::new((0..PERIOD).map(|i| (i * 31 % 251) as u8).collect());
+    let slow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let b = listener.local_addr().expect("addr");
+    let reader = {
+        let (pattern, slow) = (Arc::clone(&pattern), Arc::clone(&slow));
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.expect("accept");
+            let mut buf = vec![0u8; 256 << 10];
+            let mut total = 0usize;
+            loop {
+                // Slow, about 12 MB/s, once the stream is on trial in the kernel.
+                let slowly = slow.load(Ordering::Relaxed);
+                let want = if slowly { 64 << 10 } else { buf.len() };
+                let n = sock.read(&mut buf[..want]).await.expect("read");
+                if n == 0 {
+                    return total;
+                }
+                let mut got = &buf[..n];
+                while !got.is_empty() {
+                    let at = total % PERIOD;
+                    let k = got.len().min(PERIOD - at);
+                    assert!(
+                        got[..k] == pattern[at..at + k],
+                        "mismatch in {total}..{}",
+                        total + k
+                    );
+                    got = &got[k..];
+                    total += k;
+                }
+                if slowly {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        })
+    };
+    let port = free_port();
+    let d = Daemon::start(&config(
+        port,
+        b,
+        "splice_after_bytes = \"1m\"\nsplice_after_time = \"10s\"",
+    ));
+    let mut sock = TcpStream::connect(addr(port)).await.expect("connect");
+    let writer = tokio::spawn(async move {
+        let mut sent = 0usize;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(4) {
+            let at = sent % PERIOD;
+            let k = (64 << 10).min(PERIOD - at);
+            sock.write_all(&pattern[at..at + k]).await.expect("write");
+            sent += k;
+        }
+        sock.shutdown().await.expect("shutdown");
+        sent
+    });
+    let figure = |d: &Daemon, name: &str| kernel_figure(d, name, &[]);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while figure(&d, "l4lb_kernel_bulk_trials_total") < 1.0 {
+        assert!(Instant::now() < deadline, "never moved on trial");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    slow.store(true, Ordering::Relaxed);
+    let sent = writer.await.expect("writer");
+    let received = reader.await.expect("reader");
+    assert_eq!(received, sent, "bytes received against sent");
+    assert_eq!(figure(&d, "l4lb_kernel_bulk_trials_total"), 1.0);
+    assert_eq!(figure(&d, "l4lb_kernel_bulk_trials_lost_total"), 1.0);
+    // Moved on trial, and again once slow.
+    assert_eq!(figure(&d, "l4lb_kernel_promotion_age_seconds_count"), 2.0);
     assert_eq!(ended_on(&d).await, "kernel");
 }

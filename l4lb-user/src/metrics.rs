@@ -605,6 +605,16 @@ impl Collector for LiveState {
                     k.insert_failed,
                 ),
                 (
+                    "kernel_bulk_trials",
+                    "Bulk streams moved into the kernel on trial (they stay only if nearly as fast as copied)",
+                    k.trials,
+                ),
+                (
+                    "kernel_bulk_trials_lost",
+                    "Bulk streams that ran slower in the kernel than copied and went back to the copy path",
+                    k.trials_lost,
+                ),
+                (
                     "kernel_sleeps",
                     "Times a quiet spliced session gave up its task to sleep",
                     k.slept,

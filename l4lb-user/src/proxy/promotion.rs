@@ -1,9 +1,11 @@
 //! When a TCP session on the copy path earns the kernel path: once it has moved
-//! `splice_after_bytes` or lived `splice_after_time` (whichever first), unless at that
-//! moment it is moving bytes as a bulk stream, which the copy path's splice(2) moves
-//! faster than the kernel's redirect worker on these hosts, or, with
-//! `splice_chatty = "copy"`, is busy with small requests and answers (README, Kernel
-//! path). Such a session is measured again every second, and moves once it calms down.
+//! `splice_after_bytes` or lived `splice_after_time` (whichever first). A session
+//! moving bytes as a bulk stream at that moment moves on trial: whether the kernel's
+//! redirect worker or the copy path's splice(2) moves one stream faster depends on the
+//! host (README, Kernel path), so it stays in the kernel only if it runs nearly as fast
+//! there as it ran copied. One that lost its trial, or, with `splice_chatty = "copy"`,
+//! one busy with small requests and answers, stays copied, is measured again every
+//! second, and moves once it calms down.
 
 use std::time::Duration;
 
@@ -13,14 +15,16 @@ use crate::config::{ChattyPath, SpliceAfter};
 use crate::metrics::{CopyReason, METRICS};
 
 use crate::session::Transfer;
+use crate::splice::Trial;
 
 /// How long a due session's traffic is measured before it is moved.
 const SAMPLE: Duration = Duration::from_millis(100);
 /// A session moving more than this per [`SAMPLE`] in one direction (200 MB/s,
-/// 1.6 Gbit/s) stays on the copy path for now: there it is spliced through a pipe, which
-/// moved one stream at 13.5 Gbit/s against 7.8 through a buffer, and four at 13.9
-/// against 10.5 in the kernel, in alternating runs on one 2-core host. Slower sessions
-/// (a client at 1 Gbit/s) are cheaper for the daemon in the kernel.
+/// 1.6 Gbit/s) is a bulk stream, which the proxy may be what limits: it moves on trial.
+/// On the copy path it is spliced through a pipe, which on one 2-core host moved four
+/// streams at 13.9 Gbit/s against 10.5 in the kernel, and on another 15.5 against 16.5.
+/// Slower sessions (a client at 1 Gbit/s) are limited by their ends, and cheaper for
+/// the daemon in the kernel.
 const BULK_PER_SAMPLE: u64 = 20_000_000;
 /// A session that passed at least this many messages each way in a [`SAMPLE`] (100
 /// requests and answers a second) ...
@@ -38,6 +42,10 @@ const RECHECK: Duration = Duration::from_secs(1);
 pub struct Decision {
     /// Why the last check kept the session copied (`Bulk` or `Chatty`), if one did.
     pub deferred: Option<CopyReason>,
+    /// Set when the session is due as a bulk stream: it moves on this trial.
+    pub trial: Option<Trial>,
+    /// The session lost a trial: as a bulk stream it now stays copied.
+    pub trial_lost: bool,
 }
 
 /// Whether sessions go into the kernel before any byte is copied (there is no rate to
@@ -48,7 +56,7 @@ pub fn at_once(after: SpliceAfter) -> bool {
 
 /// Resolves when the session should move into the kernel. `started` is when it began
 /// forwarding; `decision` tells, even while this is still pending, whether it was
-/// deferred and why.
+/// deferred and why, and once this resolves, whether it moves on trial.
 pub async fn due(
     after: SpliceAfter,
     transfer: &Transfer,
@@ -66,12 +74,24 @@ pub async fn due(
         let before = Sample::take(transfer);
         tokio::time::sleep(SAMPLE).await;
         let sample = Sample::take(transfer).since(&before);
-        let Some(reason) = sample.keeps_copied(after.chatty) else {
-            return;
-        };
-        decision.deferred = Some(reason);
-        METRICS.promotions_deferred.inc();
-        tokio::time::sleep(RECHECK).await;
+        match sample.keeps_copied(after.chatty) {
+            None => return,
+            Some(CopyReason::Bulk) if !decision.trial_lost => {
+                // Measured again over the window the kernel gets: the first sample
+                // may have caught the stream's start.
+                let before = Sample::take(transfer);
+                let from = Instant::now();
+                tokio::time::sleep(Trial::WINDOW).await;
+                let sample = Sample::take(transfer).since(&before);
+                decision.trial = Some(sample.trial(from.elapsed()));
+                return;
+            }
+            Some(reason) => {
+                decision.deferred = Some(reason);
+                METRICS.promotions_deferred.inc();
+                tokio::time::sleep(RECHECK).await;
+            }
+        }
     }
 }
 
@@ -94,6 +114,16 @@ impl Sample {
         Sample {
             bytes: d(self.bytes, before.bytes),
             messages: d(self.messages, before.messages),
+        }
+    }
+
+    /// A trial for the faster direction of a bulk sample taken over `took`.
+    fn trial(&self, took: Duration) -> Trial {
+        let (up, down) = self.bytes;
+        let rate = u128::from(up.max(down)) * 1_000_000_000 / took.as_nanos().max(1);
+        Trial {
+            upload: up >= down,
+            copied_rate: u64::try_from(rate).unwrap_or(u64::MAX),
         }
     }
 
@@ -192,22 +222,34 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn busy_sessions_wait_until_they_calm_down() {
-        for (tick_ms, per_tick, size, both_ways, chatty, why) in [
-            // 1 GB/s one way for 3 s.
+        for (tick_ms, per_tick, size, both_ways, chatty, trial_lost, why) in [
+            // 1 GB/s one way for 3 s, after a lost trial.
             (
                 10,
                 1,
                 10_000_000,
                 false,
                 ChattyPath::Kernel,
+                true,
                 CopyReason::Bulk,
             ),
             // 300 small requests and answers a second for 3 s, kept copied by request.
-            (10, 3, 100, true, ChattyPath::Copy, CopyReason::Chatty),
+            (
+                10,
+                3,
+                100,
+                true,
+                ChattyPath::Copy,
+                false,
+                CopyReason::Chatty,
+            ),
         ] {
             let t = std::sync::Arc::new(Transfer::default());
             let busy = traffic(&t, tick_ms, per_tick, size, both_ways);
-            let mut d = Decision::default();
+            let mut d = Decision {
+                trial_lost,
+                ..Decision::default()
+            };
             let start = Instant::now();
             let rules = SpliceAfter {
                 chatty,
@@ -216,12 +258,62 @@ mod tests {
             due(rules, &t, start, &mut d).await;
             busy.await.unwrap();
             assert_eq!(d.deferred, Some(why));
+            assert_eq!(d.trial, None);
             assert!(
                 start.elapsed() >= Duration::from_secs(3),
                 "{why:?}: promoted at {:?}, while still busy",
                 start.elapsed()
             );
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bulk_stream_moves_on_trial_against_its_copied_rate() {
+        for (upload, rate) in [(true, 1_000_000_000), (false, 500_000_000)] {
+            let t = std::sync::Arc::new(Transfer::default());
+            // 10 MB (or 5 MB) every 10 ms in one direction, and a trickle back.
+            let t2 = std::sync::Arc::clone(&t);
+            let busy = tokio::spawn(async move {
+                for _ in 0..300 {
+                    t2.count(upload, rate / 100);
+                    t2.count(!upload, 100);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            });
+            let mut d = Decision::default();
+            let start = Instant::now();
+            due(after(1 << 40, 200), &t, start, &mut d).await;
+            assert_eq!(
+                start.elapsed(),
+                Duration::from_millis(200) + SAMPLE + Trial::WINDOW
+            );
+            assert_eq!(d.deferred, None);
+            assert_eq!(
+                d.trial,
+                Some(Trial {
+                    upload,
+                    copied_rate: rate
+                })
+            );
+            busy.abort();
+        }
+    }
+
+    #[test]
+    fn a_trial_is_lost_only_well_below_the_copied_rate() {
+        let t = Trial {
+            upload: true,
+            copied_rate: 1_000_000_000,
+        };
+        assert!(t.lost_at(0));
+        assert!(t.lost_at(949_999_999));
+        assert!(!t.lost_at(950_000_000));
+        assert!(!t.lost_at(2_000_000_000));
+        let huge = Trial {
+            upload: false,
+            copied_rate: u64::MAX,
+        };
+        assert!(huge.lost_at(u64::MAX / 2));
     }
 
     #[tokio::test(start_paused = true)]

@@ -25,7 +25,7 @@ use crate::panic;
 use crate::runtime::DataPath;
 use crate::runtime::Parked;
 use crate::session::{Limits, SessionEnd, Side, Transfer};
-use crate::splice::{Awake, Dormant, InPlace, KernelEnd, Path, Resume, Splicer};
+use crate::splice::{Awake, Dormant, Entry, InPlace, KernelEnd, Path, Resume, Splicer};
 use crate::upgrade::wire;
 use crate::upstream::Lease;
 
@@ -637,8 +637,8 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
     };
     let fallback = copy_reason(server, dp);
     let splicer = dp.splicer.as_deref().filter(|_| fallback.is_none());
-    let in_kernel_or_copy = |client, backend, quiet_for| match splicer {
-        Some(s) => Next::Kernel(KernelStart::Insert(s, client, backend, quiet_for)),
+    let in_kernel_or_copy = |client, backend, entry| match splicer {
+        Some(s) => Next::Kernel(KernelStart::Insert(s, client, backend, entry)),
         None => Next::Copy {
             client,
             backend,
@@ -657,7 +657,7 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
             transfer.upload.fetch_add(early_bytes, Ordering::Relaxed);
             metrics::add_bytes(0, early_bytes);
             let next = if at.kernel || promotion::at_once(server.splice_after) {
-                in_kernel_or_copy(client, backend, Duration::ZERO)
+                in_kernel_or_copy(client, backend, Entry::default())
             } else {
                 Next::Copy {
                     client,
@@ -682,16 +682,19 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
                     KernelStretch::Done(end, path) => break (end, path),
                     KernelStretch::Left(client, backend, reason) => {
                         left = Some(reason);
+                        // A bulk stream that lost its trial may come back once it calms
+                        // down; other reasons to leave last.
+                        decision.trial_lost = reason == CopyReason::Bulk;
                         Next::Copy {
                             client,
                             backend,
-                            promote: false,
+                            promote: decision.trial_lost,
                         }
                     }
                     KernelStretch::Handover(c, b) => {
                         match park(&at, lease, transfer, true, c, b).await {
                             Ok(()) => return Outcome::handed_over(lease.spec.addr),
-                            Err((c, b)) => in_kernel_or_copy(c, b, Duration::ZERO),
+                            Err((c, b)) => in_kernel_or_copy(c, b, Entry::default()),
                         }
                     }
                     KernelStretch::InPlace(in_place) => {
@@ -776,7 +779,11 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
                         METRICS
                             .promotions
                             .observe(promote_from.elapsed().as_secs_f64());
-                        in_kernel_or_copy(client, backend, quiet_for)
+                        let entry = Entry {
+                            quiet_for,
+                            trial: decision.trial.take(),
+                        };
+                        in_kernel_or_copy(client, backend, entry)
                     }
                 }
             }
@@ -916,8 +923,8 @@ enum KernelStretch {
 
 /// How a session's kernel stretch begins.
 enum KernelStart<'a> {
-    /// Its sockets go into the kernel; no byte has moved for the duration.
-    Insert(&'a Splicer, TcpStream, TcpStream, Duration),
+    /// Its sockets go into the kernel.
+    Insert(&'a Splicer, TcpStream, TcpStream, Entry),
     /// It is there already, and woke.
     Wake(Awake),
     /// It is there, and must leave: a binary upgrade's new process reads the events now.
@@ -935,9 +942,9 @@ async fn in_kernel(
     // session's when the stretch ends.
     let kernel = Transfer::default();
     let ended = match start {
-        KernelStart::Insert(splicer, client, backend, quiet_for) => {
+        KernelStart::Insert(splicer, client, backend, entry) => {
             splicer
-                .run(client, backend, quiet_for, limits, &kernel, handover)
+                .run(client, backend, entry, limits, &kernel, handover)
                 .await
         }
         KernelStart::Wake(awake) => awake.run(limits, &kernel, handover).await,
@@ -966,7 +973,9 @@ async fn in_kernel(
             Err(done) => done,
         },
         KernelEnd::Left(left) => {
-            if left.why.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            if left.reason == CopyReason::Bulk {
+                info!(error = %left.why, "back to the copy path");
+            } else if left.why.raw_os_error() == Some(libc::EOPNOTSUPP) {
                 // Expected for a client that sent its data and FIN at once, and for a
                 // source that closed while backpressure held it.
                 info!(reason = left.reason.as_str(), error = %left.why, "socket no longer established; copying in userspace");

@@ -96,7 +96,7 @@ impl Awake {
         transfer: &Transfer,
         handover: &CancellationToken,
     ) -> KernelEnd {
-        super::drive(self.session, self.rx, limits, transfer, handover).await
+        super::drive(self.session, self.rx, limits, transfer, handover, None).await
     }
 }
 

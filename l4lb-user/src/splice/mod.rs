@@ -171,6 +171,8 @@ pub struct KernelStats {
     pub insert_failed: u64,
     pub slept: u64,
     pub wakeups: u64,
+    pub trials: u64,
+    pub trials_lost: u64,
     /// Entries per map, and the sockets the daemon watches.
     pub maps: [(&'static str, u64); 5],
 }
@@ -190,6 +192,9 @@ struct Stats {
     /// Times a quiet session fell asleep, and times one woke.
     slept: AtomicU64,
     wakeups: AtomicU64,
+    /// Bulk streams moved on trial, and those that went back to the copy path.
+    trials: AtomicU64,
+    trials_lost: AtomicU64,
 }
 
 static STATS: Stats = Stats {
@@ -202,9 +207,43 @@ static STATS: Stats = Stats {
     insert_failed: AtomicU64::new(0),
     slept: AtomicU64::new(0),
     wakeups: AtomicU64::new(0),
+    trials: AtomicU64::new(0),
+    trials_lost: AtomicU64::new(0),
 };
 
 pub use loader::Shared;
+
+/// How a copied session enters the kernel.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Entry {
+    /// How long the pair has moved no byte (the idle clock goes on from there).
+    pub quiet_for: std::time::Duration,
+    /// A bulk stream slower here than it was copied leaves (`CopyReason::Bulk`).
+    pub trial: Option<Trial>,
+}
+
+/// A bulk stream's trial in the kernel: it stays there only if it moves nearly as fast
+/// as it did on the copy path (see `proxy::promotion`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trial {
+    /// Whether the measured direction is client -> backend (else backend -> client).
+    pub upload: bool,
+    /// Its bytes per second on the copy path.
+    pub copied_rate: u64,
+}
+
+impl Trial {
+    /// How long a bulk stream's rate is measured, on the copy path and in the kernel:
+    /// long enough to see past the stream's first burst and the move.
+    pub const WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
+
+    /// Whether `rate` (bytes per second in the kernel) lost the trial: below 95% of the
+    /// copied rate. The kernel path moves a stream for less CPU, so a stream as fast
+    /// there within the windows' noise keeps it.
+    pub fn lost_at(&self, rate: u64) -> bool {
+        u128::from(rate) * 100 < u128::from(self.copied_rate) * 95
+    }
+}
 
 /// How long a session waits for the event ring before it stays on the copy path.
 const RING_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -416,6 +455,8 @@ impl Splicer {
             insert_failed: load(&STATS.insert_failed),
             slept: load(&STATS.slept),
             wakeups: load(&STATS.wakeups),
+            trials: load(&STATS.trials),
+            trials_lost: load(&STATS.trials_lost),
             maps: [
                 ("flows", counts.flows as u64),
                 ("ctl", counts.ctl as u64),
@@ -432,18 +473,18 @@ impl Splicer {
     }
 
     /// Puts an established pair into the kernel until the session ends, has to leave
-    /// or falls quiet. `quiet_for`: how long the pair has moved no byte (the idle clock
-    /// goes on from there).
-    /// `transfer` counts from zero: the kernel's counters start at the insert.
+    /// or falls quiet. `transfer` counts from zero: the kernel's counters start at the
+    /// insert.
     pub async fn run(
         &self,
         client: TcpStream,
         backend: TcpStream,
-        quiet_for: std::time::Duration,
+        entry: Entry,
         limits: Limits,
         transfer: &Transfer,
         handover: &CancellationToken,
     ) -> KernelEnd {
+        let Entry { quiet_for, trial } = entry;
         // A new process shares the kernel path with the one it replaces, which reads its
         // event ring until it passed its own sessions over (milliseconds).
         let retired = !self.accepts_sessions();
@@ -515,7 +556,10 @@ impl Splicer {
                 };
             }
         };
-        drive(session, rx, limits, transfer, handover).await
+        if trial.is_some() {
+            STATS.trials.fetch_add(1, Ordering::Relaxed);
+        }
+        drive(session, rx, limits, transfer, handover, trial).await
     }
 }
 
@@ -526,8 +570,12 @@ async fn drive(
     limits: Limits,
     transfer: &Transfer,
     handover: &CancellationToken,
+    trial: Option<Trial>,
 ) -> KernelEnd {
-    match session.splice(&mut rx, limits, transfer, handover).await {
+    match session
+        .splice(&mut rx, limits, transfer, handover, trial)
+        .await
+    {
         End::Session(end) => kernel_end(&session, End::Session(end), Path::Kernel),
         End::Quiet => KernelEnd::Dormant(Dormant {
             session,
@@ -577,6 +625,16 @@ async fn drive(
         End::ClosedWhilePaused(i) => {
             let why = io::Error::from_raw_os_error(libc::EOPNOTSUPP);
             leave(session, i, CopyReason::ClosedWhilePaused, why, transfer).await
+        }
+        End::Slower { way, rate } => {
+            STATS.trials_lost.fetch_add(1, Ordering::Relaxed);
+            let copied = trial.map_or(0, |t| t.copied_rate);
+            let why = io::Error::other(format!(
+                "a bulk stream ran at {} MB/s in the kernel against {} MB/s copied",
+                rate / 1_000_000,
+                copied / 1_000_000
+            ));
+            leave(session, way, CopyReason::Bulk, why, transfer).await
         }
     }
 }
@@ -629,7 +687,7 @@ fn kernel_end(session: &Session, end: End, path: Path) -> KernelEnd {
         End::ClosedWhilePaused(i) => {
             SessionEnd::Error(session.socks[i].side, "closed while paused".into())
         }
-        End::Handover | End::Quiet => SessionEnd::Shutdown,
+        End::Handover | End::Quiet | End::Slower { .. } => SessionEnd::Shutdown,
     };
     KernelEnd::Ended {
         end,

@@ -25,6 +25,9 @@ use crate::upgrade::wire::KernelState;
 const DETACH_WAIT: Duration = Duration::from_secs(1);
 /// How often a running session looks whether it may sleep.
 const QUIET_POLL: Duration = Duration::from_secs(1);
+/// A bulk stream on trial is measured after this long in the kernel (its first
+/// redirects include what queued during the move), for `Trial::WINDOW`.
+const TRIAL_WARMUP: Duration = Duration::from_millis(100);
 
 /// How a spliced stretch of a session ended.
 #[derive(Debug)]
@@ -45,6 +48,12 @@ pub enum End {
     /// Nothing to do for a while in either direction: the session may sleep (see
     /// `dormant`).
     Quiet,
+    /// A bulk stream on trial moved slower in direction `way` than it did copied:
+    /// `rate` bytes per second.
+    Slower {
+        way: Way,
+        rate: u64,
+    },
 }
 
 /// An I/O error that ends the session, logged with where it happened.
@@ -587,6 +596,7 @@ impl Session {
         limits: Limits,
         transfer: &Transfer,
         handover: &CancellationToken,
+        trial: Option<super::Trial>,
     ) -> End {
         let (up, down) = rx.pair_mut();
         let both = async {
@@ -600,9 +610,42 @@ impl Session {
             e = self.idle(limits.idle_timeout, transfer) => e,
             () = handover.cancelled() => End::Handover,
             () = self.quiet() => End::Quiet,
+            e = self.trial(trial) => e,
         };
         self.publish(transfer);
         end
+    }
+
+    /// Resolves if the session is on trial and moves slower here than it did copied;
+    /// pending otherwise.
+    async fn trial(&self, trial: Option<super::Trial>) -> End {
+        if let Some(t) = trial {
+            let way = if t.upload { Way::Up } else { Way::Down };
+            let moved = || {
+                self.maps
+                    .flow(self.socks[way].cookie)
+                    .map(|f| f.redirected + self.dirs[way].forwarded())
+            };
+            tokio::time::sleep(TRIAL_WARMUP).await;
+            if let Ok(before) = moved() {
+                let start = tokio::time::Instant::now();
+                tokio::time::sleep(super::Trial::WINDOW).await;
+                if let Ok(after) = moved() {
+                    let nanos = start.elapsed().as_nanos().max(1);
+                    let rate = u128::from(after.saturating_sub(before)) * 1_000_000_000 / nanos;
+                    let rate = u64::try_from(rate).unwrap_or(u64::MAX);
+                    debug!(
+                        rate,
+                        copied = t.copied_rate,
+                        "bulk stream measured in the kernel"
+                    );
+                    if t.lost_at(rate) {
+                        return End::Slower { way, rate };
+                    }
+                }
+            }
+        }
+        std::future::pending().await
     }
 
     /// Resolves once both directions are quiet with nothing held: each waits for an
