@@ -504,6 +504,22 @@ fn bad_values_are_errors() {
 }
 
 #[test]
+fn a_server_listed_twice_is_an_error_naming_both_lines() {
+    let e = convert_err(
+        "stream {\nupstream a {\nserver 127.0.0.1:1111;\nserver [::1]:2;\nserver 127.0.0.1:1111 weight=2;\nserver [0:0::1]:2;\nserver db:3;\nserver DB:3;\n}\nserver { listen 1; proxy_pass a; }\n}",
+    );
+    let want = [
+        "nginx.conf:5: server: 127.0.0.1:1111 is listed twice (first at nginx.conf:3)",
+        "nginx.conf:6: server: [0:0::1]:2 is listed twice (first at nginx.conf:4)",
+        "nginx.conf:8: server: DB:3 is listed twice (first at nginx.conf:7)",
+    ];
+    for w in want {
+        assert!(e.iter().any(|m| m.starts_with(w)), "no {w:?} in {e:#?}");
+    }
+    assert_eq!(e.len(), 3, "{e:#?}");
+}
+
+#[test]
 fn names_needing_quotes_and_process_settings() {
     let i = convert(
         "worker_processes auto;\nworker_shutdown_timeout 10s;\nerror_log stderr info;\nerror_log /x.log;\nevents { worker_connections 100; use epoll; }\nstream {\naccess_log /var/log/s.log basic;\nlog_format basic '$remote_addr';\nupstream db.main { server localhost:3306; }\nserver { listen 1; proxy_pass db.main; }\n}",

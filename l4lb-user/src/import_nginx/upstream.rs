@@ -25,6 +25,8 @@ impl Converter {
         let mut s = Section::new(format!("[upstream.{}]", emit::key(&name)));
         s.comment(format!("nginx: upstream {name} {{ }} ({})", d.loc));
         let mut servers = Vec::new();
+        // Each server's address as compared, and where it was listed.
+        let mut listed = Vec::new();
         // A bad server line is reported once, not again as a missing server.
         let mut server_lines = 0;
         let mut method: Option<&Directive> = None;
@@ -34,7 +36,21 @@ impl Converter {
             match x.name.as_str() {
                 "server" => {
                     server_lines += 1;
-                    servers.extend(self.peer(x));
+                    let Some(peer) = self.peer(x) else { continue };
+                    let key = same_server(&x.args[0]);
+                    match listed.iter().find(|(k, _)| *k == key) {
+                        Some((_, first)) => {
+                            let msg = format!(
+                                "{} is listed twice (first at {first}): l4lb takes each server once; merge the lines (their weights add)",
+                                x.args[0]
+                            );
+                            self.error(x, msg);
+                        }
+                        None => {
+                            listed.push((key, x.loc.clone()));
+                            servers.push(peer);
+                        }
+                    }
                 }
                 "least_conn" | "hash" | "random" => match method {
                     Some(first) => {
@@ -319,5 +335,14 @@ impl Converter {
             }
             Err(m) => self.error(d, m),
         }
+    }
+}
+
+/// A server address as l4lb compares them: an IP literal in its one spelling, a name
+/// case-insensitively.
+fn same_server(address: &str) -> String {
+    match address.parse::<std::net::SocketAddr>() {
+        Ok(a) => a.to_string(),
+        Err(_) => address.to_ascii_lowercase(),
     }
 }
