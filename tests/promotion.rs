@@ -602,6 +602,24 @@ async fn ended_on(d: &Daemon) -> String {
     log_field(&line, "path").unwrap_or_default().to_string()
 }
 
+/// A daemon in front of [`small_echo`], due for the kernel after 200 ms, with `extra`
+/// settings, and a session through it.
+async fn request_response_session(extra: &str) -> (Daemon, TcpStream) {
+    let b = small_echo().await;
+    let port = free_port();
+    let d = Daemon::start(&config(
+        port,
+        b,
+        &format!("splice_after_bytes = \"1m\"\nsplice_after_time = \"200ms\"\n{extra}"),
+    ));
+    let sock = TcpStream::connect(addr(port)).await.expect("connect");
+    (d, sock)
+}
+
+fn flows(d: &Daemon) -> f64 {
+    kernel_figure(d, "l4lb_kernel_map_entries", &[("map", "flows")])
+}
+
 /// By default a session busy with small requests and answers moves into the kernel
 /// like any other once it is due (lower latency and more requests per second there on
 /// the bench host: README), and every answer comes back right across the move.
@@ -610,15 +628,7 @@ async fn busy_request_response_moves_into_the_kernel_by_default() {
     if !kernel_wanted("busy_request_response_moves_into_the_kernel_by_default") {
         return;
     }
-    let b = small_echo().await;
-    let port = free_port();
-    let d = Daemon::start(&config(
-        port,
-        b,
-        "splice_after_bytes = \"1m\"\nsplice_after_time = \"200ms\"",
-    ));
-    let flows = |d: &Daemon| kernel_figure(d, "l4lb_kernel_map_entries", &[("map", "flows")]);
-    let mut sock = TcpStream::connect(addr(port)).await.expect("connect");
+    let (d, mut sock) = request_response_session("").await;
     // Due at 200 ms, measured for 100 ms, then moved while still busy.
     let i = keep_busy(&mut sock, 0, Duration::from_millis(700)).await;
     assert_eq!(flows(&d), 2.0, "not moved while busy ({i} exchanges)");
@@ -637,15 +647,7 @@ async fn busy_request_response_stays_copied_until_it_calms_down_on_request() {
     if !kernel_wanted("busy_request_response_stays_copied_until_it_calms_down_on_request") {
         return;
     }
-    let b = small_echo().await;
-    let port = free_port();
-    let d = Daemon::start(&config(
-        port,
-        b,
-        "splice_after_bytes = \"1m\"\nsplice_after_time = \"200ms\"\nsplice_chatty = \"copy\"",
-    ));
-    let flows = |d: &Daemon| kernel_figure(d, "l4lb_kernel_map_entries", &[("map", "flows")]);
-    let mut sock = TcpStream::connect(addr(port)).await.expect("connect");
+    let (d, mut sock) = request_response_session("splice_chatty = \"copy\"").await;
     // For 1.5 s: due at 200 ms, deferred, and measured again at 1.3 s.
     let mut i = keep_busy(&mut sock, 0, Duration::from_millis(1500)).await;
     assert_eq!(flows(&d), 0.0, "moved while busy ({i} exchanges)");
