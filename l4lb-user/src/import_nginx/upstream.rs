@@ -37,12 +37,12 @@ impl Converter {
                 "server" => {
                     server_lines += 1;
                     let Some(peer) = self.peer(x) else { continue };
-                    let key = same_server(&x.args[0]);
+                    let address = x.args.first().map_or("", String::as_str);
+                    let key = same_server(address);
                     match listed.iter().find(|(k, _)| *k == key) {
                         Some((_, first)) => {
                             let msg = format!(
-                                "{} is listed twice (first at {first}): l4lb takes each server once; merge the lines (their weights add)",
-                                x.args[0]
+                                "{address} is listed twice (first at {first}): l4lb takes each server once; merge the lines (their weights add)"
                             );
                             self.error(x, msg);
                         }

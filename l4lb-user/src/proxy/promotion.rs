@@ -71,19 +71,14 @@ pub async fn due(
         () = tokio::time::sleep_until(started + after.time) => {}
     }
     loop {
-        let before = Sample::take(transfer);
-        tokio::time::sleep(SAMPLE).await;
-        let sample = Sample::take(transfer).since(&before);
+        let (sample, _) = Sample::over(transfer, SAMPLE).await;
         match sample.keeps_copied(after.chatty) {
             None => return,
             Some(CopyReason::Bulk) if !decision.trial_lost => {
                 // Measured again over the window the kernel gets: the first sample
                 // may have caught the stream's start.
-                let before = Sample::take(transfer);
-                let from = Instant::now();
-                tokio::time::sleep(Trial::WINDOW).await;
-                let sample = Sample::take(transfer).since(&before);
-                decision.trial = Some(sample.trial(from.elapsed()));
+                let (sample, took) = Sample::over(transfer, Trial::WINDOW).await;
+                decision.trial = Some(sample.trial(took));
                 return;
             }
             Some(reason) => {
@@ -117,13 +112,20 @@ impl Sample {
         }
     }
 
+    /// The session's traffic over `window`, and how long that really took.
+    async fn over(t: &Transfer, window: Duration) -> (Sample, Duration) {
+        let before = Sample::take(t);
+        let from = Instant::now();
+        tokio::time::sleep(window).await;
+        (Sample::take(t).since(&before), from.elapsed())
+    }
+
     /// A trial for the faster direction of a bulk sample taken over `took`.
     fn trial(&self, took: Duration) -> Trial {
         let (up, down) = self.bytes;
-        let rate = u128::from(up.max(down)) * 1_000_000_000 / took.as_nanos().max(1);
         Trial {
             upload: up >= down,
-            copied_rate: u64::try_from(rate).unwrap_or(u64::MAX),
+            copied_rate: Trial::rate(up.max(down), took),
         }
     }
 

@@ -237,6 +237,12 @@ impl Trial {
     /// long enough to see past the stream's first burst and the move.
     pub const WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
 
+    /// Bytes per second for `bytes` moved over `took`.
+    pub fn rate(bytes: u64, took: std::time::Duration) -> u64 {
+        let rate = u128::from(bytes) * 1_000_000_000 / took.as_nanos().max(1);
+        u64::try_from(rate).unwrap_or(u64::MAX)
+    }
+
     /// Whether `rate` (bytes per second in the kernel) lost the trial: below 95% of the
     /// copied rate. The kernel path moves a stream for less CPU, so a stream as fast
     /// there within the windows' noise keeps it.

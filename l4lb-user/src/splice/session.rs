@@ -568,11 +568,17 @@ impl Session {
     /// Copies the kernel counters into the access log's counters.
     pub fn publish(&self, transfer: &Transfer) {
         for (i, counter) in [(Way::Up, &transfer.upload), (Way::Down, &transfer.download)] {
-            if let Ok(f) = self.maps.flow(self.socks[i].cookie) {
-                let total = f.redirected + self.dirs[i].forwarded();
+            if let Ok(total) = self.moved(i) {
                 counter.fetch_max(total, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Bytes direction `i` moved since the insert: redirected by the kernel, or written
+    /// by this daemon.
+    fn moved(&self, i: Way) -> io::Result<u64> {
+        let f = self.maps.flow(self.socks[i].cookie)?;
+        Ok(f.redirected + self.dirs[i].forwarded())
     }
 
     pub fn userspace_bytes(&self) -> u64 {
@@ -621,19 +627,12 @@ impl Session {
     async fn trial(&self, trial: Option<super::Trial>) -> End {
         if let Some(t) = trial {
             let way = if t.upload { Way::Up } else { Way::Down };
-            let moved = || {
-                self.maps
-                    .flow(self.socks[way].cookie)
-                    .map(|f| f.redirected + self.dirs[way].forwarded())
-            };
             tokio::time::sleep(TRIAL_WARMUP).await;
-            if let Ok(before) = moved() {
+            if let Ok(before) = self.moved(way) {
                 let start = tokio::time::Instant::now();
                 tokio::time::sleep(super::Trial::WINDOW).await;
-                if let Ok(after) = moved() {
-                    let nanos = start.elapsed().as_nanos().max(1);
-                    let rate = u128::from(after.saturating_sub(before)) * 1_000_000_000 / nanos;
-                    let rate = u64::try_from(rate).unwrap_or(u64::MAX);
+                if let Ok(after) = self.moved(way) {
+                    let rate = super::Trial::rate(after.saturating_sub(before), start.elapsed());
                     debug!(
                         rate,
                         copied = t.copied_rate,
