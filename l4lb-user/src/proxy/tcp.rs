@@ -974,7 +974,7 @@ async fn in_kernel(
         },
         KernelEnd::Left(left) => {
             if left.reason == CopyReason::Bulk {
-                info!(error = %left.why, "back to the copy path");
+                info!(reason = %left.why, "back to the copy path");
             } else if left.why.raw_os_error() == Some(libc::EOPNOTSUPP) {
                 // Expected for a client that sent its data and FIN at once, and for a
                 // source that closed while backpressure held it.

@@ -20,6 +20,7 @@ mod maps;
 mod offsets;
 mod session;
 mod sys;
+mod trial;
 mod watch;
 mod way;
 
@@ -41,6 +42,7 @@ pub use dormant::{Awake, Dormant, Resume};
 use maps::Maps;
 use session::{End, Session, Snapshot};
 use tokio::sync::mpsc::UnboundedReceiver;
+pub use trial::Trial;
 use watch::Watcher;
 use way::{PerWay, Way};
 
@@ -220,35 +222,6 @@ pub struct Entry {
     pub quiet_for: std::time::Duration,
     /// A bulk stream slower here than it was copied leaves (`CopyReason::Bulk`).
     pub trial: Option<Trial>,
-}
-
-/// A bulk stream's trial in the kernel: it stays there only if it moves nearly as fast
-/// as it did on the copy path (see `proxy::promotion`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Trial {
-    /// Whether the measured direction is client -> backend (else backend -> client).
-    pub upload: bool,
-    /// Its bytes per second on the copy path.
-    pub copied_rate: u64,
-}
-
-impl Trial {
-    /// How long a bulk stream's rate is measured, on the copy path and in the kernel:
-    /// long enough to see past the stream's first burst and the move.
-    pub const WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
-
-    /// Bytes per second for `bytes` moved over `took`.
-    pub fn rate(bytes: u64, took: std::time::Duration) -> u64 {
-        let rate = u128::from(bytes) * 1_000_000_000 / took.as_nanos().max(1);
-        u64::try_from(rate).unwrap_or(u64::MAX)
-    }
-
-    /// Whether `rate` (bytes per second in the kernel) lost the trial: below 95% of the
-    /// copied rate. The kernel path moves a stream for less CPU, so a stream as fast
-    /// there within the windows' noise keeps it.
-    pub fn lost_at(&self, rate: u64) -> bool {
-        u128::from(rate) * 100 < u128::from(self.copied_rate) * 95
-    }
 }
 
 /// How long a session waits for the event ring before it stays on the copy path.
@@ -632,13 +605,16 @@ async fn drive(
             let why = io::Error::from_raw_os_error(libc::EOPNOTSUPP);
             leave(session, i, CopyReason::ClosedWhilePaused, why, transfer).await
         }
-        End::Slower { way, rate } => {
+        End::Slower { way, verdict } => {
             STATS.trials_lost.fetch_add(1, Ordering::Relaxed);
-            let copied = trial.map_or(0, |t| t.copied_rate);
+            let streams = match verdict.streams {
+                1 => "a bulk stream".to_owned(),
+                n => format!("{n} bulk streams measured together"),
+            };
             let why = io::Error::other(format!(
-                "a bulk stream ran at {} MB/s in the kernel against {} MB/s copied",
-                rate / 1_000_000,
-                copied / 1_000_000
+                "{streams} ran at {} MB/s in the kernel against {} MB/s copied",
+                verdict.kernel / 1_000_000,
+                verdict.copied / 1_000_000
             ));
             leave(session, way, CopyReason::Bulk, why, transfer).await
         }

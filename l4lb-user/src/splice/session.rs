@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 
 use super::maps::Maps;
 use super::sys::{self, TcpProgress};
+use super::trial;
 use super::watch::{self, Event, Watcher};
 use super::way::{PerWay, Way};
 use super::STATS;
@@ -48,11 +49,11 @@ pub enum End {
     /// Nothing to do for a while in either direction: the session may sleep (see
     /// `dormant`).
     Quiet,
-    /// A bulk stream on trial moved slower in direction `way` than it did copied:
-    /// `rate` bytes per second.
+    /// A bulk stream on trial moved slower in direction `way` than it did copied, it
+    /// and the streams measured with it together.
     Slower {
         way: Way,
-        rate: u64,
+        verdict: trial::Verdict,
     },
 }
 
@@ -622,8 +623,8 @@ impl Session {
         end
     }
 
-    /// Resolves if the session is on trial and moves slower here than it did copied;
-    /// pending otherwise.
+    /// Resolves if the session is on trial and moves slower here than it did copied,
+    /// judged with the trials measured at the same time (see `trial`); pending otherwise.
     async fn trial(&self, trial: Option<super::Trial>) -> End {
         if let Some(t) = trial {
             let way = if t.upload { Way::Up } else { Way::Down };
@@ -632,14 +633,35 @@ impl Session {
                 let start = tokio::time::Instant::now();
                 tokio::time::sleep(super::Trial::WINDOW).await;
                 if let Ok(after) = self.moved(way) {
-                    let rate = super::Trial::rate(after.saturating_sub(before), start.elapsed());
+                    let end = tokio::time::Instant::now();
+                    let report = trial::Report {
+                        start,
+                        end,
+                        copied: t.copied_rate,
+                        kernel: super::Trial::rate(after.saturating_sub(before), end - start),
+                    };
+                    trial::post(report);
+                    let alone = trial::Verdict {
+                        streams: 1,
+                        kernel: report.kernel,
+                        copied: report.copied,
+                    };
+                    let verdict = if alone.lost() {
+                        tokio::time::sleep(trial::GATHER).await;
+                        trial::judge(&report)
+                    } else {
+                        alone
+                    };
                     debug!(
-                        rate,
-                        copied = t.copied_rate,
+                        rate = report.kernel,
+                        copied = report.copied,
+                        streams = verdict.streams,
+                        together = verdict.kernel,
+                        together_copied = verdict.copied,
                         "bulk stream measured in the kernel"
                     );
-                    if t.lost_at(rate) {
-                        return End::Slower { way, rate };
+                    if verdict.lost() {
+                        return End::Slower { way, verdict };
                     }
                 }
             }

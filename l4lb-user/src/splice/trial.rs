@@ -1,0 +1,203 @@
+//! A bulk stream's trial in the kernel, judged together with the trials that ran at the
+//! same time.
+//!
+//! Streams moved together share the machine: on iperf3 -P4 the four kernel rates add up
+//! to what the four copied rates did, but one stream of the four often runs ~10% below its
+//! own copied rate while another runs above. Judged alone, that stream went back to the
+//! copy path and the session paid the move twice for nothing; judged with its cohort, it
+//! stays unless the streams together lost.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// A bulk stream's trial: it stays in the kernel only if it moves nearly as fast there as
+/// it did on the copy path (see `proxy::promotion`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trial {
+    /// Whether the measured direction is client -> backend (else backend -> client).
+    pub upload: bool,
+    /// Its bytes per second on the copy path.
+    pub copied_rate: u64,
+}
+
+impl Trial {
+    /// How long a bulk stream's rate is measured, on the copy path and in the kernel:
+    /// long enough to see past the stream's first burst and the move.
+    pub const WINDOW: Duration = Duration::from_millis(500);
+
+    /// Bytes per second for `bytes` moved over `took`.
+    pub fn rate(bytes: u64, took: Duration) -> u64 {
+        let rate = u128::from(bytes) * 1_000_000_000 / took.as_nanos().max(1);
+        u64::try_from(rate).unwrap_or(u64::MAX)
+    }
+}
+
+/// One stream's measurement in the kernel.
+#[derive(Clone, Copy, Debug)]
+pub struct Report {
+    pub start: Instant,
+    pub end: Instant,
+    /// Bytes per second on the copy path, and in the kernel over `start..end`.
+    pub copied: u64,
+    pub kernel: u64,
+}
+
+/// What a stream's cohort (itself included) measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub streams: usize,
+    pub kernel: u64,
+    pub copied: u64,
+}
+
+impl Verdict {
+    /// Lost below 95% of the copied rate: the kernel path moves a stream for less CPU,
+    /// so streams as fast there within the windows' noise keep it.
+    pub fn lost(&self) -> bool {
+        u128::from(self.kernel) * 100 < u128::from(self.copied) * 95
+    }
+}
+
+/// How long a stream that lost alone waits for the reports of trials whose windows end
+/// just after its own (the windows of streams moved together end within ~25 ms).
+pub const GATHER: Duration = Duration::from_millis(100);
+/// Reports older than this can no longer overlap a trial being judged.
+const KEEP: Duration = Duration::from_secs(10);
+
+/// Every recent trial's report, shared by the sessions of this process.
+static BOARD: Mutex<Vec<Report>> = Mutex::new(Vec::new());
+
+/// Posts a trial's report, dropping the reports too old to matter.
+pub fn post(report: Report) {
+    let mut board = BOARD.lock().unwrap_or_else(|p| p.into_inner());
+    board.retain(|r| report.end.saturating_duration_since(r.end) < KEEP);
+    board.push(report);
+}
+
+/// The verdict on `me` given every posted report (`me` among them).
+pub fn judge(me: &Report) -> Verdict {
+    let board = BOARD.lock().unwrap_or_else(|p| p.into_inner());
+    cohort(me, &board)
+}
+
+/// Sums the reports whose windows overlap `me`'s by at least half of it: those streams
+/// shared the machine with `me` while it was measured. `board` holds `me` too.
+fn cohort(me: &Report, board: &[Report]) -> Verdict {
+    let half = me.end.saturating_duration_since(me.start) / 2;
+    board
+        .iter()
+        .filter(|r| {
+            let overlap = r
+                .end
+                .min(me.end)
+                .saturating_duration_since(r.start.max(me.start));
+            overlap >= half
+        })
+        .fold(
+            Verdict {
+                streams: 0,
+                kernel: 0,
+                copied: 0,
+            },
+            |v, r| Verdict {
+                streams: v.streams + 1,
+                kernel: v.kernel.saturating_add(r.kernel),
+                copied: v.copied.saturating_add(r.copied),
+            },
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(base: Instant, start_ms: u64, copied: u64, kernel: u64) -> Report {
+        let start = base + Duration::from_millis(start_ms);
+        Report {
+            start,
+            end: start + Trial::WINDOW,
+            copied,
+            kernel,
+        }
+    }
+
+    #[test]
+    fn alone_a_stream_is_lost_only_well_below_its_copied_rate() {
+        let base = Instant::now();
+        for (kernel, lost) in [
+            (0, true),
+            (949_999_999, true),
+            (950_000_000, false),
+            (2_000_000_000, false),
+        ] {
+            let me = report(base, 0, 1_000_000_000, kernel);
+            let v = cohort(&me, &[me]);
+            assert_eq!(v.streams, 1);
+            assert_eq!(v.lost(), lost, "kernel {kernel}");
+        }
+        let huge = report(base, 0, u64::MAX, u64::MAX / 2);
+        assert!(cohort(&huge, &[huge]).lost());
+    }
+
+    #[test]
+    fn a_slow_stream_among_streams_measured_together_is_judged_with_them() {
+        // iperf3 -P4 as measured: one stream at 0.89x of its copied rate, the four
+        // together at 1.007x.
+        let base = Instant::now();
+        let slow = report(base, 0, 640, 570);
+        let board = [
+            slow,
+            report(base, 10, 580, 632),
+            report(base, 15, 550, 544),
+            report(base, 25, 560, 600),
+        ];
+        let v = cohort(&slow, &board);
+        assert_eq!(
+            v,
+            Verdict {
+                streams: 4,
+                kernel: 2346,
+                copied: 2330
+            }
+        );
+        assert!(!v.lost());
+    }
+
+    #[test]
+    fn streams_that_lost_together_are_lost() {
+        let base = Instant::now();
+        let me = report(base, 0, 600, 560);
+        let board = [me, report(base, 5, 600, 550), report(base, 20, 600, 580)];
+        let v = cohort(&me, &board);
+        assert_eq!(v.streams, 3);
+        assert!(v.lost());
+    }
+
+    #[test]
+    fn trials_that_barely_overlap_are_not_in_the_cohort() {
+        let base = Instant::now();
+        let me = report(base, 1000, 600, 500);
+        let board = [
+            me,
+            // Ended before `me` began, and began after it ended.
+            report(base, 0, 100, 10_000),
+            report(base, 1600, 100, 10_000),
+            // Overlaps by 200 ms of 500: less than half.
+            report(base, 1300, 100, 10_000),
+            // Overlaps by 300 ms: in.
+            report(base, 800, 600, 700),
+        ];
+        let v = cohort(&me, &board);
+        assert_eq!(
+            v,
+            Verdict {
+                streams: 2,
+                kernel: 1200,
+                copied: 1200
+            }
+        );
+        assert!(!v.lost());
+    }
+}
