@@ -123,6 +123,14 @@ mod tests {
         }
     }
 
+    fn verdict(streams: usize, kernel: u64, copied: u64) -> Verdict {
+        Verdict {
+            streams,
+            kernel,
+            copied,
+        }
+    }
+
     #[test]
     fn alone_a_stream_is_lost_only_well_below_its_copied_rate() {
         let base = Instant::now();
@@ -154,14 +162,7 @@ mod tests {
             report(base, 25, 560, 600),
         ];
         let v = cohort(&slow, &board);
-        assert_eq!(
-            v,
-            Verdict {
-                streams: 4,
-                kernel: 2346,
-                copied: 2330
-            }
-        );
+        assert_eq!(v, verdict(4, 2346, 2330));
         assert!(!v.lost());
     }
 
@@ -190,14 +191,7 @@ mod tests {
             report(base, 800, 600, 700),
         ];
         let v = cohort(&me, &board);
-        assert_eq!(
-            v,
-            Verdict {
-                streams: 2,
-                kernel: 1200,
-                copied: 1200
-            }
-        );
+        assert_eq!(v, verdict(2, 1200, 1200));
         assert!(!v.lost());
     }
 }
