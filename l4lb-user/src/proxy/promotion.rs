@@ -75,9 +75,8 @@ pub async fn due(
         match sample.keeps_copied(after.chatty) {
             None => return,
             Some(CopyReason::Bulk) if !decision.trial_lost => {
-                // Measured again over the window the kernel gets: the first sample
-                // may have caught the stream's start.
-                let (sample, took) = Sample::over(transfer, Trial::WINDOW).await;
+                // Measured again: the first sample may have caught the stream's start.
+                let (sample, took) = Sample::over(transfer, Trial::COPIED_WINDOW).await;
                 decision.trial = Some(sample.trial(took));
                 return;
             }
@@ -287,7 +286,7 @@ mod tests {
             due(after(1 << 40, 200), &t, start, &mut d).await;
             assert_eq!(
                 start.elapsed(),
-                Duration::from_millis(200) + SAMPLE + Trial::WINDOW
+                Duration::from_millis(200) + SAMPLE + Trial::COPIED_WINDOW
             );
             assert_eq!(d.deferred, None);
             assert_eq!(

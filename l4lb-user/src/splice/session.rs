@@ -27,7 +27,7 @@ const DETACH_WAIT: Duration = Duration::from_secs(1);
 /// How often a running session looks whether it may sleep.
 const QUIET_POLL: Duration = Duration::from_secs(1);
 /// A bulk stream on trial is measured after this long in the kernel (its first
-/// redirects include what queued during the move), for `Trial::WINDOW`.
+/// redirects include what queued during the move), for `Trial::KERNEL_WINDOW`.
 const TRIAL_WARMUP: Duration = Duration::from_millis(100);
 
 /// How a spliced stretch of a session ended.
@@ -631,7 +631,7 @@ impl Session {
             tokio::time::sleep(TRIAL_WARMUP).await;
             if let Ok(before) = self.moved(way) {
                 let start = tokio::time::Instant::now();
-                tokio::time::sleep(super::Trial::WINDOW).await;
+                tokio::time::sleep(super::Trial::KERNEL_WINDOW).await;
                 if let Ok(after) = self.moved(way) {
                     let end = tokio::time::Instant::now();
                     let report = trial::Report {
