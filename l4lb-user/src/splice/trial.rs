@@ -58,10 +58,16 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    /// Lost below 95% of the copied rate: the kernel path moves a stream for less CPU,
-    /// so streams as fast there within the windows' noise keep it.
+    /// Lost below 95% of the copied rate for a stream alone, 90% for streams measured
+    /// together: the kernel path moves a stream for less CPU, so streams as fast there
+    /// within the windows' noise keep it. Several streams read low in their first
+    /// second in the kernel: on iperf3 -P4 their windows came out at 0.92-0.98x of the
+    /// copied ones, while over whole bench runs four streams ran 1.01-1.03x as fast in
+    /// the kernel as copied, for ~0.77x the machine's CPU per GB. One stream alone ran
+    /// 0.82-0.88x there over whole runs.
     pub fn lost(&self) -> bool {
-        u128::from(self.kernel) * 100 < u128::from(self.copied) * 95
+        let percent = if self.streams > 1 { 90 } else { 95 };
+        u128::from(self.kernel) * 100 < u128::from(self.copied) * percent
     }
 }
 
@@ -174,11 +180,21 @@ mod tests {
     #[test]
     fn streams_that_lost_together_are_lost() {
         let base = Instant::now();
-        let me = report(base, 0, 600, 560);
-        let board = [me, report(base, 5, 600, 550), report(base, 20, 600, 580)];
+        let me = report(base, 0, 600, 530);
+        let board = [me, report(base, 5, 600, 540), report(base, 20, 600, 549)];
         let v = cohort(&me, &board);
-        assert_eq!(v.streams, 3);
+        assert_eq!(v, verdict(3, 1619, 1800));
         assert!(v.lost());
+    }
+
+    #[test]
+    fn streams_together_keep_the_kernel_down_to_90_percent() {
+        // iperf3 -P4 as measured in the bench: the four at 0.939x of their copied rate.
+        assert!(!verdict(4, 2205, 2349).lost());
+        assert!(!verdict(2, 900, 1000).lost());
+        assert!(verdict(2, 899, 1000).lost());
+        // Alone, the same ratio is lost.
+        assert!(verdict(1, 939, 1000).lost());
     }
 
     #[test]
