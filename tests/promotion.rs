@@ -558,15 +558,21 @@ async fn ask(sock: &mut TcpStream, i: u32) {
     assert_eq!(answer, req.as_bytes(), "answer {i}");
 }
 
-/// An echo server for small requests, on a port of its own.
-async fn small_echo() -> SocketAddr {
+/// An echo server for small requests, on a port of its own; each answer waits `delay`
+/// milliseconds first (none while it reads 0).
+async fn small_echo(delay: Arc<AtomicU64>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let b = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
+            let delay = Arc::clone(&delay);
             tokio::spawn(async move {
                 let mut buf = [0u8; 64];
                 while let Ok(n @ 1..) = sock.read(&mut buf).await {
+                    let ms = delay.load(Ordering::Relaxed);
+                    if ms > 0 {
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
                     if sock.write_all(&buf[..n]).await.is_err() {
                         break;
                     }
@@ -577,14 +583,15 @@ async fn small_echo() -> SocketAddr {
     b
 }
 
-/// About 500 exchanges a second for `how_long`, each answer checked; returns the next
-/// request's number.
+/// 500 exchanges a second for `how_long`, each answer checked; returns the next request's
+/// number. Paced by the clock, so both paths see the same rate.
 async fn keep_busy(sock: &mut TcpStream, mut i: u32, how_long: Duration) -> u32 {
     let busy = Instant::now();
+    let mut every = tokio::time::interval(Duration::from_millis(2));
     while busy.elapsed() < how_long {
+        every.tick().await;
         ask(sock, i).await;
         i += 1;
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     i
 }
@@ -602,10 +609,10 @@ async fn ended_on(d: &Daemon) -> String {
     log_field(&line, "path").unwrap_or_default().to_string()
 }
 
-/// A daemon in front of [`small_echo`], due for the kernel after 200 ms, with `extra`
-/// settings, and a session through it.
-async fn request_response_session(extra: &str) -> (Daemon, TcpStream) {
-    let b = small_echo().await;
+/// A daemon in front of [`small_echo`] (answers delayed by `delay` ms), due for the
+/// kernel after 200 ms, with `extra` settings, and a session through it.
+async fn request_response_session(extra: &str, delay: Arc<AtomicU64>) -> (Daemon, TcpStream) {
+    let b = small_echo(delay).await;
     let port = free_port();
     let d = Daemon::start(&config(
         port,
@@ -620,20 +627,94 @@ fn flows(d: &Daemon) -> f64 {
     kernel_figure(d, "l4lb_kernel_map_entries", &[("map", "flows")])
 }
 
-/// By default a session busy with small requests and answers moves into the kernel
-/// like any other once it is due (lower latency and more requests per second there on
-/// the bench host: README), and every answer comes back right across the move.
+/// By default a session busy with small requests and answers moves into the kernel on
+/// trial once it is due, and stays there when it exchanges as fast as it did copied;
+/// every answer comes back right across the move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn busy_request_response_moves_into_the_kernel_by_default() {
-    if !kernel_wanted("busy_request_response_moves_into_the_kernel_by_default") {
+async fn busy_request_response_moves_on_trial_and_stays_when_as_fast() {
+    if !kernel_wanted("busy_request_response_moves_on_trial_and_stays_when_as_fast") {
         return;
     }
-    let (d, mut sock) = request_response_session("").await;
-    // Due at 200 ms, measured for 100 ms, then moved while still busy.
+    let (d, mut sock) = request_response_session("", Arc::default()).await;
+    // Due at 200 ms, sampled for 100 ms, measured copied for 500 ms, moved, and judged
+    // after 0.1 + 1 + 0.1 s in the kernel: at about 2 s.
+    let i = keep_busy(&mut sock, 0, Duration::from_millis(2600)).await;
+    let figure = |name: &str| kernel_figure(&d, name, &[]);
+    assert_eq!(figure("l4lb_kernel_chatty_trials_total"), 1.0);
+    assert_eq!(figure("l4lb_kernel_chatty_trials_lost_total"), 0.0);
+    assert_eq!(
+        flows(&d),
+        2.0,
+        "not in the kernel after its trial ({i} exchanges)"
+    );
+    assert_eq!(figure("l4lb_kernel_promotions_deferred_total"), 0.0);
+    keep_busy(&mut sock, i, Duration::from_millis(300)).await;
+    drop(sock);
+    assert_eq!(ended_on(&d).await, "kernel");
+}
+
+/// A session busy with requests and answers that exchanges slower in the kernel than it
+/// did copied goes back to the copy path without losing a byte, stays copied while it is
+/// busy, and moves again once it calms down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_request_response_slower_in_the_kernel_goes_back_to_the_copy_path() {
+    if !kernel_wanted("busy_request_response_slower_in_the_kernel_goes_back_to_the_copy_path") {
+        return;
+    }
+    let delay = Arc::new(AtomicU64::new(0));
+    let (d, mut sock) = request_response_session("", Arc::clone(&delay)).await;
+    let figure = |name: &str| kernel_figure(&d, name, &[]);
+    let mut i = 0;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while figure("l4lb_kernel_chatty_trials_total") < 1.0 {
+        assert!(Instant::now() < deadline, "never moved on trial");
+        i = keep_busy(&mut sock, i, Duration::from_millis(20)).await;
+    }
+    // In the kernel the backend answers 3 ms late: about 200 exchanges a second
+    // against 500.
+    delay.store(3, Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while figure("l4lb_kernel_chatty_trials_lost_total") < 1.0 {
+        assert!(Instant::now() < deadline, "never judged slower");
+        i = keep_busy(&mut sock, i, Duration::from_millis(20)).await;
+    }
+    delay.store(0, Ordering::Relaxed);
+    // Busy and copied: deferred at each check while it stays busy.
+    i = keep_busy(&mut sock, i, Duration::from_millis(2500)).await;
+    assert_eq!(flows(&d), 0.0, "moved again while busy ({i} exchanges)");
+    assert!(figure("l4lb_kernel_promotions_deferred_total") >= 2.0);
+    // Quiet: a few exchanges a second. The next check moves it, without a trial.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while flows(&d) < 2.0 {
+        assert!(Instant::now() < deadline, "never moved once quiet");
+        ask(&mut sock, i).await;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for _ in 0..20 {
+        ask(&mut sock, i).await;
+        i += 1;
+    }
+    drop(sock);
+    assert_eq!(ended_on(&d).await, "kernel");
+    assert_eq!(figure("l4lb_kernel_chatty_trials_total"), 1.0);
+    assert_eq!(figure("l4lb_kernel_promotion_age_seconds_count"), 2.0);
+}
+
+/// With `splice_chatty = "kernel"`, a busy session moves once it is due, with no trial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_request_response_moves_at_once_on_request() {
+    if !kernel_wanted("busy_request_response_moves_at_once_on_request") {
+        return;
+    }
+    let (d, mut sock) =
+        request_response_session("splice_chatty = \"kernel\"", Arc::default()).await;
+    // Due at 200 ms, sampled for 100 ms, then moved while still busy.
     let i = keep_busy(&mut sock, 0, Duration::from_millis(700)).await;
     assert_eq!(flows(&d), 2.0, "not moved while busy ({i} exchanges)");
-    let deferred = kernel_figure(&d, "l4lb_kernel_promotions_deferred_total", &[]);
-    assert_eq!(deferred, 0.0, "deferred {deferred} times");
+    let figure = |name: &str| kernel_figure(&d, name, &[]);
+    assert_eq!(figure("l4lb_kernel_promotions_deferred_total"), 0.0);
+    assert_eq!(figure("l4lb_kernel_chatty_trials_total"), 0.0);
     keep_busy(&mut sock, i, Duration::from_millis(300)).await;
     drop(sock);
     assert_eq!(ended_on(&d).await, "kernel");
@@ -647,7 +728,7 @@ async fn busy_request_response_stays_copied_until_it_calms_down_on_request() {
     if !kernel_wanted("busy_request_response_stays_copied_until_it_calms_down_on_request") {
         return;
     }
-    let (d, mut sock) = request_response_session("splice_chatty = \"copy\"").await;
+    let (d, mut sock) = request_response_session("splice_chatty = \"copy\"", Arc::default()).await;
     // For 1.5 s: due at 200 ms, deferred, and measured again at 1.3 s.
     let mut i = keep_busy(&mut sock, 0, Duration::from_millis(1500)).await;
     assert_eq!(flows(&d), 0.0, "moved while busy ({i} exchanges)");

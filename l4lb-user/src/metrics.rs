@@ -615,6 +615,16 @@ impl Collector for LiveState {
                     k.trials_lost,
                 ),
                 (
+                    "kernel_chatty_trials",
+                    "Sessions busy with requests and answers moved into the kernel on trial (judged together)",
+                    k.chatty_trials,
+                ),
+                (
+                    "kernel_chatty_trials_lost",
+                    "Sessions busy with requests and answers that went back to the copy path, slower in the kernel together",
+                    k.chatty_trials_lost,
+                ),
+                (
                     "kernel_sleeps",
                     "Times a quiet spliced session gave up its task to sleep",
                     k.slept,

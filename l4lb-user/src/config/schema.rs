@@ -169,8 +169,11 @@ pub enum SpliceMode {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ChattyPath {
-    /// Into the kernel, like any other session.
+    /// Into the kernel on trial, judged with the sessions moved at the same time: back
+    /// to the copy path if together they exchange slower there (README, Kernel path).
     #[default]
+    Trial,
+    /// Into the kernel, like any other session.
     Kernel,
     /// Stays copied while busy, for hosts whose redirect worker relays small messages
     /// slower than the copy path (README, Kernel path).

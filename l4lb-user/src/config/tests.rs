@@ -90,9 +90,9 @@ splice_chatty = "kernel"
 }
 
 #[test]
-fn chatty_sessions_go_into_the_kernel_by_default() {
+fn chatty_sessions_go_into_the_kernel_on_trial_by_default() {
     let c = parse(MINIMAL).unwrap();
-    assert_eq!(c.servers[0].splice_after.chatty, ChattyPath::Kernel);
+    assert_eq!(c.servers[0].splice_after.chatty, ChattyPath::Trial);
 }
 
 #[test]
@@ -276,7 +276,7 @@ fn semantic_errors() {
         (
             "[global]\nsplice_chatty = \"userspace\"\n",
             "global.splice_chatty",
-            "expected `kernel` or `copy`",
+            "expected one of `trial`, `kernel`, `copy`",
         ),
         ("[global\n", "(syntax)", ""),
     ];

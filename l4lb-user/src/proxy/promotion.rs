@@ -1,11 +1,11 @@
 //! When a TCP session on the copy path earns the kernel path: once it has moved
 //! `splice_after_bytes` or lived `splice_after_time` (whichever first). A session
-//! moving bytes as a bulk stream at that moment moves on trial: whether the kernel's
-//! redirect worker or the copy path's splice(2) moves one stream faster depends on the
-//! host (README, Kernel path), so it stays in the kernel only if it runs nearly as fast
-//! there as it ran copied. One that lost its trial, or, with `splice_chatty = "copy"`,
-//! one busy with small requests and answers, stays copied, is measured again every
-//! second, and moves once it calms down.
+//! moving bytes as a bulk stream at that moment, or (with `splice_chatty = "trial"`, the
+//! default) one busy with small requests and answers, moves on trial: which path moves
+//! such traffic faster depends on the host (README, Kernel path), so it stays in the
+//! kernel only if it runs nearly as fast there as it ran copied. One that lost its
+//! trial, or, with `splice_chatty = "copy"`, one busy with requests and answers, stays
+//! copied, is measured again every second, and moves once it calms down.
 
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use crate::config::{ChattyPath, SpliceAfter};
 use crate::metrics::{CopyReason, METRICS};
 
 use crate::session::Transfer;
-use crate::splice::Trial;
+use crate::splice::{Traffic, Trial};
 
 /// How long a due session's traffic is measured before it is moved.
 const SAMPLE: Duration = Duration::from_millis(100);
@@ -29,10 +29,10 @@ const BULK_PER_SAMPLE: u64 = 20_000_000;
 /// A session that passed at least this many messages each way in a [`SAMPLE`] (100
 /// requests and answers a second) ...
 const CHATTY_PER_SAMPLE: u64 = 10;
-/// ... of less than this on average is request/response traffic, which
-/// `splice_chatty = "copy"` keeps copied: the kernel hands each message to its redirect
-/// worker on its own, which on some hosts relays them slower than the copy path (README).
-/// A stream, even one of small segments, goes one way, so it moves.
+/// ... of less than this on average is request/response traffic: the kernel hands each
+/// message to its redirect worker on its own, which on some hosts relays them slower
+/// than the copy path (README), so it moves on trial (or as `splice_chatty` says). A
+/// stream, even one of small segments, goes one way, so it moves.
 const SMALL_MESSAGE: u64 = 4096;
 /// How long a deferred session stays copied before it is measured again.
 const RECHECK: Duration = Duration::from_secs(1);
@@ -42,10 +42,12 @@ const RECHECK: Duration = Duration::from_secs(1);
 pub struct Decision {
     /// Why the last check kept the session copied (`Bulk` or `Chatty`), if one did.
     pub deferred: Option<CopyReason>,
-    /// Set when the session is due as a bulk stream: it moves on this trial.
+    /// Set when the session is due as a bulk stream or a busy exchange of requests and
+    /// answers: it moves on this trial.
     pub trial: Option<Trial>,
-    /// The session lost a trial: as a bulk stream it now stays copied.
-    pub trial_lost: bool,
+    /// The session lost a trial as this kind of traffic (`Bulk` or `Chatty`): as such
+    /// it now stays copied.
+    pub lost: Option<CopyReason>,
 }
 
 /// Whether sessions go into the kernel before any byte is copied (there is no rate to
@@ -72,20 +74,24 @@ pub async fn due(
     }
     loop {
         let (sample, _) = Sample::over(transfer, SAMPLE).await;
-        match sample.keeps_copied(after.chatty) {
-            None => return,
-            Some(CopyReason::Bulk) if !decision.trial_lost => {
-                // Measured again: the first sample may have caught the stream's start.
-                let (sample, took) = Sample::over(transfer, Trial::COPIED_WINDOW).await;
-                decision.trial = Some(sample.trial(took));
-                return;
-            }
-            Some(reason) => {
-                decision.deferred = Some(reason);
-                METRICS.promotions_deferred.inc();
-                tokio::time::sleep(RECHECK).await;
-            }
+        let Some(kind) = sample.kind() else {
+            return;
+        };
+        let on_trial = match (kind, after.chatty) {
+            _ if decision.lost == Some(kind) => false,
+            (CopyReason::Chatty, ChattyPath::Kernel) => return,
+            (CopyReason::Chatty, ChattyPath::Copy) => false,
+            _ => true,
+        };
+        if on_trial {
+            // Measured again: the first sample may have caught the stream's start.
+            let (sample, took) = Sample::over(transfer, Trial::COPIED_WINDOW).await;
+            decision.trial = Some(sample.trial(kind, took));
+            return;
         }
+        decision.deferred = Some(kind);
+        METRICS.promotions_deferred.inc();
+        tokio::time::sleep(RECHECK).await;
     }
 }
 
@@ -119,25 +125,30 @@ impl Sample {
         (Sample::take(t).since(&before), from.elapsed())
     }
 
-    /// A trial for the faster direction of a bulk sample taken over `took`.
-    fn trial(&self, took: Duration) -> Trial {
+    /// A trial of a `kind` (`Bulk` or `Chatty`) sample taken over `took`: a bulk
+    /// stream is measured in its faster direction, requests and answers both ways.
+    fn trial(&self, kind: CopyReason, took: Duration) -> Trial {
         let (up, down) = self.bytes;
+        let (traffic, bytes) = if kind == CopyReason::Chatty {
+            (Traffic::Chatty, up + down)
+        } else {
+            (Traffic::Bulk { upload: up >= down }, up.max(down))
+        };
         Trial {
-            upload: up >= down,
-            copied_rate: Trial::rate(up.max(down), took),
+            traffic,
+            copied_rate: Trial::rate(bytes, took),
         }
     }
 
-    /// For the traffic of one [`SAMPLE`]: why it should stay copied, if it should.
-    fn keeps_copied(&self, chatty_path: ChattyPath) -> Option<CopyReason> {
+    /// For the traffic of one [`SAMPLE`]: `Bulk` or `Chatty` if it is either.
+    fn kind(&self) -> Option<CopyReason> {
         let (up, down) = self.bytes;
         let (up_msgs, down_msgs) = self.messages;
         if up.max(down) >= BULK_PER_SAMPLE {
             return Some(CopyReason::Bulk);
         }
         let msgs = up_msgs + down_msgs;
-        let chatty = chatty_path == ChattyPath::Copy
-            && up_msgs.min(down_msgs) >= CHATTY_PER_SAMPLE
+        let chatty = up_msgs.min(down_msgs) >= CHATTY_PER_SAMPLE
             && (up + down) < SMALL_MESSAGE.saturating_mul(msgs);
         chatty.then_some(CopyReason::Chatty)
     }
@@ -223,7 +234,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn busy_sessions_wait_until_they_calm_down() {
-        for (tick_ms, per_tick, size, both_ways, chatty, trial_lost, why) in [
+        for (tick_ms, per_tick, size, both_ways, chatty, lost, why) in [
             // 1 GB/s one way for 3 s, after a lost trial.
             (
                 10,
@@ -231,24 +242,26 @@ mod tests {
                 10_000_000,
                 false,
                 ChattyPath::Kernel,
-                true,
+                Some(CopyReason::Bulk),
                 CopyReason::Bulk,
             ),
             // 300 small requests and answers a second for 3 s, kept copied by request.
+            (10, 3, 100, true, ChattyPath::Copy, None, CopyReason::Chatty),
+            // The same after a lost trial, by default.
             (
                 10,
                 3,
                 100,
                 true,
-                ChattyPath::Copy,
-                false,
+                ChattyPath::default(),
+                Some(CopyReason::Chatty),
                 CopyReason::Chatty,
             ),
         ] {
             let t = std::sync::Arc::new(Transfer::default());
             let busy = traffic(&t, tick_ms, per_tick, size, both_ways);
             let mut d = Decision {
-                trial_lost,
+                lost,
                 ..Decision::default()
             };
             let start = Instant::now();
@@ -292,7 +305,7 @@ mod tests {
             assert_eq!(
                 d.trial,
                 Some(Trial {
-                    upload,
+                    traffic: Traffic::Bulk { upload },
                     copied_rate: rate
                 })
             );
@@ -301,11 +314,34 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn busy_requests_and_answers_move_on_trial_by_default() {
+        let t = std::sync::Arc::new(Transfer::default());
+        // 300 requests and answers of 100 bytes a second: 60 kB/s both ways together.
+        let busy = traffic(&t, 10, 3, 100, true);
+        let mut d = Decision::default();
+        let start = Instant::now();
+        due(after(1 << 40, 200), &t, start, &mut d).await;
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(200) + SAMPLE + Trial::COPIED_WINDOW
+        );
+        assert_eq!(d.deferred, None);
+        assert_eq!(
+            d.trial,
+            Some(Trial {
+                traffic: Traffic::Chatty,
+                copied_rate: 60_000
+            })
+        );
+        busy.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn exchanges_and_streams_of_small_segments_move() {
-        // Whatever moves with `splice_chatty = "copy"` moves with the default too.
+        // Whatever moves with `splice_chatty = "copy"` moves with "kernel" too.
         for (tick_ms, per_tick, size, both_ways, chatty) in [
-            // 300 small requests and answers a second: busy, and moved by default.
-            (10, 3, 100, true, ChattyPath::default()),
+            // 300 small requests and answers a second: busy, and moved at once.
+            (10, 3, 100, true, ChattyPath::Kernel),
             // 50 requests and answers a second: a pooled connection in use.
             (20, 1, 100, true, ChattyPath::Copy),
             // A stream of 1,448-byte segments one way, 2,000 a second.

@@ -25,7 +25,7 @@ use crate::panic;
 use crate::runtime::DataPath;
 use crate::runtime::Parked;
 use crate::session::{Limits, SessionEnd, Side, Transfer};
-use crate::splice::{Awake, Dormant, Entry, InPlace, KernelEnd, Path, Resume, Splicer};
+use crate::splice::{trial, Awake, Dormant, Entry, InPlace, KernelEnd, Path, Resume, Splicer};
 use crate::upgrade::wire;
 use crate::upstream::Lease;
 
@@ -682,13 +682,14 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
                     KernelStretch::Done(end, path) => break (end, path),
                     KernelStretch::Left(client, backend, reason) => {
                         left = Some(reason);
-                        // A bulk stream that lost its trial may come back once it calms
+                        // A session that lost its trial may come back once it calms
                         // down; other reasons to leave last.
-                        decision.trial_lost = reason == CopyReason::Bulk;
+                        decision.lost = matches!(reason, CopyReason::Bulk | CopyReason::Chatty)
+                            .then_some(reason);
                         Next::Copy {
                             client,
                             backend,
-                            promote: decision.trial_lost,
+                            promote: decision.lost.is_some(),
                         }
                     }
                     KernelStretch::Handover(c, b) => {
@@ -973,8 +974,12 @@ async fn in_kernel(
             Err(done) => done,
         },
         KernelEnd::Left(left) => {
-            if left.reason == CopyReason::Bulk {
-                info!(reason = %left.why, "back to the copy path");
+            if matches!(left.reason, CopyReason::Bulk | CopyReason::Chatty) {
+                if trial::first_to_tell() {
+                    info!(reason = %left.why, "back to the copy path");
+                } else {
+                    debug!(reason = %left.why, "back to the copy path");
+                }
             } else if left.why.raw_os_error() == Some(libc::EOPNOTSUPP) {
                 // Expected for a client that sent its data and FIN at once, and for a
                 // source that closed while backpressure held it.

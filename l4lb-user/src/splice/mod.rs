@@ -20,7 +20,7 @@ mod maps;
 mod offsets;
 mod session;
 mod sys;
-mod trial;
+pub mod trial;
 mod watch;
 mod way;
 
@@ -42,7 +42,7 @@ pub use dormant::{Awake, Dormant, Resume};
 use maps::Maps;
 use session::{End, Session, Snapshot};
 use tokio::sync::mpsc::UnboundedReceiver;
-pub use trial::Trial;
+pub use trial::{Traffic, Trial};
 use watch::Watcher;
 use way::{PerWay, Way};
 
@@ -175,6 +175,8 @@ pub struct KernelStats {
     pub wakeups: u64,
     pub trials: u64,
     pub trials_lost: u64,
+    pub chatty_trials: u64,
+    pub chatty_trials_lost: u64,
     /// Entries per map, and the sockets the daemon watches.
     pub maps: [(&'static str, u64); 5],
 }
@@ -197,6 +199,9 @@ struct Stats {
     /// Bulk streams moved on trial, and those that went back to the copy path.
     trials: AtomicU64,
     trials_lost: AtomicU64,
+    /// The same for sessions busy with requests and answers.
+    chatty_trials: AtomicU64,
+    chatty_trials_lost: AtomicU64,
 }
 
 static STATS: Stats = Stats {
@@ -211,6 +216,8 @@ static STATS: Stats = Stats {
     wakeups: AtomicU64::new(0),
     trials: AtomicU64::new(0),
     trials_lost: AtomicU64::new(0),
+    chatty_trials: AtomicU64::new(0),
+    chatty_trials_lost: AtomicU64::new(0),
 };
 
 pub use loader::Shared;
@@ -436,6 +443,8 @@ impl Splicer {
             wakeups: load(&STATS.wakeups),
             trials: load(&STATS.trials),
             trials_lost: load(&STATS.trials_lost),
+            chatty_trials: load(&STATS.chatty_trials),
+            chatty_trials_lost: load(&STATS.chatty_trials_lost),
             maps: [
                 ("flows", counts.flows as u64),
                 ("ctl", counts.ctl as u64),
@@ -535,8 +544,8 @@ impl Splicer {
                 };
             }
         };
-        if trial.is_some() {
-            STATS.trials.fetch_add(1, Ordering::Relaxed);
+        if let Some(t) = trial {
+            t.traffic.counters().0.fetch_add(1, Ordering::Relaxed);
         }
         drive(session, rx, limits, transfer, handover, trial).await
     }
@@ -605,19 +614,52 @@ async fn drive(
             let why = io::Error::from_raw_os_error(libc::EOPNOTSUPP);
             leave(session, i, CopyReason::ClosedWhilePaused, why, transfer).await
         }
-        End::Slower { way, verdict } => {
-            STATS.trials_lost.fetch_add(1, Ordering::Relaxed);
-            let streams = match verdict.streams {
-                1 => "a bulk stream".to_owned(),
-                n => format!("{n} bulk streams measured together"),
+        End::Slower { traffic, verdict } => {
+            traffic.counters().1.fetch_add(1, Ordering::Relaxed);
+            let (way, reason, one, many) = match traffic {
+                Traffic::Bulk { upload } => (
+                    if upload { Way::Up } else { Way::Down },
+                    CopyReason::Bulk,
+                    "a bulk stream",
+                    "bulk streams",
+                ),
+                Traffic::Chatty => (
+                    Way::Up,
+                    CopyReason::Chatty,
+                    "a session busy with requests and answers",
+                    "sessions busy with requests and answers",
+                ),
+            };
+            let together = match verdict.streams {
+                1 => one.to_owned(),
+                n => format!("{n} {many} measured together"),
             };
             let why = io::Error::other(format!(
-                "{streams} ran at {} MB/s in the kernel against {} MB/s copied",
-                verdict.kernel / 1_000_000,
-                verdict.copied / 1_000_000
+                "{together} ran at {} in the kernel against {} copied",
+                per_second(verdict.kernel),
+                per_second(verdict.copied)
             ));
-            leave(session, way, CopyReason::Bulk, why, transfer).await
+            leave(session, way, reason, why, transfer).await
         }
+    }
+}
+
+impl Traffic {
+    /// The counters of trials of this kind: started, and lost.
+    fn counters(self) -> (&'static AtomicU64, &'static AtomicU64) {
+        match self {
+            Traffic::Bulk { .. } => (&STATS.trials, &STATS.trials_lost),
+            Traffic::Chatty => (&STATS.chatty_trials, &STATS.chatty_trials_lost),
+        }
+    }
+}
+
+/// A rate for the log: MB/s for bulk streams, kB/s for requests and answers.
+fn per_second(bytes: u64) -> String {
+    if bytes >= 10_000_000 {
+        format!("{} MB/s", bytes / 1_000_000)
+    } else {
+        format!("{} kB/s", bytes / 1_000)
     }
 }
 

@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 
 use super::maps::Maps;
 use super::sys::{self, TcpProgress};
-use super::trial;
+use super::trial::{self, Traffic};
 use super::watch::{self, Event, Watcher};
 use super::way::{PerWay, Way};
 use super::STATS;
@@ -26,7 +26,7 @@ use crate::upgrade::wire::KernelState;
 const DETACH_WAIT: Duration = Duration::from_secs(1);
 /// How often a running session looks whether it may sleep.
 const QUIET_POLL: Duration = Duration::from_secs(1);
-/// A bulk stream on trial is measured after this long in the kernel (its first
+/// A session on trial is measured after this long in the kernel (its first
 /// redirects include what queued during the move), for `Trial::KERNEL_WINDOW`.
 const TRIAL_WARMUP: Duration = Duration::from_millis(100);
 
@@ -49,10 +49,10 @@ pub enum End {
     /// Nothing to do for a while in either direction: the session may sleep (see
     /// `dormant`).
     Quiet,
-    /// A bulk stream on trial moved slower in direction `way` than it did copied, it
-    /// and the streams measured with it together.
+    /// A session on trial moved slower than it did copied, it and the sessions of its
+    /// kind measured with it together.
     Slower {
-        way: Way,
+        traffic: Traffic,
         verdict: trial::Verdict,
     },
 }
@@ -627,14 +627,14 @@ impl Session {
     /// judged with the trials measured at the same time (see `trial`); pending otherwise.
     async fn trial(&self, trial: Option<super::Trial>) -> End {
         if let Some(t) = trial {
-            let way = if t.upload { Way::Up } else { Way::Down };
             tokio::time::sleep(TRIAL_WARMUP).await;
-            if let Ok(before) = self.moved(way) {
+            if let Ok(before) = self.measured(t.traffic) {
                 let start = tokio::time::Instant::now();
                 tokio::time::sleep(super::Trial::KERNEL_WINDOW).await;
-                if let Ok(after) = self.moved(way) {
+                if let Ok(after) = self.measured(t.traffic) {
                     let end = tokio::time::Instant::now();
                     let report = trial::Report {
+                        chatty: t.traffic == Traffic::Chatty,
                         start,
                         end,
                         copied: t.copied_rate,
@@ -642,31 +642,45 @@ impl Session {
                     };
                     trial::post(report);
                     let alone = trial::Verdict {
+                        chatty: report.chatty,
                         streams: 1,
                         kernel: report.kernel,
                         copied: report.copied,
                     };
-                    let verdict = if alone.lost() {
+                    let verdict = if report.chatty || alone.lost() {
                         tokio::time::sleep(trial::GATHER).await;
                         trial::judge(&report)
                     } else {
                         alone
                     };
                     debug!(
+                        chatty = report.chatty,
                         rate = report.kernel,
                         copied = report.copied,
-                        streams = verdict.streams,
+                        sessions = verdict.streams,
                         together = verdict.kernel,
                         together_copied = verdict.copied,
-                        "bulk stream measured in the kernel"
+                        "session on trial measured in the kernel"
                     );
                     if verdict.lost() {
-                        return End::Slower { way, verdict };
+                        return End::Slower {
+                            traffic: t.traffic,
+                            verdict,
+                        };
                     }
                 }
             }
         }
         std::future::pending().await
+    }
+
+    /// The bytes a trial of `traffic` counts, moved so far.
+    fn measured(&self, traffic: Traffic) -> io::Result<u64> {
+        match traffic {
+            Traffic::Bulk { upload: true } => self.moved(Way::Up),
+            Traffic::Bulk { upload: false } => self.moved(Way::Down),
+            Traffic::Chatty => Ok(self.moved(Way::Up)? + self.moved(Way::Down)?),
+        }
     }
 
     /// Resolves once both directions are quiet with nothing held: each waits for an

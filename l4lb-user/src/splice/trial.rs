@@ -1,25 +1,35 @@
-//! A bulk stream's trial in the kernel, judged together with the trials that ran at the
-//! same time.
+//! A session's trial in the kernel, judged together with the trials of its kind that ran
+//! at the same time.
 //!
 //! Streams moved together share the machine: on iperf3 -P4 the four kernel rates add up
 //! to what the four copied rates did, but one stream of the four often runs ~10% below its
 //! own copied rate while another runs above. Judged alone, that stream went back to the
 //! copy path and the session paid the move twice for nothing; judged with its cohort, it
-//! stays unless the streams together lost.
+//! stays unless the streams together lost. Sessions busy with requests and answers are
+//! always judged together: one alone passes too few messages for its rate to tell.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// A bulk stream's trial: it stays in the kernel only if it moves nearly as fast there as
+/// A session's trial: it stays in the kernel only if it moves nearly as fast there as
 /// it did on the copy path (see `proxy::promotion`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Trial {
-    /// Whether the measured direction is client -> backend (else backend -> client).
-    pub upload: bool,
-    /// Its bytes per second on the copy path.
+    pub traffic: Traffic,
+    /// Its bytes per second on the copy path, as `traffic` counts them.
     pub copied_rate: u64,
+}
+
+/// What kind of session is on trial, and which of its bytes count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Traffic {
+    /// A bulk stream: its faster direction, client -> backend if `upload`.
+    Bulk { upload: bool },
+    /// Small requests and answers: both directions together. With a client that waits
+    /// for each answer, the faster path passes more of them.
+    Chatty,
 }
 
 impl Trial {
@@ -39,9 +49,10 @@ impl Trial {
     }
 }
 
-/// One stream's measurement in the kernel.
+/// One session's measurement in the kernel.
 #[derive(Clone, Copy, Debug)]
 pub struct Report {
+    pub chatty: bool,
     pub start: Instant,
     pub end: Instant,
     /// Bytes per second on the copy path, and in the kernel over `start..end`.
@@ -49,9 +60,10 @@ pub struct Report {
     pub kernel: u64,
 }
 
-/// What a stream's cohort (itself included) measured.
+/// What a session's cohort (itself included) measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Verdict {
+    pub chatty: bool,
     pub streams: usize,
     pub kernel: u64,
     pub copied: u64,
@@ -64,12 +76,22 @@ impl Verdict {
     /// second in the kernel: on iperf3 -P4 their windows came out at 0.92-0.98x of the
     /// copied ones, while over whole bench runs four streams ran 1.01-1.03x as fast in
     /// the kernel as copied, for ~0.77x the machine's CPU per GB. One stream alone ran
-    /// 0.82-0.88x there over whole runs.
+    /// 0.82-0.88x there over whole runs. Requests and answers: CHATTY_BAR.
     pub fn lost(&self) -> bool {
-        let percent = if self.streams > 1 { 90 } else { 95 };
-        u128::from(self.kernel) * 100 < u128::from(self.copied) * percent
+        let percent: u32 = if self.chatty {
+            CHATTY_BAR
+        } else if self.streams > 1 {
+            90
+        } else {
+            95
+        };
+        u128::from(self.kernel) * 100 < u128::from(self.copied) * u128::from(percent)
     }
 }
+
+/// The share of their copied rate (percent) that sessions busy with requests and answers
+/// must keep in the kernel, together.
+const CHATTY_BAR: u32 = 95;
 
 /// How long a stream that lost alone waits for the reports of trials whose windows end
 /// just after its own (the windows of streams moved together end within ~25 ms).
@@ -79,6 +101,20 @@ const KEEP: Duration = Duration::from_secs(10);
 
 /// Every recent trial's report, shared by the sessions of this process.
 static BOARD: Mutex<Vec<Report>> = Mutex::new(Vec::new());
+/// When a lost trial was last logged at info level.
+static LOGGED: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// Whether a lost trial should be logged at info level: the first of its cohort is, the
+/// rest (judged within [`GATHER`] of it, hundreds in a busy pool) say the same.
+pub fn first_to_tell() -> bool {
+    let mut logged = LOGGED.lock().unwrap_or_else(|p| p.into_inner());
+    let now = Instant::now();
+    let first = logged.is_none_or(|at| now.saturating_duration_since(at) >= Trial::KERNEL_WINDOW);
+    if first {
+        *logged = Some(now);
+    }
+    first
+}
 
 /// Posts a trial's report, dropping the reports too old to matter.
 pub fn post(report: Report) {
@@ -93,8 +129,9 @@ pub fn judge(me: &Report) -> Verdict {
     cohort(me, &board)
 }
 
-/// Sums the reports whose windows overlap `me`'s by at least half of it: those streams
-/// shared the machine with `me` while it was measured. `board` holds `me` too.
+/// Sums the reports of `me`'s kind whose windows overlap `me`'s by at least half of it:
+/// those sessions shared the machine with `me` while it was measured. `board` holds `me`
+/// too.
 fn cohort(me: &Report, board: &[Report]) -> Verdict {
     let half = me.end.saturating_duration_since(me.start) / 2;
     board
@@ -104,15 +141,17 @@ fn cohort(me: &Report, board: &[Report]) -> Verdict {
                 .end
                 .min(me.end)
                 .saturating_duration_since(r.start.max(me.start));
-            overlap >= half
+            r.chatty == me.chatty && overlap >= half
         })
         .fold(
             Verdict {
+                chatty: me.chatty,
                 streams: 0,
                 kernel: 0,
                 copied: 0,
             },
             |v, r| Verdict {
+                chatty: v.chatty,
                 streams: v.streams + 1,
                 kernel: v.kernel.saturating_add(r.kernel),
                 copied: v.copied.saturating_add(r.copied),
@@ -127,6 +166,7 @@ mod tests {
     fn report(base: Instant, start_ms: u64, copied: u64, kernel: u64) -> Report {
         let start = base + Duration::from_millis(start_ms);
         Report {
+            chatty: false,
             start,
             end: start + Trial::KERNEL_WINDOW,
             copied,
@@ -134,8 +174,16 @@ mod tests {
         }
     }
 
+    fn chatty(report: Report) -> Report {
+        Report {
+            chatty: true,
+            ..report
+        }
+    }
+
     fn verdict(streams: usize, kernel: u64, copied: u64) -> Verdict {
         Verdict {
+            chatty: false,
             streams,
             kernel,
             copied,
@@ -215,5 +263,30 @@ mod tests {
         let v = cohort(&me, &board);
         assert_eq!(v, verdict(2, 1200, 1200));
         assert!(!v.lost());
+    }
+
+    #[test]
+    fn requests_and_answers_are_judged_with_their_own_kind() {
+        let base = Instant::now();
+        let me = chatty(report(base, 0, 1_000, 960));
+        let board = [
+            me,
+            chatty(report(base, 10, 1_000, 900)),
+            // A bulk stream at the same time: not in the cohort.
+            report(base, 5, 1_000_000_000, 100_000_000),
+        ];
+        let v = cohort(&me, &board);
+        assert_eq!(
+            v,
+            Verdict {
+                chatty: true,
+                ..verdict(2, 1_860, 2_000)
+            }
+        );
+        assert!(v.lost(), "0.93x together");
+        let v = cohort(&me, &[me, chatty(report(base, 10, 1_000, 1_000))]);
+        assert!(!v.lost(), "0.98x together");
+        let stream = board[2];
+        assert_eq!(cohort(&stream, &board).streams, 1);
     }
 }
