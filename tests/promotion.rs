@@ -610,8 +610,8 @@ async fn ended_on(d: &Daemon) -> String {
 }
 
 /// A daemon in front of [`small_echo`] (answers delayed by `delay` ms), due for the
-/// kernel after 200 ms, with `extra` settings, and a session through it.
-async fn request_response_session(extra: &str, delay: Arc<AtomicU64>) -> (Daemon, TcpStream) {
+/// kernel after 200 ms, with `extra` settings, and the port it listens on.
+async fn request_response_daemon(extra: &str, delay: Arc<AtomicU64>) -> (Daemon, u16) {
     let b = small_echo(delay).await;
     let port = free_port();
     let d = Daemon::start(&config(
@@ -619,6 +619,12 @@ async fn request_response_session(extra: &str, delay: Arc<AtomicU64>) -> (Daemon
         b,
         &format!("splice_after_bytes = \"1m\"\nsplice_after_time = \"200ms\"\n{extra}"),
     ));
+    (d, port)
+}
+
+/// The same, and a session through it.
+async fn request_response_session(extra: &str, delay: Arc<AtomicU64>) -> (Daemon, TcpStream) {
+    let (d, port) = request_response_daemon(extra, delay).await;
     let sock = TcpStream::connect(addr(port)).await.expect("connect");
     (d, sock)
 }
@@ -627,78 +633,175 @@ fn flows(d: &Daemon) -> f64 {
     kernel_figure(d, "l4lb_kernel_map_entries", &[("map", "flows")])
 }
 
-/// By default a session busy with small requests and answers moves into the kernel on
-/// trial once it is due, and stays there when it exchanges as fast as it did copied;
-/// every answer comes back right across the move.
+/// Sessions kept busy by clients of their own, each at [`keep_busy`]'s pace, until told
+/// to stop.
+struct BusyClients {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(TcpStream, u32)>>,
+}
+
+impl BusyClients {
+    fn start(socks: Vec<TcpStream>) -> BusyClients {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = socks
+            .into_iter()
+            .map(|mut sock| {
+                let stop = Arc::clone(&stop);
+                tokio::spawn(async move {
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        i = keep_busy(&mut sock, i, Duration::from_millis(20)).await;
+                    }
+                    (sock, i)
+                })
+            })
+            .collect();
+        BusyClients { stop, tasks }
+    }
+
+    /// Each session's socket and the number of its next request.
+    async fn stop(self) -> Vec<(TcpStream, u32)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut socks = Vec::new();
+        for t in self.tasks {
+            socks.push(t.await.expect("client"));
+        }
+        socks
+    }
+}
+
+/// Sessions through a daemon listening on `port`: six of them at [`keep_busy`]'s pace
+/// pass 3,000 messages in a copied window, enough to judge.
+async fn sessions(port: u16, n: usize) -> Vec<TcpStream> {
+    let mut socks = Vec::new();
+    for _ in 0..n {
+        socks.push(TcpStream::connect(addr(port)).await.expect("connect"));
+    }
+    socks
+}
+
+/// Waits until the kernel figure `name` reaches `want`.
+async fn wait_for(d: &Daemon, name: &str, want: f64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while kernel_figure(d, name, &[]) < want {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {name} never reached {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// By default sessions busy with small requests and answers move into the kernel on
+/// trial once they are due, and stay there when together they exchange as fast as they
+/// did copied; every answer comes back right across the move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_request_response_moves_on_trial_and_stays_when_as_fast() {
     if !kernel_wanted("busy_request_response_moves_on_trial_and_stays_when_as_fast") {
         return;
     }
-    let (d, mut sock) = request_response_session("", Arc::default()).await;
+    let (d, port) = request_response_daemon("", Arc::default()).await;
+    let clients = BusyClients::start(sessions(port, 6).await);
     // Due at 200 ms, sampled for 100 ms, measured copied for 500 ms, moved, and judged
     // after 0.1 + 1 + 0.1 s in the kernel: at about 2 s.
-    let i = keep_busy(&mut sock, 0, Duration::from_millis(2600)).await;
+    tokio::time::sleep(Duration::from_millis(2600)).await;
     let figure = |name: &str| kernel_figure(&d, name, &[]);
-    assert_eq!(figure("l4lb_kernel_chatty_trials_total"), 1.0);
+    assert_eq!(figure("l4lb_kernel_chatty_trials_total"), 6.0);
     assert_eq!(figure("l4lb_kernel_chatty_trials_lost_total"), 0.0);
-    assert_eq!(
-        flows(&d),
-        2.0,
-        "not in the kernel after its trial ({i} exchanges)"
-    );
+    assert_eq!(flows(&d), 12.0, "not in the kernel after their trial");
     assert_eq!(figure("l4lb_kernel_promotions_deferred_total"), 0.0);
-    keep_busy(&mut sock, i, Duration::from_millis(300)).await;
-    drop(sock);
-    assert_eq!(ended_on(&d).await, "kernel");
+    drop(clients.stop().await);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.access_lines().len() < 6 {
+        assert!(Instant::now() < deadline, "access log");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for line in d.access_lines() {
+        assert_eq!(log_field(&line, "path"), Some("kernel"), "{line}");
+    }
 }
 
-/// A session busy with requests and answers that exchanges slower in the kernel than it
-/// did copied goes back to the copy path without losing a byte, stays copied while it is
-/// busy, and moves again once it calms down.
+/// Sessions busy with requests and answers that together exchange slower in the kernel
+/// than they did copied go back to the copy path without losing a byte, stay copied
+/// while they are busy, and move again once they calm down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_request_response_slower_in_the_kernel_goes_back_to_the_copy_path() {
     if !kernel_wanted("busy_request_response_slower_in_the_kernel_goes_back_to_the_copy_path") {
         return;
     }
     let delay = Arc::new(AtomicU64::new(0));
-    let (d, mut sock) = request_response_session("", Arc::clone(&delay)).await;
-    let figure = |name: &str| kernel_figure(&d, name, &[]);
-    let mut i = 0;
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while figure("l4lb_kernel_chatty_trials_total") < 1.0 {
-        assert!(Instant::now() < deadline, "never moved on trial");
-        i = keep_busy(&mut sock, i, Duration::from_millis(20)).await;
-    }
-    // In the kernel the backend answers 3 ms late: about 200 exchanges a second
+    let (d, port) = request_response_daemon("", Arc::clone(&delay)).await;
+    let clients = BusyClients::start(sessions(port, 6).await);
+    wait_for(&d, "l4lb_kernel_chatty_trials_total", 6.0, "moved on trial").await;
+    // In the kernel the backend answers 3 ms late: about 300 exchanges a second each
     // against 500.
     delay.store(3, Ordering::Relaxed);
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while figure("l4lb_kernel_chatty_trials_lost_total") < 1.0 {
-        assert!(Instant::now() < deadline, "never judged slower");
-        i = keep_busy(&mut sock, i, Duration::from_millis(20)).await;
-    }
+    wait_for(
+        &d,
+        "l4lb_kernel_chatty_trials_lost_total",
+        4.0,
+        "judged slower",
+    )
+    .await;
     delay.store(0, Ordering::Relaxed);
-    // Busy and copied: deferred at each check while it stays busy.
-    i = keep_busy(&mut sock, i, Duration::from_millis(2500)).await;
-    assert_eq!(flows(&d), 0.0, "moved again while busy ({i} exchanges)");
-    assert!(figure("l4lb_kernel_promotions_deferred_total") >= 2.0);
-    // Quiet: a few exchanges a second. The next check moves it, without a trial.
+    assert_eq!(flows(&d), 0.0, "all back on the copy path");
+    // Busy and copied: deferred at each check while they stay busy.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(flows(&d), 0.0, "moved again while busy");
+    let figure = |name: &str| kernel_figure(&d, name, &[]);
+    assert!(figure("l4lb_kernel_promotions_deferred_total") >= 12.0);
+    // Quiet: a few exchanges a second. The next check moves them, without a trial.
+    let mut socks = clients.stop().await;
     let deadline = Instant::now() + Duration::from_secs(5);
-    while flows(&d) < 2.0 {
+    while flows(&d) < 12.0 {
         assert!(Instant::now() < deadline, "never moved once quiet");
-        ask(&mut sock, i).await;
-        i += 1;
+        for (sock, i) in &mut socks {
+            ask(sock, *i).await;
+            *i += 1;
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    for _ in 0..20 {
-        ask(&mut sock, i).await;
-        i += 1;
+    for (sock, i) in &mut socks {
+        for _ in 0..20 {
+            ask(sock, *i).await;
+            *i += 1;
+        }
     }
-    drop(sock);
+    drop(socks);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.access_lines().len() < 6 {
+        assert!(Instant::now() < deadline, "access log");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for line in d.access_lines() {
+        assert_eq!(log_field(&line, "path"), Some("kernel"), "{line}");
+    }
+    assert_eq!(figure("l4lb_kernel_chatty_trials_total"), 6.0);
+    assert_eq!(figure("l4lb_kernel_promotion_age_seconds_count"), 12.0);
+}
+
+/// A lone session at 500 exchanges a second passes 500 messages in its copied window:
+/// too few to tell the paths apart, so it stays in the kernel even though it exchanges
+/// slower there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_few_requests_and_answers_to_judge_stay_in_the_kernel() {
+    if !kernel_wanted("too_few_requests_and_answers_to_judge_stay_in_the_kernel") {
+        return;
+    }
+    let delay = Arc::new(AtomicU64::new(0));
+    let (d, port) = request_response_daemon("", Arc::clone(&delay)).await;
+    let clients = BusyClients::start(vec![TcpStream::connect(addr(port)).await.expect("connect")]);
+    wait_for(&d, "l4lb_kernel_chatty_trials_total", 1.0, "moved on trial").await;
+    delay.store(3, Ordering::Relaxed);
+    // Judged at about 1.2 s after the move.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(
+        kernel_figure(&d, "l4lb_kernel_chatty_trials_lost_total", &[]),
+        0.0
+    );
+    assert_eq!(flows(&d), 2.0);
+    drop(clients.stop().await);
     assert_eq!(ended_on(&d).await, "kernel");
-    assert_eq!(figure("l4lb_kernel_chatty_trials_total"), 1.0);
-    assert_eq!(figure("l4lb_kernel_promotion_age_seconds_count"), 2.0);
 }
 
 /// With `splice_chatty = "kernel"`, a busy session moves once it is due, with no trial.

@@ -137,6 +137,7 @@ impl Sample {
         Trial {
             traffic,
             copied_rate: Trial::rate(bytes, took),
+            copied_messages: self.messages.0 + self.messages.1,
         }
     }
 
@@ -306,7 +307,8 @@ mod tests {
                 d.trial,
                 Some(Trial {
                     traffic: Traffic::Bulk { upload },
-                    copied_rate: rate
+                    copied_rate: rate,
+                    copied_messages: 100,
                 })
             );
             busy.abort();
@@ -330,7 +332,8 @@ mod tests {
             d.trial,
             Some(Trial {
                 traffic: Traffic::Chatty,
-                copied_rate: 60_000
+                copied_rate: 60_000,
+                copied_messages: 300,
             })
         );
         busy.abort();

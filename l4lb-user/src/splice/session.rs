@@ -635,6 +635,7 @@ impl Session {
                     let end = tokio::time::Instant::now();
                     let report = trial::Report {
                         chatty: t.traffic == Traffic::Chatty,
+                        messages: t.copied_messages,
                         start,
                         end,
                         copied: t.copied_rate,
@@ -644,6 +645,7 @@ impl Session {
                     let alone = trial::Verdict {
                         chatty: report.chatty,
                         streams: 1,
+                        messages: report.messages,
                         kernel: report.kernel,
                         copied: report.copied,
                     };
@@ -658,6 +660,7 @@ impl Session {
                         rate = report.kernel,
                         copied = report.copied,
                         sessions = verdict.streams,
+                        messages = verdict.messages,
                         together = verdict.kernel,
                         together_copied = verdict.copied,
                         "session on trial measured in the kernel"
