@@ -45,9 +45,31 @@ pub struct Decision {
     /// Set when the session is due as a bulk stream or a busy exchange of requests and
     /// answers: it moves on this trial.
     pub trial: Option<Trial>,
-    /// The session lost a trial as this kind of traffic (`Bulk` or `Chatty`): as such
+    /// The session lost a trial as a bulk stream, and as requests and answers: as such
     /// it now stays copied.
-    pub lost: Option<CopyReason>,
+    pub lost_bulk: bool,
+    pub lost_chatty: bool,
+}
+
+impl Decision {
+    /// Notes that the session left the kernel for `reason`; true if it lost a trial.
+    pub fn lose(&mut self, reason: CopyReason) -> bool {
+        match reason {
+            CopyReason::Bulk => self.lost_bulk = true,
+            CopyReason::Chatty => self.lost_chatty = true,
+            _ => return false,
+        }
+        true
+    }
+
+    /// Whether the session lost a trial as `kind` (`Bulk` or `Chatty`) traffic.
+    fn lost(&self, kind: CopyReason) -> bool {
+        match kind {
+            CopyReason::Bulk => self.lost_bulk,
+            CopyReason::Chatty => self.lost_chatty,
+            _ => false,
+        }
+    }
 }
 
 /// Whether sessions go into the kernel before any byte is copied (there is no rate to
@@ -78,7 +100,7 @@ pub async fn due(
             return;
         };
         let on_trial = match (kind, after.chatty) {
-            _ if decision.lost == Some(kind) => false,
+            _ if decision.lost(kind) => false,
             (CopyReason::Chatty, ChattyPath::Kernel) => return,
             (CopyReason::Chatty, ChattyPath::Copy) => false,
             _ => true,
@@ -261,10 +283,10 @@ mod tests {
         ] {
             let t = std::sync::Arc::new(Transfer::default());
             let busy = traffic(&t, tick_ms, per_tick, size, both_ways);
-            let mut d = Decision {
-                lost,
-                ..Decision::default()
-            };
+            let mut d = Decision::default();
+            if let Some(reason) = lost {
+                assert!(d.lose(reason));
+            }
             let start = Instant::now();
             let rules = SpliceAfter {
                 chatty,
@@ -280,6 +302,16 @@ mod tests {
                 start.elapsed()
             );
         }
+    }
+
+    #[test]
+    fn only_lost_trials_are_remembered() {
+        let mut d = Decision::default();
+        assert!(!d.lose(CopyReason::Watchdog));
+        assert!(!d.lost(CopyReason::Bulk) && !d.lost(CopyReason::Chatty));
+        assert!(d.lose(CopyReason::Chatty));
+        assert!(d.lose(CopyReason::Bulk));
+        assert!(d.lost(CopyReason::Bulk) && d.lost(CopyReason::Chatty));
     }
 
     #[tokio::test(start_paused = true)]

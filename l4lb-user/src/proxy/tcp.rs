@@ -684,12 +684,11 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
                         left = Some(reason);
                         // A session that lost its trial may come back once it calms
                         // down; other reasons to leave last.
-                        decision.lost = matches!(reason, CopyReason::Bulk | CopyReason::Chatty)
-                            .then_some(reason);
+                        let lost_trial = decision.lose(reason);
                         Next::Copy {
                             client,
                             backend,
-                            promote: decision.lost.is_some(),
+                            promote: lost_trial,
                         }
                     }
                     KernelStretch::Handover(c, b) => {
@@ -975,7 +974,7 @@ async fn in_kernel(
         },
         KernelEnd::Left(left) => {
             if matches!(left.reason, CopyReason::Bulk | CopyReason::Chatty) {
-                if trial::first_to_tell() {
+                if trial::first_to_tell(left.reason == CopyReason::Chatty) {
                     info!(reason = %left.why, "back to the copy path");
                 } else {
                     debug!(reason = %left.why, "back to the copy path");

@@ -6,7 +6,9 @@
 //! own copied rate while another runs above. Judged alone, that stream went back to the
 //! copy path and the session paid the move twice for nothing; judged with its cohort, it
 //! stays unless the streams together lost. Sessions busy with requests and answers are
-//! always judged together: one alone passes too few messages for its rate to tell.
+//! always judged with their cohort, and only on enough messages to tell. A cohort spans
+//! every listener of the process; each session is judged on the reports posted by then,
+//! [`GATHER`] after its own window, when those of sessions moved with it are in.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -35,8 +37,8 @@ pub enum Traffic {
 }
 
 impl Trial {
-    /// How long a bulk stream's rate is measured on the copy path: long enough to see
-    /// past the stream's first burst, short since every copied second costs the daemon.
+    /// How long a session's rate is measured on the copy path: long enough to see past
+    /// a stream's first burst, short since every copied second costs the daemon.
     pub const COPIED_WINDOW: Duration = Duration::from_millis(500);
     /// How long it is measured in the kernel, where the rate swings more (one stream,
     /// 100 ms intervals: 8-18 Gbit/s in the kernel against 13-18 copied): over 500 ms,
@@ -68,6 +70,7 @@ pub struct Report {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Verdict {
     pub chatty: bool,
+    /// Sessions in the cohort.
     pub streams: usize,
     pub messages: u64,
     pub kernel: u64,
@@ -107,25 +110,30 @@ const CHATTY_BAR: u32 = 95;
 /// differ. Such sessions stay in the kernel, which costs the daemon less.
 const CHATTY_MIN_MESSAGES: u64 = 2_000;
 
-/// How long a stream that lost alone waits for the reports of trials whose windows end
-/// just after its own (the windows of streams moved together end within ~25 ms).
+/// How long a session judged with its cohort (a bulk stream that lost alone, any
+/// session busy with requests and answers) waits for the reports of trials whose
+/// windows end just after its own (the windows of sessions moved together end within
+/// ~25 ms).
 pub const GATHER: Duration = Duration::from_millis(100);
-/// Reports older than this can no longer overlap a trial being judged.
-const KEEP: Duration = Duration::from_secs(10);
+/// Reports older than this can no longer overlap half of a trial being judged (whose
+/// window ended at most [`GATHER`] ago).
+const KEEP: Duration = Duration::from_secs(3);
 
 /// Every recent trial's report, shared by the sessions of this process.
 static BOARD: Mutex<Vec<Report>> = Mutex::new(Vec::new());
-/// When a lost trial was last logged at info level.
-static LOGGED: Mutex<Option<Instant>> = Mutex::new(None);
+/// When a lost trial of each kind (bulk, chatty) was last logged at info level.
+static LOGGED: Mutex<[Option<Instant>; 2]> = Mutex::new([None, None]);
 
 /// Whether a lost trial should be logged at info level: the first of its cohort is, the
-/// rest (judged within [`GATHER`] of it, hundreds in a busy pool) say the same.
-pub fn first_to_tell() -> bool {
+/// rest (judged within [`GATHER`] of it, hundreds in a busy pool) say the same. A cohort's
+/// sessions are judged within a window's length of one another.
+pub fn first_to_tell(chatty: bool) -> bool {
     let mut logged = LOGGED.lock().unwrap_or_else(|p| p.into_inner());
+    let last = &mut logged[usize::from(chatty)];
     let now = Instant::now();
-    let first = logged.is_none_or(|at| now.saturating_duration_since(at) >= Trial::KERNEL_WINDOW);
+    let first = last.is_none_or(|at| now.saturating_duration_since(at) >= Trial::KERNEL_WINDOW);
     if first {
-        *logged = Some(now);
+        *last = Some(now);
     }
     first
 }
