@@ -497,13 +497,9 @@ async fn defaults_keep_short_sessions_copied_and_move_long_ones() {
         assert_eq!(client(lb, ask).await, Ok(2000));
     }
     let flows = |d: &Daemon| kernel_figure(d, "l4lb_kernel_map_entries", &[("map", "flows")]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while d.access_lines().len() < 50 {
-        assert!(Instant::now() < deadline, "access log");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     assert!(
-        d.access_lines()
+        access_lines(&d, 50)
+            .await
             .iter()
             .all(|l| log_field(l, "path") == Some("copy:short")),
         "{:#?}",
@@ -596,17 +592,27 @@ async fn keep_busy(sock: &mut TcpStream, mut i: u32, how_long: Duration) -> u32 
     i
 }
 
+/// Waits for `n` access-log lines and returns them.
+async fn access_lines(d: &Daemon, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines = d.access_lines();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} access lines",
+            lines.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits for the session's access-log line and returns its path.
 async fn ended_on(d: &Daemon) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let line = loop {
-        if let Some(l) = d.access_lines().first() {
-            break l.clone();
-        }
-        assert!(Instant::now() < deadline, "access log");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    log_field(&line, "path").unwrap_or_default().to_string()
+    let lines = access_lines(d, 1).await;
+    log_field(&lines[0], "path").unwrap_or_default().to_string()
 }
 
 /// A daemon in front of [`small_echo`] (answers delayed by `delay` ms), due for the
@@ -716,12 +722,7 @@ async fn busy_request_response_moves_on_trial_and_stays_when_as_fast() {
     assert_eq!(flows(&d), 12.0, "not in the kernel after their trial");
     assert_eq!(figure("l4lb_kernel_promotions_deferred_total"), 0.0);
     drop(clients.stop().await);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while d.access_lines().len() < 6 {
-        assert!(Instant::now() < deadline, "access log");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    for line in d.access_lines() {
+    for line in access_lines(&d, 6).await {
         assert_eq!(log_field(&line, "path"), Some("kernel"), "{line}");
     }
 }
@@ -773,12 +774,7 @@ async fn busy_request_response_slower_in_the_kernel_goes_back_to_the_copy_path()
         }
     }
     drop(socks);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while d.access_lines().len() < 6 {
-        assert!(Instant::now() < deadline, "access log");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    for line in d.access_lines() {
+    for line in access_lines(&d, 6).await {
         assert_eq!(log_field(&line, "path"), Some("kernel"), "{line}");
     }
     assert_eq!(figure("l4lb_kernel_chatty_trials_total"), 6.0);

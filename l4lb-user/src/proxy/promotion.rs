@@ -314,6 +314,20 @@ mod tests {
         assert!(d.lost(CopyReason::Bulk) && d.lost(CopyReason::Chatty));
     }
 
+    /// Asserts that a session due after 200 ms moves on trial `want`, once measured
+    /// over the copied window.
+    async fn moves_on_trial(t: &Transfer, want: Trial) {
+        let mut d = Decision::default();
+        let start = Instant::now();
+        due(after(1 << 40, 200), t, start, &mut d).await;
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(200) + SAMPLE + Trial::COPIED_WINDOW
+        );
+        assert_eq!(d.deferred, None);
+        assert_eq!(d.trial, Some(want));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_bulk_stream_moves_on_trial_against_its_copied_rate() {
         for (upload, rate) in [(true, 1_000_000_000), (false, 500_000_000)] {
@@ -327,22 +341,15 @@ mod tests {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             });
-            let mut d = Decision::default();
-            let start = Instant::now();
-            due(after(1 << 40, 200), &t, start, &mut d).await;
-            assert_eq!(
-                start.elapsed(),
-                Duration::from_millis(200) + SAMPLE + Trial::COPIED_WINDOW
-            );
-            assert_eq!(d.deferred, None);
-            assert_eq!(
-                d.trial,
-                Some(Trial {
+            moves_on_trial(
+                &t,
+                Trial {
                     traffic: Traffic::Bulk { upload },
                     copied_rate: rate,
                     copied_messages: 100,
-                })
-            );
+                },
+            )
+            .await;
             busy.abort();
         }
     }
@@ -352,22 +359,15 @@ mod tests {
         let t = std::sync::Arc::new(Transfer::default());
         // 300 requests and answers of 100 bytes a second: 60 kB/s both ways together.
         let busy = traffic(&t, 10, 3, 100, true);
-        let mut d = Decision::default();
-        let start = Instant::now();
-        due(after(1 << 40, 200), &t, start, &mut d).await;
-        assert_eq!(
-            start.elapsed(),
-            Duration::from_millis(200) + SAMPLE + Trial::COPIED_WINDOW
-        );
-        assert_eq!(d.deferred, None);
-        assert_eq!(
-            d.trial,
-            Some(Trial {
+        moves_on_trial(
+            &t,
+            Trial {
                 traffic: Traffic::Chatty,
                 copied_rate: 60_000,
                 copied_messages: 300,
-            })
-        );
+            },
+        )
+        .await;
         busy.abort();
     }
 
