@@ -445,6 +445,25 @@ async fn soak_under_churn_and_faults() {
     ));
     let admin = SocketAddr::from(([127, 0, 0, 1], ports.admin));
     let at = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+    // db and cache have no bootstrap servers, and with `strong_dependency = false` the
+    // daemon serves at once: they are empty until their source first answers, and a
+    // session before that rightly fails to connect. Sessions begin once both are in.
+    let t0 = Instant::now();
+    for (upstream, backends) in [
+        ("db", &fleet.backends[0..3]),
+        ("cache", &fleet.backends[3..6]),
+    ] {
+        while !backends
+            .iter()
+            .all(|b| support::show(at(ports.show), upstream).contains(&b.addr.to_string()))
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{upstream}: no servers from its source after 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     let (rss0, fds0) = (d.rss_kib(), d.fd_count());
     let peak_rss = Arc::new(AtomicU64::new(rss0));
     let peak_fds = Arc::new(AtomicUsize::new(fds0));
