@@ -152,14 +152,14 @@ impl Sample {
     fn trial(&self, kind: CopyReason, took: Duration) -> Trial {
         let (up, down) = self.bytes;
         let (traffic, bytes) = if kind == CopyReason::Chatty {
-            (Traffic::Chatty, up + down)
+            (Traffic::Chatty, up.saturating_add(down))
         } else {
             (Traffic::Bulk { upload: up >= down }, up.max(down))
         };
         Trial {
             traffic,
             copied_rate: Trial::rate(bytes, took),
-            copied_messages: self.messages.0 + self.messages.1,
+            copied_messages: self.messages.0.saturating_add(self.messages.1),
         }
     }
 

@@ -25,7 +25,9 @@ use crate::panic;
 use crate::runtime::DataPath;
 use crate::runtime::Parked;
 use crate::session::{Limits, SessionEnd, Side, Transfer};
-use crate::splice::{trial, Awake, Dormant, Entry, InPlace, KernelEnd, Path, Resume, Splicer};
+use crate::splice::{
+    first_to_tell, Awake, Dormant, Entry, InPlace, KernelEnd, Path, Resume, Splicer,
+};
 use crate::upgrade::wire;
 use crate::upstream::Lease;
 
@@ -974,7 +976,7 @@ async fn in_kernel(
         },
         KernelEnd::Left(left) => {
             if matches!(left.reason, CopyReason::Bulk | CopyReason::Chatty) {
-                if trial::first_to_tell(left.reason == CopyReason::Chatty) {
+                if first_to_tell(left.reason == CopyReason::Chatty) {
                     info!(reason = %left.why, "back to the copy path");
                 } else {
                     debug!(reason = %left.why, "back to the copy path");

@@ -20,7 +20,7 @@ mod maps;
 mod offsets;
 mod session;
 mod sys;
-pub mod trial;
+mod trial;
 mod watch;
 mod way;
 
@@ -42,7 +42,7 @@ pub use dormant::{Awake, Dormant, Resume};
 use maps::Maps;
 use session::{End, Session, Snapshot};
 use tokio::sync::mpsc::UnboundedReceiver;
-pub use trial::{Traffic, Trial};
+pub use trial::{first_to_tell, Traffic, Trial};
 use watch::Watcher;
 use way::{PerWay, Way};
 
@@ -630,7 +630,7 @@ async fn drive(
                     "sessions busy with requests and answers",
                 ),
             };
-            let together = match verdict.streams {
+            let together = match verdict.sessions {
                 1 => one.to_owned(),
                 n => format!("{n} {many} measured together"),
             };

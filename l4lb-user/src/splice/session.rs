@@ -644,7 +644,7 @@ impl Session {
                     trial::post(report);
                     let alone = trial::Verdict {
                         chatty: report.chatty,
-                        streams: 1,
+                        sessions: 1,
                         messages: report.messages,
                         kernel: report.kernel,
                         copied: report.copied,
@@ -659,7 +659,7 @@ impl Session {
                         chatty = report.chatty,
                         rate = report.kernel,
                         copied = report.copied,
-                        sessions = verdict.streams,
+                        sessions = verdict.sessions,
                         messages = verdict.messages,
                         together = verdict.kernel,
                         together_copied = verdict.copied,
@@ -682,7 +682,7 @@ impl Session {
         match traffic {
             Traffic::Bulk { upload: true } => self.moved(Way::Up),
             Traffic::Bulk { upload: false } => self.moved(Way::Down),
-            Traffic::Chatty => Ok(self.moved(Way::Up)? + self.moved(Way::Down)?),
+            Traffic::Chatty => Ok(self.moved(Way::Up)?.saturating_add(self.moved(Way::Down)?)),
         }
     }
 

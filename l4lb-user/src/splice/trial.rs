@@ -71,7 +71,7 @@ pub struct Report {
 pub struct Verdict {
     pub chatty: bool,
     /// Sessions in the cohort.
-    pub streams: usize,
+    pub sessions: usize,
     pub messages: u64,
     pub kernel: u64,
     pub copied: u64,
@@ -92,7 +92,7 @@ impl Verdict {
         }
         let percent: u32 = if self.chatty {
             CHATTY_BAR
-        } else if self.streams > 1 {
+        } else if self.sessions > 1 {
             90
         } else {
             95
@@ -168,14 +168,14 @@ fn cohort(me: &Report, board: &[Report]) -> Verdict {
         .fold(
             Verdict {
                 chatty: me.chatty,
-                streams: 0,
+                sessions: 0,
                 messages: 0,
                 kernel: 0,
                 copied: 0,
             },
             |v, r| Verdict {
                 chatty: v.chatty,
-                streams: v.streams + 1,
+                sessions: v.sessions + 1,
                 messages: v.messages.saturating_add(r.messages),
                 kernel: v.kernel.saturating_add(r.kernel),
                 copied: v.copied.saturating_add(r.copied),
@@ -208,11 +208,11 @@ mod tests {
         }
     }
 
-    fn verdict(streams: usize, kernel: u64, copied: u64) -> Verdict {
+    fn verdict(sessions: usize, kernel: u64, copied: u64) -> Verdict {
         Verdict {
             chatty: false,
             messages: 0,
-            streams,
+            sessions,
             kernel,
             copied,
         }
@@ -229,7 +229,7 @@ mod tests {
         ] {
             let me = report(base, 0, 1_000_000_000, kernel);
             let v = cohort(&me, &[me]);
-            assert_eq!(v.streams, 1);
+            assert_eq!(v.sessions, 1);
             assert_eq!(v.lost(), lost, "kernel {kernel}");
         }
         let huge = report(base, 0, u64::MAX, u64::MAX / 2);
@@ -316,7 +316,7 @@ mod tests {
         let v = cohort(&me, &[me, chatty(report(base, 10, 1_000, 1_000))]);
         assert!(!v.lost(), "0.98x together");
         let stream = board[2];
-        assert_eq!(cohort(&stream, &board).streams, 1);
+        assert_eq!(cohort(&stream, &board).sessions, 1);
     }
 
     #[test]
