@@ -163,3 +163,51 @@ proxy_pass = "db"
         "{err}"
     );
 }
+
+#[test]
+fn upsync_errors_name_the_upstream_and_key() {
+    let (ok, _, err) = check(
+        r#"
+[upstream.db]
+[upstream.db.upsync]
+type = "consul"
+url = "http://127.0.0.1:8500/upstreams/db/"
+
+[upstream.cache]
+[upstream.cache.upsync]
+type = "etcd"
+url = "http://127.0.0.1:2379/v3/kv/upstreams/cache/"
+timeout = "0s"
+
+[[server]]
+listen = "127.0.0.1:3307"
+proxy_pass = "db"
+"#,
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("FILE:11:")
+            && err.contains("upstream.cache.upsync.timeout: timeout must be at least 1s"),
+        "{err}"
+    );
+    // A URL of the wrong shape is found by `check`, not after a start or reload.
+    let (ok, _, err) = check(
+        r#"
+[upstream.db]
+[upstream.db.upsync]
+type = "consul"
+url = "http://127.0.0.1:8500/upstreams/db/"
+
+[[server]]
+listen = "127.0.0.1:3307"
+proxy_pass = "db"
+"#,
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("FILE: upstream db: upsync")
+            && err.contains("a consul url has the form http://HOST:PORT/v1/kv/PREFIX/")
+            && err.contains("test failed (1 errors)"),
+        "{err}"
+    );
+}

@@ -127,6 +127,8 @@ async fn upsync_scenario_is_visible_in_show_and_traffic_within_a_second() {
         s.contains("Backend server counts: 0")
     })
     .await;
+    let t = tags(p.lb(), 3).await;
+    assert_eq!(count(&t, "ERR"), 3, "no server: connections close: {t:?}");
     let second = Duration::from_secs(1);
     let mut latencies = Vec::new();
 
@@ -177,10 +179,15 @@ async fn upsync_scenario_is_visible_in_show_and_traffic_within_a_second() {
     let t = tags(p.lb(), 8).await;
     assert_eq!(count(&t, "b"), 8, "{t:?}");
 
+    // As nginx-upsync ("cannot delete all peers"): a source that lists no servers
+    // leaves the last set serving, and says so.
+    let errors = metric(&p, "discovery_errors");
     consul.delete_prefix(PREFIX);
-    latencies.push(shows(&d, &p, second, |s| s.contains("Backend server counts: 0")).await);
-    let t = tags(p.lb(), 3).await;
-    assert_eq!(count(&t, "ERR"), 3, "no server: connections close: {t:?}");
+    assert!(d.wait_log("source lists no servers", second), "{}", d.log());
+    assert!(show(p.show(), "db").contains("Backend server counts: 2"));
+    assert_eq!(metric(&p, "discovery_errors"), errors + 1);
+    let t = tags(p.lb(), 4).await;
+    assert_eq!(count(&t, "b"), 4, "{t:?}");
     assert_eq!(other.accepted(), 0, "a key outside the prefix was used");
     assert!(d.log().contains("server set updated"), "{}", d.log());
     println!("consul update latencies (upstream_show): {latencies:?}");
@@ -735,6 +742,25 @@ async fn sighup_restarts_only_changed_sources_and_stops_removed_ones() {
         show(show_addr, "one").contains(&a.addr.to_string()),
         "unchanged upstream kept its discovered set"
     );
+
+    // A source that cannot be built rejects the reload: discovery goes on as it was.
+    d.reload(&cfg("up/three/", true).replace("/v1/kv/up/three/", "/up/three/"));
+    assert!(
+        d.wait_log("reload rejected", Duration::from_secs(2)),
+        "{}",
+        d.log()
+    );
+    assert!(d.log().contains("upstream two: upsync"), "{}", d.log());
+    consul.put(&format!("up/three/{}", a.addr), "");
+    assert!(
+        wait_until(Duration::from_secs(2), || show(show_addr, "two")
+            .contains(&a.addr.to_string()))
+        .await
+        .is_some(),
+        "{}",
+        d.log()
+    );
+    assert_eq!((started(&d, "one"), started(&d, "two")), (1, 2));
 
     d.reload(&cfg("", false));
     assert!(

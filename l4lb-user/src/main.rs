@@ -1,7 +1,7 @@
 //! l4lb: a layer-4 (TCP/UDP) load balancer with nginx stream semantics whose
 //! established TCP sessions are spliced in the kernel by eBPF.
 
-use l4lb::{config, daemon, import_nginx, logging, panic, upgrade};
+use l4lb::{daemon, import_nginx, logging, panic, upgrade};
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -136,21 +136,20 @@ fn main() -> ExitCode {
 }
 
 fn check_cmd(config: &Path) -> ExitCode {
-    match config::load(config) {
-        Ok(_) => {
-            println!("l4lb: configuration file {} syntax is ok", config.display());
-            ExitCode::SUCCESS
-        }
-        Err(errors) => {
-            eprintln!("{errors}");
-            eprintln!(
-                "l4lb: configuration file {} test failed ({} errors)",
-                config.display(),
-                errors.errors.len()
-            );
-            ExitCode::FAILURE
-        }
+    let errors = daemon::load_checked(config).err().unwrap_or_default();
+    if errors.is_empty() {
+        println!("l4lb: configuration file {} syntax is ok", config.display());
+        return ExitCode::SUCCESS;
     }
+    for e in &errors {
+        eprintln!("{e}");
+    }
+    eprintln!(
+        "l4lb: configuration file {} test failed ({} errors)",
+        config.display(),
+        errors.len()
+    );
+    ExitCode::FAILURE
 }
 
 fn run_cmd(path: &Path) -> ExitCode {
@@ -169,10 +168,12 @@ fn run_cmd(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let config = match config::load(path) {
+    let config = match daemon::load_checked(path) {
         Ok(c) => c,
         Err(errors) => {
-            eprintln!("{errors}");
+            for e in errors {
+                eprintln!("{e}");
+            }
             return ExitCode::FAILURE;
         }
     };

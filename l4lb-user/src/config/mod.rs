@@ -350,21 +350,29 @@ pub struct ConfigErrors {
     pub errors: Vec<ConfigError>,
 }
 
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.errors.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(
-                f,
+impl ConfigErrors {
+    /// Each error as `FILE:LINE:COLUMN: KEY: MESSAGE`.
+    pub fn each(&self) -> impl Iterator<Item = String> + '_ {
+        self.errors.iter().map(|e| {
+            format!(
                 "{}:{}:{}: {}: {}",
                 self.file.display(),
                 e.line,
                 e.column,
                 e.key,
                 e.message
-            )?;
+            )
+        })
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.each().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            f.write_str(&e)?;
         }
         Ok(())
     }
@@ -893,6 +901,12 @@ impl Validator<'_> {
             self.at(node, path, "interval", "interval must be greater than zero");
             return None;
         }
+        let timeout = raw.timeout.map_or(Duration::from_secs(360), |d| d.0);
+        if timeout < Duration::from_secs(1) {
+            // A blocking query or watch this short would end before any change came.
+            self.at(node, path, "timeout", "timeout must be at least 1s");
+            return None;
+        }
         let token = self.secret(
             node,
             path,
@@ -907,7 +921,7 @@ impl Validator<'_> {
             kind: raw.kind,
             url: raw.url,
             interval,
-            timeout: raw.timeout.map_or(Duration::from_secs(360), |d| d.0),
+            timeout,
             strong_dependency: raw.strong_dependency.unwrap_or(false),
             dump_path: raw.dump_path.map(PathBuf::from),
             token,

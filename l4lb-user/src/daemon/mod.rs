@@ -139,6 +139,19 @@ fn tcp_listener(addr: SocketAddr, inherited: Option<OwnedFd>) -> anyhow::Result<
     Ok(listener)
 }
 
+/// Loads `path` as `l4lb check` and a reload judge it: the file itself, then every
+/// upsync source built (not started). One message per error.
+pub fn load_checked(path: &Path) -> Result<Config, Vec<String>> {
+    let config = config::load(path).map_err(|e| e.each().collect::<Vec<_>>())?;
+    crate::discovery::check(&config).map_err(|errors| {
+        errors
+            .into_iter()
+            .map(|e| format!("{}: {e}", path.display()))
+            .collect::<Vec<_>>()
+    })?;
+    Ok(config)
+}
+
 impl Daemon {
     /// Starts serving `config`. With `predecessor`, this process is the new binary of
     /// an upgrade: it takes over the listeners and state of the running one.
@@ -411,13 +424,20 @@ impl Daemon {
 
     async fn apply_reload(&mut self) {
         info!(config = %self.config_path.display(), "reloading configuration");
-        let config = match config::load(&self.config_path) {
-            Ok(c) => c,
-            Err(errors) => {
-                for line in errors.to_string().lines() {
-                    error!("{line}");
+        // Off the runtime: loading reads files and resolves server names.
+        let path = self.config_path.clone();
+        let loaded = tokio::task::spawn_blocking(move || load_checked(&path)).await;
+        let config = match loaded {
+            Ok(Ok(c)) => c,
+            Ok(Err(errors)) => {
+                for e in errors {
+                    error!("{e}");
                 }
                 error!("reload rejected; the running configuration stays in force");
+                return;
+            }
+            Err(e) => {
+                error!(error = %e, "reload rejected; the running configuration stays in force");
                 return;
             }
         };

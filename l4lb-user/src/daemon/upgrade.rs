@@ -14,6 +14,7 @@ use tracing::{error, info, warn};
 use super::Daemon;
 
 use crate::config::Protocol;
+use crate::discovery::Position;
 use crate::proxy::tcp;
 use crate::runtime::Parked;
 use crate::splice::{Shared, Splicer};
@@ -349,8 +350,16 @@ impl Daemon {
         kernel: Option<String>,
     ) -> anyhow::Result<bool> {
         let ch = &spawned.channel;
+        // Positions first: discovery records one after publishing its set, so a
+        // position read before the sets is never ahead of them.
+        let positions: HashMap<String, Option<Position>> = self
+            .upstreams
+            .all()
+            .keys()
+            .map(|name| (name.clone(), self.discovery.position(name)))
+            .collect();
         for mut state in self.upstreams.save() {
-            state.position = self.discovery.position(&state.name);
+            state.position = positions.get(&state.name).cloned().flatten();
             ch.send(&Msg::Upstream(state), &[]).await?;
         }
         let splicer = self

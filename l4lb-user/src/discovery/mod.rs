@@ -23,7 +23,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{ServerSpec, UpsyncConfig, UpsyncKind};
+use crate::config::{Config, ServerSpec, UpsyncConfig, UpsyncKind};
 use crate::upstream::{Source as Origin, Upstream, Upstreams};
 use params::{ServerParams, Strictness};
 
@@ -175,6 +175,12 @@ impl TaskStatus {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
+    /// A good answer that was not applied: counted with the errors, and shown.
+    fn refused(&self, why: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
     fn failed(&self, e: &SourceError) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         if matches!(e, SourceError::BadData { .. }) {
@@ -208,6 +214,44 @@ impl Board {
     }
 }
 
+/// An upsync source, built and not started.
+enum Built {
+    Kv(consul::ConsulKv),
+    Health(consul_health::ConsulHealth),
+    Etcd(Box<etcd::Etcd>),
+}
+
+impl Built {
+    fn new(cfg: &UpsyncConfig) -> anyhow::Result<Built> {
+        Ok(match cfg.kind {
+            UpsyncKind::Consul => Built::Kv(consul::ConsulKv::new(cfg)?),
+            UpsyncKind::ConsulHealth => Built::Health(consul_health::ConsulHealth::new(cfg)?),
+            UpsyncKind::Etcd => Built::Etcd(Box::new(etcd::Etcd::new(cfg)?)),
+        })
+    }
+}
+
+/// Builds the source of every `[upstream.NAME.upsync]` of `config` without starting it:
+/// a URL of the wrong shape or an unreadable CA file fails `l4lb check` and a reload,
+/// rather than a reload stopping an upstream's discovery and starting none.
+pub fn check(config: &Config) -> Result<(), Vec<String>> {
+    let errors: Vec<String> = config
+        .upstreams
+        .iter()
+        .filter_map(|(name, up)| {
+            let cfg = up.upsync.as_ref()?;
+            Built::new(cfg)
+                .err()
+                .map(|e| format!("upstream {name}: upsync {}: {e:#}", shown_url(&cfg.url)))
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
 /// Applies what a source reports to one upstream.
 struct Runner {
     upstream: Arc<Upstream>,
@@ -218,9 +262,24 @@ struct Runner {
 
 impl Runner {
     async fn apply(&self, servers: Vec<ServerSpec>, position: u64) {
-        self.status.succeeded(position);
         let servers = normalise(servers);
-        if !self.upstream.set_servers(servers.clone(), self.origin) {
+        let serving = self.upstream.snapshot().peers.len();
+        if servers.is_empty() && serving > 0 {
+            // As nginx-upsync ("cannot delete all peers"): a deleted prefix or a service
+            // with no passing instance is more likely a mistake or an outage than an
+            // intent, and applying it would refuse every session.
+            self.status.succeeded(position);
+            self.status.refused(format!(
+                "the source lists no servers; the last {serving} stay in service"
+            ));
+            warn!(upstream = %self.upstream.name, source = %self.origin, servers = serving, "source lists no servers; keeping the last set (as nginx-upsync)");
+            return;
+        }
+        let changed = self.upstream.set_servers(servers.clone(), self.origin);
+        // After the set: a binary upgrade reads positions before sets, so the new
+        // process never gets a position newer than the set it waits from.
+        self.status.succeeded(position);
+        if !changed {
             return;
         }
         self.status.updates.fetch_add(1, Ordering::Relaxed);
@@ -414,19 +473,10 @@ impl Discovery {
         phase: Phase,
     ) -> anyhow::Result<()> {
         let context = || format!("upstream {}: upsync {}", up.name, shown_url(&cfg.url));
-        match cfg.kind {
-            UpsyncKind::Consul => {
-                let src = consul::ConsulKv::new(&cfg).with_context(context)?;
-                self.launch_with(src, up, cfg, phase).await
-            }
-            UpsyncKind::ConsulHealth => {
-                let src = consul_health::ConsulHealth::new(&cfg).with_context(context)?;
-                self.launch_with(src, up, cfg, phase).await
-            }
-            UpsyncKind::Etcd => {
-                let src = etcd::Etcd::new(&cfg).with_context(context)?;
-                self.launch_with(src, up, cfg, phase).await
-            }
+        match Built::new(&cfg).with_context(context)? {
+            Built::Kv(src) => self.launch_with(src, up, cfg, phase).await,
+            Built::Health(src) => self.launch_with(src, up, cfg, phase).await,
+            Built::Etcd(src) => self.launch_with(*src, up, cfg, phase).await,
         }
     }
 

@@ -19,9 +19,12 @@ const MAX_REPLY: usize = 16 * 1024;
 /// in time is quoted in the reason.
 pub async fn check(kind: &CheckKind, addr: SocketAddr, timeout: Duration) -> Outcome {
     let deadline = Instant::now() + timeout;
-    match exchange(kind, addr, deadline, timeout).await {
-        Ok(()) => Outcome::Pass,
-        Err(why) => Outcome::Fail(why),
+    // Reads quote what came by the deadline; the bound around the whole exchange also
+    // covers a send or close to a server that stopped reading.
+    match tokio::time::timeout_at(deadline, exchange(kind, addr, deadline, timeout)).await {
+        Ok(Ok(())) => Outcome::Pass,
+        Ok(Err(why)) => Outcome::Fail(why),
+        Err(_) => Outcome::Fail(format!("timed out after {timeout:?}")),
     }
 }
 

@@ -84,7 +84,7 @@ impl Converter {
                 "state" => self.unsupported(x, "state files (NGINX Plus)"),
                 n if n == "check" || n.starts_with("check_") => self.unsupported(
                     x,
-                    "active health checks; l4lb has passive ones (max_fails/fail_timeout)",
+                    "the upstream check module's directives (write [upstream.NAME.health_check] instead)",
                 ),
                 _ => self.error(x, "unknown directive in upstream"),
             }

@@ -123,6 +123,9 @@ pub struct Upstream {
     states: Mutex<HashMap<SocketAddr, Weak<PeerState>>>,
     /// Serialises selections that update round-robin weights.
     select_lock: Mutex<()>,
+    /// Serialises changes of the server set: discovery, the admin API and a reload each
+    /// read the current set and publish a new one, and none may undo another's.
+    write_lock: Mutex<()>,
     /// The configuration this upstream was built from (for reload decisions).
     config: ArcSwap<UpstreamConfig>,
     /// Bumped on every published change, for control-plane followers (health checks).
@@ -214,6 +217,7 @@ impl Upstream {
             }),
             states: Mutex::new(HashMap::new()),
             select_lock: Mutex::new(()),
+            write_lock: Mutex::new(()),
             config: ArcSwap::from_pointee(config.clone()),
             changes: tokio::sync::watch::Sender::new(()),
             connect_seconds: METRICS
@@ -248,8 +252,8 @@ impl Upstream {
 
     /// Replaces the server set; returns false (and swaps nothing) when nothing changed.
     /// With health checks configured, a server new to the upstream gets no traffic until
-    /// it has passed a check.
-    pub fn set(&self, balance: Balance, servers: Vec<ServerSpec>, source: Source) -> bool {
+    /// it has passed a check. Callers hold `write_lock`.
+    fn set(&self, balance: Balance, servers: Vec<ServerSpec>, source: Source) -> bool {
         let fresh: fn() -> PeerState = if self.config.load().health_check.is_some() {
             || PeerState {
                 checks: ActiveHealth::pending(),
@@ -261,6 +265,7 @@ impl Upstream {
         self.publish(balance, servers, source, fresh)
     }
 
+    /// Swaps in a new set; callers hold `write_lock` (or are building the upstream).
     fn publish(
         &self,
         balance: Balance,
@@ -306,7 +311,8 @@ impl Upstream {
 
     /// Keeps the balance method, replaces the servers (discovery and admin updates).
     pub fn set_servers(&self, servers: Vec<ServerSpec>, source: Source) -> bool {
-        let balance = self.current.load().balance;
+        let _writing = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let balance = self.config.load().balance;
         self.set(balance, servers, source)
     }
 
@@ -315,6 +321,7 @@ impl Upstream {
     /// reload never loses what discovery learned; a set changed through the admin API is
     /// kept while the configured servers did not change.
     pub fn reconfigure(&self, config: &UpstreamConfig) -> bool {
+        let _writing = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.config.swap(Arc::new(config.clone()));
         let snap = self.current.load();
         let keep = match snap.source {
@@ -464,8 +471,9 @@ impl Upstream {
     }
 
     /// Takes over another process's state. The set it learned (discovery, admin API)
-    /// is kept by the rules of a reload: while the upstream still has an upsync source,
-    /// or, for an admin change, no source at all.
+    /// is kept while the upstream still has an upsync source, or, for an admin change,
+    /// no source at all; unlike a reload, whether the configured servers changed is not
+    /// known here (the old process's file may differ), so an admin change stays.
     fn restore(&self, saved: &UpstreamState, now: Instant) {
         let upsync = self.config().upsync.is_some();
         let keep = match saved.source {
