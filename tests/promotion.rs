@@ -475,6 +475,84 @@ async fn promotion_with_a_slow_reader_is_bounded_and_exact() {
     );
 }
 
+/// A session that has to leave the kernel while its reader has stopped reading for good
+/// still ends at `proxy_timeout`: taking it out drains what the kernel holds into that
+/// reader's socket, which never takes it. Here a bulk stream's backend stops reading
+/// right after the stream moved on trial, so the trial is lost and the session leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_the_kernel_towards_a_reader_that_stopped_ends_at_proxy_timeout() {
+    if !kernel_wanted("leaving_the_kernel_towards_a_reader_that_stopped_ends_at_proxy_timeout") {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let b = listener.local_addr().expect("addr");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let backend = {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.expect("accept");
+            let mut buf = vec![0u8; 1 << 16];
+            while !stop.load(Ordering::Relaxed) {
+                if matches!(sock.read(&mut buf).await, Ok(0) | Err(_)) {
+                    break;
+                }
+            }
+            // Open, and never read again.
+            sock
+        })
+    };
+    let port = free_port();
+    let d = Daemon::start(
+        &config(
+            port,
+            b,
+            "splice_after_bytes = \"64k\"\nsplice_after_time = \"10s\"",
+        )
+        .replace("proxy_timeout = \"60s\"", "proxy_timeout = \"3s\""),
+    );
+    let mut c = TcpStream::connect(addr(port)).await.expect("connect");
+    let writer = tokio::spawn(async move {
+        let chunk = vec![7u8; 1 << 16];
+        let until = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < until {
+            if c.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    wait_for(&d, "l4lb_kernel_bulk_trials_total", 1.0, "moved on trial").await;
+    stop.store(true, Ordering::Relaxed);
+    let stopped = Instant::now();
+    let line = {
+        let deadline = stopped + Duration::from_secs(20);
+        loop {
+            if let Some(l) = d.access_lines().pop() {
+                break l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the session never ended; daemon log:\n{}",
+                d.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let took = stopped.elapsed();
+    eprintln!("ended {took:?} after the reader stopped: {line}");
+    assert_eq!(
+        kernel_figure(&d, "l4lb_kernel_bulk_trials_lost_total", &[]),
+        1.0,
+        "{}",
+        d.log()
+    );
+    assert_eq!(log_field(&line, "end"), Some("idle_timeout"), "{line}");
+    assert_eq!(log_field(&line, "path"), Some("copy:bulk"), "{line}");
+    assert!(took >= Duration::from_millis(2500), "{took:?}: {line}");
+    assert_eq!(kernel_figure(&d, "l4lb_kernel_sessions", &[]), 0.0);
+    writer.abort();
+    drop(backend.await.expect("backend"));
+}
+
 /// With the default configuration, short sessions never touch the kernel path, and a
 /// long-lived idle one is moved there by the time rule and still ends at
 /// `proxy_timeout`.

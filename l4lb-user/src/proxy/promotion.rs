@@ -78,8 +78,8 @@ pub fn at_once(after: SpliceAfter) -> bool {
     after.bytes == 0 || after.time.is_zero()
 }
 
-/// Resolves when the session should move into the kernel. `started` is when it began
-/// forwarding; `decision` tells, even while this is still pending, whether it was
+/// Resolves when the session should move into the kernel. `started` is when it was
+/// accepted (in the old process, for a session a binary upgrade handed over); `decision` tells, even while this is still pending, whether it was
 /// deferred and why, and once this resolves, whether it moves on trial.
 pub async fn due(
     after: SpliceAfter,

@@ -950,7 +950,7 @@ async fn in_kernel(
                 .await
         }
         KernelStart::Wake(awake) => awake.run(limits, &kernel, handover).await,
-        KernelStart::Leave(in_place) => in_place.leave(&kernel).await,
+        KernelStart::Leave(in_place) => in_place.leave(limits, &kernel).await,
     };
     // A dormant session's stretch goes on: its bytes are counted when it ends.
     if let Some(userspace) = ended.userspace_bytes() {

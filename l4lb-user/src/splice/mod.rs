@@ -112,13 +112,14 @@ impl InPlace {
 
     /// It stays here, where the event ring is no longer read: it leaves the kernel for
     /// the copy path, without losing a byte.
-    pub async fn leave(self, transfer: &Transfer) -> KernelEnd {
+    pub async fn leave(self, limits: Limits, transfer: &Transfer) -> KernelEnd {
         let why = io::Error::other("the kernel path went to a new process (binary upgrade)");
         leave(
             self.session,
             Way::Up,
             CopyReason::KernelUnavailable,
             why,
+            limits,
             transfer,
         )
         .await
@@ -227,7 +228,8 @@ pub use loader::Shared;
 pub struct Entry {
     /// How long the pair has moved no byte (the idle clock goes on from there).
     pub quiet_for: std::time::Duration,
-    /// A bulk stream slower here than it was copied leaves (`CopyReason::Bulk`).
+    /// A session on trial: one slower here than it was copied (with its cohort) leaves
+    /// (`CopyReason::Bulk` or `CopyReason::Chatty`).
     pub trial: Option<Trial>,
 }
 
@@ -525,10 +527,8 @@ impl Splicer {
                 STATS.insert_failed.fetch_add(1, Ordering::Relaxed);
                 if e.attached {
                     // A socket was live in the kernel: drain it like a stalled session.
-                    session.detach_flowing().await;
-                    if let Err(end) = session.reclaim().await {
-                        return kernel_end(&session, end, Path::Copy(CopyReason::InsertFailed));
-                    }
+                    let (i, reason) = (Way::Up, CopyReason::InsertFailed);
+                    return leave(session, i, reason, e.error, limits, transfer).await;
                 }
                 return match session.into_streams() {
                     Ok((client, backend, userspace_bytes)) => KernelEnd::Left(Leaving {
@@ -577,7 +577,8 @@ async fn drive(
             KernelEnd::InPlace(InPlace { session })
         }
         End::Handover => {
-            match take_out(session, Way::Up, CopyReason::InsertFailed, transfer).await {
+            let reason = CopyReason::KernelUnavailable;
+            match take_out(session, Way::Up, reason, limits, transfer).await {
                 Ok((client, backend, userspace_bytes)) => KernelEnd::Handover {
                     client,
                     backend,
@@ -594,7 +595,7 @@ async fn drive(
                 session.socks[i.reverse()].side,
                 accounting::STALL_AFTER
             ));
-            leave(session, i, CopyReason::Watchdog, why, transfer).await
+            leave(session, i, CopyReason::Watchdog, why, limits, transfer).await
         }
         End::Lagging(i) => {
             STATS.lagging.fetch_add(1, Ordering::Relaxed);
@@ -608,11 +609,19 @@ async fn drive(
                     ""
                 }
             ));
-            leave(session, i, CopyReason::Lagging, why, transfer).await
+            leave(session, i, CopyReason::Lagging, why, limits, transfer).await
         }
         End::ClosedWhilePaused(i) => {
             let why = io::Error::from_raw_os_error(libc::EOPNOTSUPP);
-            leave(session, i, CopyReason::ClosedWhilePaused, why, transfer).await
+            leave(
+                session,
+                i,
+                CopyReason::ClosedWhilePaused,
+                why,
+                limits,
+                transfer,
+            )
+            .await
         }
         End::Slower { traffic, verdict } => {
             traffic.counters().1.fetch_add(1, Ordering::Relaxed);
@@ -639,7 +648,7 @@ async fn drive(
                 per_second(verdict.kernel),
                 per_second(verdict.copied)
             ));
-            leave(session, way, reason, why, transfer).await
+            leave(session, way, reason, why, limits, transfer).await
         }
     }
 }
@@ -670,9 +679,10 @@ async fn leave(
     i: Way,
     reason: CopyReason,
     why: io::Error,
+    limits: Limits,
     transfer: &Transfer,
 ) -> KernelEnd {
-    match take_out(session, i, reason, transfer).await {
+    match take_out(session, i, reason, limits, transfer).await {
         Ok((client, backend, userspace_bytes)) => KernelEnd::Left(Leaving {
             client,
             backend,
@@ -685,16 +695,25 @@ async fn leave(
 }
 
 /// Detaches both sockets and writes out what the daemon holds; `reason` names the
-/// path if the session ends meanwhile.
+/// path if the session ends meanwhile. A peer that takes no byte for `proxy_timeout`
+/// ends it, as on either path: draining waits on the peers, which may have stopped
+/// reading for good.
 async fn take_out(
     session: Box<Session>,
     i: Way,
     reason: CopyReason,
+    limits: Limits,
     transfer: &Transfer,
 ) -> Result<(StdTcpStream, StdTcpStream, u64), KernelEnd> {
     let side = session.socks[i].side;
-    session.detach_flowing().await;
-    if let Err(end) = session.reclaim().await {
+    let reclaimed = tokio::select! {
+        r = async {
+            session.detach_flowing().await;
+            session.reclaim().await
+        } => r,
+        end = session.idle(limits.idle_timeout, transfer) => Err(end),
+    };
+    if let Err(end) = reclaimed {
         return Err(kernel_end(&session, end, Path::Copy(reason)));
     }
     session.publish(transfer);

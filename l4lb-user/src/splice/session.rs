@@ -706,7 +706,7 @@ impl Session {
     }
 
     /// Resolves when no byte moved in either direction for `timeout`.
-    async fn idle(&self, timeout: Duration, transfer: &Transfer) -> End {
+    pub async fn idle(&self, timeout: Duration, transfer: &Transfer) -> End {
         let timeout_ns = sys::nanos(timeout);
         loop {
             let mut last = self.last_user_ns.load(Ordering::Relaxed);
