@@ -333,6 +333,9 @@ impl Session {
         let mut ready = Readiness::default();
         let mut delay = FIRST_POLL;
         let (started, read0) = (Instant::now(), self.dirs[i].read());
+        // Time spent waiting for passed bytes since the last one came: they are in the
+        // kernel's backlog and arrive within milliseconds, so a long wait is an error.
+        let mut starved = Duration::ZERO;
         loop {
             self.wait_drained(i).await?;
             self.flush_pending(i, &mut ready).await?;
@@ -344,15 +347,28 @@ impl Session {
                     ms = started.elapsed().as_millis() as u64,
                     "held direction forwarded"
                 );
+                // The buffer (up to 256 KiB) is not kept for a hold that may never come.
+                *self.dirs[i].pending() = Vec::new();
                 return Ok(());
             }
+            if starved > STALL_AFTER {
+                return Err(End::Session(SessionEnd::Error(
+                    side,
+                    "passed bytes never reached the socket".into(),
+                )));
+            }
+            let waiting = Instant::now();
             match self.read_some(i)? {
-                Some(n) if n > 0 => delay = FIRST_POLL,
+                Some(n) if n > 0 => {
+                    delay = FIRST_POLL;
+                    starved = Duration::ZERO;
+                }
                 // EOF before every passed byte arrived: the rest is still on its way
                 // through the kernel's backlog. Readiness would spin here, so poll.
                 Some(_) => {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(MAX_POLL);
+                    starved += waiting.elapsed();
                 }
                 None => {
                     if ready.reader.is_none() {
@@ -368,6 +384,7 @@ impl Session {
                             g.clear_ready();
                         }
                     }
+                    starved += waiting.elapsed();
                 }
             }
         }
@@ -378,14 +395,10 @@ impl Session {
     fn read_some(&self, i: Way) -> Result<Option<usize>, End> {
         let mut buf = self.dirs[i].pending();
         debug_assert!(buf.is_empty());
-        buf.resize(FORWARD_BUF, 0);
-        let got = sys::recv(self.socks[i].fd, &mut buf);
-        let n = match got {
-            Ok(Some(n)) => n,
-            _ => 0,
-        };
-        buf.truncate(n);
-        self.dirs[i].read.fetch_add(n as u64, Ordering::Relaxed);
+        let got = sys::recv_to_spare(self.socks[i].fd, &mut buf, FORWARD_BUF);
+        if let Ok(Some(n)) = got {
+            self.dirs[i].read.fetch_add(n as u64, Ordering::Relaxed);
+        }
         got.map_err(|e| io_end(self.socks[i].side, &e, "recv from source"))
     }
 

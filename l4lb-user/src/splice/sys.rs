@@ -374,11 +374,19 @@ fn nonblocking_result(n: isize) -> io::Result<Option<usize>> {
     }
 }
 
-/// Non-blocking recv; `Ok(None)` when nothing is there now.
-pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
-    // SAFETY: the buffer is valid for `buf.len()` bytes.
-    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-    nonblocking_result(n)
+/// Non-blocking receive of at most `max` bytes appended to `buf`, without zeroing the
+/// space first (a held direction reads up to 256 KiB at a time).
+pub fn recv_to_spare(fd: RawFd, buf: &mut Vec<u8>, max: usize) -> io::Result<Option<usize>> {
+    buf.reserve(max);
+    let spare = &mut buf.spare_capacity_mut()[..max];
+    // SAFETY: `spare` is valid for writes of `max` bytes; recv writes at most that.
+    let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), max, libc::MSG_DONTWAIT) };
+    let got = nonblocking_result(n)?;
+    if let Some(n) = got {
+        // SAFETY: recv initialised the first `n` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + n) };
+    }
+    Ok(got)
 }
 
 /// Non-blocking send; `Ok(None)` when the send buffer is full.
