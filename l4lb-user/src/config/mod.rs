@@ -4,7 +4,7 @@
 mod schema;
 pub mod units;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
@@ -402,6 +402,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
     let mut v = Validator {
         text,
         errors: Vec::new(),
+        dump_paths: HashMap::new(),
     };
     let root = match DeTable::parse(text) {
         Ok(root) => root,
@@ -421,6 +422,8 @@ pub fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
 struct Validator<'t> {
     text: &'t str,
     errors: Vec<ConfigError>,
+    /// Each upsync dump file and the upsync section that writes it.
+    dump_paths: HashMap<PathBuf, String>,
 }
 
 type Node<'i> = Spanned<DeValue<'i>>;
@@ -900,6 +903,21 @@ impl Validator<'_> {
         if interval.is_zero() {
             self.at(node, path, "interval", "interval must be greater than zero");
             return None;
+        }
+        if let Some(dump) = &raw.dump_path {
+            // Two writers would overwrite each other's sets, and each upstream would
+            // start from the other's.
+            let dump = PathBuf::from(dump);
+            if let Some(other) = self.dump_paths.get(&dump).cloned() {
+                self.at(
+                    node,
+                    path,
+                    "dump_path",
+                    format!("{} is also the dump file of {other}", dump.display()),
+                );
+                return None;
+            }
+            self.dump_paths.insert(dump, path.to_string());
         }
         let timeout = raw.timeout.map_or(Duration::from_secs(360), |d| d.0);
         if timeout < Duration::from_secs(1) {

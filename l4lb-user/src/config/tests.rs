@@ -267,6 +267,16 @@ fn semantic_errors() {
             "not set",
         ),
         (
+            "[upstream.u]\n[upstream.u.upsync]\ntype = \"consul\"\nurl = \"http://x/v1/kv/u/\"\ntimeout = \"500ms\"\n",
+            "upstream.u.upsync.timeout",
+            "at least 1s",
+        ),
+        (
+            "[upstream.u]\n[upstream.u.upsync]\ntype = \"consul\"\nurl = \"http://x/v1/kv/u/\"\ndump_path = \"/tmp/u.conf\"\n[upstream.v]\n[upstream.v.upsync]\ntype = \"consul\"\nurl = \"http://x/v1/kv/v/\"\ndump_path = \"/tmp/u.conf\"\n",
+            "upstream.v.upsync.dump_path",
+            "also the dump file of upstream.u.upsync",
+        ),
+        (
             "[upstream.u]\nservers = [{ address = \"127.0.0.1:1\" }]\n[[server]]\nlisten = \"127.0.0.1:1\"\nprotocol = \"udp\"\nproxy_pass = \"u\"\nproxy_protocol = \"v1\"\n",
             "server[0].proxy_protocol",
             "TCP only",

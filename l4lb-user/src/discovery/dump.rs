@@ -43,7 +43,8 @@ fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
         .file_name()
         .with_context(|| format!("{} names no file", path.display()))?
         .to_string_lossy();
-    let tmp: PathBuf = path.with_file_name(format!(".{name}.tmp"));
+    // Per process: during a binary upgrade the old and the new one both write.
+    let tmp: PathBuf = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     let mut f =
         std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     f.write_all(data)
@@ -54,16 +55,30 @@ fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The servers of a dump file; `None` when there is no file.
-pub async fn read(path: &Path) -> anyhow::Result<Option<Vec<ServerSpec>>> {
+/// The servers of `upstream`'s dump file; `None` when there is no file. A file l4lb
+/// wrote for another upstream (a renamed one, a path that moved) is refused; one without
+/// l4lb's first line (written by hand or by nginx-upsync) is read.
+pub async fn read(path: &Path, upstream: &str) -> anyhow::Result<Option<Vec<ServerSpec>>> {
     let text = match tokio::fs::read_to_string(path).await {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
+    if let Some(owner) = owner(&text).filter(|o| *o != upstream) {
+        bail!("{}: written for upstream {owner}", path.display());
+    }
     parse(&text)
         .with_context(|| format!("{}", path.display()))
         .map(Some)
+}
+
+/// The upstream named by the first line [`render`] writes.
+fn owner(text: &str) -> Option<&str> {
+    text.lines()
+        .next()?
+        .strip_prefix("# l4lb: servers of upstream ")?
+        .split_whitespace()
+        .next()
 }
 
 pub fn parse(text: &str) -> anyhow::Result<Vec<ServerSpec>> {
@@ -130,6 +145,22 @@ mod tests {
         assert_eq!(parse(&text).unwrap(), vec![a, b]);
     }
 
+    #[tokio::test]
+    async fn a_file_written_for_another_upstream_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.conf");
+        let a = ServerSpec::new("10.0.0.1:3306".parse().unwrap());
+        write(&path, "db", Source::Consul, std::slice::from_ref(&a))
+            .await
+            .unwrap();
+        assert_eq!(read(&path, "db").await.unwrap(), Some(vec![a.clone()]));
+        let err = read(&path, "cache").await.unwrap_err().to_string();
+        assert!(err.contains("written for upstream db"), "{err}");
+        // Hand-written (or nginx-upsync's): no first line of ours, read as it is.
+        std::fs::write(&path, format!("{}\n", server_line(&a))).unwrap();
+        assert_eq!(read(&path, "cache").await.unwrap(), Some(vec![a]));
+    }
+
     /// Found by the fuzz targets' round trip: a 500ms fail_timeout from Consul was
     /// dumped as `fail_timeout=0s`, so a restart from the dump changed the server.
     #[test]
@@ -155,11 +186,11 @@ mod tests {
     async fn write_replaces_and_read_loads() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.conf");
-        assert!(read(&path).await.unwrap().is_none());
+        assert!(read(&path, "db").await.unwrap().is_none());
         let s = vec![ServerSpec::new("127.0.0.1:1".parse().unwrap())];
         write(&path, "db", Source::Consul, &s).await.unwrap();
         write(&path, "db", Source::Consul, &s).await.unwrap();
-        assert_eq!(read(&path).await.unwrap().unwrap(), s);
+        assert_eq!(read(&path, "db").await.unwrap().unwrap(), s);
         assert_eq!(
             std::fs::read_dir(dir.path()).unwrap().count(),
             1,

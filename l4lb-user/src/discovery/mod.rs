@@ -333,7 +333,7 @@ impl Runner {
         let Some(path) = &self.cfg.dump_path else {
             return;
         };
-        match dump::read(path).await {
+        match dump::read(path, &self.upstream.name).await {
             Ok(Some(servers)) => {
                 let n = servers.len();
                 self.upstream
