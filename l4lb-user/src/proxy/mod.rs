@@ -32,6 +32,27 @@ pub struct ListenerCtx {
     pub conn_limits: Arc<access::ConnLimits>,
 }
 
+impl ListenerCtx {
+    /// Whether a new session from `ip` may start (`allow`/`deny`, then `limit_conn`):
+    /// its `limit_conn` place if it may, else the refusal's reason, counted.
+    pub fn admit(&self, ip: std::net::IpAddr) -> Result<Option<access::ConnSlot>, &'static str> {
+        if !access::allowed(&self.server.access, ip) {
+            self.metrics.denied.inc();
+            return Err("denied");
+        }
+        match self.server.limit_conn {
+            0 => Ok(None),
+            limit => match self.conn_limits.try_acquire(ip, limit) {
+                Some(slot) => Ok(Some(slot)),
+                None => {
+                    self.metrics.limit_conn.inc();
+                    Err("limit_conn")
+                }
+            },
+        }
+    }
+}
+
 pub type SharedCtx = Arc<ArcSwap<ListenerCtx>>;
 
 /// What a session handed over by another process (binary upgrade) holds here, as any

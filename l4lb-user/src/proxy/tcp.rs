@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, error, info, warn};
 
-use super::access::{self, ConnSlot};
+use super::access::ConnSlot;
 use super::connect::{connect, ConnectError};
 use super::copy::{copy, CopyEnd, Stop};
 use super::promotion::{self, Decision};
@@ -552,20 +552,9 @@ async fn establish(
         }
     }
     let peer = *peer;
-    if !access::allowed(&server.access, peer.ip()) {
-        ctx.metrics.denied.inc();
-        return Err(Outcome::ended(None, "denied"));
-    }
-    let slot = match server.limit_conn {
-        0 => None,
-        limit => match ctx.conn_limits.try_acquire(peer.ip(), limit) {
-            Some(slot) => Some(slot),
-            None => {
-                ctx.metrics.limit_conn.inc();
-                return Err(Outcome::ended(None, "limit_conn"));
-            }
-        },
-    };
+    let slot = ctx
+        .admit(peer.ip())
+        .map_err(|refused| Outcome::ended(None, refused))?;
     let Some(upstream) = ctx.upstream.as_ref() else {
         return Err(Outcome::ended(None, "no_upstream"));
     };

@@ -14,7 +14,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::access::{self, ConnSlot};
+use super::access::ConnSlot;
 use super::copy::idle;
 use super::{HandedOver, ListenerCtx, SharedCtx};
 use crate::metrics::METRICS;
@@ -131,20 +131,7 @@ async fn open(
     pause: &CancellationToken,
 ) -> Option<Arc<UdpSession>> {
     let server = &ctx.server;
-    if !access::allowed(&server.access, client.ip()) {
-        ctx.metrics.denied.inc();
-        return None;
-    }
-    let slot = match server.limit_conn {
-        0 => None,
-        limit => match ctx.conn_limits.try_acquire(client.ip(), limit) {
-            Some(slot) => Some(slot),
-            None => {
-                ctx.metrics.limit_conn.inc();
-                return None;
-            }
-        },
-    };
+    let slot = ctx.admit(client.ip()).ok()?;
     let Ok(permit) = Arc::clone(&dp.conn_limit).try_acquire_owned() else {
         ctx.metrics.max_connections.inc();
         debug!(%client, listen = %server.listen, "max_connections reached; datagram dropped");
