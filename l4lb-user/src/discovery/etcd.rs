@@ -348,8 +348,12 @@ impl Source for Etcd {
                 // watch that starts behind sends its backlog after `created`.
                 continue;
             }
-            let latest = apply(&mut self.kvs, revision, &result.events)
-                .inspect_err(|_| self.watch = None)?;
+            // An event that cannot be decoded would come again first on a watch from
+            // the same revision, hiding every later fix: read the prefix again instead.
+            let latest = apply(&mut self.kvs, revision, &result.events).inspect_err(|_| {
+                self.watch = None;
+                self.revision = None;
+            })?;
             self.revision = Some(latest);
             return self.servers();
         }
