@@ -75,6 +75,8 @@ pub struct Converter {
     pub listening: Vec<(std::net::SocketAddr, bool, Directive)>,
     /// `limit_conn_zone` names keyed by the client address (the one key l4lb limits by).
     pub conn_zones: Vec<String>,
+    /// `upsync_dump_path` files so far, with where.
+    pub dump_paths: Vec<(String, Loc)>,
 }
 
 impl Converter {

@@ -681,6 +681,22 @@ fn zero_intervals_and_timeouts_are_errors() {
     );
 }
 
+/// l4lb refuses an upsync timeout under a second and two upstreams sharing a dump file,
+/// so the conversion refuses them too (a file it writes must load).
+#[test]
+fn short_upsync_timeouts_and_shared_dump_files_are_errors() {
+    let errors = convert_err(
+        "stream {\n upstream u {\n upsync 127.0.0.1:8500/v1/kv/u upsync_type=consul upsync_timeout=500ms;\n server 127.0.0.1:1;\n }\n upstream v {\n upsync 127.0.0.1:8500/v1/kv/v upsync_type=consul;\n upsync_dump_path /tmp/s.conf;\n server 127.0.0.1:2;\n }\n upstream w {\n upsync 127.0.0.1:8500/v1/kv/w upsync_type=consul;\n upsync_dump_path /tmp/s.conf;\n server 127.0.0.1:3;\n }\n server { listen 1; proxy_pass u; }\n}\n",
+    );
+    assert_eq!(
+        errors,
+        [
+            "nginx.conf:3: upsync: \"500ms\" must be at least 1s",
+            "nginx.conf:13: upsync_dump_path: /tmp/s.conf is also the dump file of another upstream (at nginx.conf:8): l4lb takes one file per upstream",
+        ]
+    );
+}
+
 /// Found by fuzzing: `upsync ... upsync_interval=50 upsync_interval=500ms` wrote
 /// `interval` twice, which TOML refuses. As in nginx-upsync, the last one counts.
 #[test]

@@ -2,12 +2,14 @@
 //! `upsync` / `upsync_dump_path`.
 
 use std::path::Path;
+use std::time::Duration;
 
 use super::convert::{source, Converter};
 use super::emit::{self, Section};
 use super::parser::Directive;
 use super::values::{
-    duration, flag, is_host_port, no_variables, number, positive_duration, single,
+    duration, duration_at_least, flag, is_host_port, no_variables, number, positive_duration,
+    single,
 };
 
 impl Converter {
@@ -245,7 +247,9 @@ impl Converter {
                     continue;
                 }
                 "upsync_interval" => positive_duration(value).map(|v| ("interval", v)),
-                "upsync_timeout" => duration(value).map(|v| ("timeout", v)),
+                "upsync_timeout" => {
+                    duration_at_least(value, Duration::from_secs(1)).map(|v| ("timeout", v))
+                }
                 "strong_dependency" => {
                     flag(value).map(|b| ("strong_dependency", emit::value(toml::Value::Boolean(b))))
                 }
@@ -325,6 +329,14 @@ impl Converter {
     fn dump_path(&mut self, d: &Directive, s: &mut Section) {
         match single(d).and_then(no_variables) {
             Ok(path) => {
+                if let Some((_, first)) = self.dump_paths.iter().find(|(p, _)| p == path) {
+                    let msg = format!(
+                        "{path} is also the dump file of another upstream (at {first}): l4lb takes one file per upstream"
+                    );
+                    self.error(d, msg);
+                    return;
+                }
+                self.dump_paths.push((path.to_string(), d.loc.clone()));
                 if Path::new(path).is_relative() {
                     self.warn(
                         d,

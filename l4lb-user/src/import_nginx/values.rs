@@ -1,5 +1,7 @@
 //! nginx argument spellings checked and turned into TOML values l4lb reads the same way.
 
+use std::time::Duration;
+
 use crate::config::units::{parse_duration, parse_size};
 
 use super::emit;
@@ -43,6 +45,16 @@ pub fn positive_duration(s: &str) -> Result<String, String> {
     let compact: String = no_variables(s)?.split_whitespace().collect();
     if parse_duration(&compact)?.is_zero() {
         return Err(format!("{s:?} must be greater than zero"));
+    }
+    Ok(emit::string(&compact))
+}
+
+/// A time l4lb needs to be at least `min` (an upsync timeout: a blocking query or
+/// watch shorter than a second would end before any change came).
+pub fn duration_at_least(s: &str, min: Duration) -> Result<String, String> {
+    let compact: String = no_variables(s)?.split_whitespace().collect();
+    if parse_duration(&compact)? < min {
+        return Err(format!("{s:?} must be at least {min:?}"));
     }
     Ok(emit::string(&compact))
 }
