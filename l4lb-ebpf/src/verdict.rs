@@ -3,7 +3,8 @@
 //! the peer has taken into its send queue, and past [`PAUSE_ABOVE`] it asks for a pause:
 //! the sock_ops program below takes the socket out of the attached map, its window
 //! closes, and the daemon lets it rejoin once the peer caught up (see
-//! `l4lb-user/src/splice/accounting.rs`). Every MiB redirected the daemon is told too. Should a redirect fail
+//! `l4lb-user/src/splice/accounting.rs`). Every 4 MiB redirected the daemon is told too
+//! (`PROGRESS_SHIFT`). Should a redirect fail
 //! (the peer left the redirect map), the direction holds: skbs are passed to the socket
 //! itself, the daemon is told on the ring buffer and forwards them, and redirecting
 //! resumes once it has, so the byte order holds.

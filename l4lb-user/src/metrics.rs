@@ -581,12 +581,12 @@ impl Collector for LiveState {
                 ),
                 (
                     "kernel_holds",
-                    "Half-closes held back while the other direction drained",
+                    "Times a direction held (a redirect failed; the daemon forwarded what the socket got meanwhile), added as spliced sessions end",
                     k.holds,
                 ),
                 (
                     "kernel_trimmed_bytes",
-                    "Repeated bytes the verdict cut off retransmitted skbs",
+                    "Repeated bytes the verdict cut off retransmitted skbs, added as spliced sessions end",
                     k.trimmed,
                 ),
                 (

@@ -246,11 +246,14 @@ impl Session {
         Ok(())
     }
 
-    /// A periodic look at a running direction: a hold whose event was lost, a pause to
-    /// end, the lag, or a stall.
+    /// A periodic look at a running direction: a hold or a broken stream whose event
+    /// was lost (the ring was full), a pause to end, the lag, or a stall.
     pub(super) async fn tick(&self, i: Way, check: &mut Check) -> Result<(), End> {
         if !self.paused(i) {
             let f = self.flow(i)?;
+            if f.flags & l4lb_ebpf::FLOW_BROKEN != 0 {
+                return Err(self.broken(i));
+            }
             if f.passed > self.dirs[i].read() {
                 self.relieve(i).await?;
                 check.reset();

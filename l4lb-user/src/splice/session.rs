@@ -511,24 +511,53 @@ impl Session {
     /// (see l4lb-ebpf); it acts once the verdict has seen every byte received. After
     /// [`DETACH_WAIT`] without that, from here.
     pub async fn detach_flowing(&self) {
+        // Both sockets are asked at once and each gets the whole wait: asked in turn, a
+        // socket whose peer is slow to answer (zero-window probes) left the other one
+        // a single try before its removal from here, which drops skbs in flight.
         let deadline = std::time::Instant::now() + DETACH_WAIT;
-        for i in Way::BOTH {
-            loop {
+        let mut waiting = PerWay::new(true, true);
+        loop {
+            for i in Way::BOTH {
+                if !waiting[i] {
+                    continue;
+                }
                 if let Err(e) = self.request_detach(i) {
                     debug!(error = ?e, "detach request failed");
-                    break;
+                    waiting[i] = false;
+                } else if !self.attached(i) {
+                    waiting[i] = false;
                 }
-                if !self.attached(i) {
-                    break;
+            }
+            if !waiting.values().any(|&w| w) {
+                return;
+            }
+            if std::time::Instant::now() > deadline {
+                for i in Way::BOTH {
+                    if waiting[i] {
+                        warn!(side = %self.socks[i].side, "socket did not leave the attached map in time; removing it from userspace");
+                        self.detach_one(i);
+                    }
                 }
-                if std::time::Instant::now() > deadline {
-                    warn!(side = %self.socks[i].side, "socket did not leave the attached map in time; removing it from userspace");
-                    self.detach_one(i);
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Direction `i` dropped bytes it could not keep in order (see l4lb-ebpf): the
+    /// session ends, and both ends see a reset, not a FIN after a gap that would pass
+    /// for a complete stream.
+    pub(super) fn broken(&self, i: Way) -> End {
+        for s in self.socks.values() {
+            if let Err(e) = sys::reset_on_close(s.fd) {
+                warn!(side = %s.side, error = %e, "cannot make the close a reset");
             }
         }
+        SessionEnd::Error(
+            self.socks[i].side,
+            "the kernel could not keep the byte stream intact".into(),
+        )
+        .into()
     }
 
     /// Takes both sockets out of every map and the watcher. Idempotent.
@@ -755,13 +784,7 @@ impl Session {
                         self.resume(i)?;
                     }
                 }
-                Some(Event::Broken) => {
-                    return Err(SessionEnd::Error(
-                        self.socks[i].side,
-                        "the kernel could not keep the byte stream intact".into(),
-                    )
-                    .into())
-                }
+                Some(Event::Broken) => return Err(self.broken(i)),
                 Some(Event::Own(bits)) => {
                     if bits & libc::EPOLLERR as u32 != 0 {
                         if let Some(e) = sys::take_socket_error(self.socks[i].fd).ok().flatten() {

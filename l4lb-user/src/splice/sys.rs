@@ -217,29 +217,53 @@ pub fn take_socket_error(fd: RawFd) -> io::Result<Option<io::Error>> {
     Ok((e != 0).then(|| io::Error::from_raw_os_error(e)))
 }
 
+/// Makes the socket's close send a reset (`SO_LINGER` on with a zero timeout), for a
+/// stream whose peer must not take a cut-off stream for a complete one.
+pub fn reset_on_close(fd: RawFd) -> io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: passes a pointer to a live linger and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `SO_RCVLOWAT = 1`: runs the verdict at once on bytes queued before the insert.
 pub fn set_rcvlowat_one(fd: RawFd) -> io::Result<()> {
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
 }
 
 /// Fixes the receive buffer at `bytes` (the kernel doubles it for overhead), which also
-/// stops its autotuning and so caps the TCP window the socket offers.
+/// stops its autotuning and so caps the TCP window the socket offers; past
+/// `net.core.rmem_max` (212,992 by default) where the daemon may.
 pub fn set_rcvbuf(fd: RawFd, bytes: usize) -> io::Result<()> {
-    setsockopt_int(
-        fd,
-        libc::SOL_SOCKET,
-        libc::SO_RCVBUF,
-        libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX),
-    )
+    set_buffer(fd, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, bytes)
 }
 
 /// Fixes the send buffer at `bytes` (doubled by the kernel), past `net.core.wmem_max`
-/// where the daemon may (`SO_SNDBUFFORCE`, CAP_NET_ADMIN), else up to it.
+/// where the daemon may.
 pub fn set_sndbuf(fd: RawFd, bytes: usize) -> io::Result<()> {
+    set_buffer(fd, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, bytes)
+}
+
+/// `force` (CAP_NET_ADMIN: not capped by the sysctl maximum), else `plain` (capped).
+fn set_buffer(fd: RawFd, force: libc::c_int, plain: libc::c_int, bytes: usize) -> io::Result<()> {
     let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    match setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes) {
+    match setsockopt_int(fd, libc::SOL_SOCKET, force, bytes) {
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-            setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, bytes)
+            setsockopt_int(fd, libc::SOL_SOCKET, plain, bytes)
         }
         r => r,
     }
