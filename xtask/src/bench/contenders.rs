@@ -219,6 +219,17 @@ pub fn start(
     };
     let mut proc = Proc::spawn(name, &mut cmd, &log)?;
     proc.wait_listening(&fronts.all(), Duration::from_secs(20))?;
+    if who == Contender::Nginx {
+        // nginx's master listens before it forks its worker: the pids measured (CPU,
+        // idle RSS) must include the worker, which does the proxying.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while cpu::descendants(proc.pid()).len() < 2 {
+            if std::time::Instant::now() > deadline {
+                bail!("nginx started no worker process:\n{}", proc.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     Ok(Running {
         fronts,
         proc: Some(proc),

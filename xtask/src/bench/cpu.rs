@@ -177,6 +177,19 @@ pub fn rss_kib(pids: &[u32]) -> u64 {
         .sum()
 }
 
+/// The kernel's unreclaimable slab memory in KiB (`SUnreclaim` in /proc/meminfo): where
+/// sockets, sockmap links and BPF map elements live, none of which is in any RSS.
+pub fn kernel_slab_kib() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("SUnreclaim:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// User + system seconds of every child this process has reaped so far.
 fn children_secs() -> f64 {
     // SAFETY: rusage is plain old data; getrusage(2) fills it.

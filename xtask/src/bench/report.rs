@@ -272,11 +272,12 @@ const METHOD: &str = "## Method\n\n\
   every session promoted to the kernel path at once (`l4lb-kernel-always`).\n\
 - haproxy-splice uses `option splice-request` and `option splice-response` (haproxy \
   2.6's `option splice-auto` spliced nothing here). Its stats socket's spliced-bytes \
-  counter is read around every bulk run: a run in which less than half of the received \
+  counter is read around every bulk run: a run in which less than 90% of the received \
   bytes went through splice(2) fails (`spliced_share` in the JSON, for plain haproxy \
   too).\n\
-- A round runs every contender once, in the listed order, each with a fresh balancer and \
-  iperf3 server; rounds repeat that order (A B A B ...). Cells are medians over rounds, \
+- A round runs every contender once, each with a fresh balancer and iperf3 server; each \
+  round starts at a different place in the list (rotated by an even share), so the host's \
+  drift within a round falls on every contender. Cells are medians over rounds, \
   with min–max when there are several.\n\
 - iperf3 -P1 / -P4: Gbit/s received (the control connection goes through the balancer \
   too). redis-benchmark PING with 50 clients, keep-alive (-k 1) and a new connection per \
@@ -287,7 +288,10 @@ const METHOD: &str = "## Method\n\n\
   (balancer RSS 10 s after all sessions reached the sink − RSS after 10 s without them) / N, the same waits \
   for every balancer (l4lb's idle sessions move into the kernel after 1 s and sleep there \
   without a task a few seconds later); nginx preallocates its \
-  connection array at start, so part of its per-connection cost is in the baseline.\n\
+  connection array at start, so part of its per-connection cost is in the baseline. \
+  Kernel slab per idle conn: the same difference in /proc/meminfo's SUnreclaim, which \
+  holds every contender's sockets (four a connection, the harness's included) and what \
+  the kernel path adds (sockmap links, map elements), none of it in any RSS.\n\
 - CPU: machine CPU-s = busy time of all CPUs from /proc/stat (user+nice+system+irq+softirq, \
   no idle/iowait/steal) during the measured run, divided by GB received or by thousands \
   of requests/transactions. Proxy CPU-s = utime+stime of the balancer's processes (all \

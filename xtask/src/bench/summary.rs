@@ -58,6 +58,12 @@ pub const COLUMNS: &[Column] = &[
         false,
     ),
     col(
+        Workload::Idle,
+        "kernel_slab_per_conn_kib",
+        "kernel slab KiB per idle conn",
+        false,
+    ),
+    col(
         Workload::Iperf3P4,
         "cpu_machine",
         "machine CPU-s/GB (-P4)",
