@@ -23,7 +23,8 @@ use core::ptr;
 use aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_SOCKHASH;
 use aya_ebpf::bindings::sk_action::{SK_DROP, SK_PASS};
 use aya_ebpf::bindings::{
-    bpf_map_def, BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
+    bpf_map_def, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
+    BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
 };
 use aya_ebpf::helpers::{
     bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_map_delete_elem,
@@ -91,11 +92,18 @@ impl SockHash8 {
     }
 }
 
+// Not preallocated: a preallocated element the daemon deletes goes back on the free list
+// at once, and the next session's insert could take it while a verdict still running
+// on the old socket writes through its pointer. Freed after an RCU grace period
+// instead; the daemon's updates of a control entry swap in a whole new element, so the
+// verdict never reads one half-written. Only the daemon inserts.
 #[map]
-static L4LB_FLOWS: HashMap<u64, Flow> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+static L4LB_FLOWS: HashMap<u64, Flow> =
+    HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
 #[map]
-static L4LB_CTL: HashMap<u64, FlowCtl> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+static L4LB_CTL: HashMap<u64, FlowCtl> =
+    HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
 #[map]
 static L4LB_TARGETS: SockHash8 = SockHash8::new(DEFAULT_MAX_SOCKETS);
