@@ -23,8 +23,7 @@ use core::ptr;
 use aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_SOCKHASH;
 use aya_ebpf::bindings::sk_action::{SK_DROP, SK_PASS};
 use aya_ebpf::bindings::{
-    bpf_map_def, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
-    BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
+    bpf_map_def, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
 };
 use aya_ebpf::helpers::{
     bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_map_delete_elem,

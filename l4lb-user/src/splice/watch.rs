@@ -165,13 +165,19 @@ impl Watcher {
 
     /// Starts watching a socket.
     pub fn add(&self, fd: RawFd, cookie: u64, route: Route) -> io::Result<()> {
-        let orphaned = self.orphans().as_mut().and_then(|o| o.remove(&cookie));
-        if let (Some(events), Route::Live { own, .. }) = (orphaned, &route) {
-            for ev in events {
-                let _ = own.send(ev);
+        {
+            // Under the table's lock (then the orphans'), as `ring_event` takes them: an
+            // event it fails to deliver meanwhile would otherwise become an orphan after
+            // the orphans were handed over, and be lost.
+            let mut table = self.table();
+            let orphaned = self.orphans().as_mut().and_then(|o| o.remove(&cookie));
+            if let (Some(events), Route::Live { own, .. }) = (orphaned, &route) {
+                for ev in events {
+                    let _ = own.send(ev);
+                }
             }
+            table.routes.insert(cookie, route);
         }
-        self.table().routes.insert(cookie, route);
         epoll_ctl(
             self.epoll.as_raw_fd(),
             libc::EPOLL_CTL_ADD,
@@ -313,7 +319,8 @@ impl Watcher {
             EVENT_PAUSED => Event::Paused,
             _ => return,
         };
-        let delivered = self.table().deliver(ev.cookie, woken, |route| {
+        let mut table = self.table();
+        let delivered = table.deliver(ev.cookie, woken, |route| {
             if let Route::Live { own, .. } = route {
                 let _ = own.send(event);
             }
