@@ -220,6 +220,34 @@ async fn a_hung_backend_is_marked_down_and_comes_back_after_passes() {
         );
     }
     wait_state(admin, "u", c.addr, "down", Duration::from_secs(5)).await;
+
+    // A reload without checks: their series leave /metrics.
+    let series = |who: &Switchable| {
+        let s = support::scrape(admin);
+        let server = who.addr.to_string();
+        support::metric(
+            &s,
+            "l4lb_health_checks_total",
+            &[
+                ("upstream", "u"),
+                ("server", server.as_str()),
+                ("result", "fail"),
+            ],
+        )
+    };
+    assert!(series(&c).is_some(), "c failed checks: it has a series");
+    let checked = check_config(admin_port, lb_port, show_port, &servers, "400ms");
+    let (from, to) = (
+        checked.find("[upstream.u.health_check]").expect("checks"),
+        checked.find("[[server]]").expect("servers"),
+    );
+    d.reload(&format!("{}{}", &checked[..from], &checked[to..]));
+    assert_eq!(
+        series(&c),
+        None,
+        "check series left after the checks were removed"
+    );
+    assert_eq!(series(&a), None);
 }
 
 fn typed_config(admin: u16, lb: u16, upstreams: &[(&str, &str, SocketAddr)]) -> String {

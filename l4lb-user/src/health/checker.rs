@@ -42,6 +42,16 @@ impl HealthChecks {
             });
             if !keep {
                 task.stop.cancel();
+                // Checks end here for good (not restarted with new settings): their
+                // series leave /metrics, as a removed server's do.
+                let checked_on = all
+                    .get(name)
+                    .filter(|up| up.config().health_check.is_some());
+                if checked_on.is_none() {
+                    for peer in &task.upstream.snapshot().peers {
+                        CheckSeries::forget(name, &peer.spec.addr.to_string());
+                    }
+                }
             }
             keep
         });

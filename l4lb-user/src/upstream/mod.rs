@@ -419,6 +419,13 @@ impl Upstreams {
             })
             .collect();
         self.map.store(Arc::new(next));
+        // A removed upstream's series leave /metrics (sessions still on it observe into
+        // a handle of their own).
+        for name in old.keys().filter(|n| !configs.contains_key(*n)) {
+            METRICS.connect_seconds.remove(&UpstreamLabels {
+                upstream: name.clone(),
+            });
+        }
     }
 }
 
