@@ -44,10 +44,10 @@ impl HealthChecks {
                 task.stop.cancel();
                 // Checks end here for good (not restarted with new settings): their
                 // series leave /metrics, as a removed server's do.
-                let checked_on = all
+                let still_checked = all
                     .get(name)
-                    .filter(|up| up.config().health_check.is_some());
-                if checked_on.is_none() {
+                    .is_some_and(|up| up.config().health_check.is_some());
+                if !still_checked {
                     for peer in &task.upstream.snapshot().peers {
                         CheckSeries::forget(name, &peer.spec.addr.to_string());
                     }

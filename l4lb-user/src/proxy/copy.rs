@@ -3,9 +3,10 @@
 //! it is built to be fast too. A direction that never read more than 16 KiB at once
 //! holds no buffer while its socket has nothing to read (idle keep-alive sessions stay
 //! cheap; a grown buffer is kept for the stream's next burst); buffers start at 16 KiB
-//! and grow when reads fill them: measured here, 8 KiB buffers halve bulk throughput against 256 KiB
-//! ones. An unpaced direction whose read fills 64 KiB is a bulk stream and moves on to
-//! splice(2) through a pipe (`pipe`), so its bytes are no longer copied at all.
+//! and grow when reads fill them: measured here, 8 KiB buffers halve bulk throughput
+//! against 256 KiB ones. An unpaced direction whose read fills 64 KiB is a bulk stream
+//! and moves on to splice(2) through a pipe (`pipe`), so its bytes are no longer copied
+//! at all.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};

@@ -79,8 +79,9 @@ pub fn at_once(after: SpliceAfter) -> bool {
 }
 
 /// Resolves when the session should move into the kernel. `started` is when it was
-/// accepted (in the old process, for a session a binary upgrade handed over); `decision` tells, even while this is still pending, whether it was
-/// deferred and why, and once this resolves, whether it moves on trial.
+/// accepted (in the old process, for a session a binary upgrade handed over);
+/// `decision` tells, even while this is still pending, whether it was deferred and why,
+/// and once this resolves, whether it moves on trial.
 pub async fn due(
     after: SpliceAfter,
     transfer: &Transfer,
