@@ -576,7 +576,7 @@ async fn defaults_keep_short_sessions_copied_and_move_long_ones() {
     }
     let flows = |d: &Daemon| kernel_figure(d, "l4lb_kernel_map_entries", &[("map", "flows")]);
     assert!(
-        access_lines(&d, 50)
+        d.wait_access_lines(50, Duration::from_secs(10))
             .await
             .iter()
             .all(|l| log_field(l, "path") == Some("copy:short")),
@@ -670,26 +670,9 @@ async fn keep_busy(sock: &mut TcpStream, mut i: u32, how_long: Duration) -> u32 
     i
 }
 
-/// Waits for `n` access-log lines and returns them.
-async fn access_lines(d: &Daemon, n: usize) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let lines = d.access_lines();
-        if lines.len() >= n {
-            return lines;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {n} access lines",
-            lines.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Waits for the session's access-log line and returns its path.
 async fn ended_on(d: &Daemon) -> String {
-    let lines = access_lines(d, 1).await;
+    let lines = d.wait_access_lines(1, Duration::from_secs(10)).await;
     log_field(&lines[0], "path").unwrap_or_default().to_string()
 }
 
@@ -800,7 +783,7 @@ async fn busy_request_response_moves_on_trial_and_stays_when_as_fast() {
     assert_eq!(flows(&d), 12.0, "not in the kernel after their trial");
     assert_eq!(figure("l4lb_kernel_promotions_deferred_total"), 0.0);
     drop(clients.stop().await);
-    for line in access_lines(&d, 6).await {
+    for line in d.wait_access_lines(6, Duration::from_secs(10)).await {
         assert_eq!(log_field(&line, "path"), Some("kernel"), "{line}");
     }
 }
@@ -852,7 +835,7 @@ async fn busy_request_response_slower_in_the_kernel_goes_back_to_the_copy_path()
         }
     }
     drop(socks);
-    for line in access_lines(&d, 6).await {
+    for line in d.wait_access_lines(6, Duration::from_secs(10)).await {
         assert_eq!(log_field(&line, "path"), Some("kernel"), "{line}");
     }
     assert_eq!(figure("l4lb_kernel_chatty_trials_total"), 6.0);

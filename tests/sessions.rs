@@ -5,7 +5,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use support::{free_port, Backend, Behaviour, Daemon};
+use support::{free_port, log_field, Backend, Behaviour, Daemon};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -295,7 +295,22 @@ async fn drain_ends_at_worker_shutdown_timeout() {
         t.elapsed()
     );
     assert!(closed_within(&mut s, Duration::from_secs(1)).await);
-    assert!(d.log().contains("end=shutdown"), "{}", d.log());
+    // Cut at the end of the grace period, the session is still logged with its server,
+    // path and bytes.
+    let lines = d.access_lines();
+    let line = lines
+        .iter()
+        .find(|l| log_field(l, "end") == Some("shutdown"))
+        .unwrap_or_else(|| panic!("no session ended at shutdown: {}", d.log()));
+    let server = echo.addr.to_string();
+    for (field, want) in [
+        ("server", server.as_str()),
+        ("path", "copy:splice_off"),
+        ("received", "1"),
+        ("sent", "1"),
+    ] {
+        assert_eq!(log_field(line, field), Some(want), "{line}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -56,24 +56,6 @@ fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-/// Waits for `count` access log lines and returns them.
-fn access_lines(d: &Daemon, count: usize, timeout: Duration) -> Vec<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let lines = d.access_lines();
-        if lines.len() >= count {
-            return lines;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {count} access log lines; log:\n{}",
-            lines.len(),
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The kernel path's figures from `/metrics`, as one ` name=value` line for [`stat`].
 fn stats(d: &Daemon) -> String {
     let s = d.scrape();
@@ -205,7 +187,10 @@ async fn gib_each_way_kernel_vs_copy_byte_exact() {
     let (cpu0, m0) = (d.cpu_seconds(), machine_cpu_seconds());
     let kernel_s = bulk(&d, kport, &mut brx, size).await;
     let (kernel_cpu, kernel_machine) = (d.cpu_seconds() - cpu0, machine_cpu_seconds() - m0);
-    let line = access_lines(&d, 1, Duration::from_secs(10)).remove(0);
+    let line = d
+        .wait_access_lines(1, Duration::from_secs(10))
+        .await
+        .remove(0);
     let path = log_field(&line, "path").unwrap_or_default();
     // Pauses keep the kernel's queues bounded, so the session stays in the kernel; a
     // paused source that closes hands its last bytes to userspace, well under 1%.
@@ -228,7 +213,10 @@ async fn gib_each_way_kernel_vs_copy_byte_exact() {
     let (cpu1, m1) = (d.cpu_seconds(), machine_cpu_seconds());
     let copy_s = bulk(&d, cport, &mut brx, size).await;
     let (copy_cpu, copy_machine) = (d.cpu_seconds() - cpu1, machine_cpu_seconds() - m1);
-    let line = access_lines(&d, 2, Duration::from_secs(10)).remove(1);
+    let line = d
+        .wait_access_lines(2, Duration::from_secs(10))
+        .await
+        .remove(1);
     assert_eq!(log_field(&line, "path"), Some("copy:splice_off"), "{line}");
 
     let gb = 2.0 * size as f64 / 1e9;
@@ -269,7 +257,7 @@ async fn client_half_close_still_gets_the_response() {
             .expect("roundtrip");
         assert_eq!(String::from_utf8_lossy(&got), format!("{size}\n"));
     }
-    let lines = access_lines(&d, 3, Duration::from_secs(10));
+    let lines = d.wait_access_lines(3, Duration::from_secs(10)).await;
     for l in &lines {
         assert_eq!(log_field(l, "end"), Some("closed"), "{l}");
     }
@@ -323,7 +311,10 @@ async fn server_half_close_first_then_client_uploads() {
         .unwrap()
         .expect("upload");
     assert_eq!(up, size);
-    let line = access_lines(&d, 1, Duration::from_secs(10)).remove(0);
+    let line = d
+        .wait_access_lines(1, Duration::from_secs(10))
+        .await
+        .remove(0);
     assert_eq!(log_field(&line, "path"), Some("kernel"), "{line}");
     assert_eq!(log_field(&line, "end"), Some("closed"), "{line}");
 }
@@ -364,7 +355,10 @@ async fn reset_from_either_side_ends_the_session() {
         .await
         .expect("client not told of the backend reset");
     assert!(r.is_err() || rest.is_empty(), "{r:?}");
-    let line = access_lines(&d, 1, Duration::from_secs(5)).remove(0);
+    let line = d
+        .wait_access_lines(1, Duration::from_secs(5))
+        .await
+        .remove(0);
     assert_eq!(log_field(&line, "path"), Some("kernel"), "{line}");
     assert_eq!(log_field(&line, "end"), Some("backend_reset"), "{line}");
 
@@ -384,7 +378,10 @@ async fn reset_from_either_side_ends_the_session() {
         .await
         .expect("backend not told of the client reset");
     assert!(r.is_err() || rest.is_empty(), "{r:?}");
-    let line = access_lines(&d, 2, Duration::from_secs(5)).remove(1);
+    let line = d
+        .wait_access_lines(2, Duration::from_secs(5))
+        .await
+        .remove(1);
     assert_eq!(log_field(&line, "path"), Some("kernel"), "{line}");
     assert_eq!(log_field(&line, "end"), Some("client_reset"), "{line}");
 }
@@ -422,7 +419,7 @@ async fn clients_closing_early_leak_nothing() {
             .expect("timed out")
             .unwrap();
     }
-    let lines = access_lines(&d, 300, Duration::from_secs(20));
+    let lines = d.wait_access_lines(300, Duration::from_secs(20)).await;
     let kernel = lines
         .iter()
         .filter(|l| log_field(l, "path") == Some("kernel"))
@@ -509,7 +506,10 @@ async fn slow_readers_both_ways_lose_nothing() {
         "backend: {back:?}; log:\n{}",
         d.log()
     );
-    let line = access_lines(&d, 1, Duration::from_secs(10)).remove(0);
+    let line = d
+        .wait_access_lines(1, Duration::from_secs(10))
+        .await
+        .remove(0);
     assert_eq!(log_field(&line, "path"), Some("kernel"), "{line}");
     assert_eq!(log_field(&line, "end"), Some("closed"), "{line}");
     let s = stats(&d);
@@ -562,9 +562,74 @@ async fn idle_spliced_session_expires_at_proxy_timeout() {
     let idle = idle_from.elapsed();
     assert!(idle >= Duration::from_millis(900), "closed after {idle:?}");
     assert!(idle < Duration::from_secs(4), "closed after {idle:?}");
-    let line = access_lines(&d, 1, Duration::from_secs(5)).remove(0);
+    let line = d
+        .wait_access_lines(1, Duration::from_secs(5))
+        .await
+        .remove(0);
     assert_eq!(log_field(&line, "path"), Some("kernel"), "{line}");
     assert_eq!(log_field(&line, "end"), Some("idle_timeout"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spliced_sessions_cut_at_shutdown_are_logged_with_server_and_bytes() {
+    if !kernel_wanted("spliced_sessions_cut_at_shutdown_are_logged_with_server_and_bytes") {
+        return;
+    }
+    let b = Backend::start(Behaviour::Echo).await;
+    let port = free_port();
+    let conf = config(port, b.addr, "required", "").replace(
+        "[global]\n",
+        "[global]\nworker_shutdown_timeout = \"500ms\"\n",
+    );
+    let d = Daemon::start(&conf);
+    let echo = |c: &'static str, len: usize| async move {
+        let mut s = TcpStream::connect(addr(port)).await.expect(c);
+        let data = support::payload(len, len as u64);
+        s.write_all(&data).await.expect(c);
+        let mut echoed = vec![0u8; len];
+        s.read_exact(&mut echoed).await.expect(c);
+        assert!(echoed == data, "{c}: echo differs");
+        s
+    };
+    // One session asleep in the kernel (no task), one running there.
+    let _asleep = echo("asleep", 1000).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let dormant = || support::metric(&d.scrape(), "l4lb_kernel_dormant_sessions", &[]);
+    while dormant() != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "no session fell asleep: {}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _running = echo("running", MIB as usize).await;
+    d.signal(libc::SIGTERM);
+    assert!(
+        d.wait_exit(Duration::from_secs(10)).is_some(),
+        "{}",
+        d.log()
+    );
+    let lines = d.wait_access_lines(2, Duration::from_secs(1)).await;
+    let server = b.addr.to_string();
+    let mut received = Vec::new();
+    for line in &lines {
+        for (field, want) in [
+            ("end", "shutdown"),
+            ("path", "kernel"),
+            ("server", server.as_str()),
+        ] {
+            assert_eq!(log_field(line, field), Some(want), "{line}");
+        }
+        assert_eq!(
+            log_field(line, "sent"),
+            log_field(line, "received"),
+            "{line}"
+        );
+        received.push(log_field(line, "received").unwrap_or_default().to_string());
+    }
+    received.sort_by_key(|r| r.len());
+    assert_eq!(received, ["1000", "1048576"], "{lines:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -607,7 +672,9 @@ async fn ten_thousand_sessions_leave_maps_empty_and_no_fds() {
             .expect("timed out")
             .unwrap();
     }
-    let lines = access_lines(&d, total as usize, Duration::from_secs(30));
+    let lines = d
+        .wait_access_lines(total as usize, Duration::from_secs(30))
+        .await;
     let kernel = lines
         .iter()
         .filter(|l| log_field(l, "path") == Some("kernel"))
@@ -640,7 +707,10 @@ async fn two_daemons_on_one_host_splice_independently() {
     let (r1, r2) = tokio::join!(roundtrip(addr(p1), &data), roundtrip(addr(p2), &data));
     assert!(r1.unwrap() == data && r2.unwrap() == data, "echo differs");
     for d in [&d1, &d2] {
-        let line = access_lines(d, 1, Duration::from_secs(10)).remove(0);
+        let line = d
+            .wait_access_lines(1, Duration::from_secs(10))
+            .await
+            .remove(0);
         assert_eq!(log_field(&line, "path"), Some("kernel"), "{line}");
         assert_eq!(log_field(&line, "end"), Some("closed"), "{line}");
     }
@@ -660,9 +730,15 @@ async fn splice_off_and_rate_limited_take_the_copy_path() {
     let d = Daemon::start(&cfg);
     let data = support::payload(100_000, 9);
     assert!(roundtrip(addr(off), &data).await.unwrap() == data);
-    let first = access_lines(&d, 1, Duration::from_secs(10)).remove(0);
+    let first = d
+        .wait_access_lines(1, Duration::from_secs(10))
+        .await
+        .remove(0);
     assert!(roundtrip(addr(limited), &data).await.unwrap() == data);
-    let second = access_lines(&d, 2, Duration::from_secs(10)).remove(1);
+    let second = d
+        .wait_access_lines(2, Duration::from_secs(10))
+        .await
+        .remove(1);
     assert_eq!(
         log_field(&first, "path"),
         Some("copy:splice_off"),

@@ -300,6 +300,24 @@ impl Daemon {
             .collect()
     }
 
+    /// Waits up to `timeout` for at least `count` access log lines and returns them all.
+    pub async fn wait_access_lines(&self, count: usize, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines = self.access_lines();
+            if lines.len() >= count {
+                return lines;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} of {count} access log lines; log:\n{}",
+                lines.len(),
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Open file descriptors of the daemon.
     pub fn fd_count(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map_or(0, |d| d.count())

@@ -26,7 +26,7 @@ use crate::runtime::DataPath;
 use crate::runtime::Parked;
 use crate::session::{Limits, SessionEnd, Side, Transfer};
 use crate::splice::{
-    first_to_tell, Awake, Dormant, Entry, InPlace, KernelEnd, Path, Resume, Splicer,
+    first_to_tell, Awake, Dormant, Entry, InPlace, Interrupts, KernelEnd, Path, Resume, Splicer,
 };
 use crate::upgrade::wire;
 use crate::upstream::Lease;
@@ -669,7 +669,12 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
         next = match next {
             Next::Kernel(start) => {
                 let handover = handover.token().child_token();
-                match in_kernel(start, limits, transfer, &handover).await {
+                let shutdown = dp.shutdown.token().child_token();
+                let interrupts = Interrupts {
+                    handover: &handover,
+                    shutdown: &shutdown,
+                };
+                match in_kernel(start, limits, transfer, interrupts).await {
                     KernelStretch::Done(end, path) => break (end, path),
                     KernelStretch::Left(client, backend, reason) => {
                         left = Some(reason);
@@ -733,13 +738,22 @@ async fn forward(at: Forwarding<'_>, begin: Begin, transfer: &Transfer) -> Outco
                             () = handover.raised() => {}
                         }
                     };
+                    let stretch = async {
+                        tokio::select! {
+                            biased;
+                            end = &mut copying => end,
+                            () = asked_to_stop => {
+                                stop.set();
+                                copying.await
+                            }
+                        }
+                    };
+                    // Cut here rather than from outside, so the line names the server
+                    // and path and the bytes count for the server.
                     tokio::select! {
                         biased;
-                        end = &mut copying => end,
-                        () = asked_to_stop => {
-                            stop.set();
-                            copying.await
-                        }
+                        end = stretch => end,
+                        () = dp.shutdown.raised() => CopyEnd::Ended(SessionEnd::Shutdown),
                     }
                 };
                 let handing = handover.is_raised();
@@ -927,7 +941,7 @@ async fn in_kernel(
     start: KernelStart<'_>,
     limits: Limits,
     transfer: &Transfer,
-    handover: &CancellationToken,
+    interrupts: Interrupts<'_>,
 ) -> KernelStretch {
     // The kernel counts from the insert, also across sleeps; its bytes join the
     // session's when the stretch ends.
@@ -935,11 +949,11 @@ async fn in_kernel(
     let ended = match start {
         KernelStart::Insert(splicer, client, backend, entry) => {
             splicer
-                .run(client, backend, entry, limits, &kernel, handover)
+                .run(client, backend, entry, limits, &kernel, interrupts)
                 .await
         }
-        KernelStart::Wake(awake) => awake.run(limits, &kernel, handover).await,
-        KernelStart::Leave(in_place) => in_place.leave(limits, &kernel).await,
+        KernelStart::Wake(awake) => awake.run(limits, &kernel, interrupts).await,
+        KernelStart::Leave(in_place) => in_place.leave(limits, &kernel, interrupts.shutdown).await,
     };
     // A dormant session's stretch goes on: its bytes are counted when it ends.
     if let Some(userspace) = ended.userspace_bytes() {

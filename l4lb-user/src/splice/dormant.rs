@@ -94,9 +94,9 @@ impl Awake {
         self,
         limits: Limits,
         transfer: &Transfer,
-        handover: &CancellationToken,
+        interrupts: super::Interrupts<'_>,
     ) -> KernelEnd {
-        super::drive(self.session, self.rx, limits, transfer, handover, None).await
+        super::drive(self.session, self.rx, limits, transfer, interrupts, None).await
     }
 }
 

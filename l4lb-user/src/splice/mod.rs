@@ -46,6 +46,15 @@ pub use trial::{first_to_tell, Traffic, Trial};
 use watch::Watcher;
 use way::{PerWay, Way};
 
+/// What cuts a kernel stretch short: a binary upgrade (the session leaves for the new
+/// process) and the end of the shutdown grace period (the session ends here, its bytes
+/// counted and its line logged like any other's).
+#[derive(Clone, Copy)]
+pub struct Interrupts<'a> {
+    pub handover: &'a CancellationToken,
+    pub shutdown: &'a CancellationToken,
+}
+
 /// Which path carried a session's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path {
@@ -112,15 +121,24 @@ impl InPlace {
 
     /// It stays here, where the event ring is no longer read: it leaves the kernel for
     /// the copy path, without losing a byte.
-    pub async fn leave(self, limits: Limits, transfer: &Transfer) -> KernelEnd {
+    pub async fn leave(
+        self,
+        limits: Limits,
+        transfer: &Transfer,
+        shutdown: &CancellationToken,
+    ) -> KernelEnd {
         let why = io::Error::other("the kernel path went to a new process (binary upgrade)");
+        let out = Out {
+            limits,
+            transfer,
+            shutdown,
+        };
         leave(
             self.session,
             Way::Up,
             CopyReason::KernelUnavailable,
             why,
-            limits,
-            transfer,
+            out,
         )
         .await
     }
@@ -472,7 +490,7 @@ impl Splicer {
         entry: Entry,
         limits: Limits,
         transfer: &Transfer,
-        handover: &CancellationToken,
+        interrupts: Interrupts<'_>,
     ) -> KernelEnd {
         let Entry { quiet_for, trial } = entry;
         // A new process shares the kernel path with the one it replaces, which reads its
@@ -528,7 +546,8 @@ impl Splicer {
                 if e.attached {
                     // A socket was live in the kernel: drain it like a stalled session.
                     let (i, reason) = (Way::Up, CopyReason::InsertFailed);
-                    return leave(session, i, reason, e.error, limits, transfer).await;
+                    let out = Out::new(limits, transfer, interrupts);
+                    return leave(session, i, reason, e.error, out).await;
                 }
                 return match session.into_streams() {
                     Ok((client, backend, userspace_bytes)) => KernelEnd::Left(Leaving {
@@ -547,7 +566,7 @@ impl Splicer {
         if let Some(t) = trial {
             t.traffic.counters().0.fetch_add(1, Ordering::Relaxed);
         }
-        drive(session, rx, limits, transfer, handover, trial).await
+        drive(session, rx, limits, transfer, interrupts, trial).await
     }
 }
 
@@ -557,11 +576,12 @@ async fn drive(
     mut rx: PerWay<UnboundedReceiver<watch::Event>>,
     limits: Limits,
     transfer: &Transfer,
-    handover: &CancellationToken,
+    interrupts: Interrupts<'_>,
     trial: Option<Trial>,
 ) -> KernelEnd {
+    let out = Out::new(limits, transfer, interrupts);
     match session
-        .splice(&mut rx, limits, transfer, handover, trial)
+        .splice(&mut rx, limits, transfer, interrupts, trial)
         .await
     {
         End::Session(end) => kernel_end(&session, End::Session(end), Path::Kernel),
@@ -578,7 +598,7 @@ async fn drive(
         }
         End::Handover => {
             let reason = CopyReason::KernelUnavailable;
-            match take_out(session, Way::Up, reason, limits, transfer).await {
+            match take_out(session, Way::Up, reason, out).await {
                 Ok((client, backend, userspace_bytes)) => KernelEnd::Handover {
                     client,
                     backend,
@@ -595,7 +615,7 @@ async fn drive(
                 session.socks[i.reverse()].side,
                 accounting::STALL_AFTER
             ));
-            leave(session, i, CopyReason::Watchdog, why, limits, transfer).await
+            leave(session, i, CopyReason::Watchdog, why, out).await
         }
         End::Lagging(i) => {
             STATS.lagging.fetch_add(1, Ordering::Relaxed);
@@ -609,19 +629,11 @@ async fn drive(
                     ""
                 }
             ));
-            leave(session, i, CopyReason::Lagging, why, limits, transfer).await
+            leave(session, i, CopyReason::Lagging, why, out).await
         }
         End::ClosedWhilePaused(i) => {
             let why = io::Error::from_raw_os_error(libc::EOPNOTSUPP);
-            leave(
-                session,
-                i,
-                CopyReason::ClosedWhilePaused,
-                why,
-                limits,
-                transfer,
-            )
-            .await
+            leave(session, i, CopyReason::ClosedWhilePaused, why, out).await
         }
         End::Slower { traffic, verdict } => {
             traffic.counters().1.fetch_add(1, Ordering::Relaxed);
@@ -648,7 +660,7 @@ async fn drive(
                 per_second(verdict.kernel),
                 per_second(verdict.copied)
             ));
-            leave(session, way, reason, why, limits, transfer).await
+            leave(session, way, reason, why, out).await
         }
     }
 }
@@ -672,6 +684,25 @@ fn per_second(bytes: u64) -> String {
     }
 }
 
+/// What taking a session out of the kernel needs: its limits, its counters, and the
+/// end of the shutdown grace period, which cuts the drain short.
+#[derive(Clone, Copy)]
+struct Out<'a> {
+    limits: Limits,
+    transfer: &'a Transfer,
+    shutdown: &'a CancellationToken,
+}
+
+impl<'a> Out<'a> {
+    fn new(limits: Limits, transfer: &'a Transfer, interrupts: Interrupts<'a>) -> Self {
+        Out {
+            limits,
+            transfer,
+            shutdown: interrupts.shutdown,
+        }
+    }
+}
+
 /// Takes a running session out of the kernel without losing a byte, for the copy path
 /// to continue; `i` is the direction that made it leave.
 async fn leave(
@@ -679,10 +710,9 @@ async fn leave(
     i: Way,
     reason: CopyReason,
     why: io::Error,
-    limits: Limits,
-    transfer: &Transfer,
+    out: Out<'_>,
 ) -> KernelEnd {
-    match take_out(session, i, reason, limits, transfer).await {
+    match take_out(session, i, reason, out).await {
         Ok((client, backend, userspace_bytes)) => KernelEnd::Left(Leaving {
             client,
             backend,
@@ -702,18 +732,19 @@ async fn take_out(
     session: Box<Session>,
     i: Way,
     reason: CopyReason,
-    limits: Limits,
-    transfer: &Transfer,
+    out: Out<'_>,
 ) -> Result<(StdTcpStream, StdTcpStream, u64), KernelEnd> {
-    let side = session.socks[i].side;
+    let (side, transfer) = (session.socks[i].side, out.transfer);
     let reclaimed = tokio::select! {
         r = async {
             session.detach_flowing().await;
             session.reclaim().await
         } => r,
-        end = session.idle(limits.idle_timeout, transfer) => Err(end),
+        end = session.idle(out.limits.idle_timeout, transfer) => Err(end),
+        () = out.shutdown.cancelled() => Err(End::Session(SessionEnd::Shutdown)),
     };
     if let Err(end) = reclaimed {
+        session.publish(transfer);
         return Err(kernel_end(&session, end, Path::Copy(reason)));
     }
     session.publish(transfer);

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::mpsc::UnboundedReceiver;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::maps::Maps;
@@ -631,7 +630,7 @@ impl Session {
         rx: &mut PerWay<UnboundedReceiver<Event>>,
         limits: Limits,
         transfer: &Transfer,
-        handover: &CancellationToken,
+        interrupts: super::Interrupts<'_>,
         trial: Option<super::Trial>,
     ) -> End {
         let (up, down) = rx.pair_mut();
@@ -644,7 +643,8 @@ impl Session {
                 Err(e) => e,
             },
             e = self.idle(limits.idle_timeout, transfer) => e,
-            () = handover.cancelled() => End::Handover,
+            () = interrupts.handover.cancelled() => End::Handover,
+            () = interrupts.shutdown.cancelled() => End::Session(SessionEnd::Shutdown),
             () = self.quiet() => End::Quiet,
             e = self.trial(trial) => e,
         };
