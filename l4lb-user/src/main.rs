@@ -145,9 +145,10 @@ fn check_cmd(config: &Path) -> ExitCode {
         eprintln!("{e}");
     }
     eprintln!(
-        "l4lb: configuration file {} test failed ({} errors)",
+        "l4lb: configuration file {} test failed ({} error{})",
         config.display(),
-        errors.len()
+        errors.len(),
+        if errors.len() == 1 { "" } else { "s" }
     );
     ExitCode::FAILURE
 }

@@ -750,6 +750,8 @@ impl Validator<'_> {
                 );
             }
         }
+        // A bad upsync section is reported on its own, not also as a missing source.
+        let has_upsync = raw.upsync.is_some();
         let upsync = raw.upsync.and_then(|u| {
             let unode = node
                 .get_ref()
@@ -766,7 +768,7 @@ impl Validator<'_> {
                 .unwrap_or(node);
             self.health_check(hnode, &format!("{path}.health_check"), h)
         });
-        if listed == 0 && upsync.is_none() {
+        if listed == 0 && !has_upsync {
             self.at(
                 node,
                 path,
