@@ -83,6 +83,8 @@ fn same_family(src: SocketAddr, dst: SocketAddr) -> (SocketAddr, SocketAddr) {
 
 /// Longest v1 header; a v2 header says its own length (at most 16 + 65,535 bytes).
 const V1_MAX: usize = 107;
+/// The longest v2 header: 16 bytes and a 16-bit length.
+const V2_MAX: usize = 16 + u16::MAX as usize;
 
 /// What a load balancer's PROXY header carried.
 #[derive(Debug, PartialEq, Eq)]
@@ -138,9 +140,13 @@ pub(crate) fn parse(buf: &[u8]) -> Result<Option<Received>, ReceiveError> {
     if !starts(b"PROXY ") && !starts(&V2_SIGNATURE) {
         return Err(ReceiveError::Malformed(shown(buf)));
     }
-    // A v1 line is judged whole: ppp takes a line cut between \r and \n as complete.
-    let v1_line_end = buf.windows(2).position(|w| w == b"\r\n").map(|p| p + 2);
     if buf.starts_with(b"PROXY ") {
+        // A v1 line is judged whole: ppp takes a line cut between \r and \n as complete.
+        // Only its longest possible length is searched, so a slow sender costs no more.
+        let v1_line_end = buf[..buf.len().min(V1_MAX + 1)]
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .map(|p| p + 2);
         // Too long whether or not its end has arrived: how the bytes were split into
         // reads must not decide (ppp alone accepts a long UNKNOWN line that came whole).
         let too_long = match v1_line_end {
@@ -158,6 +164,15 @@ pub(crate) fn parse(buf: &[u8]) -> Result<Option<Received>, ReceiveError> {
     }
     let header = HeaderResult::parse(buf);
     if header.is_incomplete() {
+        // ppp reads only the first line of v1, so a whole line it calls incomplete
+        // (`PROXY TCP4\r\n`) stays so however much follows; a v2 header is complete
+        // by its announced length, at most V2_MAX.
+        if buf.starts_with(b"PROXY ") || buf.len() >= V2_MAX {
+            return Err(ReceiveError::Malformed(format!(
+                "incomplete header: {}",
+                shown(buf)
+            )));
+        }
         return Ok(None);
     }
     let (len, client) = match header {
@@ -258,6 +273,17 @@ mod tests {
             parse(&unknown[..107]),
             Err(ReceiveError::Malformed(_))
         ));
+        // A whole line ppp finds short stays short, however much follows: refused at
+        // once rather than buffered until the timeout.
+        for short in [&b"PROXY TCP4\r\n"[..], b"PROXY TCP4 10.0.0.1 10.0.0.2\r\n"] {
+            let streaming = [short, &[b'x'; 4096]].concat();
+            for buf in [short, &streaming] {
+                assert!(
+                    matches!(parse(buf), Err(ReceiveError::Malformed(_))),
+                    "{buf:?}"
+                );
+            }
+        }
         let longest = [b"PROXY UNKNOWN ".as_slice(), &[b'x'; 91], b"\r\n"].concat();
         assert_eq!(longest.len(), V1_MAX);
         assert!(parse(&longest).unwrap().is_some());
