@@ -92,6 +92,24 @@ async fn sessions_end_after_proxy_responses_or_idle_timeout() {
         "{}",
         d.log()
     );
+    // Two datagrams at once (a resolver's A and AAAA queries): the session waits for a
+    // reply to each, as nginx counts proxy_responses per datagram.
+    let c = client(port).await;
+    c.send(b"A").await.unwrap();
+    c.send(b"AAAA").await.unwrap();
+    let mut got = vec![recv(&c).await, recv(&c).await];
+    got.sort();
+    assert_eq!(
+        got,
+        [Some("a:A".to_string()), Some("a:AAAA".to_string())],
+        "{}",
+        d.log()
+    );
+    assert!(
+        d.wait_log_count("end=responses", 4, Duration::from_secs(3)),
+        "{}",
+        d.log()
+    );
 
     let port2 = free_udp_port();
     let d2 = Daemon::start(&config(port2, &[&a], "proxy_timeout = \"300ms\""));
@@ -133,4 +151,52 @@ async fn unreachable_udp_server_is_counted_and_others_served() {
         c.send(format!("m{i}").as_bytes()).await.unwrap();
         assert_eq!(recv(&c).await.unwrap(), format!("a:m{i}"));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_server_that_answers_has_its_failures_forgotten() {
+    let port = free_udp_port();
+    let later = free_udp_port();
+    let admin = support::free_port();
+    let cfg = format!(
+        r#"
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[upstream.u]
+servers = [{{ address = "127.0.0.1:{later}", max_fails = 3, fail_timeout = "30s" }}]
+
+[[server]]
+listen = "127.0.0.1:{port}"
+protocol = "udp"
+proxy_pass = "u"
+proxy_timeout = "2s"
+"#
+    );
+    let d = Daemon::start(&cfg);
+    let fails = || {
+        let (status, body) = support::http_get(
+            SocketAddr::from(([127, 0, 0, 1], admin)),
+            &format!("/api/upstreams/u/servers/127.0.0.1:{later}"),
+        );
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        v["fails"].as_u64().expect("fails")
+    };
+    // Nothing listens yet: ICMP unreachable counts one failure.
+    client(port).await.send(b"x").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while fails() != 1 {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The server comes up and answers a new session: the failure no longer counts.
+    let server = UdpSocket::bind(("127.0.0.1", later)).await.unwrap();
+    let c = client(port).await;
+    c.send(b"y").await.unwrap();
+    let mut buf = [0u8; 16];
+    let (n, from) = server.recv_from(&mut buf).await.unwrap();
+    server.send_to(&buf[..n], from).await.unwrap();
+    assert_eq!(recv(&c).await.as_deref(), Some("y"));
+    assert_eq!(fails(), 0, "{}", d.log());
 }

@@ -1,6 +1,7 @@
 //! UDP listeners: one session per client address, each with its own connected socket to
-//! the chosen server. Datagram boundaries are kept; a session ends after
-//! `proxy_responses` replies or `proxy_timeout` of silence.
+//! the chosen server. Datagram boundaries are kept; a session ends once the server sent
+//! `proxy_responses` replies for every client datagram (as nginx counts them), or after
+//! `proxy_timeout` of silence.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -42,6 +43,9 @@ pub struct UdpSession {
     last_activity: AtomicU64,
     upload: AtomicU64,
     download: AtomicU64,
+    /// Client datagrams taken for this session: counted under the table's lock, so a
+    /// session judged done there has answered every one it was given.
+    requests: AtomicU64,
     responses: AtomicU64,
 }
 
@@ -49,6 +53,15 @@ impl UdpSession {
     fn touch(&self) {
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_activity.store(ms, Ordering::Relaxed);
+    }
+
+    /// Whether the server sent `limit` replies for each client datagram (nginx's
+    /// `proxy_responses`).
+    fn answered(&self, limit: Option<u64>) -> bool {
+        limit.is_some_and(|limit| {
+            let requests = self.requests.load(Ordering::Relaxed);
+            self.responses.load(Ordering::Relaxed) >= limit.saturating_mul(requests)
+        })
     }
 }
 
@@ -79,7 +92,10 @@ pub async fn serve(
             () = stop.cancelled() => return,
             () = pause.cancelled() => return,
         };
-        let existing = lock(&sessions).get(&client).cloned();
+        let existing = lock(&sessions).get(&client).map(|s| {
+            s.requests.fetch_add(1, Ordering::Relaxed);
+            Arc::clone(s)
+        });
         let session = match existing {
             Some(s) => s,
             None => {
@@ -120,6 +136,25 @@ fn forget(sessions: &Sessions, client: SocketAddr, session: &Arc<UdpSession>) {
     if map.get(&client).is_some_and(|s| Arc::ptr_eq(s, session)) {
         map.remove(&client);
     }
+}
+
+/// Ends `session` if it has answered every datagram it took: judged under the table's
+/// lock, so a datagram that arrives meanwhile either counts first (and keeps it) or
+/// finds it gone (and opens a new session).
+fn finish_if_answered(
+    sessions: &Sessions,
+    client: SocketAddr,
+    session: &Arc<UdpSession>,
+    limit: Option<u64>,
+) -> bool {
+    let mut map = lock(sessions);
+    if !session.answered(limit) {
+        return false;
+    }
+    if map.get(&client).is_some_and(|s| Arc::ptr_eq(s, session)) {
+        map.remove(&client);
+    }
+    true
 }
 
 async fn open(
@@ -169,6 +204,8 @@ async fn open(
         last_activity: AtomicU64::new(0),
         upload: AtomicU64::new(0),
         download: AtomicU64::new(0),
+        // The datagram that opened it.
+        requests: AtomicU64::new(1),
         responses: AtomicU64::new(0),
     });
     lock(sessions).insert(client, Arc::clone(&session));
@@ -240,6 +277,7 @@ pub fn export(
                 age_ms: u64::try_from(s.start.elapsed().as_millis()).unwrap_or(u64::MAX),
                 upload: s.upload.load(Ordering::Relaxed),
                 download: s.download.load(Ordering::Relaxed),
+                requests: s.requests.load(Ordering::Relaxed),
                 responses: s.responses.load(Ordering::Relaxed),
             };
             (saved, fd)
@@ -276,6 +314,8 @@ pub fn adopt(
         start,
         upload: AtomicU64::new(saved.upload),
         download: AtomicU64::new(saved.download),
+        // An older process did not send it: as it judged, on the replies alone.
+        requests: AtomicU64::new(saved.requests.max(1)),
         responses: AtomicU64::new(saved.responses),
     });
     lock(sessions).insert(saved.client, session);
@@ -297,11 +337,9 @@ async fn replies(
     let mut buf = vec![0u8; MAX_DATAGRAM];
     // This session's own nodes: the loop polls them for every datagram.
     let (shutdown, pause) = (dp.shutdown.token().child_token(), pause.child_token());
+    let limit = server.proxy_responses;
     let end = loop {
-        if server
-            .proxy_responses
-            .is_some_and(|limit| session.responses.load(Ordering::Relaxed) >= limit)
-        {
+        if session.answered(limit) && finish_if_answered(&sessions, client, &session, limit) {
             break "responses".to_string();
         }
         tokio::select! {
@@ -311,7 +349,11 @@ async fn replies(
                     if let Err(e) = listener.send_to(&buf[..n], client).await {
                         break format!("client_error({e})");
                     }
-                    session.responses.fetch_add(1, Ordering::Relaxed);
+                    if session.responses.fetch_add(1, Ordering::Relaxed) == 0 {
+                        // The server answers: its failures so far no longer count
+                        // against it (as a TCP connect that succeeds).
+                        lease.connect_succeeded();
+                    }
                     session.download.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
@@ -330,6 +372,10 @@ async fn replies(
         }
     };
     forget(&sessions, client, &session);
+    lease.add_bytes(
+        session.upload.load(Ordering::Relaxed),
+        session.download.load(Ordering::Relaxed),
+    );
     if dp.access_log.enabled() {
         info!(
             target: "access",

@@ -70,6 +70,9 @@ pub struct UdpSession {
     pub age_ms: u64,
     pub upload: u64,
     pub download: u64,
+    /// Client datagrams the session took (absent from an older sender).
+    #[serde(default)]
+    pub requests: u64,
     pub responses: u64,
 }
 
