@@ -669,7 +669,11 @@ async fn refused_sessions_stay(base: Option<u32>) -> String {
     let udp = [UdpBackend::start("u1").await];
     let p = Ports::new();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(dir.path(), &p, &[echo[0].addr], &[udp[0].addr]);
+    // A short grace period: the sessions that stay must outlive it.
+    let mut cfg = config(dir.path(), &p, &[echo[0].addr], &[udp[0].addr]).replace(
+        "[global]\n",
+        "[global]\nworker_shutdown_timeout = \"1s\"\n",
+    );
     if let Some(base) = base {
         cfg = cfg.replace(
             "[global]\n",
@@ -717,8 +721,9 @@ async fn refused_sessions_stay(base: Option<u32>) -> String {
     };
     assert_eq!((field("sessions"), field("kept")), (23, 17), "{line}");
     assert!(log.contains("max_connections reached"), "{log}");
-    // The old process still serves the 15 it kept.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The old process still serves the 17 it kept, past its grace period: that is for
+    // a stop, not for an upgrade.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         d.exited().is_none(),
         "the old process exited with sessions; log:\n{}",

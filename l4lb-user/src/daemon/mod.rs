@@ -6,6 +6,7 @@
 mod upgrade;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -248,6 +249,7 @@ impl Daemon {
         // Whatever the new configuration does not listen on closes with the old process.
         daemon.inherited.listeners.clear();
         daemon.inherited.udp.clear();
+        daemon.inherited.admin.clear();
         match daemon.predecessor.as_mut() {
             Some(channel) => channel
                 .send(&Msg::Serving, &[])
@@ -401,7 +403,15 @@ impl Daemon {
         if !replaced {
             notify::stopping();
         }
-        self.drain().await;
+        // Sessions the new process did not take stay here until they end; only a stop
+        // signal puts them under the grace period.
+        let stop_signal = async {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        };
+        self.drain(replaced.then_some(stop_signal)).await;
         Ok(())
     }
 
@@ -529,7 +539,9 @@ impl Daemon {
         };
     }
 
-    async fn drain(mut self) {
+    /// Stops accepting and lets the sessions end: within `worker_shutdown_timeout`, or
+    /// after a binary upgrade (`until_stopped`) at their own pace until that resolves.
+    async fn drain(mut self, until_stopped: Option<impl Future<Output = ()>>) {
         let grace = self.config.global.worker_shutdown_timeout;
         self.discovery.stop_all();
         self.health.stop_all();
@@ -545,6 +557,19 @@ impl Daemon {
             crate::upgrade::remove_pid_file(path);
         }
         self.dp.sessions.close();
+        if let Some(stopped) = until_stopped {
+            info!(
+                sessions = self.dp.sessions.len(),
+                "replaced: serving the sessions that stayed here until they end"
+            );
+            tokio::select! {
+                () = self.dp.sessions.wait() => {
+                    info!("stopped");
+                    return;
+                }
+                () = stopped => {}
+            }
+        }
         info!(sessions = self.dp.sessions.len(), grace = ?grace, "stopping: no new connections, draining sessions");
         if tokio::time::timeout(grace, self.dp.sessions.wait())
             .await

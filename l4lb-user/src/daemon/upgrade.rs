@@ -167,16 +167,21 @@ impl Daemon {
             }
             s.sessions_arrived();
         }
+        // The old process hands over and drains once told this one serves, whatever
+        // happens to the sessions after: this process is the main one from here, also
+        // when the handover broke (else the service manager, seeing the old main pid
+        // exit, stops the unit and this process with it). Claimed before `Started`,
+        // after which the old process may exit at once.
+        self.write_pid_file();
+        crate::notify::main_pid(std::process::id());
         match result {
             Ok(()) => {
-                self.write_pid_file();
                 let started = Msg::Started {
                     pid: std::process::id(),
                 };
                 if let Err(e) = channel.send(&started, &[]).await {
                     warn!(error = %e, "cannot tell the old process that this one runs");
                 }
-                crate::notify::main_pid(std::process::id());
                 info!(
                     sessions = taken,
                     refused,
