@@ -293,3 +293,58 @@ async fn admin_listener_moves_on_reload() {
     .await;
     assert!(closed.is_some(), "old admin listener still open");
 }
+
+/// What a raw HTTP/1.1 GET on a fresh connection gets back before the server closes it
+/// (empty when it closed without answering).
+fn raw_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    // A refused connection may be closed before the request is written.
+    let _ = c.write_all(req.as_bytes());
+    let mut got = Vec::new();
+    let _ = c.read_to_end(&mut got);
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_show_obeys_access_and_the_admin_api_caps_its_connections() {
+    let a = Backend::start(Behaviour::Tagged("a".into())).await;
+    let (open, denied) = (free_port(), free_port());
+    let show = format!(
+        "\n[[server]]\nlisten = \"127.0.0.1:{open}\"\nupstream_show = true\n\n\
+         [[server]]\nlisten = \"127.0.0.1:{denied}\"\nupstream_show = true\naccess = [\"deny 127.0.0.0/8\"]\n"
+    );
+    let s = start(&format!("{{ address = \"{}\" }}", a.addr), false, "");
+    let text = std::fs::read_to_string(&s.d.config_path).unwrap() + &show;
+    s.d.reload(&text);
+    let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let served = wait_until(Duration::from_secs(5), || {
+        std::net::TcpStream::connect(at(denied)).is_ok()
+    })
+    .await;
+    assert!(served.is_some(), "{}", s.d.log());
+    let answer = raw_get(at(open), "/upstream_show");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(&a.addr.to_string()), "{answer}");
+    // The block's access rules apply as on a proxy listener: closed, nothing shown.
+    assert_eq!(raw_get(at(denied), "/upstream_show"), "", "{}", s.d.log());
+
+    // 64 idle connections fill the admin API; the next one is closed unanswered, and
+    // once they go a request is served again.
+    let idle: Vec<_> = (0..64)
+        .map(|_| std::net::TcpStream::connect(s.admin).expect("connect"))
+        .collect();
+    let full = wait_until(Duration::from_secs(5), || {
+        raw_get(s.admin, "/api/upstreams/u").is_empty()
+    })
+    .await;
+    assert!(full.is_some(), "a 65th connection was served");
+    drop(idle);
+    let again = wait_until(Duration::from_secs(5), || {
+        raw_get(s.admin, "/api/upstreams/u").starts_with("HTTP/1.1 200")
+    })
+    .await;
+    assert!(again.is_some(), "{}", s.d.log());
+}

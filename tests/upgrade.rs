@@ -670,10 +670,8 @@ async fn refused_sessions_stay(base: Option<u32>) -> String {
     let p = Ports::new();
     let dir = tempfile::tempdir().expect("tempdir");
     // A short grace period: the sessions that stay must outlive it.
-    let mut cfg = config(dir.path(), &p, &[echo[0].addr], &[udp[0].addr]).replace(
-        "[global]\n",
-        "[global]\nworker_shutdown_timeout = \"1s\"\n",
-    );
+    let mut cfg = config(dir.path(), &p, &[echo[0].addr], &[udp[0].addr])
+        .replace("[global]\n", "[global]\nworker_shutdown_timeout = \"1s\"\n");
     if let Some(base) = base {
         cfg = cfg.replace(
             "[global]\n",

@@ -2,6 +2,7 @@
 //! the JSON admin API on `[admin] listen`.
 
 pub(crate) mod api;
+mod guard;
 mod json;
 pub mod show;
 
@@ -22,6 +23,7 @@ use tracing::{error, info, warn};
 
 use crate::config::AdminConfig;
 use crate::discovery::Board;
+use crate::proxy::SharedCtx;
 use crate::upstream::Upstreams;
 
 #[derive(Deserialize)]
@@ -29,16 +31,18 @@ struct ShowQuery {
     upstream: Option<String>,
 }
 
-/// Serves `GET /upstream_show[?upstream=NAME]` until `stop`.
+/// Serves `GET /upstream_show[?upstream=NAME]` until `stop`, to the clients the
+/// `[[server]]` block's `access` and `limit_conn` admit (`ctx`).
 pub async fn serve_upstream_show(
     listener: TcpListener,
+    ctx: SharedCtx,
     upstreams: Arc<Upstreams>,
     stop: CancellationToken,
 ) {
     let app = Router::new()
         .route("/upstream_show", get(upstream_show))
         .with_state(upstreams);
-    if let Err(e) = axum::serve(listener, app)
+    if let Err(e) = axum::serve(guard::Guarded::new(listener, Some(ctx)), app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
     {
@@ -104,7 +108,7 @@ impl AdminServer {
         let app = api::router(Arc::clone(&state));
         let until = stop.clone();
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app)
+            if let Err(e) = axum::serve(guard::Guarded::new(listener, None), app)
                 .with_graceful_shutdown(async move { until.cancelled().await })
                 .await
             {

@@ -1049,6 +1049,14 @@ impl Validator<'_> {
                 "PROXY protocol headers arrive on TCP only",
             );
         }
+        if proxy_protocol_in && upstream_show {
+            self.at(
+                node,
+                path,
+                "proxy_protocol_in",
+                "an upstream_show listener reads HTTP, not a PROXY header",
+            );
+        }
         let mut access = Vec::new();
         for (i, text) in raw.access.iter().flatten().enumerate() {
             match AccessRule::parse(text) {

@@ -237,6 +237,11 @@ fn semantic_errors() {
             "tcp",
         ),
         (
+            "[[server]]\nlisten = \"127.0.0.1:1\"\nupstream_show = true\nproxy_protocol_in = true\n",
+            "server[0].proxy_protocol_in",
+            "reads HTTP",
+        ),
+        (
             "[upstream.u]\nservers = [{ address = \"127.0.0.1:1\" }]\n[[server]]\nlisten = \"127.0.0.1:1\"\nproxy_pass = \"u\"\nproxy_responses = 1\n",
             "server[0].proxy_responses",
             "udp",

@@ -294,6 +294,7 @@ impl Daemon {
                 if server.upstream_show {
                     tokio::spawn(crate::admin::serve_upstream_show(
                         listener,
+                        Arc::clone(&ctx),
                         Arc::clone(&self.upstreams),
                         stop.clone(),
                     ));

@@ -131,6 +131,12 @@ impl Converter {
                 if l.udp {
                     self.error(x, "needs a TCP listen (it answers HTTP)");
                 }
+                if l.proxy_protocol {
+                    self.error(
+                        x,
+                        "reads HTTP, not a PROXY header: drop proxy_protocol from its listen",
+                    );
+                }
                 s.set(
                     "upstream_show",
                     emit::value(toml::Value::Boolean(true)),

@@ -411,6 +411,16 @@ fn balancing_methods() {
 }
 
 #[test]
+fn upstream_show_behind_a_proxy_protocol_listen_is_refused() {
+    let e = convert_err("stream {\nserver { listen 2345 proxy_protocol; upstream_show; }\n}");
+    assert_eq!(e.len(), 1, "{e:#?}");
+    assert!(
+        e[0].starts_with("nginx.conf:2: upstream_show: reads HTTP, not a PROXY header"),
+        "{e:#?}"
+    );
+}
+
+#[test]
 fn proxy_pass_to_an_address_generates_an_upstream() {
     let i = convert(
         "stream {\nserver { listen 127.0.0.1:5353 udp; proxy_pass 127.0.0.1:53; proxy_responses 1; }\nserver { listen [::1]:6000; proxy_pass 127.0.0.1:53; proxy_responses 1; }\n}",
