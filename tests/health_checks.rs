@@ -355,3 +355,59 @@ async fn checks_of_many_servers_are_spread_in_time() {
     );
     assert!(d.exited().is_none(), "{}", d.log());
 }
+
+/// A server removed and put back while a session of its first stay still holds its
+/// state starts over: pending, no session until it passes a check (it kept `up` and
+/// got sessions with no check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_put_back_is_pending_again() {
+    let a = Switchable::start("a").await;
+    let b = Switchable::start("b").await;
+    let (admin_port, lb_port, show_port) = (free_port(), free_port(), free_port());
+    let servers = format!(
+        "{{ address = \"{}\" }}, {{ address = \"{}\" }}",
+        a.addr, b.addr
+    );
+    let token = "hc-admin-token";
+    let cfg = check_config(admin_port, lb_port, show_port, &servers, "1s").replace(
+        "[admin]\n",
+        "[admin]\ntoken_env = \"L4LB_TEST_ADMIN_TOKEN\"\n",
+    );
+    let d = Daemon::start_with_env(&cfg, &[("L4LB_TEST_ADMIN_TOKEN", token)]);
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+    let lb = SocketAddr::from(([127, 0, 0, 1], lb_port));
+    wait_state(admin, "u", a.addr, "up", Duration::from_secs(5)).await;
+    wait_state(admin, "u", b.addr, "up", Duration::from_secs(5)).await;
+    // A session on a stays open throughout.
+    let mut held = None;
+    for _ in 0..10 {
+        let mut s = TcpStream::connect(lb).await.unwrap();
+        s.write_all(b"WHO\n").await.unwrap();
+        if read_line(&mut s).await.unwrap_or_default() == "a" {
+            held = Some(s);
+            break;
+        }
+    }
+    let _held = held.expect("no session reached a");
+    let bearer = format!("Bearer {token}");
+    let change = |method: &str| {
+        let path = format!("/api/upstreams/u/servers/{}", a.addr);
+        let (status, body) = support::http(admin, method, &path, &[("Authorization", &bearer)], "");
+        assert!(status < 300, "{method}: {status} {body}");
+    };
+    change("DELETE");
+    // From now on a's checks time out.
+    a.answering.store(false, Ordering::SeqCst);
+    change("PUT");
+    let (status, s) = state(admin, "u", a.addr);
+    assert_eq!(status, "pending", "{s}\n{}", d.log());
+    assert_eq!(s["available"], false, "{s}");
+    for _ in 0..10 {
+        assert_eq!(
+            who(lb).await,
+            "b",
+            "a server put back got a session unchecked"
+        );
+    }
+    wait_state(admin, "u", a.addr, "down", Duration::from_secs(5)).await;
+}

@@ -109,6 +109,16 @@ impl ActiveHealth {
     }
 
     /// Checks were turned off for the server's upstream: forget what they found.
+    /// Starts over: pending a first check if `checked`, else unchecked.
+    pub fn restart(&self, checked: bool) {
+        if checked {
+            *self.lock() = Detail::default();
+            self.status.store(Status::Pending as u8, Ordering::Relaxed);
+        } else {
+            self.clear();
+        }
+    }
+
     pub fn clear(&self) {
         let mut d = self.lock();
         *d = Detail::default();

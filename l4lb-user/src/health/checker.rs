@@ -154,9 +154,16 @@ async fn check_loop(
             _ = ticks.tick() => {}
         }
         let started = Instant::now();
-        let outcome = tokio::select! {
+        let checked = tokio::select! {
             () = stop.cancelled() => return,
             o = probe::check(&cfg.kind, addr, cfg.timeout) => o,
+        };
+        let outcome = match checked {
+            Ok(outcome) => outcome,
+            Err(why) => {
+                warn!(%upstream, server = %addr, reason = %why, "health check not made: this host is out of descriptors or memory; the server's state stands");
+                continue;
+            }
         };
         let latency = started.elapsed();
         series.seconds.observe(latency.as_secs_f64());

@@ -16,28 +16,44 @@ use crate::config::CheckKind;
 const MAX_REPLY: usize = 16 * 1024;
 
 /// Runs one check, all of it within `timeout`; a reply that came but did not match
-/// in time is quoted in the reason.
-pub async fn check(kind: &CheckKind, addr: SocketAddr, timeout: Duration) -> Outcome {
+/// in time is quoted in the reason. `Err` when this host could not connect for want of
+/// descriptors or memory: that says nothing about the server (as for sessions'
+/// connects, see `proxy::connect`).
+pub async fn check(
+    kind: &CheckKind,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<Outcome, String> {
     let deadline = Instant::now() + timeout;
+    let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) if crate::proxy::is_resource_exhaustion(&e) => {
+            return Err(format!("connect: {e}"))
+        }
+        Ok(Err(e)) => return Ok(Outcome::Fail(format!("connect: {e}"))),
+        Err(_) => {
+            return Ok(Outcome::Fail(format!(
+                "connect timed out after {timeout:?}"
+            )))
+        }
+    };
     // Reads quote what came by the deadline; the bound around the whole exchange also
     // covers a send or close to a server that stopped reading.
-    match tokio::time::timeout_at(deadline, exchange(kind, addr, deadline, timeout)).await {
-        Ok(Ok(())) => Outcome::Pass,
-        Ok(Err(why)) => Outcome::Fail(why),
-        Err(_) => Outcome::Fail(format!("timed out after {timeout:?}")),
-    }
+    Ok(
+        match tokio::time::timeout_at(deadline, exchange(kind, stream, deadline, timeout)).await {
+            Ok(Ok(())) => Outcome::Pass,
+            Ok(Err(why)) => Outcome::Fail(why),
+            Err(_) => Outcome::Fail(format!("timed out after {timeout:?}")),
+        },
+    )
 }
 
 async fn exchange(
     kind: &CheckKind,
-    addr: SocketAddr,
+    mut stream: TcpStream,
     deadline: Instant,
     timeout: Duration,
 ) -> Result<(), String> {
-    let mut stream = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
-        .await
-        .map_err(|_| format!("connect timed out after {timeout:?}"))?
-        .map_err(|e| format!("connect: {e}"))?;
     let reader = Reader { deadline, timeout };
     let _ = stream.set_nodelay(true);
     let result = match kind {
@@ -202,6 +218,12 @@ mod tests {
 
     const T: Duration = Duration::from_secs(2);
 
+    async fn made(kind: &CheckKind, addr: SocketAddr, timeout: Duration) -> Outcome {
+        check(kind, addr, timeout)
+            .await
+            .expect("the check was made")
+    }
+
     #[tokio::test]
     async fn send_expect_matches_and_explains_a_mismatch() {
         let kind = CheckKind::SendExpect {
@@ -209,9 +231,9 @@ mod tests {
             expect: regex::bytes::Regex::new("PO+NG").unwrap(),
         };
         let ok = server(b"+PONG\r\n", true).await;
-        assert_eq!(check(&kind, ok, T).await, Outcome::Pass);
+        assert_eq!(made(&kind, ok, T).await, Outcome::Pass);
         let bad = server(b"-ERR nope\r\n", true).await;
-        let Outcome::Fail(why) = check(&kind, bad, T).await else {
+        let Outcome::Fail(why) = made(&kind, bad, T).await else {
             panic!("a wrong reply must fail");
         };
         assert!(why.contains("-ERR nope") && why.contains("PO+NG"), "{why}");
@@ -221,7 +243,7 @@ mod tests {
     async fn a_silent_server_times_out() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let kind = CheckKind::Redis;
-        let got = check(&kind, l.local_addr().unwrap(), Duration::from_millis(200)).await;
+        let got = made(&kind, l.local_addr().unwrap(), Duration::from_millis(200)).await;
         assert!(
             matches!(&got, Outcome::Fail(w) if w.contains("timed out")),
             "{got:?}"
@@ -232,16 +254,16 @@ mod tests {
     async fn mysql_handshake_error_packet_and_garbage() {
         // A protocol-10 greeting (truncated after the version string is enough).
         let ok = server(b"\x0b\x00\x00\x00\x0a10.11.6\x00\x01\x02", false).await;
-        assert_eq!(check(&CheckKind::Mysql, ok, T).await, Outcome::Pass);
+        assert_eq!(made(&CheckKind::Mysql, ok, T).await, Outcome::Pass);
         let err = server(b"\x17\x00\x00\x00\xff\x10\x04Too many connections", false).await;
-        let got = check(&CheckKind::Mysql, err, T).await;
+        let got = made(&CheckKind::Mysql, err, T).await;
         assert!(
             matches!(&got, Outcome::Fail(w) if w.contains("1040") && w.contains("Too many")),
             "{got:?}"
         );
         let junk = server(b"HTTP/1.1 400 Bad Request\r\n\r\n", false).await;
         assert!(matches!(
-            check(&CheckKind::Mysql, junk, T).await,
+            made(&CheckKind::Mysql, junk, T).await,
             Outcome::Fail(_)
         ));
     }
@@ -251,7 +273,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         drop(l);
-        let got = check(&CheckKind::Tcp, addr, T).await;
+        let got = made(&CheckKind::Tcp, addr, T).await;
         assert!(
             matches!(&got, Outcome::Fail(w) if w.contains("connect")),
             "{got:?}"

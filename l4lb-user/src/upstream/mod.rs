@@ -228,12 +228,7 @@ impl Upstream {
         };
         // The servers a process starts with are in service at once, as in nginx;
         // checks then take down the ones that fail.
-        up.publish(
-            config.balance,
-            config.servers.clone(),
-            source,
-            PeerState::default,
-        );
+        up.publish(config.balance, config.servers.clone(), source, false);
         Arc::new(up)
     }
 
@@ -254,15 +249,8 @@ impl Upstream {
     /// With health checks configured, a server new to the upstream gets no traffic until
     /// it has passed a check. Callers hold `write_lock`.
     fn set(&self, balance: Balance, servers: Vec<ServerSpec>, source: Source) -> bool {
-        let fresh: fn() -> PeerState = if self.config.load().health_check.is_some() {
-            || PeerState {
-                checks: ActiveHealth::pending(),
-                ..PeerState::default()
-            }
-        } else {
-            PeerState::default
-        };
-        self.publish(balance, servers, source, fresh)
+        let checked = self.config.load().health_check.is_some();
+        self.publish(balance, servers, source, checked)
     }
 
     /// Swaps in a new set; callers hold `write_lock` (or are building the upstream).
@@ -271,7 +259,7 @@ impl Upstream {
         balance: Balance,
         servers: Vec<ServerSpec>,
         source: Source,
-        fresh: fn() -> PeerState,
+        checked: bool,
     ) -> bool {
         let old = self.current.load();
         if old.balance == balance
@@ -283,17 +271,33 @@ impl Upstream {
         }
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
         states.retain(|_, w| w.strong_count() > 0);
+        let fresh = || PeerState {
+            checks: if checked {
+                ActiveHealth::pending()
+            } else {
+                ActiveHealth::default()
+            },
+            ..PeerState::default()
+        };
         let peers: Vec<Peer> = servers
             .into_iter()
             .map(|spec| {
-                let state = states
-                    .get(&spec.addr)
-                    .and_then(Weak::upgrade)
-                    .unwrap_or_else(|| {
+                let state = match states.get(&spec.addr).and_then(Weak::upgrade) {
+                    Some(s) => {
+                        // Back in the set while sessions of its earlier stay still hold
+                        // its state: counts go on, but its checks start over, as for
+                        // any server new to the set.
+                        if !old.peers.iter().any(|p| p.spec.addr == spec.addr) {
+                            s.checks.restart(checked);
+                        }
+                        s
+                    }
+                    None => {
                         let s = Arc::new(fresh());
                         states.insert(spec.addr, Arc::downgrade(&s));
                         s
-                    });
+                    }
+                };
                 Peer { spec, state }
             })
             .collect();
