@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -322,6 +322,31 @@ pub fn adopt(
     Ok(())
 }
 
+thread_local! {
+    /// Where replies land first: one buffer per thread rather than 64 KiB per session,
+    /// which thousands of clients (a resolver's) would each hold for `proxy_timeout`.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; MAX_DATAGRAM]);
+}
+
+/// The server's next datagram, in a buffer of its own size.
+async fn reply(backend: &UdpSocket) -> std::io::Result<Vec<u8>> {
+    // ERROR too, as tokio's own recv: an ICMP unreachable sets only EPOLLERR.
+    let ready = tokio::io::Interest::READABLE | tokio::io::Interest::ERROR;
+    backend
+        .async_io(ready, || {
+            SCRATCH.with_borrow_mut(|buf| {
+                let n = nix::sys::socket::recv(
+                    backend.as_fd().as_raw_fd(),
+                    buf,
+                    nix::sys::socket::MsgFlags::empty(),
+                )
+                .map_err(std::io::Error::from)?;
+                Ok(buf.get(..n).unwrap_or_default().to_vec())
+            })
+        })
+        .await
+}
+
 /// Forwards the server's replies to the client until the session ends.
 async fn replies(
     ctx: Arc<ListenerCtx>,
@@ -334,7 +359,6 @@ async fn replies(
 ) {
     let server = &ctx.server;
     let lease = &session.lease;
-    let mut buf = vec![0u8; MAX_DATAGRAM];
     // This session's own nodes: the loop polls them for every datagram.
     let (shutdown, pause) = (dp.shutdown.token().child_token(), pause.child_token());
     let limit = server.proxy_responses;
@@ -343,10 +367,11 @@ async fn replies(
             break "responses".to_string();
         }
         tokio::select! {
-            r = session.backend.recv(&mut buf) => match r {
-                Ok(n) => {
+            r = reply(&session.backend) => match r {
+                Ok(datagram) => {
+                    let n = datagram.len();
                     session.touch();
-                    if let Err(e) = listener.send_to(&buf[..n], client).await {
+                    if let Err(e) = listener.send_to(&datagram, client).await {
                         break format!("client_error({e})");
                     }
                     if session.responses.fetch_add(1, Ordering::Relaxed) == 0 {
