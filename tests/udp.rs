@@ -200,3 +200,21 @@ proxy_timeout = "2s"
     assert_eq!(recv(&c).await.as_deref(), Some("y"));
     assert_eq!(fails(), 0, "{}", d.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_deny_stops_a_client_that_has_a_session() {
+    let a = UdpBackend::start("a").await;
+    let port = free_udp_port();
+    let cfg = config(port, &[&a], "proxy_timeout = \"10s\"");
+    let d = Daemon::start(&cfg);
+    let c = client(port).await;
+    c.send(b"before").await.unwrap();
+    assert_eq!(recv(&c).await.as_deref(), Some("a:before"));
+    d.reload(&format!("{cfg}access = [\"deny 127.0.0.1\"]\n"));
+    c.send(b"after").await.unwrap();
+    assert_eq!(
+        recv(&c).await,
+        None,
+        "a denied client's datagram was forwarded"
+    );
+}

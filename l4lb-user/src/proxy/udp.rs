@@ -92,6 +92,13 @@ pub async fn serve(
             () = stop.cancelled() => return,
             () = pause.cancelled() => return,
         };
+        // Every datagram, so a reload's new `deny` also stops clients with a session.
+        let current = ctx.load();
+        if !super::access::allowed(&current.server.access, client.ip()) {
+            current.metrics.denied.inc();
+            continue;
+        }
+        drop(current);
         let existing = lock(&sessions).get(&client).map(|s| {
             s.requests.fetch_add(1, Ordering::Relaxed);
             Arc::clone(s)
