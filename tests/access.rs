@@ -261,4 +261,34 @@ access = ["deny 192.0.2.0/24", "allow all"]
                 && log_field(l, "end") == Some("denied")),
         "{lines:#?}"
     );
+
+    // With set_real_ip_from, a header names the client only from a trusted peer: from
+    // 127.0.0.1, untrusted, it cannot borrow an allowed address past `deny`.
+    let strict = config.replace(
+        "access = [\"deny 192.0.2.0/24\", \"allow all\"]",
+        "access = [\"deny 127.0.0.1\", \"allow all\"]\nset_real_ip_from = [\"10.0.0.0/8\"]",
+    );
+    d.reload(&strict);
+    let s = TcpStream::connect(lb).await.unwrap();
+    let got = exchange(
+        s,
+        format!("PROXY TCP4 198.51.100.7 10.0.0.1 5555 {port}\r\nhi").as_bytes(),
+    )
+    .await;
+    assert!(
+        got.is_empty(),
+        "an untrusted peer's header was believed: {got:?}"
+    );
+    d.reload(&strict.replace("10.0.0.0/8", "127.0.0.1"));
+    let s = TcpStream::connect(lb).await.unwrap();
+    let got = exchange(
+        s,
+        format!("PROXY TCP4 198.51.100.7 10.0.0.1 5555 {port}\r\nhi").as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        format!("PROXY TCP4 198.51.100.7 127.0.0.1 5555 {port}\r\nhi"),
+        "a trusted peer's header names the client"
+    );
 }

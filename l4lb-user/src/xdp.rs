@@ -55,7 +55,12 @@ fn proto(p: Protocol) -> u8 {
 /// Turns the listeners' ordered rules into LPM entries keyed by protocol and port.
 pub fn compile(servers: &[ServerConfig]) -> Compiled {
     let mut out = Compiled::default();
-    for server in servers.iter().filter(|s| !s.access.is_empty()) {
+    // Behind a PROXY-protocol balancer the packets come from the balancer, and the
+    // rules are for the client its header names: userspace applies them.
+    for server in servers
+        .iter()
+        .filter(|s| !s.access.is_empty() && !s.proxy_protocol_in)
+    {
         let (proto, port) = (proto(server.protocol), server.listen.port().to_be_bytes());
         let mut covered: Vec<IpNet> = Vec::new();
         for rule in &server.access {
@@ -250,5 +255,9 @@ mod tests {
         assert_eq!(c.v6.len(), 1, "deny all covers IPv6 too: {:?}", c.v6);
         assert_eq!(c.v6[0].0, 24);
         assert!(compile(&[server(1, &[])]).v4.is_empty());
+        // Behind a PROXY-protocol balancer the rules are for the carried client.
+        let mut behind = server(3307, &["deny all"]);
+        behind.proxy_protocol_in = true;
+        assert_eq!(compile(&[behind]), Compiled::default());
     }
 }

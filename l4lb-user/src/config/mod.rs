@@ -282,8 +282,19 @@ pub struct ServerConfig {
     /// Checked in order; the first rule whose prefix holds the client decides, and a
     /// client no rule names is allowed (nginx's `allow`/`deny`).
     pub access: Vec<AccessRule>,
+    /// With `proxy_protocol_in`, the peers (as `allow` rules) whose header names the
+    /// client; empty: every peer's (nginx's `set_real_ip_from`).
+    pub set_real_ip_from: Vec<AccessRule>,
     /// 0 = no limit.
     pub limit_conn: u32,
+}
+
+impl ServerConfig {
+    /// Whether a PROXY header from `peer` names the client: else the peer is the
+    /// client, as for nginx's realip module with `set_real_ip_from`.
+    pub fn trusts_header_from(&self, peer: std::net::IpAddr) -> bool {
+        self.set_real_ip_from.is_empty() || self.set_real_ip_from.iter().any(|r| r.matches(peer))
+    }
 }
 
 /// One `allow`/`deny` rule.
@@ -788,6 +799,34 @@ impl Validator<'_> {
         })
     }
 
+    /// Parses a list key of rules, each error at its own element.
+    fn rules<'t>(
+        &mut self,
+        node: &Node<'_>,
+        path: &str,
+        key: &str,
+        texts: impl Iterator<Item = &'t String>,
+        parse: impl Fn(&str) -> Result<AccessRule, String>,
+    ) -> Vec<AccessRule> {
+        let mut rules = Vec::new();
+        for (i, text) in texts.enumerate() {
+            match parse(text) {
+                Ok(rule) => rules.push(rule),
+                Err(e) => {
+                    let span = node
+                        .get_ref()
+                        .as_table()
+                        .and_then(|t| t.get(key))
+                        .and_then(|a| a.get_ref().as_array())
+                        .and_then(|a| a.get(i))
+                        .map_or_else(|| node.span(), |v| v.span());
+                    self.push_span(Some(span), &format!("{path}.{key}[{i}]"), e);
+                }
+            }
+        }
+        rules
+    }
+
     fn health_check(
         &mut self,
         node: &Node<'_>,
@@ -1057,21 +1096,26 @@ impl Validator<'_> {
                 "an upstream_show listener reads HTTP, not a PROXY header",
             );
         }
-        let mut access = Vec::new();
-        for (i, text) in raw.access.iter().flatten().enumerate() {
-            match AccessRule::parse(text) {
-                Ok(rule) => access.push(rule),
-                Err(e) => {
-                    let span = node
-                        .get_ref()
-                        .as_table()
-                        .and_then(|t| t.get("access"))
-                        .and_then(|a| a.get_ref().as_array())
-                        .and_then(|a| a.get(i))
-                        .map_or_else(|| node.span(), |v| v.span());
-                    self.push_span(Some(span), &format!("{path}.access[{i}]"), e);
-                }
-            }
+        let access = self.rules(node, path, "access", raw.access.iter().flatten(), |t| {
+            AccessRule::parse(t)
+        });
+        let set_real_ip_from = self.rules(
+            node,
+            path,
+            "set_real_ip_from",
+            raw.set_real_ip_from.iter().flatten(),
+            |t| {
+                AccessRule::parse(&format!("allow {t}"))
+                    .map_err(|_| format!("{t:?} is not an address or a prefix"))
+            },
+        );
+        if !set_real_ip_from.is_empty() && !proxy_protocol_in {
+            self.at(
+                node,
+                path,
+                "set_real_ip_from",
+                "names the peers whose PROXY header is trusted: only with proxy_protocol_in = true",
+            );
         }
         if self.errors.len() > errors_before {
             return None;
@@ -1104,6 +1148,7 @@ impl Validator<'_> {
             ),
             upstream_show,
             access,
+            set_real_ip_from,
             limit_conn: raw.limit_conn.unwrap_or(0),
         })
     }

@@ -131,6 +131,8 @@ pub struct RawServer {
     pub upstream_show: Option<bool>,
     /// nginx's `allow`/`deny` in order: "allow 10.0.0.0/8", "deny all", ...
     pub access: Option<Vec<String>>,
+    /// Peers whose PROXY header names the client (nginx's `set_real_ip_from`).
+    pub set_real_ip_from: Option<Vec<String>>,
     /// Connections at once per client address (nginx's `limit_conn`), 0 = no limit.
     pub limit_conn: Option<u32>,
 }

@@ -242,6 +242,16 @@ fn semantic_errors() {
             "reads HTTP",
         ),
         (
+            "[upstream.u]\nservers = [{ address = \"127.0.0.1:1\" }]\n[[server]]\nlisten = \"127.0.0.1:1\"\nproxy_pass = \"u\"\nset_real_ip_from = [\"10.0.0.0/8\"]\n",
+            "server[0].set_real_ip_from",
+            "only with proxy_protocol_in",
+        ),
+        (
+            "[upstream.u]\nservers = [{ address = \"127.0.0.1:1\" }]\n[[server]]\nlisten = \"127.0.0.1:1\"\nproxy_pass = \"u\"\nproxy_protocol_in = true\nset_real_ip_from = [\"10.0.0.0/8\", \"lb.example\"]\n",
+            "server[0].set_real_ip_from[1]",
+            "not an address or a prefix",
+        ),
+        (
             "[upstream.u]\nservers = [{ address = \"127.0.0.1:1\" }]\n[[server]]\nlisten = \"127.0.0.1:1\"\nproxy_pass = \"u\"\nproxy_responses = 1\n",
             "server[0].proxy_responses",
             "udp",

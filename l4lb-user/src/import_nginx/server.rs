@@ -37,9 +37,11 @@ impl Converter {
         let mut proxy_pass_lines = 0;
         let mut show: Option<&Directive> = None;
         let mut rules = Vec::new();
+        let mut real_ip = Vec::new();
         for x in block {
             match x.name.as_str() {
                 "allow" | "deny" => rules.push(x.clone()),
+                "set_real_ip_from" => real_ip.push(x.clone()),
                 "listen" => {
                     listen_lines += 1;
                     listens.extend(self.listen(x));
@@ -61,6 +63,7 @@ impl Converter {
             }
         }
         own.extend(self.access_rules(&rules));
+        own.extend(self.real_ip_from(&real_ip));
         if listen_lines == 0 {
             return self.error(d, "server block without listen");
         }
@@ -150,6 +153,12 @@ impl Converter {
                     // are worth a note.
                     if !from_stream {
                         self.ignore(&st.directive, "an upstream_show server proxies nothing");
+                    }
+                    continue;
+                }
+                if st.key == "set_real_ip_from" && !l.proxy_protocol {
+                    if !from_stream {
+                        self.ignore(&st.directive, "read only on a proxy_protocol listen");
                     }
                     continue;
                 }

@@ -75,9 +75,6 @@ fn ignored(d: &Directive) -> Option<&'static str> {
         "preread_buffer_size" | "preread_timeout" => {
             "l4lb reads nothing from the client before choosing a server"
         }
-        "set_real_ip_from" => {
-            "on a proxy_protocol listen l4lb takes the client from the header of any peer: restrict the peers with allow/deny"
-        }
         "limit_conn_log_level" | "limit_conn_dry_run" => {
             "l4lb counts refused clients in l4lb_refused_total{reason=\"limit_conn\"} and the access log"
         }
@@ -113,6 +110,7 @@ impl Converter {
         let mut servers = Vec::new();
         let mut access_log = None;
         let mut rules = Vec::new();
+        let mut real_ip = Vec::new();
         for x in block {
             match x.name.as_str() {
                 "upstream" => self.upstream(x),
@@ -121,10 +119,12 @@ impl Converter {
                 "error_log" => self.error_log(x),
                 "limit_conn_zone" => {}
                 "allow" | "deny" => rules.push(x.clone()),
+                "set_real_ip_from" => real_ip.push(x.clone()),
                 _ => self.add_setting(&mut inherited, x),
             }
         }
         inherited.extend(self.access_rules(&rules));
+        inherited.extend(self.real_ip_from(&real_ip));
         if access_log.is_none() && !self.has_global("access_log") {
             self.set_global_with(
                 "access_log",
@@ -208,6 +208,30 @@ impl Converter {
             key: "access",
             value: emit::array_lines(&items),
             source: format!("allow/deny from {}", first.loc),
+            directive: first,
+        })
+    }
+
+    /// `set_real_ip_from` lines: the peers whose PROXY header names the client.
+    pub fn real_ip_from(&mut self, lines: &[Directive]) -> Option<Setting> {
+        let first = lines.first()?.clone();
+        let mut items = Vec::new();
+        for d in lines {
+            match single(d) {
+                Ok(t) if t.starts_with("unix:") => {
+                    self.unsupported(d, "l4lb listens on TCP and UDP only")
+                }
+                Ok(t) => match crate::config::AccessRule::parse(&format!("allow {t}")) {
+                    Ok(_) if t != "all" => items.push((emit::string(t), d.loc.to_string())),
+                    _ => self.error(d, format!("{t:?} is not an address or a prefix")),
+                },
+                Err(m) => self.error(d, m),
+            }
+        }
+        Some(Setting {
+            key: "set_real_ip_from",
+            value: emit::array_lines(&items),
+            source: format!("set_real_ip_from from {}", first.loc),
             directive: first,
         })
     }

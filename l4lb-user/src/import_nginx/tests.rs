@@ -598,6 +598,8 @@ fn access_rules_limits_and_proxy_protocol_listen() {
     allow 10.0.0.0/8;
     deny all;
     limit_conn per_ip 20;
+    set_real_ip_from 10.0.0.0/8;
+    set_real_ip_from 192.0.2.1;
     upstream db { server 127.0.0.1:3306; }
     server {
         listen 3307 proxy_protocol;
@@ -640,6 +642,17 @@ fn access_rules_limits_and_proxy_protocol_listen() {
         ]
     );
     assert_eq!((b.limit_conn, b.proxy_protocol_in), (2, false));
+    // set_real_ip_from reaches the proxy_protocol listen only.
+    let trusted = |s: &config::ServerConfig| -> Vec<String> {
+        s.set_real_ip_from
+            .iter()
+            .filter_map(|r| r.prefix.map(|p| p.to_string()))
+            .collect()
+    };
+    assert_eq!(trusted(a), ["10.0.0.0/8", "192.0.2.1/32"]);
+    assert!(trusted(b).is_empty());
+    assert!(a.trusts_header_from("10.1.2.3".parse().unwrap()));
+    assert!(!a.trusts_header_from("127.0.0.1".parse().unwrap()));
     let e = convert_err(
         "stream {\n limit_conn_zone $server_name zone=s:1m;\n upstream u { server 127.0.0.1:1; }\n server { listen 1; limit_conn s 1; proxy_pass u; }\n}\n",
     );

@@ -541,7 +541,9 @@ async fn establish(
     if server.proxy_protocol_in {
         match proxy_protocol::receive(client, server.proxy_protocol_timeout).await {
             Ok(received) => {
-                *peer = received.client.unwrap_or(*peer);
+                if server.trusts_header_from(peer.ip()) {
+                    *peer = received.client.unwrap_or(*peer);
+                }
                 early = received.leftover;
             }
             Err(e) => {
