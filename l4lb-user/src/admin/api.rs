@@ -8,7 +8,7 @@
 //! `servers` (or a restart).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 use axum::body::Bytes;
@@ -35,8 +35,6 @@ pub struct AdminState {
     pub registry: Arc<Registry>,
     /// Swapped on reload; never logged.
     pub token: ArcSwapOption<String>,
-    /// Serialises read-modify-write changes of a server set.
-    changes: Mutex<()>,
 }
 
 impl AdminState {
@@ -51,7 +49,6 @@ impl AdminState {
             board,
             registry,
             token: ArcSwapOption::from(token.map(Arc::new)),
-            changes: Mutex::new(()),
         }
     }
 }
@@ -225,43 +222,44 @@ pub(crate) fn parse_body(body: &[u8]) -> Result<ServerParams, FieldError> {
     ServerParams::from_json(&value, Strictness::Admin)
 }
 
-/// Checks and locks for a change: token, upstream, not upsync-managed, address.
-fn begin<'a>(
-    st: &'a AdminState,
+/// Checks a change's token, upstream and address.
+fn begin(
+    st: &AdminState,
     headers: &HeaderMap,
     name: &str,
     addr: &str,
-) -> Result<(Arc<Upstream>, SocketAddr, std::sync::MutexGuard<'a, ()>), ApiError> {
+) -> Result<(Arc<Upstream>, SocketAddr), ApiError> {
     authorize(st, headers)?;
     let up = find(st, name)?;
-    if let Some(u) = &up.config().upsync {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!(
-                "upstream {name} is managed by its upsync source ({}); change the servers there",
-                crate::discovery::shown_url(&u.url)
-            ),
-        ));
-    }
     let addr = parse_addr(addr)?;
-    let guard = st.changes.lock().unwrap_or_else(|p| p.into_inner());
-    Ok((up, addr, guard))
+    Ok((up, addr))
 }
 
-fn current(up: &Upstream) -> Vec<ServerSpec> {
-    up.snapshot().specs().cloned().collect()
-}
-
+/// Applies `change` to the upstream's current set under its write lock (a reload or a
+/// discovery answer cannot come between the read and the write), unless an upsync
+/// source manages the set.
 fn commit(
     st: &AdminState,
     up: &Upstream,
-    servers: Vec<ServerSpec>,
-    status: StatusCode,
     what: &str,
-) -> Response {
-    up.set_servers(servers, Source::Admin);
+    change: impl FnOnce(&mut Vec<ServerSpec>) -> Result<StatusCode, ApiError>,
+) -> Result<Response, ApiError> {
+    let (status, _) = up.update(Source::Admin, |config, mut servers| {
+        if let Some(u) = &config.upsync {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "upstream {} is managed by its upsync source ({}); change the servers there",
+                    up.name,
+                    crate::discovery::shown_url(&u.url)
+                ),
+            ));
+        }
+        let status = change(&mut servers)?;
+        Ok((servers, status))
+    })?;
     info!(upstream = %up.name, change = what, "server set changed through the admin API");
-    (status, Json(view::upstream(up, &st.board))).into_response()
+    Ok((status, Json(view::upstream(up, &st.board))).into_response())
 }
 
 /// Adds a server or replaces all its parameters (absent ones take nginx's defaults).
@@ -271,22 +269,22 @@ async fn put_server(
     Path((name, addr)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let (up, addr, _guard) = begin(&st, &headers, &name, &addr)?;
+    let (up, addr) = begin(&st, &headers, &name, &addr)?;
     let params = parse_body(&body).map_err(ApiError::field)?;
     let mut spec = ServerSpec::new(addr);
     params.apply_to(&mut spec);
-    let mut servers = current(&up);
-    let status = match servers.iter_mut().find(|s| s.addr == addr) {
-        Some(existing) => {
-            *existing = spec;
-            StatusCode::OK
-        }
-        None => {
-            servers.push(spec);
-            StatusCode::CREATED
-        }
-    };
-    Ok(commit(&st, &up, servers, status, &format!("put {addr}")))
+    commit(&st, &up, &format!("put {addr}"), |servers| {
+        Ok(match servers.iter_mut().find(|s| s.addr == addr) {
+            Some(existing) => {
+                *existing = spec;
+                StatusCode::OK
+            }
+            None => {
+                servers.push(spec);
+                StatusCode::CREATED
+            }
+        })
+    })
 }
 
 /// Changes the given parameters of an existing server (e.g. `{"down": true}` drains it).
@@ -296,23 +294,16 @@ async fn patch_server(
     Path((name, addr)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let (up, addr, _guard) = begin(&st, &headers, &name, &addr)?;
+    let (up, addr) = begin(&st, &headers, &name, &addr)?;
     let params = parse_body(&body).map_err(ApiError::field)?;
-    let mut servers = current(&up);
-    let existing = servers.iter_mut().find(|s| s.addr == addr).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("server {addr} not in upstream {name}"),
-        )
-    })?;
-    params.apply_to(existing);
-    Ok(commit(
-        &st,
-        &up,
-        servers,
-        StatusCode::OK,
-        &format!("patch {addr}"),
-    ))
+    commit(&st, &up, &format!("patch {addr}"), |servers| {
+        let existing = servers
+            .iter_mut()
+            .find(|s| s.addr == addr)
+            .ok_or_else(|| not_in(addr, &name))?;
+        params.apply_to(existing);
+        Ok(StatusCode::OK)
+    })
 }
 
 /// Removes a server; its established sessions continue.
@@ -321,21 +312,20 @@ async fn delete_server(
     headers: HeaderMap,
     Path((name, addr)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let (up, addr, _guard) = begin(&st, &headers, &name, &addr)?;
-    let mut servers = current(&up);
-    let before = servers.len();
-    servers.retain(|s| s.addr != addr);
-    if servers.len() == before {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("server {addr} not in upstream {name}"),
-        ));
-    }
-    Ok(commit(
-        &st,
-        &up,
-        servers,
-        StatusCode::OK,
-        &format!("delete {addr}"),
-    ))
+    let (up, addr) = begin(&st, &headers, &name, &addr)?;
+    commit(&st, &up, &format!("delete {addr}"), |servers| {
+        let before = servers.len();
+        servers.retain(|s| s.addr != addr);
+        if servers.len() == before {
+            return Err(not_in(addr, &name));
+        }
+        Ok(StatusCode::OK)
+    })
+}
+
+fn not_in(addr: SocketAddr, name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("server {addr} not in upstream {name}"),
+    )
 }

@@ -21,7 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, ServerSpec, UpsyncConfig, UpsyncKind};
 use crate::upstream::{Source as Origin, Upstream, Upstreams};
@@ -275,7 +275,18 @@ impl Runner {
             warn!(upstream = %self.upstream.name, source = %self.origin, servers = serving, "source lists no servers; keeping the last set (as nginx-upsync)");
             return;
         }
-        let changed = self.upstream.set_servers(servers.clone(), self.origin);
+        // Under the upstream's write lock: an answer that lands as a reload replaces or
+        // removes this source is not applied.
+        let applied = self.upstream.update(self.origin, |config, _| {
+            if config.upsync.as_ref() != Some(&self.cfg) {
+                return Err(());
+            }
+            Ok((servers.clone(), ()))
+        });
+        let Ok(((), changed)) = applied else {
+            debug!(upstream = %self.upstream.name, source = %self.origin, "answer from a source the configuration no longer has; not applied");
+            return;
+        };
         // After the set: a binary upgrade reads positions before sets, so the new
         // process never gets a position newer than the set it waits from.
         self.status.succeeded(position);

@@ -320,6 +320,22 @@ impl Upstream {
         self.set(balance, servers, source)
     }
 
+    /// Changes the server set from the one current under the write lock, so no other
+    /// writer (discovery, a reload) can come between the read and the write: `change`
+    /// sees the configuration and that set, and its error leaves the set as it is.
+    /// Also returns whether the set changed.
+    pub fn update<T, E>(
+        &self,
+        source: Source,
+        change: impl FnOnce(&UpstreamConfig, Vec<ServerSpec>) -> Result<(Vec<ServerSpec>, T), E>,
+    ) -> Result<(T, bool), E> {
+        let _writing = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let config = self.config.load_full();
+        let current = self.current.load().specs().cloned().collect();
+        let (servers, answer) = change(&config, current)?;
+        Ok((answer, self.set(config.balance, servers, source)))
+    }
+
     /// Applies a reloaded `[upstream.NAME]`. A discovered set is kept while the upstream
     /// has an upsync source (a changed source replaces it on its first answer), so a
     /// reload never loses what discovery learned; a set changed through the admin API is

@@ -405,3 +405,34 @@ fn concurrent_selection_always_chooses_and_respects_max_conns() {
         );
     }
 }
+
+#[test]
+fn update_reads_and_writes_the_set_as_one_step_and_an_error_changes_nothing() {
+    let u = upstream(Balance::RoundRobin, vec![spec(1, 1), spec(2, 1)]);
+    let refused: Result<((), bool), &str> = u.update(Source::Admin, |_, _| Err("no"));
+    assert_eq!(refused, Err("no"));
+    assert_eq!(
+        u.snapshot().source,
+        Source::Config,
+        "an error changes nothing"
+    );
+    let seen = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            u.update(Source::Admin, |_, mut servers| {
+                let seen = servers.len();
+                // Another writer started now waits for this one.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                servers.push(spec(3, 1));
+                Ok::<_, ()>((servers, seen))
+            })
+        });
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        u.set_servers(vec![spec(1, 1)], Source::Consul);
+        writer.join().unwrap()
+    });
+    assert_eq!(seen, Ok((2, true)));
+    // The later writer applied after the update, not in the middle of it.
+    let ports: Vec<u16> = u.snapshot().specs().map(|s| s.addr.port()).collect();
+    assert_eq!(ports, [1], "{ports:?}");
+    assert_eq!(u.snapshot().source, Source::Consul);
+}
