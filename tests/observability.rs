@@ -241,3 +241,41 @@ async fn sigusr1_reopens_the_access_log_with_the_kernel_path() {
         access_log_survives_rotation("required").await;
     }
 }
+
+/// An upstream's name is any TOML key: a quote or backslash in it is escaped in the
+/// labels, so the scrape stays readable (one bad line makes Prometheus drop it all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_names_are_escaped_in_labels() {
+    let a = Backend::start(Behaviour::Echo).await;
+    let (admin, port) = (free_port(), free_port());
+    let _d = Daemon::start(&format!(
+        r#"
+[global]
+splice = "off"
+
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[upstream.'db "main" \x']
+servers = [{{ address = "{a}" }}]
+
+[[server]]
+listen = "127.0.0.1:{port}"
+proxy_pass = 'db "main" \x'
+"#,
+        a = a.addr,
+    ));
+    let (status, body) = support::http_get(addr(admin), "/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        body.contains(r#"upstream="db \"main\" \\x""#),
+        "{}",
+        body.lines()
+            .filter(|l| l.contains("upstream="))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // And the whole exposition parses.
+    let s = support::scrape(addr(admin));
+    assert!(!s.samples.is_empty());
+}

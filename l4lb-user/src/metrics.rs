@@ -11,7 +11,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, LazyLock, Mutex};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -89,6 +91,32 @@ impl CopyReason {
     }
 }
 
+/// An upstream's name as a label value: the text format leaves escaping to the caller,
+/// and a name is any TOML key, so one `"` would make the whole scrape unreadable.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Name(String);
+
+impl From<&str> for Name {
+    fn from(name: &str) -> Self {
+        Name(name.to_string())
+    }
+}
+
+impl EncodeLabelValue for Name {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        for c in self.0.chars() {
+            match c {
+                '\\' => encoder.write_str("\\\\")?,
+                '"' => encoder.write_str("\\\"")?,
+                '\n' => encoder.write_str("\\n")?,
+                c => encoder.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
     pub listener: String,
@@ -116,18 +144,18 @@ pub struct BytesLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
-    pub upstream: String,
+    pub upstream: Name,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServerLabels {
-    pub upstream: String,
+    pub upstream: Name,
     pub server: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CheckLabels {
-    pub upstream: String,
+    pub upstream: Name,
     pub server: String,
     /// `pass` or `fail`.
     pub result: &'static str,
@@ -350,13 +378,13 @@ impl CheckSeries {
     pub fn new(upstream: &str, server: &str) -> Self {
         let m = &*METRICS;
         let result = |result| CheckLabels {
-            upstream: upstream.to_string(),
+            upstream: upstream.into(),
             server: server.to_string(),
             result,
         };
         CheckSeries {
             seconds: m.health_check_seconds.get_or_create_owned(&ServerLabels {
-                upstream: upstream.to_string(),
+                upstream: upstream.into(),
                 server: server.to_string(),
             }),
             passed: m.health_checks.get_or_create_owned(&result("pass")),
@@ -368,12 +396,12 @@ impl CheckSeries {
     pub fn forget(upstream: &str, server: &str) {
         let m = &*METRICS;
         m.health_check_seconds.remove(&ServerLabels {
-            upstream: upstream.to_string(),
+            upstream: upstream.into(),
             server: server.to_string(),
         });
         for result in ["pass", "fail"] {
             m.health_checks.remove(&CheckLabels {
-                upstream: upstream.to_string(),
+                upstream: upstream.into(),
                 server: server.to_string(),
                 result,
             });
@@ -397,14 +425,14 @@ impl std::fmt::Debug for LiveState {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
-    upstream: String,
+    upstream: Name,
     server: String,
     direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
-    upstream: String,
+    upstream: Name,
     server: String,
     state: &'static str,
 }
@@ -448,7 +476,7 @@ impl Collector for LiveState {
             let checked = up.config().health_check.is_some();
             for peer in &up.snapshot().peers {
                 let l = ServerLabels {
-                    upstream: name.clone(),
+                    upstream: name.as_str().into(),
                     server: peer.spec.addr.to_string(),
                 };
                 let s = &peer.state;
@@ -457,7 +485,7 @@ impl Collector for LiveState {
                 for (direction, n) in [("upload", s.bytes_up()), ("download", s.bytes_down())] {
                     bytes
                         .get_or_create(&DirectionLabels {
-                            upstream: name.clone(),
+                            upstream: name.as_str().into(),
                             server: l.server.clone(),
                             direction,
                         })
@@ -469,7 +497,7 @@ impl Collector for LiveState {
                 if checked {
                     check_state
                         .get_or_create(&StateLabels {
-                            upstream: name.clone(),
+                            upstream: name.as_str().into(),
                             server: l.server.clone(),
                             state: s.checks.status().as_str(),
                         })
@@ -514,7 +542,9 @@ impl Collector for LiveState {
         let bad_data = Family::<UpstreamLabels, Counter>::default();
         let last_success = Family::<UpstreamLabels, Gauge>::default();
         for (upstream, status) in self.board.all() {
-            let l = UpstreamLabels { upstream };
+            let l = UpstreamLabels {
+                upstream: upstream.as_str().into(),
+            };
             updates
                 .get_or_create(&l)
                 .inc_by(status.updates.load(Ordering::Relaxed));

@@ -223,7 +223,7 @@ impl Upstream {
             connect_seconds: METRICS
                 .connect_seconds
                 .get_or_create_owned(&UpstreamLabels {
-                    upstream: config.name.clone(),
+                    upstream: config.name.as_str().into(),
                 }),
         };
         // The servers a process starts with are in service at once, as in nginx;
@@ -443,7 +443,7 @@ impl Upstreams {
         // a handle of their own).
         for name in old.keys().filter(|n| !configs.contains_key(*n)) {
             METRICS.connect_seconds.remove(&UpstreamLabels {
-                upstream: name.clone(),
+                upstream: name.as_str().into(),
             });
         }
     }
