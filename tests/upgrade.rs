@@ -867,3 +867,48 @@ proxy_pass = "db"
         .expect("echo");
     assert_eq!(&buf, b"still here\n");
 }
+
+/// A UDP session whose listener the new configuration drops cannot move: it ends at
+/// the upgrade with its access-log line (it vanished without one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_udp_session_the_new_process_cannot_take_is_logged() {
+    let echo = Backend::start(Behaviour::Echo).await;
+    let udp = UdpBackend::start("u1").await;
+    let p = Ports::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path(), &p, &[echo.addr], &[udp.addr]);
+    let d = Daemon::start_with_env(&cfg, &[("L4LB_ADMIN_TOKEN", TOKEN)]);
+    let current = Current {
+        pid_file: dir.path().join("l4lb.pid"),
+    };
+    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    c.connect(Ports::addr(p.udp)).await.unwrap();
+    c.send(b"hi").await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(3), c.recv(&mut buf))
+        .await
+        .expect("reply")
+        .unwrap();
+    assert_eq!(&buf[..n], b"u1:hi");
+    let udp_block = cfg
+        .find(&format!("listen = \"127.0.0.1:{}\"", p.udp))
+        .and_then(|at| cfg[..at].rfind("[[server]]"))
+        .expect("the udp listener");
+    std::fs::write(&d.config_path, &cfg[..udp_block]).expect("rewrite config");
+    let new = tokio::task::block_in_place(|| signal_upgrade(&d, &current));
+    assert!(new.starts_with("ok "), "{new}\n{}", d.log());
+    let logged = d.wait_log("end=not_taken_over", Duration::from_secs(5));
+    assert!(logged, "{}", d.log());
+    let line = d
+        .access_lines()
+        .into_iter()
+        .find(|l| l.contains("end=not_taken_over"))
+        .expect("line");
+    let client = c.local_addr().unwrap().to_string();
+    assert_eq!(
+        support::log_field(&line, "client"),
+        Some(client.as_str()),
+        "{line}"
+    );
+    assert_eq!(support::log_field(&line, "received"), Some("2"), "{line}");
+}

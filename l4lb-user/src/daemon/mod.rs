@@ -248,7 +248,18 @@ impl Daemon {
         }
         // Whatever the new configuration does not listen on closes with the old process.
         daemon.inherited.listeners.clear();
-        daemon.inherited.udp.clear();
+        for (saved, _) in daemon
+            .inherited
+            .udp
+            .drain()
+            .flat_map(|(_, sessions)| sessions)
+        {
+            udp::not_taken(
+                &daemon.dp,
+                &saved,
+                "its listener is not in this configuration",
+            );
+        }
         daemon.inherited.admin.clear();
         match daemon.predecessor.as_mut() {
             Some(channel) => channel
@@ -325,7 +336,7 @@ impl Daemon {
                     .unwrap_or_default()
                 {
                     if let Err(why) = udp::adopt(&current, &self.dp, &sessions, &saved, fd) {
-                        warn!(client = %saved.client, listen = %server.listen, reason = %why, "udp session not taken over");
+                        udp::not_taken(&self.dp, &saved, &why);
                     }
                 }
                 let udp = UdpListener {

@@ -292,6 +292,28 @@ pub fn export(
         .collect()
 }
 
+/// A handed-over session this process could not take (no room, no upstream, or no
+/// such listener any more): it ends at the upgrade, and its line says so. The client's
+/// next datagram opens a new session if it can.
+pub fn not_taken(dp: &DataPath, saved: &wire::UdpSession, why: &str) {
+    warn!(client = %saved.client, listen = %saved.listen, reason = %why, "udp session not taken over; it ends here");
+    if dp.access_log.enabled() {
+        info!(
+            target: "access",
+            client = %saved.client,
+            listen = %saved.listen,
+            protocol = "udp",
+            upstream = "-",
+            server = %saved.server,
+            sent = saved.download,
+            received = saved.upload,
+            responses = saved.responses,
+            duration_ms = saved.age_ms,
+            end = %"not_taken_over",
+        );
+    }
+}
+
 /// Puts a handed-over session into `sessions` (its reply task starts with [`resume`]).
 pub fn adopt(
     ctx: &ListenerCtx,
