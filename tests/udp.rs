@@ -218,3 +218,36 @@ async fn a_reloaded_deny_stops_a_client_that_has_a_session() {
         "a denied client's datagram was forwarded"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_listener_serves_its_sessions_to_their_end() {
+    let a = UdpBackend::start("a").await;
+    let (port, other) = (free_udp_port(), free_udp_port());
+    let cfg = config(port, &[&a], "proxy_timeout = \"1s\"");
+    let d = Daemon::start(&cfg);
+    let c = client(port).await;
+    c.send(b"one").await.unwrap();
+    assert_eq!(recv(&c).await.as_deref(), Some("a:one"));
+    // The listener moves to another port: the open session goes on where it was.
+    d.reload(&cfg.replace(&format!(":{port}\""), &format!(":{other}\"")));
+    c.send(b"two").await.unwrap();
+    assert_eq!(recv(&c).await.as_deref(), Some("a:two"), "{}", d.log());
+    let newcomer = client(port).await;
+    newcomer.send(b"new").await.unwrap();
+    assert_eq!(
+        recv(&newcomer).await,
+        None,
+        "a removed listener opened a session"
+    );
+    // Once its session ended (proxy_timeout), the old port is closed for good.
+    assert!(
+        d.wait_log("end=idle_timeout", Duration::from_secs(5)),
+        "{}",
+        d.log()
+    );
+    let gone = support::wait_until(Duration::from_secs(5), || {
+        std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+    })
+    .await;
+    assert!(gone.is_some(), "the removed listener's port stayed bound");
+}

@@ -65,8 +65,10 @@ impl UdpSession {
     }
 }
 
-/// Serves datagrams until `stop` (listener closed: its sessions go on) or `pause`
-/// (binary upgrade: the sessions' reply tasks stop too, and the table keeps them).
+/// Serves datagrams until `pause` (binary upgrade: the sessions' reply tasks stop too,
+/// and the table keeps them). After `stop` (the listener was removed, or the process
+/// stops) it opens no session, and serves the open ones until the last has ended: a
+/// session's client datagrams arrive on this socket.
 pub async fn serve(
     socket: Arc<UdpSocket>,
     sessions: Sessions,
@@ -77,6 +79,9 @@ pub async fn serve(
 ) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut last_error_log: Option<Instant> = None;
+    let mut draining = false;
+    // While draining: how often to look whether the last session has ended.
+    let mut look = tokio::time::interval(Duration::from_secs(1));
     loop {
         let (n, client) = tokio::select! {
             r = socket.recv_from(&mut buf) => match r {
@@ -89,7 +94,16 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = stop.cancelled() => return,
+            () = stop.cancelled(), if !draining => {
+                draining = true;
+                continue;
+            }
+            _ = look.tick(), if draining => {
+                if lock(&sessions).is_empty() {
+                    return;
+                }
+                continue;
+            }
             () = pause.cancelled() => return,
         };
         // Every datagram, so a reload's new `deny` also stops clients with a session.
@@ -105,6 +119,7 @@ pub async fn serve(
         });
         let session = match existing {
             Some(s) => s,
+            None if draining => continue,
             None => {
                 let current = ctx.load_full();
                 match panic::catch(open(&current, &dp, &socket, &sessions, client, &pause)).await {
