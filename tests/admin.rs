@@ -248,6 +248,18 @@ url = "http://127.0.0.1:9/v1/kv/upstreams/synced/"
     assert_eq!(status, 409, "{v}");
     assert!(v["error"].as_str().unwrap().contains("upsync"), "{v}");
 
+    // Oversized bodies, undecodable paths and unknown endpoints answer in the same JSON.
+    let huge = format!("{{\"weight\": 1, \"pad\": \"{}\"}}", "x".repeat(100_000));
+    let (status, v) = call(&s, "PUT", &p("127.0.0.1:9"), &huge);
+    assert_eq!(status, 413, "{v}");
+    assert!(v["error"].is_string(), "{v}");
+    let (status, v) = call(&s, "PUT", "/api/upstreams/%FF/servers/127.0.0.1:9", "{}");
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"].is_string(), "{v}");
+    let (status, v) = call(&s, "GET", "/api/nothing-here", "");
+    assert_eq!(status, 404, "{v}");
+    assert!(v["error"].is_string(), "{v}");
+
     // Nothing of that changed the set.
     assert_eq!(count(&tags(s.lb, 2).await, "a"), 2);
 

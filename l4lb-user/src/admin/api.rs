@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -68,7 +69,28 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/metrics", get(metrics))
         .route("/upstream_show", get(upstream_show))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        // A server's parameters are a few fields.
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
+}
+
+const BODY_LIMIT: usize = 64 * 1024;
+
+/// The path and body an endpoint was given, or why not, in the API's JSON.
+type PathParts<T> = Result<Path<T>, PathRejection>;
+type Body = Result<Bytes, BytesRejection>;
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        ApiError::new(r.status(), r.body_text())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(r: BytesRejection) -> Self {
+        ApiError::new(r.status(), r.body_text())
+    }
 }
 
 struct ApiError {
@@ -127,15 +149,17 @@ fn find(st: &AdminState, name: &str) -> Result<Arc<Upstream>, ApiError> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("upstream {name} not found")))
 }
 
-async fn one(State(st): State<Shared>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn one(State(st): State<Shared>, path: PathParts<String>) -> Result<Json<Value>, ApiError> {
+    let Path(name) = path?;
     let up = find(&st, &name)?;
     Ok(Json(view::upstream(&up, &st.board)))
 }
 
 async fn one_server(
     State(st): State<Shared>,
-    Path((name, addr)): Path<(String, String)>,
+    path: PathParts<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
+    let Path((name, addr)) = path?;
     let up = find(&st, &name)?;
     let addr = parse_addr(&addr)?;
     let snap = up.snapshot();
@@ -266,9 +290,11 @@ fn commit(
 async fn put_server(
     State(st): State<Shared>,
     headers: HeaderMap,
-    Path((name, addr)): Path<(String, String)>,
-    body: Bytes,
+    path: PathParts<(String, String)>,
+    body: Body,
 ) -> Result<Response, ApiError> {
+    let Path((name, addr)) = path?;
+    let body = body?;
     let (up, addr) = begin(&st, &headers, &name, &addr)?;
     let params = parse_body(&body).map_err(ApiError::field)?;
     let mut spec = ServerSpec::new(addr);
@@ -291,9 +317,11 @@ async fn put_server(
 async fn patch_server(
     State(st): State<Shared>,
     headers: HeaderMap,
-    Path((name, addr)): Path<(String, String)>,
-    body: Bytes,
+    path: PathParts<(String, String)>,
+    body: Body,
 ) -> Result<Response, ApiError> {
+    let Path((name, addr)) = path?;
+    let body = body?;
     let (up, addr) = begin(&st, &headers, &name, &addr)?;
     let params = parse_body(&body).map_err(ApiError::field)?;
     commit(&st, &up, &format!("patch {addr}"), |servers| {
@@ -310,8 +338,9 @@ async fn patch_server(
 async fn delete_server(
     State(st): State<Shared>,
     headers: HeaderMap,
-    Path((name, addr)): Path<(String, String)>,
+    path: PathParts<(String, String)>,
 ) -> Result<Response, ApiError> {
+    let Path((name, addr)) = path?;
     let (up, addr) = begin(&st, &headers, &name, &addr)?;
     commit(&st, &up, &format!("delete {addr}"), |servers| {
         let before = servers.len();
