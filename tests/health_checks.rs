@@ -236,6 +236,29 @@ async fn a_hung_backend_is_marked_down_and_comes_back_after_passes() {
         )
     };
     assert!(series(&c).is_some(), "c failed checks: it has a series");
+    // One reload that removes b and changes the interval: b's series go with it.
+    let passed = |who: &Switchable| {
+        let server = who.addr.to_string();
+        support::metric(
+            &support::scrape(admin),
+            "l4lb_health_checks_total",
+            &[
+                ("upstream", "u"),
+                ("server", server.as_str()),
+                ("result", "pass"),
+            ],
+        )
+    };
+    assert!(passed(&b).is_some(), "b passed checks: it has a series");
+    let without_b = format!(
+        "{{ address = \"{}\" }}, {{ address = \"{}\" }}",
+        a.addr, c.addr
+    );
+    d.reload(&check_config(
+        admin_port, lb_port, show_port, &without_b, "300ms",
+    ));
+    let gone = support::wait_until(Duration::from_secs(2), || passed(&b).is_none()).await;
+    assert!(gone.is_some(), "a removed server's check series stayed");
     let checked = check_config(admin_port, lb_port, show_port, &servers, "400ms");
     let (from, to) = (
         checked.find("[upstream.u.health_check]").expect("checks"),

@@ -113,18 +113,32 @@ async fn follow(up: Arc<Upstream>, cfg: HealthCheckConfig, stop: CancellationTok
                 continue;
             }
             let token = stop.child_token();
+            // Made here, not in the loop: a loop cancelled before it first ran must not
+            // make again the series forgotten above.
+            let series = CheckSeries::new(&up.name, &peer.spec.addr.to_string());
             tokio::spawn(check_loop(
                 up.name.clone(),
                 peer.spec.addr,
                 Arc::clone(&peer.state),
                 Arc::clone(&cfg),
+                series,
                 token.clone(),
             ));
             loops.insert(peer.spec.addr, token);
         }
         drop(snap);
         tokio::select! {
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => {
+                // A reload that restarts or ends these checks may also have removed
+                // servers this task never saw go: their series go now.
+                let snap = up.snapshot();
+                for addr in loops.keys() {
+                    if !snap.peers.iter().any(|p| p.spec.addr == *addr) {
+                        CheckSeries::forget(&up.name, &addr.to_string());
+                    }
+                }
+                return;
+            }
             r = changes.changed() => if r.is_err() { return },
         }
     }
@@ -138,6 +152,7 @@ async fn check_loop(
     addr: SocketAddr,
     state: Arc<PeerState>,
     cfg: Arc<HealthCheckConfig>,
+    series: CheckSeries,
     stop: CancellationToken,
 ) {
     let first = if state.checks.status() == Status::Pending {
@@ -145,7 +160,6 @@ async fn check_loop(
     } else {
         cfg.interval.mul_f64(fastrand::f64())
     };
-    let series = CheckSeries::new(&upstream, &addr.to_string());
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + first, cfg.interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
