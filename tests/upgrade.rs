@@ -912,3 +912,47 @@ async fn a_udp_session_the_new_process_cannot_take_is_logged() {
     );
     assert_eq!(support::log_field(&line, "received"), Some("2"), "{line}");
 }
+
+/// A stop asked of the old process while an upgrade runs is not lost: once the new
+/// process took over, it gets the SIGTERM and stops too (it ran on, unstoppable by the
+/// pid the operator knew).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stop_during_an_upgrade_reaches_the_new_process() {
+    let echo = Backend::start(Behaviour::Echo).await;
+    let udp = UdpBackend::start("u1").await;
+    let p = Ports::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path(), &p, &[echo.addr], &[udp.addr]);
+    let d = Daemon::start_with_env(&cfg, &[("L4LB_ADMIN_TOKEN", TOKEN)]);
+    let current = Current {
+        pid_file: dir.path().join("l4lb.pid"),
+    };
+    let old = current.pid();
+    let status = PathBuf::from(format!("{}.upgrade", current.pid_file.display()));
+    let _ = std::fs::remove_file(&status);
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(old, libc::SIGUSR2) }, 0);
+    // Inside the upgrade's window (it takes ~200 ms here): the new process is starting.
+    let started = support::wait_until(Duration::from_secs(10), || {
+        d.log().contains("upgrade: starting the new binary")
+    })
+    .await;
+    assert!(started.is_some(), "{}", d.log());
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(old, libc::SIGTERM) }, 0);
+    let written = support::wait_until(Duration::from_secs(30), || status.exists()).await;
+    assert!(written.is_some(), "no upgrade outcome: {}", d.log());
+    let outcome = std::fs::read_to_string(&status).expect("upgrade outcome");
+    let new: i32 = outcome
+        .strip_prefix("ok ")
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{outcome}\n{}", d.log()));
+    let both_gone = support::wait_until(Duration::from_secs(15), || gone(old) && gone(new)).await;
+    assert!(
+        both_gone.is_some(),
+        "old {} new {}; log:\n{}",
+        gone(old),
+        gone(new),
+        d.log()
+    );
+}

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpSocket, UdpSocket};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -383,11 +383,13 @@ impl Daemon {
     /// Runs until SIGTERM or SIGINT, reloading on SIGHUP and reopening the access log
     /// file on SIGUSR1 (whose default action would end the process).
     pub async fn run(mut self) -> anyhow::Result<()> {
-        let mut hup = signal(SignalKind::hangup())?;
-        let mut usr1 = signal(SignalKind::user_defined1())?;
-        let mut usr2 = signal(SignalKind::user_defined2())?;
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
+        let mut sig = Signals {
+            hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
+            usr2: signal(SignalKind::user_defined2())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        };
         if let Some(channel) = self.predecessor.take() {
             self.take_sessions(channel).await;
         }
@@ -396,18 +398,15 @@ impl Daemon {
         notify::ready(&self.status());
         let replaced = loop {
             tokio::select! {
-                _ = hup.recv() => self.reload().await,
-                _ = usr2.recv() => {
-                    if self.upgrade_on_signal(&mut usr2, &mut hup).await {
-                        break true;
-                    }
-                }
-                _ = usr1.recv() => match self.dp.access_log.reopen() {
-                    Ok(()) => info!("log files reopened"),
-                    Err(e) => error!(error = %e, "cannot reopen the access log; writing to the old file"),
+                _ = sig.hup.recv() => self.reload().await,
+                _ = sig.usr2.recv() => match self.upgrade_on_signal(&mut sig).await {
+                    AfterUpgrade::Replaced => break true,
+                    AfterUpgrade::Stop => break false,
+                    AfterUpgrade::Serving => {}
                 },
-                _ = term.recv() => break false,
-                _ = int.recv() => break false,
+                _ = sig.usr1.recv() => self.reopen_logs(),
+                _ = sig.term.recv() => break false,
+                _ = sig.int.recv() => break false,
             }
         };
         // After an upgrade the service goes on in the new process, which the service
@@ -419,12 +418,19 @@ impl Daemon {
         // signal puts them under the grace period.
         let stop_signal = async {
             tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+                _ = sig.term.recv() => {}
+                _ = sig.int.recv() => {}
             }
         };
         self.drain(replaced.then_some(stop_signal)).await;
         Ok(())
+    }
+
+    fn reopen_logs(&self) {
+        match self.dp.access_log.reopen() {
+            Ok(()) => info!("log files reopened"),
+            Err(e) => error!(error = %e, "cannot reopen the access log; writing to the old file"),
+        }
     }
 
     /// One line for `systemctl status`.
@@ -597,6 +603,25 @@ impl Daemon {
         }
         info!("stopped");
     }
+}
+
+/// The signals the daemon acts on, also while a binary upgrade runs.
+struct Signals {
+    hup: Signal,
+    usr1: Signal,
+    usr2: Signal,
+    term: Signal,
+    int: Signal,
+}
+
+/// What follows a binary upgrade.
+enum AfterUpgrade {
+    /// The new process runs; this one drains what stayed.
+    Replaced,
+    /// This process goes on serving.
+    Serving,
+    /// The upgrade failed and a stop was asked for meanwhile.
+    Stop,
 }
 
 #[cfg(test)]

@@ -8,10 +8,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use tokio::signal::unix::Signal;
 use tracing::{error, info, warn};
 
-use super::Daemon;
+use super::{AfterUpgrade, Daemon, Signals};
 
 use crate::config::Protocol;
 use crate::discovery::Position;
@@ -220,19 +219,22 @@ impl Daemon {
         tcp::adopt(listener.ctx.load_full(), &self.dp, adopted)
     }
 
-    /// Runs an upgrade on SIGUSR2, refusing a second one meanwhile. A SIGHUP that
-    /// arrives meanwhile is applied by whichever process runs afterwards. Returns true
-    /// when the new process took over (this one then drains what stayed and exits).
-    pub(super) async fn upgrade_on_signal(&mut self, usr2: &mut Signal, hup: &mut Signal) -> bool {
-        let mut reload = false;
+    /// Runs an upgrade on SIGUSR2, refusing a second one meanwhile. A reload, log
+    /// reopening or stop asked for meanwhile is done by whichever process runs
+    /// afterwards: passed on to the new one, or done here when the upgrade failed.
+    pub(super) async fn upgrade_on_signal(&mut self, sig: &mut Signals) -> AfterUpgrade {
+        let (mut reload, mut reopen, mut stop) = (false, false, false);
         let outcome = {
             let upgrading = self.upgrade();
             tokio::pin!(upgrading);
             loop {
                 tokio::select! {
                     o = &mut upgrading => break o,
-                    _ = usr2.recv() => warn!("upgrade refused: one is already running"),
-                    _ = hup.recv() => reload = true,
+                    _ = sig.usr2.recv() => warn!("upgrade refused: one is already running"),
+                    _ = sig.hup.recv() => reload = true,
+                    _ = sig.usr1.recv() => reopen = true,
+                    _ = sig.term.recv() => stop = true,
+                    _ = sig.int.recv() => stop = true,
                 }
             }
         };
@@ -244,23 +246,40 @@ impl Daemon {
         }
         match outcome {
             Upgrade::Replaced { pid } => {
-                if reload {
-                    // It may have read the file before the reload was asked for.
-                    info!(pid, "passing the reload to the new process");
-                    let target = nix::unistd::Pid::from_raw(pid as i32);
-                    if let Err(e) = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGHUP)
-                    {
-                        error!(pid, error = %e, "cannot pass the reload on; send SIGHUP to the new process");
+                use nix::sys::signal::Signal as Sig;
+                let target = nix::unistd::Pid::from_raw(pid as i32);
+                // It may have read the file, or opened the log, before they were asked for.
+                for (asked, signal, what) in [
+                    (reload, Sig::SIGHUP, "reload"),
+                    (reopen, Sig::SIGUSR1, "log reopening"),
+                    (stop, Sig::SIGTERM, "stop"),
+                ] {
+                    if !asked {
+                        continue;
+                    }
+                    info!(
+                        pid,
+                        what, "passing what was asked during the upgrade to the new process"
+                    );
+                    if let Err(e) = nix::sys::signal::kill(target, signal) {
+                        error!(pid, what, error = %e, "cannot pass it on; signal the new process");
                     }
                 }
-                true
+                AfterUpgrade::Replaced
             }
             Upgrade::Kept(e) => {
                 error!(error = %format!("{e:#}"), "upgrade failed; this process keeps serving everything");
                 if reload {
                     self.reload().await;
                 }
-                false
+                if reopen {
+                    self.reopen_logs();
+                }
+                if stop {
+                    AfterUpgrade::Stop
+                } else {
+                    AfterUpgrade::Serving
+                }
             }
         }
     }

@@ -19,6 +19,8 @@ use crate::upstream::UpstreamState;
 /// The handover protocol's version. A process refuses a new binary that speaks another
 /// one (instead of misreading it) and keeps serving.
 pub const VERSION: u32 = 1;
+/// How long a send may wait for room in the channel.
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Names the inherited descriptor of the channel in the new process's environment.
 pub const ENV_FD: &str = "L4LB_UPGRADE_FD";
@@ -215,25 +217,37 @@ impl Channel {
                 bytes.len()
             )));
         }
-        loop {
-            let mut ready = self.fd.writable().await?;
-            let sent = ready.try_io(|fd| {
-                let cmsgs = [ControlMessage::ScmRights(fds)];
-                let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsgs };
-                sendmsg::<()>(
-                    fd.as_raw_fd(),
-                    &[IoSlice::new(&bytes)],
-                    cmsgs,
-                    MsgFlags::MSG_NOSIGNAL,
-                    None,
-                )
-                .map_err(io::Error::from)
-            });
-            match sent {
-                Ok(r) => return r.map(drop),
-                Err(_would_block) => continue,
+        let sending = async {
+            loop {
+                let mut ready = self.fd.writable().await?;
+                let sent = ready.try_io(|fd| {
+                    let cmsgs = [ControlMessage::ScmRights(fds)];
+                    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsgs };
+                    sendmsg::<()>(
+                        fd.as_raw_fd(),
+                        &[IoSlice::new(&bytes)],
+                        cmsgs,
+                        MsgFlags::MSG_NOSIGNAL,
+                        None,
+                    )
+                    .map_err(io::Error::from)
+                });
+                match sent {
+                    Ok(r) => return r.map(drop),
+                    Err(_would_block) => continue,
+                }
             }
-        }
+        };
+        // A process that stops reading must not hold the other one for ever (the old
+        // one has stopped its listeners by then).
+        tokio::time::timeout(SEND_TIMEOUT, sending)
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the other process took nothing for {SEND_TIMEOUT:?}"),
+                )
+            })?
     }
 
     /// The next message and its descriptors; the peer closing is `UnexpectedEof`.
