@@ -25,6 +25,9 @@ pub struct DataPath {
     pub sessions: TaskTracker,
     /// Raised when the drain grace period is over: sessions still open end then.
     pub shutdown: Alarm,
+    /// Raised once every listener of the start is open: a binary upgrade's new process
+    /// that fails to open one exits without having taken a client.
+    pub accepting: Alarm,
     pub access_log: Arc<AccessSink>,
     pub handover: Handover,
 }

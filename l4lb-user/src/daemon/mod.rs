@@ -189,6 +189,7 @@ impl Daemon {
             conn_limit: Arc::new(Semaphore::new(config.global.max_connections)),
             sessions: TaskTracker::new(),
             shutdown: Alarm::default(),
+            accepting: Alarm::default(),
             access_log,
             handover: Handover::default(),
         });
@@ -248,6 +249,7 @@ impl Daemon {
         }
         // Whatever the new configuration does not listen on closes with the old process.
         daemon.inherited.listeners.clear();
+        daemon.dp.accepting.raise();
         for (saved, _) in daemon
             .inherited
             .udp

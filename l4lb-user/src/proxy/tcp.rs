@@ -42,6 +42,10 @@ pub async fn serve(
 ) {
     let mut last_error_log: Option<Instant> = None;
     let mut last_limit_log: Option<Instant> = None;
+    tokio::select! {
+        () = dp.accepting.raised() => {}
+        () = stop.cancelled() => return,
+    }
     loop {
         let permit = match Arc::clone(&dp.conn_limit).try_acquire_owned() {
             Ok(p) => p,

@@ -79,6 +79,11 @@ pub async fn serve(
 ) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut last_error_log: Option<Instant> = None;
+    tokio::select! {
+        () = dp.accepting.raised() => {}
+        () = stop.cancelled() => return,
+        () = pause.cancelled() => return,
+    }
     let mut draining = false;
     // While draining: how often to look whether the last session has ended.
     let mut look = tokio::time::interval(Duration::from_secs(1));
