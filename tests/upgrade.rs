@@ -956,3 +956,60 @@ async fn a_stop_during_an_upgrade_reaches_the_new_process() {
         d.log()
     );
 }
+
+/// Admin changes made while an upgrade runs are either refused (503) or kept: none is
+/// answered and then lost with the old process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_changes_during_an_upgrade_are_refused_or_kept() {
+    let echo = Backend::start(Behaviour::Echo).await;
+    let udp = UdpBackend::start("u1").await;
+    let p = Ports::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path(), &p, &[echo.addr], &[udp.addr]);
+    let d = Daemon::start_with_env(&cfg, &[("L4LB_ADMIN_TOKEN", TOKEN)]);
+    let current = Current {
+        pid_file: dir.path().join("l4lb.pid"),
+    };
+    let admin = Ports::addr(p.admin);
+    let stop = Arc::new(AtomicBool::new(false));
+    let adding = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let bearer = format!("Bearer {TOKEN}");
+            let (mut kept, mut refused) = (Vec::new(), 0);
+            for port in 40_000u16.. {
+                if stop.load(Ordering::SeqCst) || port > 45_000 {
+                    break;
+                }
+                let path = format!("/api/upstreams/db/servers/127.0.0.1:{port}");
+                let (status, body) = http(admin, "PUT", &path, &[("Authorization", &bearer)], "{}");
+                match status {
+                    201 => kept.push(port),
+                    503 => refused += 1,
+                    // A connection the old process closed as it stopped its API.
+                    0 => {}
+                    other => panic!("{other} {body}"),
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (kept, refused)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    tokio::task::block_in_place(|| upgrade_by_signal(&d, &current));
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, Ordering::SeqCst);
+    let (kept, refused) = adding.join().expect("the adding thread");
+    let now: Vec<u16> = active(admin, "db")
+        .iter()
+        .filter_map(|(a, _)| a.rsplit_once(':').and_then(|(_, p)| p.parse().ok()))
+        .collect();
+    let lost: Vec<u16> = kept.iter().copied().filter(|p| !now.contains(p)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} changes answered 201 and lost: {lost:?} ({} kept, {refused} refused)",
+        lost.len(),
+        kept.len()
+    );
+    assert!(kept.len() > 20, "too few changes to tell: {}", kept.len());
+}

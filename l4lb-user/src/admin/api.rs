@@ -36,6 +36,9 @@ pub struct AdminState {
     pub registry: Arc<Registry>,
     /// Swapped on reload; never logged.
     pub token: ArcSwapOption<String>,
+    /// Set while a binary upgrade carries the server sets over: a change made after
+    /// they were sent would be answered here and lost.
+    pub frozen: std::sync::atomic::AtomicBool,
 }
 
 impl AdminState {
@@ -50,6 +53,7 @@ impl AdminState {
             board,
             registry,
             token: ArcSwapOption::from(token.map(Arc::new)),
+            frozen: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -269,6 +273,13 @@ fn commit(
     change: impl FnOnce(&mut Vec<ServerSpec>) -> Result<StatusCode, ApiError>,
 ) -> Result<Response, ApiError> {
     let (status, _) = up.update(Source::Admin, |config, mut servers| {
+        // Looked at under the write lock, which the upgrade takes to send the sets.
+        if st.frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "a binary upgrade is running; retry in a moment",
+            ));
+        }
         if let Some(u) = &config.upsync {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,

@@ -91,6 +91,9 @@ impl AdminServer {
         registry: Arc<Registry>,
         inherited: Option<OwnedFd>,
     ) -> anyhow::Result<Self> {
+        // A binary upgrade's new process takes changes once it serves (the old one
+        // refuses them meanwhile): before that, one it answered would go if it failed.
+        let frozen = inherited.is_some();
         let listener = match inherited {
             Some(fd) => crate::upgrade::tcp_listener(fd)?,
             None => TcpListener::bind(cfg.listen)
@@ -104,6 +107,9 @@ impl AdminServer {
             registry,
             cfg.token.clone(),
         ));
+        state
+            .frozen
+            .store(frozen, std::sync::atomic::Ordering::SeqCst);
         let stop = CancellationToken::new();
         let app = api::router(Arc::clone(&state));
         let until = stop.clone();
@@ -126,6 +132,14 @@ impl AdminServer {
 
     pub fn stop(&self) {
         self.stop.cancel();
+    }
+
+    /// Refuses changes (503) while a binary upgrade carries the server sets over, or
+    /// takes them again after one that failed.
+    pub fn freeze(&self, frozen: bool) {
+        self.state
+            .frozen
+            .store(frozen, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Applies a reloaded `[admin]`: a new token at once; a new address by opening it

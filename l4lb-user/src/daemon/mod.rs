@@ -250,6 +250,9 @@ impl Daemon {
         // Whatever the new configuration does not listen on closes with the old process.
         daemon.inherited.listeners.clear();
         daemon.dp.accepting.raise();
+        if let Some(admin) = &daemon.admin {
+            admin.freeze(false);
+        }
         for (saved, _) in daemon
             .inherited
             .udp

@@ -292,6 +292,8 @@ impl Daemon {
             Ok(s) => s,
             Err(e) => return Upgrade::Kept(e),
         };
+        // Before the sets are sent: a change after it would be answered and lost.
+        self.freeze_admin(true);
         let before_serving = async {
             let (pid, kernel) = spawned.hello().await?;
             info!(pid, "upgrade: the new process checked its configuration");
@@ -304,6 +306,7 @@ impl Daemon {
             Ok(got) => got,
             Err(e) => {
                 spawned.abandon().await;
+                self.freeze_admin(false);
                 self.resume_udp();
                 if let Err(e) = self.xdp_filter(true) {
                     error!(error = %format!("{e:#}"), "XDP access filter not attached again; userspace access rules apply");
@@ -349,6 +352,12 @@ impl Daemon {
             ),
         }
         Upgrade::Replaced { pid }
+    }
+
+    fn freeze_admin(&self, frozen: bool) {
+        if let Some(admin) = &self.admin {
+            admin.freeze(frozen);
+        }
     }
 
     /// Detaches (or puts back) the XDP access filter: an interface holds one XDP

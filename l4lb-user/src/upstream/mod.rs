@@ -475,6 +475,8 @@ pub struct PeerSaved {
 
 impl Upstream {
     fn save(&self, now: Instant) -> UpstreamState {
+        // After any change in flight: the set sent is the last one published.
+        let _writing = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let snap = self.snapshot();
         UpstreamState {
             name: self.name.clone(),
