@@ -915,19 +915,28 @@ async fn a_udp_session_the_new_process_cannot_take_is_logged() {
 
 /// A stop asked of the old process while an upgrade runs is not lost: once the new
 /// process took over, it gets the SIGTERM and stops too (it ran on, unstoppable by the
-/// pid the operator knew).
+/// pid the operator knew), and the old one ends the session it kept within its grace
+/// period (it waited for it without a bound).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_stop_during_an_upgrade_reaches_the_new_process() {
+async fn a_stop_during_an_upgrade_stops_both_processes() {
     let echo = Backend::start(Behaviour::Echo).await;
     let udp = UdpBackend::start("u1").await;
     let p = Ports::new();
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = config(dir.path(), &p, &[echo.addr], &[udp.addr]);
+    let cfg = config(dir.path(), &p, &[echo.addr], &[udp.addr])
+        .replace("[global]\n", "[global]\nworker_shutdown_timeout = \"1s\"\n");
     let d = Daemon::start_with_env(&cfg, &[("L4LB_ADMIN_TOKEN", TOKEN)]);
     let current = Current {
         pid_file: dir.path().join("l4lb.pid"),
     };
     let old = current.pid();
+    // A session the new process has no room for (its accept loops take both places).
+    let mut kept = TcpStream::connect(Ports::addr(p.copy)).await.unwrap();
+    kept.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    kept.read_exact(&mut buf).await.unwrap();
+    let smaller = cfg.replace("[global]\n", "[global]\nmax_connections = 2\n");
+    std::fs::write(&d.config_path, smaller).expect("rewrite config");
     let status = PathBuf::from(format!("{}.upgrade", current.pid_file.display()));
     let _ = std::fs::remove_file(&status);
     // SAFETY: kill(2) has no memory-safety preconditions.
@@ -947,14 +956,21 @@ async fn a_stop_during_an_upgrade_reaches_the_new_process() {
         .strip_prefix("ok ")
         .and_then(|p| p.trim().parse().ok())
         .unwrap_or_else(|| panic!("{outcome}\n{}", d.log()));
-    let both_gone = support::wait_until(Duration::from_secs(15), || gone(old) && gone(new)).await;
+    let both_gone = support::wait_until(Duration::from_secs(10), || {
+        // The first process is the test's child: reap it.
+        let _ = d.exited();
+        gone(old) && gone(new)
+    })
+    .await;
     assert!(
         both_gone.is_some(),
-        "old {} new {}; log:\n{}",
+        "old gone {} new gone {}; log:\n{}",
         gone(old),
         gone(new),
         d.log()
     );
+    assert!(d.log().contains("kept=1"), "{}", d.log());
+    drop(kept);
 }
 
 /// Admin changes made while an upgrade runs are either refused (503) or kept: none is

@@ -253,18 +253,14 @@ impl Daemon {
         if let Some(admin) = &daemon.admin {
             admin.freeze(false);
         }
-        for (saved, _) in daemon
+        let gone = daemon
             .inherited
             .udp
             .drain()
-            .flat_map(|(_, sessions)| sessions)
-        {
-            udp::not_taken(
-                &daemon.dp,
-                &saved,
-                "its listener is not in this configuration",
-            );
-        }
+            .flat_map(|(_, sessions)| sessions);
+        let why = "its listener is not in this configuration";
+        let gone: Vec<_> = gone.map(|(saved, _)| (saved, why.to_string())).collect();
+        daemon.inherited.udp_not_taken.extend(gone);
         daemon.inherited.admin.clear();
         match daemon.predecessor.as_mut() {
             Some(channel) => channel
@@ -272,6 +268,9 @@ impl Daemon {
                 .await
                 .context("cannot tell the running process that this one serves")?,
             None => daemon.write_pid_file(),
+        }
+        for (saved, why) in std::mem::take(&mut daemon.inherited.udp_not_taken) {
+            udp::not_taken(&daemon.dp, &saved, &why);
         }
         info!(
             config = %config_path.display(),
@@ -341,7 +340,7 @@ impl Daemon {
                     .unwrap_or_default()
                 {
                     if let Err(why) = udp::adopt(&current, &self.dp, &sessions, &saved, fd) {
-                        udp::not_taken(&self.dp, &saved, &why);
+                        self.inherited.udp_not_taken.push((saved, why));
                     }
                 }
                 let udp = UdpListener {
@@ -401,33 +400,35 @@ impl Daemon {
         // Only now: a SIGHUP before its handler exists would end the process, and a
         // service manager may send one as soon as it sees READY=1.
         notify::ready(&self.status());
-        let replaced = loop {
+        let ending = loop {
             tokio::select! {
                 _ = sig.hup.recv() => self.reload().await,
                 _ = sig.usr2.recv() => match self.upgrade_on_signal(&mut sig).await {
-                    AfterUpgrade::Replaced => break true,
-                    AfterUpgrade::Stop => break false,
+                    AfterUpgrade::Replaced { stop: false } => break Ending::Replaced,
+                    AfterUpgrade::Replaced { stop: true } | AfterUpgrade::Stop => break Ending::Stop,
                     AfterUpgrade::Serving => {}
                 },
                 _ = sig.usr1.recv() => self.reopen_logs(),
-                _ = sig.term.recv() => break false,
-                _ = sig.int.recv() => break false,
+                _ = sig.term.recv() => break Ending::Stop,
+                _ = sig.int.recv() => break Ending::Stop,
             }
         };
         // After an upgrade the service goes on in the new process, which the service
-        // manager now follows (NotifyAccess=all would let this stop it).
-        if !replaced {
+        // manager now follows (NotifyAccess=all would let this stop it); a stop asked
+        // for during the upgrade went to the new process too.
+        if matches!(ending, Ending::Stop) {
             notify::stopping();
         }
         // Sessions the new process did not take stay here until they end; only a stop
-        // signal puts them under the grace period.
+        // signal (also one sent during the upgrade) puts them under the grace period.
         let stop_signal = async {
             tokio::select! {
                 _ = sig.term.recv() => {}
                 _ = sig.int.recv() => {}
             }
         };
-        self.drain(replaced.then_some(stop_signal)).await;
+        self.drain(matches!(ending, Ending::Replaced).then_some(stop_signal))
+            .await;
         Ok(())
     }
 
@@ -619,10 +620,19 @@ struct Signals {
     int: Signal,
 }
 
+/// How the serving loop ended.
+enum Ending {
+    /// A binary upgrade replaced this process: what stayed here runs to its end.
+    Replaced,
+    /// A stop signal: what is left ends within `worker_shutdown_timeout`.
+    Stop,
+}
+
 /// What follows a binary upgrade.
 enum AfterUpgrade {
-    /// The new process runs; this one drains what stayed.
-    Replaced,
+    /// The new process runs; this one drains what stayed (within the grace period if a
+    /// stop was asked for during the upgrade).
+    Replaced { stop: bool },
     /// This process goes on serving.
     Serving,
     /// The upgrade failed and a stop was asked for meanwhile.

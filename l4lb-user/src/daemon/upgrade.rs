@@ -28,6 +28,9 @@ pub(super) struct Inherited {
     pub listeners: HashMap<(Protocol, SocketAddr), OwnedFd>,
     pub admin: HashMap<SocketAddr, OwnedFd>,
     pub udp: HashMap<SocketAddr, Vec<(wire::UdpSession, OwnedFd)>>,
+    /// UDP sessions this process could not take, and why: they end (and are logged)
+    /// only once it serves, since the old process resumes them if it fails to start.
+    pub udp_not_taken: Vec<(wire::UdpSession, String)>,
     /// The running process's kernel path, to share (same object and settings).
     pub kernel: Option<Shared>,
 }
@@ -265,7 +268,11 @@ impl Daemon {
                         error!(pid, what, error = %e, "cannot pass it on; signal the new process");
                     }
                 }
-                AfterUpgrade::Replaced
+                // This process writes the lines of the sessions that stayed.
+                if reopen {
+                    self.reopen_logs();
+                }
+                AfterUpgrade::Replaced { stop }
             }
             Upgrade::Kept(e) => {
                 error!(error = %format!("{e:#}"), "upgrade failed; this process keeps serving everything");

@@ -47,10 +47,15 @@ pub struct UdpSession {
     /// session judged done there has answered every one it was given.
     requests: AtomicU64,
     responses: AtomicU64,
+    /// Its listener was removed: datagrams still pass, but no longer keep it alive.
+    winding_down: std::sync::atomic::AtomicBool,
 }
 
 impl UdpSession {
     fn touch(&self) {
+        if self.winding_down.load(Ordering::Relaxed) {
+            return;
+        }
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_activity.store(ms, Ordering::Relaxed);
     }
@@ -101,6 +106,13 @@ pub async fn serve(
             },
             () = stop.cancelled(), if !draining => {
                 draining = true;
+                // The open sessions run out: a client that keeps sending (or a server
+                // that keeps answering) must not hold the port for ever.
+                for s in lock(&sessions).values() {
+                    s.winding_down.store(true, Ordering::Relaxed);
+                }
+                // Counted from now: the interval ran unpolled since the start.
+                look.reset();
                 continue;
             }
             _ = look.tick(), if draining => {
@@ -234,6 +246,7 @@ async fn open(
         // The datagram that opened it.
         requests: AtomicU64::new(1),
         responses: AtomicU64::new(0),
+        winding_down: std::sync::atomic::AtomicBool::new(false),
     });
     lock(sessions).insert(client, Arc::clone(&session));
     ctx.metrics.udp_sessions.inc();
@@ -366,6 +379,7 @@ pub fn adopt(
         // An older process did not send it: as it judged, on the replies alone.
         requests: AtomicU64::new(saved.requests.max(1)),
         responses: AtomicU64::new(saved.responses),
+        winding_down: std::sync::atomic::AtomicBool::new(false),
     });
     lock(sessions).insert(saved.client, session);
     Ok(())
@@ -377,8 +391,23 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; MAX_DATAGRAM]);
 }
 
-/// The server's next datagram, in a buffer of its own size.
-async fn reply(backend: &UdpSocket) -> std::io::Result<Vec<u8>> {
+/// What became of the server's next datagram.
+enum Reply {
+    /// Sent on to the client straight from the thread's buffer (nearly always).
+    Sent(usize),
+    /// The listener had no room at once: this copy waits for it.
+    Later(Vec<u8>),
+    /// Sending it to the client failed.
+    Failed(std::io::Error),
+}
+
+/// Receives the server's next datagram and sends it on to `client`; `Err` is the
+/// server's side failing (an ICMP unreachable among them).
+async fn reply(
+    backend: &UdpSocket,
+    listener: &UdpSocket,
+    client: SocketAddr,
+) -> std::io::Result<Reply> {
     // ERROR too, as tokio's own recv: an ICMP unreachable sets only EPOLLERR.
     let ready = tokio::io::Interest::READABLE | tokio::io::Interest::ERROR;
     backend
@@ -390,7 +419,14 @@ async fn reply(backend: &UdpSocket) -> std::io::Result<Vec<u8>> {
                     nix::sys::socket::MsgFlags::empty(),
                 )
                 .map_err(std::io::Error::from)?;
-                Ok(buf.get(..n).unwrap_or_default().to_vec())
+                let datagram = buf.get(..n).unwrap_or_default();
+                Ok(match listener.try_send_to(datagram, client) {
+                    Ok(_) => Reply::Sent(n),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        Reply::Later(datagram.to_vec())
+                    }
+                    Err(e) => Reply::Failed(e),
+                })
             })
         })
         .await
@@ -416,13 +452,19 @@ async fn replies(
             break "responses".to_string();
         }
         tokio::select! {
-            r = reply(&session.backend) => match r {
-                Ok(datagram) => {
-                    let n = datagram.len();
+            r = reply(&session.backend, &listener, client) => match r {
+                Ok(reply) => {
+                    let n = match reply {
+                        Reply::Sent(n) => n,
+                        Reply::Later(datagram) => {
+                            if let Err(e) = listener.send_to(&datagram, client).await {
+                                break format!("client_error({e})");
+                            }
+                            datagram.len()
+                        }
+                        Reply::Failed(e) => break format!("client_error({e})"),
+                    };
                     session.touch();
-                    if let Err(e) = listener.send_to(&datagram, client).await {
-                        break format!("client_error({e})");
-                    }
                     if session.responses.fetch_add(1, Ordering::Relaxed) == 0 {
                         // The server answers: its failures so far no longer count
                         // against it (as a TCP connect that succeeds).

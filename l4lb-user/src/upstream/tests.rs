@@ -416,19 +416,25 @@ fn update_reads_and_writes_the_set_as_one_step_and_an_error_changes_nothing() {
         Source::Config,
         "an error changes nothing"
     );
+    let (inside, go_on) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
     let seen = std::thread::scope(|scope| {
         let writer = scope.spawn(|| {
             u.update(Source::Admin, |_, mut servers| {
                 let seen = servers.len();
-                // Another writer started now waits for this one.
-                std::thread::sleep(std::time::Duration::from_millis(50));
+                inside.wait();
+                // The other writer has started by now, and waits for this one.
+                go_on.wait();
+                std::thread::sleep(std::time::Duration::from_millis(20));
                 servers.push(spec(3, 1));
                 Ok::<_, ()>((servers, seen))
             })
         });
-        std::thread::sleep(std::time::Duration::from_millis(10));
-        u.set_servers(vec![spec(1, 1)], Source::Consul);
-        writer.join().unwrap()
+        inside.wait();
+        let other = scope.spawn(|| u.set_servers(vec![spec(1, 1)], Source::Consul));
+        go_on.wait();
+        let seen = writer.join().unwrap();
+        other.join().unwrap();
+        seen
     });
     assert_eq!(seen, Ok((2, true)));
     // The later writer applied after the update, not in the middle of it.
