@@ -146,15 +146,21 @@ upstream_show = true
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hung_backend_is_marked_down_and_comes_back_after_passes() {
+/// Backends `a` and `b`, answering; ports for the admin API, the balancer and
+/// `upstream_show`; the `servers` list naming both.
+async fn pair() -> (Switchable, Switchable, (u16, u16, u16), String) {
     let a = Switchable::start("a").await;
     let b = Switchable::start("b").await;
-    let (admin_port, lb_port, show_port) = (free_port(), free_port(), free_port());
     let servers = format!(
         "{{ address = \"{}\" }}, {{ address = \"{}\" }}",
         a.addr, b.addr
     );
+    (a, b, (free_port(), free_port(), free_port()), servers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_backend_is_marked_down_and_comes_back_after_passes() {
+    let (a, b, (admin_port, lb_port, show_port), servers) = pair().await;
     let d = Daemon::start(&check_config(
         admin_port, lb_port, show_port, &servers, "500ms",
     ));
@@ -384,13 +390,7 @@ async fn checks_of_many_servers_are_spread_in_time() {
 /// got sessions with no check).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_put_back_is_pending_again() {
-    let a = Switchable::start("a").await;
-    let b = Switchable::start("b").await;
-    let (admin_port, lb_port, show_port) = (free_port(), free_port(), free_port());
-    let servers = format!(
-        "{{ address = \"{}\" }}, {{ address = \"{}\" }}",
-        a.addr, b.addr
-    );
+    let (a, b, (admin_port, lb_port, show_port), servers) = pair().await;
     let token = "hc-admin-token";
     let cfg = check_config(admin_port, lb_port, show_port, &servers, "1s").replace(
         "[admin]\n",

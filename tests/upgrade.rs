@@ -872,15 +872,13 @@ proxy_pass = "db"
 /// the upgrade with its access-log line (it vanished without one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_udp_session_the_new_process_cannot_take_is_logged() {
-    let echo = Backend::start(Behaviour::Echo).await;
-    let udp = UdpBackend::start("u1").await;
-    let p = Ports::new();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = config(dir.path(), &p, &[echo.addr], &[udp.addr]);
-    let d = Daemon::start_with_env(&cfg, &[("L4LB_ADMIN_TOKEN", TOKEN)]);
-    let current = Current {
-        pid_file: dir.path().join("l4lb.pid"),
-    };
+    let Setup {
+        p,
+        cfg,
+        d,
+        current,
+        _backends,
+    } = Setup::start("").await;
     let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     c.connect(Ports::addr(p.udp)).await.unwrap();
     c.send(b"hi").await.unwrap();
@@ -919,16 +917,13 @@ async fn a_udp_session_the_new_process_cannot_take_is_logged() {
 /// period (it waited for it without a bound).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stop_during_an_upgrade_stops_both_processes() {
-    let echo = Backend::start(Behaviour::Echo).await;
-    let udp = UdpBackend::start("u1").await;
-    let p = Ports::new();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = config(dir.path(), &p, &[echo.addr], &[udp.addr])
-        .replace("[global]\n", "[global]\nworker_shutdown_timeout = \"1s\"\n");
-    let d = Daemon::start_with_env(&cfg, &[("L4LB_ADMIN_TOKEN", TOKEN)]);
-    let current = Current {
-        pid_file: dir.path().join("l4lb.pid"),
-    };
+    let Setup {
+        p,
+        cfg,
+        d,
+        current,
+        _backends,
+    } = Setup::start("worker_shutdown_timeout = \"1s\"\n").await;
     let old = current.pid();
     // A session the new process has no room for (its accept loops take both places).
     let mut kept = TcpStream::connect(Ports::addr(p.copy)).await.unwrap();
@@ -977,15 +972,13 @@ async fn a_stop_during_an_upgrade_stops_both_processes() {
 /// answered and then lost with the old process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admin_changes_during_an_upgrade_are_refused_or_kept() {
-    let echo = Backend::start(Behaviour::Echo).await;
-    let udp = UdpBackend::start("u1").await;
-    let p = Ports::new();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = config(dir.path(), &p, &[echo.addr], &[udp.addr]);
-    let d = Daemon::start_with_env(&cfg, &[("L4LB_ADMIN_TOKEN", TOKEN)]);
-    let current = Current {
-        pid_file: dir.path().join("l4lb.pid"),
-    };
+    let Setup {
+        p,
+        d,
+        current,
+        _backends,
+        ..
+    } = Setup::start("").await;
     let admin = Ports::addr(p.admin);
     let stop = Arc::new(AtomicBool::new(false));
     let adding = {
@@ -1028,4 +1021,37 @@ async fn admin_changes_during_an_upgrade_are_refused_or_kept() {
         kept.len()
     );
     assert!(kept.len() > 20, "too few changes to tell: {}", kept.len());
+}
+
+/// A daemon on [`config`] (with `global` added to its `[global]`), its backends and
+/// the handle on whichever process serves.
+struct Setup {
+    p: Ports,
+    cfg: String,
+    d: Daemon,
+    current: Current,
+    /// Bound by the tests too (`..` would drop them at once).
+    _backends: (Backend, UdpBackend, tempfile::TempDir),
+}
+
+impl Setup {
+    async fn start(global: &str) -> Setup {
+        let echo = Backend::start(Behaviour::Echo).await;
+        let udp = UdpBackend::start("u1").await;
+        let p = Ports::new();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path(), &p, &[echo.addr], &[udp.addr])
+            .replace("[global]\n", &format!("[global]\n{global}"));
+        let d = Daemon::start_with_env(&cfg, &[("L4LB_ADMIN_TOKEN", TOKEN)]);
+        let current = Current {
+            pid_file: dir.path().join("l4lb.pid"),
+        };
+        Setup {
+            p,
+            cfg,
+            d,
+            current,
+            _backends: (echo, udp, dir),
+        }
+    }
 }
