@@ -140,7 +140,10 @@ impl Daemon {
                         Ok(pending) => {
                             // Confirmed first: once the old process reads this, it
                             // lets go; until then it still owns the session.
-                            channel.send(&Msg::Adopted, &[]).await?;
+                            if let Err(e) = channel.send(&Msg::Adopted, &[]).await {
+                                pending.abandon();
+                                return Err(e.into());
+                            }
                             pending.start();
                             taken += 1;
                         }
@@ -521,6 +524,10 @@ impl Daemon {
         let mut moved = Moved::default();
         let mut kept = 0u64;
         let mut broken: Option<anyhow::Error> = None;
+        // No more answers can come (the channel failed, or they stopped coming): what is
+        // in flight stays here. A failed send alone does not say so: answers to the
+        // sessions sent before it still come, and the new process runs those.
+        let mut answers_gone = false;
         let mut in_flight: VecDeque<Parked> = VecDeque::new();
         let mut refused: Vec<Parked> = Vec::new();
         let mut answer_by = tokio::time::Instant::now() + up::REPLY_TIMEOUT;
@@ -561,6 +568,7 @@ impl Daemon {
                         Err(e) => {
                             refused.push(p);
                             broken.get_or_insert(e);
+                            answers_gone = true;
                         }
                     }
                 }
@@ -570,10 +578,12 @@ impl Daemon {
                         broken.get_or_insert_with(|| {
                             anyhow::anyhow!("the new process answered no session for {:?}", up::REPLY_TIMEOUT)
                         });
+                        answers_gone = true;
                     }
-                    if broken.is_some() {
+                    if answers_gone {
                         // Unanswered sessions stay here: the new process did not say
-                        // it took them, and it may not have.
+                        // it took them (if it did, its confirmation fails and it lets
+                        // them go).
                         refused.extend(in_flight.drain(..));
                     }
                     // Sessions kept here wait in `refused`; every other one ended or

@@ -162,6 +162,15 @@ impl Pending {
         } = self;
         spawn_session(ctx, &dp, start, peer, permit, started, transfer);
     }
+
+    /// Lets it go unrun: the old process was not told this one took it, so it may run
+    /// it still. A session in the shared kernel maps is forgotten without touching
+    /// them (a teardown would cut the old process's session); copies of sockets close.
+    pub fn abandon(self) {
+        if let Start::AdoptedInKernel { awake, .. } = self.start {
+            awake.release();
+        }
+    }
 }
 
 /// Prepares a handed-over session under this process's listener settings. Refused

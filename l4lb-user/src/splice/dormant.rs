@@ -90,6 +90,12 @@ impl Awake {
         Awake { session, rx }
     }
 
+    /// Not run here after all (a binary upgrade's confirmation did not reach the old
+    /// process, which may run it still): forgotten without touching the kernel.
+    pub fn release(self) {
+        self.session.release();
+    }
+
     pub async fn run(
         self,
         limits: Limits,
