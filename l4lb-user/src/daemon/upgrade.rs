@@ -556,15 +556,7 @@ impl Daemon {
                     let Some(p) = in_flight.pop_front() else { continue };
                     answer_by = tokio::time::Instant::now() + up::REPLY_TIMEOUT;
                     match answer {
-                        Ok(true) => {
-                            // Our copies close with `p`; the new process has its own.
-                            moved.in_kernel += u64::from(p.session.in_kernel.is_some());
-                            moved.all += 1;
-                            let _ = p.back.send(None);
-                        }
-                        // Given back once the handover is over: back now, it would
-                        // see the handover still asked for and park again.
-                        Ok(false) => refused.push(p),
+                        Ok(taken) => moved.settle(p, taken, &mut refused),
                         Err(e) => {
                             refused.push(p);
                             broken.get_or_insert(e);
@@ -578,6 +570,16 @@ impl Daemon {
                         broken.get_or_insert_with(|| {
                             anyhow::anyhow!("the new process answered no session for {:?}", up::REPLY_TIMEOUT)
                         });
+                        // From here its confirmations fail (and it lets those sessions
+                        // go); the ones it sent before still count.
+                        if ch.shutdown_read().is_ok() {
+                            let wait = std::time::Duration::from_millis(200);
+                            while let Ok(Ok((msg, _))) = tokio::time::timeout(wait, ch.recv()).await {
+                                let Ok(taken) = up::session_answer(msg) else { break };
+                                let Some(p) = in_flight.pop_front() else { break };
+                                moved.settle(p, taken, &mut refused);
+                            }
+                        }
                         answers_gone = true;
                     }
                     if answers_gone {
@@ -621,6 +623,21 @@ struct Moved {
     all: u64,
     /// Of those, sessions that stayed in the shared kernel path's maps.
     in_kernel: u64,
+}
+
+impl Moved {
+    /// Settles a session by the new process's answer: taken (our copies of its sockets
+    /// close with it) or back to `refused`, given back once the handover is over (back
+    /// now, it would see the handover still asked for and park again).
+    fn settle(&mut self, p: Parked, taken: bool, refused: &mut Vec<Parked>) {
+        if taken {
+            self.in_kernel += u64::from(p.session.in_kernel.is_some());
+            self.all += 1;
+            let _ = p.back.send(None);
+        } else {
+            refused.push(p);
+        }
+    }
 }
 
 /// How an upgrade ended for the old process.

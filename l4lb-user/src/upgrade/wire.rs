@@ -250,6 +250,13 @@ impl Channel {
             })?
     }
 
+    /// Takes no more messages: the other process's sends fail from now on, while what
+    /// it sent before can still be read.
+    pub fn shutdown_read(&self) -> io::Result<()> {
+        nix::sys::socket::shutdown(self.fd.as_raw_fd(), nix::sys::socket::Shutdown::Read)
+            .map_err(io::Error::from)
+    }
+
     /// The next message and its descriptors; the peer closing is `UnexpectedEof`.
     /// Cancel-safe: a message is taken off the socket only by a call that returns it.
     pub async fn recv(&self) -> io::Result<(Msg, Vec<OwnedFd>)> {
