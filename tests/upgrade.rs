@@ -872,13 +872,8 @@ proxy_pass = "db"
 /// the upgrade with its access-log line (it vanished without one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_udp_session_the_new_process_cannot_take_is_logged() {
-    let Setup {
-        p,
-        cfg,
-        d,
-        current,
-        _backends,
-    } = Setup::start("").await;
+    let s = Setup::start("").await;
+    let (p, cfg, d, current) = (&s.p, &s.cfg, &s.d, &s.current);
     let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     c.connect(Ports::addr(p.udp)).await.unwrap();
     c.send(b"hi").await.unwrap();
@@ -893,7 +888,7 @@ async fn a_udp_session_the_new_process_cannot_take_is_logged() {
         .and_then(|at| cfg[..at].rfind("[[server]]"))
         .expect("the udp listener");
     std::fs::write(&d.config_path, &cfg[..udp_block]).expect("rewrite config");
-    let new = tokio::task::block_in_place(|| signal_upgrade(&d, &current));
+    let new = tokio::task::block_in_place(|| signal_upgrade(d, current));
     assert!(new.starts_with("ok "), "{new}\n{}", d.log());
     let logged = d.wait_log("end=not_taken_over", Duration::from_secs(5));
     assert!(logged, "{}", d.log());
@@ -917,13 +912,8 @@ async fn a_udp_session_the_new_process_cannot_take_is_logged() {
 /// period (it waited for it without a bound).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stop_during_an_upgrade_stops_both_processes() {
-    let Setup {
-        p,
-        cfg,
-        d,
-        current,
-        _backends,
-    } = Setup::start("worker_shutdown_timeout = \"1s\"\n").await;
+    let s = Setup::start("worker_shutdown_timeout = \"1s\"\n").await;
+    let (p, cfg, d, current) = (&s.p, &s.cfg, &s.d, &s.current);
     let old = current.pid();
     // A session the new process has no room for (its accept loops take both places).
     let mut kept = TcpStream::connect(Ports::addr(p.copy)).await.unwrap();
@@ -972,13 +962,8 @@ async fn a_stop_during_an_upgrade_stops_both_processes() {
 /// answered and then lost with the old process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admin_changes_during_an_upgrade_are_refused_or_kept() {
-    let Setup {
-        p,
-        d,
-        current,
-        _backends,
-        ..
-    } = Setup::start("").await;
+    let s = Setup::start("").await;
+    let (p, d, current) = (&s.p, &s.d, &s.current);
     let admin = Ports::addr(p.admin);
     let stop = Arc::new(AtomicBool::new(false));
     let adding = {
@@ -1005,7 +990,7 @@ async fn admin_changes_during_an_upgrade_are_refused_or_kept() {
         })
     };
     std::thread::sleep(Duration::from_millis(100));
-    tokio::task::block_in_place(|| upgrade_by_signal(&d, &current));
+    tokio::task::block_in_place(|| upgrade_by_signal(d, current));
     std::thread::sleep(Duration::from_millis(100));
     stop.store(true, Ordering::SeqCst);
     let (kept, refused) = adding.join().expect("the adding thread");
@@ -1029,8 +1014,9 @@ struct Setup {
     p: Ports,
     cfg: String,
     d: Daemon,
+    /// Kills whichever process serves when dropped: before `_backends`, whose
+    /// directory holds the pid file it reads.
     current: Current,
-    /// Bound by the tests too (`..` would drop them at once).
     _backends: (Backend, UdpBackend, tempfile::TempDir),
 }
 

@@ -42,10 +42,6 @@ pub async fn serve(
 ) {
     let mut last_error_log: Option<Instant> = None;
     let mut last_limit_log: Option<Instant> = None;
-    tokio::select! {
-        () = dp.accepting.raised() => {}
-        () = stop.cancelled() => return,
-    }
     loop {
         let permit = match Arc::clone(&dp.conn_limit).try_acquire_owned() {
             Ok(p) => p,
@@ -63,6 +59,14 @@ pub async fn serve(
                 }
             }
         };
+        // After taking the place: a new process's accept loops hold theirs from the
+        // start, before any session is handed over (as `max_connections` counts them).
+        if !dp.accepting.is_raised() {
+            tokio::select! {
+                () = dp.accepting.raised() => {}
+                () = stop.cancelled() => return,
+            }
+        }
         let accepted = tokio::select! {
             r = listener.accept() => r,
             () = stop.cancelled() => return,
