@@ -403,11 +403,11 @@ impl Daemon {
         let ending = loop {
             tokio::select! {
                 _ = sig.hup.recv() => self.reload().await,
-                _ = sig.usr2.recv() => match self.upgrade_on_signal(&mut sig).await {
-                    AfterUpgrade::Replaced { stop: false } => break Ending::Replaced,
-                    AfterUpgrade::Replaced { stop: true } | AfterUpgrade::Stop => break Ending::Stop,
-                    AfterUpgrade::Serving => {}
-                },
+                _ = sig.usr2.recv() => {
+                    if let Some(ending) = self.upgrade_on_signal(&mut sig).await {
+                        break ending;
+                    }
+                }
                 _ = sig.usr1.recv() => self.reopen_logs(),
                 _ = sig.term.recv() => break Ending::Stop,
                 _ = sig.int.recv() => break Ending::Stop,
@@ -624,18 +624,8 @@ struct Signals {
 enum Ending {
     /// A binary upgrade replaced this process: what stayed here runs to its end.
     Replaced,
-    /// A stop signal: what is left ends within `worker_shutdown_timeout`.
-    Stop,
-}
-
-/// What follows a binary upgrade.
-enum AfterUpgrade {
-    /// The new process runs; this one drains what stayed (within the grace period if a
-    /// stop was asked for during the upgrade).
-    Replaced { stop: bool },
-    /// This process goes on serving.
-    Serving,
-    /// The upgrade failed and a stop was asked for meanwhile.
+    /// A stop signal (also one that came during an upgrade): what is left ends within
+    /// `worker_shutdown_timeout`.
     Stop,
 }
 

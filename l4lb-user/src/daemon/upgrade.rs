@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use tracing::{error, info, warn};
 
-use super::{AfterUpgrade, Daemon, Signals};
+use super::{Daemon, Ending, Signals};
 
 use crate::config::Protocol;
 use crate::discovery::Position;
@@ -228,7 +228,8 @@ impl Daemon {
     /// Runs an upgrade on SIGUSR2, refusing a second one meanwhile. A reload, log
     /// reopening or stop asked for meanwhile is done by whichever process runs
     /// afterwards: passed on to the new one, or done here when the upgrade failed.
-    pub(super) async fn upgrade_on_signal(&mut self, sig: &mut Signals) -> AfterUpgrade {
+    /// `None`: the upgrade failed and this process serves on.
+    pub(super) async fn upgrade_on_signal(&mut self, sig: &mut Signals) -> Option<Ending> {
         let (mut reload, mut reopen, mut stop) = (false, false, false);
         let outcome = {
             let upgrading = self.upgrade();
@@ -275,7 +276,7 @@ impl Daemon {
                 if reopen {
                     self.reopen_logs();
                 }
-                AfterUpgrade::Replaced { stop }
+                Some(if stop { Ending::Stop } else { Ending::Replaced })
             }
             Upgrade::Kept(e) => {
                 error!(error = %format!("{e:#}"), "upgrade failed; this process keeps serving everything");
@@ -285,11 +286,7 @@ impl Daemon {
                 if reopen {
                     self.reopen_logs();
                 }
-                if stop {
-                    AfterUpgrade::Stop
-                } else {
-                    AfterUpgrade::Serving
-                }
+                stop.then_some(Ending::Stop)
             }
         }
     }

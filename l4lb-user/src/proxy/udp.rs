@@ -171,23 +171,20 @@ fn lock(s: &Sessions) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<UdpSe
 
 /// Removes `session` from the table unless a newer session took the client's place.
 fn forget(sessions: &Sessions, client: SocketAddr, session: &Arc<UdpSession>) {
-    let mut map = lock(sessions);
-    if map.get(&client).is_some_and(|s| Arc::ptr_eq(s, session)) {
-        map.remove(&client);
-    }
+    forget_if(sessions, client, session, || true);
 }
 
-/// Ends `session` if it has answered every datagram it took: judged under the table's
-/// lock, so a datagram that arrives meanwhile either counts first (and keeps it) or
-/// finds it gone (and opens a new session).
-fn finish_if_answered(
+/// Removes `session` from the table if `done` says so, judged under the table's lock: a
+/// datagram that arrives meanwhile either counts first (and can keep it) or finds it
+/// gone (and opens a new session).
+fn forget_if(
     sessions: &Sessions,
     client: SocketAddr,
     session: &Arc<UdpSession>,
-    limit: Option<u64>,
+    done: impl FnOnce() -> bool,
 ) -> bool {
     let mut map = lock(sessions);
-    if !session.answered(limit) {
+    if !done() {
         return false;
     }
     if map.get(&client).is_some_and(|s| Arc::ptr_eq(s, session)) {
@@ -448,7 +445,10 @@ async fn replies(
     let (shutdown, pause) = (dp.shutdown.token().child_token(), pause.child_token());
     let limit = server.proxy_responses;
     let end = loop {
-        if session.answered(limit) && finish_if_answered(&sessions, client, &session, limit) {
+        // Ends once every datagram it took has its replies.
+        if session.answered(limit)
+            && forget_if(&sessions, client, &session, || session.answered(limit))
+        {
             break "responses".to_string();
         }
         tokio::select! {
