@@ -279,3 +279,73 @@ proxy_pass = 'db "main" \x'
     let s = support::scrape(addr(admin));
     assert!(!s.samples.is_empty());
 }
+
+/// A TCP and a UDP listener on one address (DNS) keep apart in the series: each has
+/// its `protocol` label, so neither's counts hide in the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_and_udp_listeners_on_one_address_have_their_own_series() {
+    let tcp_backend = Backend::start(Behaviour::Echo).await;
+    let udp_backend = support::UdpBackend::start("u").await;
+    let admin = free_port();
+    let port = loop {
+        let p = free_port();
+        if std::net::UdpSocket::bind(addr(p)).is_ok() {
+            break p;
+        }
+    };
+    let d = Daemon::start(&format!(
+        r#"
+[global]
+splice = "off"
+
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[upstream.t]
+servers = [{{ address = "{t}" }}]
+
+[upstream.u]
+servers = [{{ address = "{u}" }}]
+
+[[server]]
+listen = "127.0.0.1:{port}"
+proxy_pass = "t"
+
+[[server]]
+listen = "127.0.0.1:{port}"
+protocol = "udp"
+proxy_pass = "u"
+"#,
+        t = tcp_backend.addr,
+        u = udp_backend.addr,
+    ));
+    let lb = addr(port);
+    for _ in 0..3 {
+        assert_eq!(echo_then_close(lb, b"ping").await.unwrap(), b"ping");
+    }
+    for _ in 0..2 {
+        let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.send_to(b"q", lb).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.recv(&mut buf))
+            .await
+            .expect("UDP reply in time")
+            .unwrap();
+        assert_eq!(&buf[..n], b"u:q");
+    }
+    let listener = lb.to_string();
+    let on = |protocol| [("listener", listener.as_str()), ("protocol", protocol)];
+    let mut s = d.scrape();
+    for _ in 0..50 {
+        if metric(&s, "l4lb_sessions_total", &on("tcp")) == Some(3.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s = d.scrape();
+    }
+    assert_eq!(metric(&s, "l4lb_accepted_total", &on("tcp")), Some(3.0));
+    assert_eq!(metric(&s, "l4lb_sessions_total", &on("tcp")), Some(3.0));
+    assert_eq!(metric(&s, "l4lb_udp_sessions_total", &on("udp")), Some(2.0));
+    assert_eq!(metric(&s, "l4lb_udp_sessions_total", &on("tcp")), Some(0.0));
+    assert_eq!(metric(&s, "l4lb_accepted_total", &on("udp")), Some(0.0));
+}

@@ -120,17 +120,21 @@ impl EncodeLabelValue for Name {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
     pub listener: String,
+    /// `tcp` or `udp`: a TCP and a UDP listener may share an address.
+    pub protocol: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusedLabels {
     pub listener: String,
+    pub protocol: &'static str,
     pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PathLabels {
     pub listener: String,
+    pub protocol: &'static str,
     /// `kernel` or `copy`.
     pub path: &'static str,
     /// Why a session was copied (`none` for the kernel path).
@@ -312,20 +316,23 @@ pub struct ListenerMetrics {
 }
 
 impl ListenerMetrics {
-    pub fn new(listener: &str) -> Self {
+    pub fn new(listener: &str, protocol: &'static str) -> Self {
         let m = &*METRICS;
         let l = ListenerLabels {
             listener: listener.to_string(),
+            protocol,
         };
         let refused = |reason| {
             m.refused.get_or_create_owned(&RefusedLabels {
                 listener: listener.to_string(),
+                protocol,
                 reason,
             })
         };
         let path = |path, reason| {
             m.sessions.get_or_create_owned(&PathLabels {
                 listener: listener.to_string(),
+                protocol,
                 path,
                 reason,
             })

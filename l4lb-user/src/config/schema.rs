@@ -199,6 +199,16 @@ pub enum Protocol {
     Udp,
 }
 
+impl Protocol {
+    /// As written in the config (and in metric labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProxyProtocol {

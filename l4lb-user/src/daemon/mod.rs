@@ -286,7 +286,7 @@ impl Daemon {
     fn ctx_for(&self, server: &ServerConfig, previous: Option<&ListenerCtx>) -> ListenerCtx {
         ListenerCtx {
             metrics: previous.map_or_else(
-                || ListenerMetrics::new(&server.listen.to_string()),
+                || ListenerMetrics::new(&server.listen.to_string(), server.protocol.as_str()),
                 |p| p.metrics.clone(),
             ),
             conn_limits: previous.map_or_else(Arc::default, |p| Arc::clone(&p.conn_limits)),
