@@ -250,6 +250,31 @@ async fn sighup_reload_keeps_50_streaming_sessions_byte_exact() {
     assert!(d.log().matches("end=closed").count() >= 50);
 }
 
+/// A reload that turns a listener into `upstream_show` (or back) replaces it on the
+/// same address: the new one takes the old one's socket, as binding it again fails
+/// while the old one's task still holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_replaced_on_its_address_keeps_serving_it() {
+    let tagged = Backend::start(Behaviour::Tagged("t".into())).await;
+    let port = free_port();
+    let proxied = config(port, tagged.addr, "");
+    let show = proxied.replace("proxy_pass = \"u\"", "upstream_show = true");
+    let d = Daemon::start(&proxied);
+    assert_eq!(support::connect_tagged(addr(port)).await.unwrap().0, "t");
+    d.reload(&show);
+    assert!(!d.log().contains("cannot open listener"), "{}", d.log());
+    let at = addr(port);
+    let (status, body) =
+        tokio::task::spawn_blocking(move || support::http_get(at, "/upstream_show"))
+            .await
+            .unwrap();
+    assert_eq!(status, 200, "{body}\n{}", d.log());
+    assert!(body.contains(&tagged.addr.to_string()), "{body}");
+    d.reload(&proxied);
+    assert!(!d.log().contains("cannot open listener"), "{}", d.log());
+    assert_eq!(support::connect_tagged(addr(port)).await.unwrap().0, "t");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_accepting_and_drains_sessions() {
     let echo = Backend::start(Behaviour::Echo).await;

@@ -259,3 +259,46 @@ async fn a_removed_listener_serves_its_sessions_to_their_end() {
     .await;
     assert!(gone.is_some(), "the removed listener's port stayed bound");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_added_back_while_it_drains_takes_its_sessions_back() {
+    let a = UdpBackend::start("a").await;
+    let (port, other) = (free_udp_port(), free_udp_port());
+    let cfg = config(port, &[&a], "proxy_timeout = \"2s\"");
+    let d = Daemon::start(&cfg);
+    let c = client(port).await;
+    c.send(b"one").await.unwrap();
+    assert_eq!(recv(&c).await.as_deref(), Some("a:one"));
+    d.reload(&cfg.replace(&format!(":{port}\""), &format!(":{other}\"")));
+    // Back while its session still drains: its port was still bound.
+    d.reload(&cfg);
+    assert!(!d.log().contains("cannot open listener"), "{}", d.log());
+    let newcomer = client(port).await;
+    newcomer.send(b"new").await.unwrap();
+    assert_eq!(
+        recv(&newcomer).await.as_deref(),
+        Some("a:new"),
+        "{}",
+        d.log()
+    );
+    // The old session lives on as before: no longer winding down, datagrams keep it
+    // alive past proxy_timeout.
+    for i in 0..8 {
+        let msg = format!("again {i}");
+        c.send(msg.as_bytes()).await.unwrap();
+        assert_eq!(recv(&c).await, Some(format!("a:{msg}")), "{}", d.log());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let mine = format!("client={}", c.local_addr().unwrap());
+    assert!(
+        !d.log().lines().any(|l| l.contains(&mine)),
+        "its session ended: {}",
+        d.log()
+    );
+    assert_eq!(
+        a.received.load(std::sync::atomic::Ordering::SeqCst),
+        10,
+        "{}",
+        d.log()
+    );
+}

@@ -10,13 +10,14 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpSocket, UdpSocket};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -55,6 +56,18 @@ struct UdpListener {
     socket: Arc<UdpSocket>,
     sessions: udp::Sessions,
     pause: CancellationToken,
+    /// The task reading its socket (see `udp::serve`).
+    receiver: JoinHandle<()>,
+}
+
+/// A removed UDP listener that still serves its open sessions (see `udp::serve`). Its
+/// socket stays bound until the last one ends, so a reload that adds the address back
+/// takes the socket and the sessions over rather than fail to bind it.
+struct DrainingUdp {
+    socket: Weak<UdpSocket>,
+    sessions: udp::Sessions,
+    pause: CancellationToken,
+    receiver: JoinHandle<()>,
 }
 
 pub struct Daemon {
@@ -68,11 +81,33 @@ pub struct Daemon {
     upstreams: Arc<Upstreams>,
     dp: Arc<DataPath>,
     listeners: HashMap<(Protocol, SocketAddr), Listener>,
+    draining_udp: HashMap<SocketAddr, DrainingUdp>,
     discovery: Discovery,
     health: HealthChecks,
     xdp: Option<Arc<Mutex<XdpFilter>>>,
     registry: Arc<Registry>,
     admin: Option<AdminServer>,
+}
+
+/// Starts (or, after an upgrade that did not happen, restarts) a UDP listener's tasks:
+/// its sessions' reply tasks and its receive loop, whose handle it returns.
+fn serve_udp(
+    dp: &Arc<DataPath>,
+    ctx: &SharedCtx,
+    socket: &Arc<UdpSocket>,
+    sessions: &udp::Sessions,
+    pause: &CancellationToken,
+    stop: &CancellationToken,
+) -> JoinHandle<()> {
+    udp::resume(&ctx.load_full(), dp, socket, sessions, pause);
+    tokio::spawn(udp::serve(
+        Arc::clone(socket),
+        Arc::clone(sessions),
+        Arc::clone(ctx),
+        Arc::clone(dp),
+        stop.clone(),
+        pause.clone(),
+    ))
 }
 
 /// Loads the kernel path if any TCP server block may use it.
@@ -236,6 +271,7 @@ impl Daemon {
             upstreams,
             dp,
             listeners: HashMap::new(),
+            draining_udp: HashMap::new(),
             discovery,
             health,
             xdp,
@@ -243,7 +279,7 @@ impl Daemon {
             admin,
         };
         for server in &config.servers {
-            daemon.open_listener(server).await.with_context(|| {
+            daemon.open_listener(server, None).await.with_context(|| {
                 format!("cannot listen on {} ({:?})", server.listen, server.protocol)
             })?;
         }
@@ -298,10 +334,17 @@ impl Daemon {
         }
     }
 
-    async fn open_listener(&mut self, server: &ServerConfig) -> anyhow::Result<()> {
+    /// Opens a listener for `server`, on the socket the previous process handed over,
+    /// else on `bound` (the replaced listener's), else on a removed UDP listener's that
+    /// still drains, else on a new one.
+    async fn open_listener(
+        &mut self,
+        server: &ServerConfig,
+        bound: Option<OwnedFd>,
+    ) -> anyhow::Result<()> {
         let ctx: SharedCtx = Arc::new(ArcSwap::from_pointee(self.ctx_for(server, None)));
         let stop = CancellationToken::new();
-        let inherited = self.inherited.listeners.remove(&server.key());
+        let inherited = self.inherited.listeners.remove(&server.key()).or(bound);
         let (socket, udp) = match server.protocol {
             Protocol::Tcp => {
                 let listener = tcp_listener(server.listen, inherited)?;
@@ -324,14 +367,24 @@ impl Daemon {
                 (dup, None)
             }
             Protocol::Udp => {
-                let socket = match inherited {
-                    Some(fd) => crate::upgrade::udp_socket(fd)?,
-                    None => UdpSocket::bind(server.listen)
-                        .await
-                        .map_err(|e| bind_error(e, server.listen))?,
+                let (socket, sessions) = match inherited {
+                    Some(fd) => (
+                        Arc::new(crate::upgrade::udp_socket(fd)?),
+                        udp::Sessions::default(),
+                    ),
+                    None => match self.take_back_udp(server.listen).await {
+                        Some(back) => back,
+                        None => (
+                            Arc::new(
+                                UdpSocket::bind(server.listen)
+                                    .await
+                                    .map_err(|e| bind_error(e, server.listen))?,
+                            ),
+                            udp::Sessions::default(),
+                        ),
+                    },
                 };
                 let dup = socket.as_fd().try_clone_to_owned()?;
-                let sessions = udp::Sessions::default();
                 let current = ctx.load_full();
                 for (saved, fd) in self
                     .inherited
@@ -343,12 +396,14 @@ impl Daemon {
                         self.inherited.udp_not_taken.push((saved, why));
                     }
                 }
+                let pause = CancellationToken::new();
+                let receiver = serve_udp(&self.dp, &ctx, &socket, &sessions, &pause, &stop);
                 let udp = UdpListener {
-                    socket: Arc::new(socket),
+                    socket,
                     sessions,
-                    pause: CancellationToken::new(),
+                    pause,
+                    receiver,
                 };
-                self.serve_udp(&ctx, &udp, &stop);
                 (dup, Some(udp))
             }
         };
@@ -364,24 +419,48 @@ impl Daemon {
         Ok(())
     }
 
-    /// Starts (or, after an upgrade that did not happen, restarts) a UDP listener's
-    /// tasks: its receive loop and its sessions' reply tasks.
-    fn serve_udp(&self, ctx: &SharedCtx, udp: &UdpListener, stop: &CancellationToken) {
-        udp::resume(
-            &ctx.load_full(),
-            &self.dp,
-            &udp.socket,
-            &udp.sessions,
-            &udp.pause,
-        );
-        tokio::spawn(udp::serve(
-            Arc::clone(&udp.socket),
-            Arc::clone(&udp.sessions),
-            Arc::clone(ctx),
-            Arc::clone(&self.dp),
-            stop.clone(),
-            udp.pause.clone(),
-        ));
+    /// Stops a listener accepting. A UDP listener serves its open sessions until they
+    /// end (kept in `draining_udp` meanwhile); a TCP listener's socket is returned, for
+    /// a listener replacing it on the same address: the task accepting on it closes
+    /// its own descriptor only once it sees the stop, and until then the address
+    /// cannot be bound again.
+    fn retire(&mut self, key: (Protocol, SocketAddr), l: Listener) -> Option<OwnedFd> {
+        l.stop.cancel();
+        match l.udp {
+            Some(udp) => {
+                self.draining_udp.retain(|_, d| d.socket.strong_count() > 0);
+                self.draining_udp.insert(
+                    key.1,
+                    DrainingUdp {
+                        socket: Arc::downgrade(&udp.socket),
+                        sessions: udp.sessions,
+                        pause: udp.pause,
+                        receiver: udp.receiver,
+                    },
+                );
+                None
+            }
+            None => Some(l.socket),
+        }
+    }
+
+    /// The socket and sessions of a removed UDP listener on `listen` that still drains,
+    /// its tasks stopped: its sessions go on with the listener added back.
+    async fn take_back_udp(
+        &mut self,
+        listen: SocketAddr,
+    ) -> Option<(Arc<UdpSocket>, udp::Sessions)> {
+        let draining = self.draining_udp.remove(&listen)?;
+        let socket = draining.socket.upgrade()?;
+        draining.pause.cancel();
+        // Ended before its sessions are taken back: it marks them as winding down when
+        // it sees its stop, and that must not come after `rejoin`.
+        if let Err(e) = draining.receiver.await {
+            warn!(%listen, error = %e, "the draining UDP listener's task failed");
+        }
+        let sessions = udp::rejoin(&draining.sessions);
+        info!(%listen, sessions, "UDP listener added back while it drained: its open sessions go on with it");
+        Some((socket, draining.sessions))
     }
 
     /// Runs until SIGTERM or SIGINT, reloading on SIGHUP and reopening the access log
@@ -509,7 +588,7 @@ impl Daemon {
             .collect();
         for key in removed {
             if let Some(l) = self.listeners.remove(&key) {
-                l.stop.cancel();
+                self.retire(key, l);
                 info!(listen = %key.1, protocol = ?key.0, "listener closed; its sessions continue");
             }
         }
@@ -521,10 +600,11 @@ impl Daemon {
                     l.ctx.store(Arc::new(next));
                 }
                 _ => {
-                    if let Some(old) = self.listeners.remove(&server.key()) {
-                        old.stop.cancel();
-                    }
-                    if let Err(e) = self.open_listener(server).await {
+                    let bound = self
+                        .listeners
+                        .remove(&server.key())
+                        .and_then(|old| self.retire(server.key(), old));
+                    if let Err(e) = self.open_listener(server, bound).await {
                         failed += 1;
                         error!(listen = %server.listen, error = %e, "cannot open listener");
                     }

@@ -502,8 +502,17 @@ impl Daemon {
             }
         }
         for key in paused {
-            if let Some((l, Some(udp))) = self.listeners.get(&key).map(|l| (l, l.udp.as_ref())) {
-                self.serve_udp(&l.ctx, udp, &l.stop);
+            if let Some(l) = self.listeners.get_mut(&key) {
+                if let Some(udp) = l.udp.as_mut() {
+                    udp.receiver = super::serve_udp(
+                        &self.dp,
+                        &l.ctx,
+                        &udp.socket,
+                        &udp.sessions,
+                        &udp.pause,
+                        &l.stop,
+                    );
+                }
             }
         }
     }

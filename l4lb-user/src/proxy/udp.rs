@@ -297,6 +297,16 @@ pub fn resume(
     }
 }
 
+/// Undoes a removed listener's winding down, for the listener added back: its sessions
+/// live on as before. Returns how many there are.
+pub fn rejoin(sessions: &Sessions) -> usize {
+    let all = lock(sessions);
+    for s in all.values() {
+        s.winding_down.store(false, Ordering::Relaxed);
+    }
+    all.len()
+}
+
 /// The sessions of a paused listener as a binary upgrade sends them, each with a
 /// duplicate of its backend socket.
 pub fn export(
