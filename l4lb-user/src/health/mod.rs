@@ -4,8 +4,11 @@
 //!
 //! Passive health:
 //! `max_fails` connect failures within `fail_timeout` make a server unavailable for
-//! `fail_timeout`. Once that has passed the server gets traffic again, but until a
-//! connection to it succeeds a single further failure takes it out again at once.
+//! `fail_timeout`. Once that has passed, one connection tries it (as nginx's `checked`
+//! time does): the server is unavailable again for `fail_timeout` from that pick,
+//! so a server that still fails slowly (a connect timeout) stalls one client per
+//! `fail_timeout`, not every client sent its way. A connection that succeeds clears
+//! the history; one more failure takes it out again at once.
 
 pub mod active;
 mod checker;
@@ -69,6 +72,16 @@ impl PassiveHealth {
             FailOutcome::MarkedUnavailable { fails: w.fails }
         } else {
             FailOutcome::Counted { fails: w.fails }
+        }
+    }
+
+    /// The server was chosen for a connection: if it is on probation (taken out, and
+    /// its `fail_timeout` passed), that connection is its one try for the next
+    /// `fail_timeout`.
+    pub fn picked(&self, now: Instant, fail_timeout: Duration) {
+        let mut w = self.lock();
+        if w.unavailable_until.is_some_and(|until| now >= until) {
+            w.unavailable_until = Some(now + fail_timeout);
         }
     }
 

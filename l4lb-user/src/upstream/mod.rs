@@ -147,6 +147,10 @@ impl fmt::Debug for Upstream {
 pub struct Lease {
     pub spec: ServerSpec,
     pub state: Arc<PeerState>,
+    /// Whether its connect failures count towards `max_fails`: not for the only server
+    /// of an upstream with no backup, which nginx never takes out (taking it out would
+    /// refuse every client for `fail_timeout` after one failed connect).
+    counts_failures: bool,
 }
 
 impl Lease {
@@ -157,15 +161,17 @@ impl Lease {
         Lease {
             spec: ServerSpec::new(addr),
             state,
+            counts_failures: true,
         }
     }
 
-    fn new(peer: &Peer) -> Self {
+    fn new(peer: &Peer, counts_failures: bool) -> Self {
         peer.state.active.fetch_add(1, Ordering::Relaxed);
         peer.state.total.fetch_add(1, Ordering::Relaxed);
         Lease {
             spec: peer.spec.clone(),
             state: Arc::clone(&peer.state),
+            counts_failures,
         }
     }
 
@@ -182,6 +188,9 @@ impl Lease {
     /// Counts a connect failure against the server (nginx's `max_fails`).
     pub fn connect_failed(&self, upstream: &str) {
         self.state.connect_failures.fetch_add(1, Ordering::Relaxed);
+        if !self.counts_failures {
+            return;
+        }
         let outcome = self.state.health.record_failure(
             Instant::now(),
             self.spec.max_fails,
@@ -372,15 +381,22 @@ impl Upstream {
         let _guard = self.select_lock.lock().unwrap_or_else(|p| p.into_inner());
         let snap = self.current.load();
         let now = Instant::now();
+        // nginx's `single`: one server and no backup is never taken out by max_fails.
+        let single = matches!(&snap.peers[..], [only] if !only.spec.backup);
         let mut primaries = Vec::with_capacity(snap.peers.len());
         let mut backups = Vec::new();
         for (index, peer) in snap.peers.iter().enumerate() {
             let active = peer.state.active();
             let spec = &peer.spec;
+            let healthy = if single {
+                peer.state.checks.allows()
+            } else {
+                peer.state.is_available(now)
+            };
             let eligible = !spec.down
                 && !tried.contains(&spec.addr)
                 && (spec.max_conns == 0 || active < spec.max_conns)
-                && peer.state.is_available(now);
+                && healthy;
             if eligible {
                 let candidate = balance::Candidate {
                     peer,
@@ -400,9 +416,12 @@ impl Upstream {
             other => other,
         };
         let ring = snap.ring.as_ref();
-        balance::choose(snap.balance, &snap.peers, ring, &primaries, client)
-            .or_else(|| balance::choose(backup_balance, &snap.peers, None, &backups, client))
-            .map(Lease::new)
+        let peer = balance::choose(snap.balance, &snap.peers, ring, &primaries, client)
+            .or_else(|| balance::choose(backup_balance, &snap.peers, None, &backups, client))?;
+        if !single {
+            peer.state.health.picked(now, peer.spec.fail_timeout);
+        }
+        Some(Lease::new(peer, !single))
     }
 }
 
@@ -534,7 +553,7 @@ impl Upstream {
         let snap = self.snapshot();
         match snap.peers.iter().find(|p| p.spec.addr == spec_addr) {
             Some(peer) => {
-                let lease = Lease::new(peer);
+                let lease = Lease::new(peer, true);
                 // Not a new connection: the handed-over total already counts it.
                 peer.state.total.fetch_sub(1, Ordering::Relaxed);
                 lease

@@ -165,6 +165,61 @@ fn backup_only_when_primaries_unavailable_and_down_never() {
     assert!(u.select(client(0), &all).is_none());
 }
 
+/// nginx's `single`: the only server of an upstream without backups stays in after a
+/// failed connect (a restarting database is not refused for `fail_timeout`); with a
+/// backup, failures count again.
+#[test]
+fn a_lone_server_is_not_taken_out_by_failed_connects() {
+    let u = upstream(Balance::RoundRobin, vec![spec(1, 1)]);
+    for _ in 0..3 {
+        let l = u.select(client(0), &[]).expect("the lone server");
+        l.connect_failed("u");
+    }
+    let l = u
+        .select(client(0), &[])
+        .expect("still chosen after 3 failures");
+    assert_eq!(l.state.connect_failures(), 3, "failures are still counted");
+    assert_eq!(l.state.health.fails(), 0);
+    drop(l);
+    let mut b = spec(2, 1);
+    b.backup = true;
+    let u = upstream(Balance::RoundRobin, vec![spec(1, 1), b]);
+    u.select(client(0), &[]).unwrap().connect_failed("u");
+    assert_eq!(port(&u.select(client(0), &[]).unwrap()), 2);
+}
+
+/// Once a failed server's `fail_timeout` has passed, one connection tries it, and the
+/// others keep away for another `fail_timeout` unless that one succeeds: a server
+/// whose connects time out stalls one client per `fail_timeout`, not half of them.
+#[test]
+fn a_failed_server_gets_one_try_per_fail_timeout() {
+    let timeout = Duration::from_millis(200);
+    let with_timeout = |p| ServerSpec {
+        fail_timeout: timeout,
+        ..spec(p, 1)
+    };
+    let u = upstream(Balance::RoundRobin, vec![with_timeout(1), with_timeout(2)]);
+    let picks = |n| {
+        (0..n)
+            .map(|_| u.select(client(0), &[]).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let first = picks(2);
+    let failing = first.iter().find(|l| port(l) == 1).unwrap();
+    failing.connect_failed("u");
+    drop(first);
+    assert!(picks(10).iter().all(|l| port(l) == 2));
+    std::thread::sleep(timeout + Duration::from_millis(20));
+    let trial = picks(10);
+    let tried: Vec<_> = trial.iter().filter(|l| port(l) == 1).collect();
+    assert_eq!(tried.len(), 1, "one try after fail_timeout");
+    // Its try still pending (a slow connect), the server stays out.
+    assert!(picks(10).iter().all(|l| port(l) == 2));
+    tried[0].connect_succeeded();
+    let after = picks(10);
+    assert_eq!(after.iter().filter(|l| port(l) == 1).count(), 5);
+}
+
 #[test]
 fn max_conns_caps_a_server() {
     let mut s = spec(1, 1);
