@@ -627,6 +627,58 @@ async fn acl_token_is_sent_and_never_logged() {
     );
 }
 
+/// A redirect is not followed: it would carry the ACL token header to wherever it
+/// points (reqwest drops only standard credential headers on a redirect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_does_not_follow_a_redirect() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let secret = "7d2c-secret-redirected";
+    let elsewhere = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let elsewhere_addr = elsewhere.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let log = std::sync::Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = elsewhere.accept().await {
+            let mut buf = vec![0u8; 4096];
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            log.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let redirector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let redirector_addr = redirector.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = redirector.accept().await {
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let answer = format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://{elsewhere_addr}/v1/kv/{PREFIX}?recurse\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            let _ = s.write_all(answer.as_bytes()).await;
+        }
+    });
+    let p = Ports::new();
+    let upsync = consul_upsync(
+        &format!("http://{redirector_addr}/v1/kv/{PREFIX}"),
+        "token_env = \"L4LB_TEST_CONSUL_TOKEN\"",
+    );
+    let d = Daemon::start_with_env(
+        &config(&p, "", &upsync),
+        &[("L4LB_TEST_CONSUL_TOKEN", secret)],
+    );
+    assert!(
+        d.wait_log("HTTP status 307", Duration::from_secs(3)),
+        "{}",
+        d.log()
+    );
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "followed the redirect: {}",
+        seen.lock().unwrap()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_health_follows_passing_instances() {
     let a = Backend::start(Behaviour::Tagged("a".into())).await;

@@ -169,3 +169,28 @@ async fn etcd_compaction_while_disconnected_reads_the_prefix_again() {
     let t = tags(format!("127.0.0.1:{lb}").parse().unwrap(), 4).await;
     assert!(count(&t, "b") == 2 && count(&t, "c") == 2, "{t:?}");
 }
+
+/// A key the daemon cannot use is an answer it cannot take: with strong_dependency the
+/// start fails after its tries, as with Consul (it used to wait on a watch for ever,
+/// with no listener open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strong_dependency_with_unusable_keys_fails_the_start() {
+    let etcd = Etcd::start();
+    etcd.put(&format!("{PREFIX}127.0.0.1:1"), r#"{"weight":"heavy"}"#);
+    let (lb, sp) = (free_port(), free_port());
+    let cfg = config(lb, sp, &Etcd::url_via(etcd.addr, PREFIX)).replace(
+        "timeout = \"5s\"",
+        "timeout = \"5s\"\nstrong_dependency = true",
+    );
+    let d = Daemon::spawn(&cfg, &[]);
+    let status = d
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("l4lb kept waiting: {}", d.log()));
+    assert!(!status.success(), "{status}");
+    assert!(
+        d.log()
+            .contains("did not answer after 3 tries and strong_dependency = true"),
+        "{}",
+        d.log()
+    );
+}

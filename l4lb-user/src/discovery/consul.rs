@@ -145,7 +145,7 @@ impl ConsulKv {
         let Some(raw) = path.split_once("/v1/kv/").map(|(_, p)| p) else {
             anyhow::bail!("a consul url has the form http://HOST:PORT/v1/kv/PREFIX/");
         };
-        let decoded = percent_decode(raw);
+        let decoded = super::decoded_path(raw);
         if decoded.trim_matches('/').is_empty() {
             anyhow::bail!("the consul url names no key prefix after /v1/kv/");
         }
@@ -202,31 +202,6 @@ pub(crate) fn parse_kv(prefix: &str, body: &[u8]) -> Result<Vec<ServerSpec>, Sou
     servers_from_kv(prefix, pairs.iter().map(|(k, v)| (*k, v.as_slice())))
 }
 
-/// Decodes `%XX` escapes of a URL path (keys may hold characters a URL escapes).
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (
-            bytes[i],
-            bytes.get(i + 1).copied().and_then(hex),
-            bytes.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,10 +255,5 @@ mod tests {
         );
         assert!(ConsulKv::new(&cfg("http://h:8500/v1/kv/", Consistency::Default)).is_err());
         assert!(ConsulKv::new(&cfg("http://h:8500/upstreams/db/", Consistency::Default)).is_err());
-    }
-
-    #[test]
-    fn decodes_escapes() {
-        assert_eq!(percent_decode("up%2Fa/b%3A1%zz"), "up/a/b:1%zz");
     }
 }

@@ -130,7 +130,8 @@ impl Etcd {
     pub fn new(cfg: &UpsyncConfig) -> anyhow::Result<Self> {
         let url = Url::parse(&cfg.url)?;
         let path = url.path();
-        let raw = path.strip_prefix('/').unwrap_or(path);
+        let decoded = super::decoded_path(path.strip_prefix('/').unwrap_or(path));
+        let raw = decoded.as_str();
         if raw.trim_matches('/').is_empty() {
             anyhow::bail!("an etcd url has the form http://HOST:PORT/KEY_PREFIX/");
         }
@@ -190,8 +191,12 @@ impl Etcd {
         let bytes = http::body(resp).await?;
         let (revision, kvs) = parse_range(&bytes)?;
         self.kvs = kvs;
-        self.revision = Some(revision);
-        self.servers()
+        let servers = self.servers();
+        // Keys it cannot use are read again after `interval` rather than awaited through
+        // a watch: a start with strong_dependency then fails in its tries, as with Consul,
+        // instead of waiting on a watch for ever.
+        self.revision = servers.is_ok().then_some(revision);
+        servers
     }
 
     async fn open_watch(&self, from: i64) -> Result<Watch, SourceError> {
@@ -208,7 +213,16 @@ impl Etcd {
                 SourceError::Transport("etcd did not answer the watch request".into())
             })??;
         if resp.status() != StatusCode::OK {
-            return Err(http::status_error(resp).await);
+            // The body of a refusal is read with a limit too: the request has none.
+            let status = resp.status();
+            return Err(
+                tokio::time::timeout(RANGE_TIMEOUT, http::status_error(resp))
+                    .await
+                    .unwrap_or_else(|_| SourceError::Status {
+                        status: status.as_u16(),
+                        body: "(body not sent in time)".into(),
+                    }),
+            );
         }
         Ok(Watch {
             resp,
@@ -363,6 +377,26 @@ impl Source for Etcd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// As the Consul source reads its prefix: escaped characters are the key's.
+    #[test]
+    fn the_key_prefix_is_decoded() {
+        let etcd = Etcd::new(&UpsyncConfig {
+            kind: crate::config::UpsyncKind::Etcd,
+            url: "http://127.0.0.1:2379/up%20stream/db".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(60),
+            strong_dependency: false,
+            dump_path: None,
+            token: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            consistency: crate::config::Consistency::Default,
+        })
+        .unwrap();
+        assert_eq!(etcd.prefix, "up stream/db/");
+    }
 
     #[test]
     fn prefix_end_is_the_next_key() {

@@ -30,6 +30,9 @@ pub fn client(cfg: &UpsyncConfig, token_header: Option<&'static str>) -> anyhow:
         .default_headers(headers)
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_keepalive(Duration::from_secs(30))
+        // A redirect would carry the token header to wherever it points (reqwest drops
+        // only standard credentials when following one); Consul and etcd never send one.
+        .redirect(reqwest::redirect::Policy::none())
         .no_proxy();
     if let Some(ca) = &cfg.ca_file {
         let pem =

@@ -128,16 +128,35 @@ fn origin(kind: UpsyncKind) -> Origin {
     }
 }
 
-/// The URL as logged: without any user:password part.
+/// The URL as logged and shown by the admin API: without a user:password part or the
+/// value of a `token` parameter (Consul takes its ACL token there too).
 pub fn shown_url(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut u) => {
             let _ = u.set_password(None);
             let _ = u.set_username("");
+            if u.query_pairs().any(|(k, _)| k == "token") {
+                let pairs: Vec<(String, String)> = u
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if k == "token" { "(hidden)".into() } else { v };
+                        (k.into_owned(), v.into_owned())
+                    })
+                    .collect();
+                u.query_pairs_mut().clear().extend_pairs(pairs);
+            }
             u.to_string()
         }
         Err(_) => url.to_string(),
     }
+}
+
+/// A URL path with its `%XX` escapes decoded: key prefixes may hold characters a URL
+/// escapes.
+fn decoded_path(path: &str) -> String {
+    percent_encoding::percent_decode_str(path)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// What the admin API and the metrics show of a discovery task.

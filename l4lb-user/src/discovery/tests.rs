@@ -54,4 +54,13 @@ fn urls_are_logged_without_credentials() {
         shown_url("http://u:secret@h:1/v1/kv/x/"),
         "http://h:1/v1/kv/x/"
     );
+    assert_eq!(
+        shown_url("http://h:1/v1/kv/x/?dc=a&token=s3cret"),
+        "http://h:1/v1/kv/x/?dc=a&token=%28hidden%29"
+    );
+}
+
+#[test]
+fn key_prefixes_in_urls_are_decoded() {
+    assert_eq!(decoded_path("up%2Fa/b%3A1%zz"), "up/a/b:1%zz");
 }
