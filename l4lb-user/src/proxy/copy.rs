@@ -256,12 +256,23 @@ async fn pump(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err(SessionEnd::error(to, &e)),
         };
-        if written < n {
+        // A write that waits marks each step it makes: a slow reader taking the rest
+        // bit by bit is activity (nginx's proxy_timeout counts every write).
+        let mut done = written;
+        while done < n {
             writer
-                .write_all(&buf[written..])
+                .as_ref()
+                .writable()
                 .await
                 .map_err(|e| SessionEnd::error(to, &e))?;
-            touch(shared);
+            match writer.as_ref().try_write(&buf[done..]) {
+                Ok(k) => {
+                    done += k;
+                    touch(shared);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(SessionEnd::error(to, &e)),
+            }
         }
         buf.clear();
         shared.transfer.count(upload, n as u64);
@@ -322,7 +333,8 @@ async fn spliced(
         touch(shared);
         while !pipe.is_empty() {
             match dst.try_io(Interest::WRITABLE, || pipe.drain(dst.as_raw_fd())) {
-                Ok(_) => {}
+                // Each step of a drain that waits is activity, as above.
+                Ok(_) => touch(shared),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     dst.writable()
                         .await
@@ -331,7 +343,6 @@ async fn spliced(
                 Err(e) => return Err(SessionEnd::error(to, &e)),
             }
         }
-        touch(shared);
         shared.transfer.count(upload, n as u64);
     }
 }
