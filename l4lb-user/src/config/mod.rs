@@ -28,6 +28,11 @@ use units::{NgxDuration, NgxSize};
 pub const DEFAULT_WEIGHT: u32 = 1;
 pub const DEFAULT_MAX_FAILS: u32 = 1;
 pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+/// `log_level` values (the error log's levels).
+const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+/// The most `max_connections` may be: far above what the kernel path's maps and a
+/// process's descriptors allow in practice, far below what would overflow a count.
+pub const MAX_CONNECTIONS: usize = 1 << 24;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -607,12 +612,29 @@ impl Validator<'_> {
                 }
             },
         };
+        let log_level = raw.log_level.unwrap_or_else(|| "info".into());
+        if !LOG_LEVELS.contains(&log_level.as_str()) {
+            // tracing would read an unknown word as a target name and log nothing.
+            let msg = format!("{log_level:?}: expected one of {}", LOG_LEVELS.join(", "));
+            match node {
+                Some(n) => self.at(n, "global", "log_level", msg),
+                None => self.push_span(None, "global.log_level", msg),
+            }
+        }
+        let max_connections = raw.max_connections.unwrap_or(10_240);
+        if !(1..=MAX_CONNECTIONS).contains(&max_connections) {
+            let msg = format!("{max_connections}: expected 1 to {MAX_CONNECTIONS}");
+            match node {
+                Some(n) => self.at(n, "global", "max_connections", msg),
+                None => self.push_span(None, "global.max_connections", msg),
+            }
+        }
         Global {
             log_format: raw.log_format.unwrap_or_default(),
             access_log_format: raw.access_log_format.unwrap_or_default(),
             worker_threads: raw.worker_threads.filter(|&n| n > 0),
-            max_connections: raw.max_connections.unwrap_or(10_240),
-            log_level: raw.log_level.unwrap_or_else(|| "info".into()),
+            max_connections,
+            log_level,
             access_log,
             splice: raw.splice.unwrap_or_default(),
             splice_after: SpliceAfter::over(

@@ -221,6 +221,21 @@ fn semantic_errors() {
         ),
         ("[upstream.u]\nservers = []\n", "upstream.u.servers", "needs servers"),
         (
+            "[global]\nlog_level = \"warning\"\n",
+            "global.log_level",
+            "expected one of error, warn, info, debug, trace",
+        ),
+        (
+            "[global]\nmax_connections = 0\n",
+            "global.max_connections",
+            "expected 1 to",
+        ),
+        (
+            "[global]\nmax_connections = 3000000000000000000\n",
+            "global.max_connections",
+            "expected 1 to",
+        ),
+        (
             "[upstream.u]\nconsistent = true\nservers = [{ address = \"127.0.0.1:1\" }]\n",
             "upstream.u.consistent",
             "hash",

@@ -156,7 +156,8 @@ impl Converter {
                 )
             }
         };
-        let total = (per_worker.saturating_mul(workers) / 2).max(1);
+        let total =
+            (per_worker.saturating_mul(workers) / 2).clamp(1, crate::config::MAX_CONNECTIONS);
         self.set_global_with(
             "max_connections",
             emit::value(toml::Value::Integer(i64::try_from(total).unwrap_or(i64::MAX))),
