@@ -58,7 +58,8 @@ pub fn tokenize(text: &str) -> Result<Vec<Lexed>, LexError> {
                     message: format!("unexpected end of file in a string opened with {c}"),
                 })?;
                 if let Some(&n) = chars.peek() {
-                    if !(n.is_whitespace() || matches!(n, ';' | '{' | '}')) {
+                    // `)` starts the next word, as in nginx: `if ($m = 'GET') {`.
+                    if !(n.is_whitespace() || matches!(n, ';' | '{' | '}' | ')')) {
                         return Err(LexError {
                             line,
                             message: format!("unexpected \"{n}\" after a quoted string"),

@@ -126,6 +126,12 @@ impl Converter {
                     emit::value(toml::Value::Boolean(true)),
                     Some(source(&l.directive)),
                 );
+                if show.is_none() && !settings.iter().any(|st| st.key == "set_real_ip_from") {
+                    self.warn(
+                        &l.directive,
+                        "without set_real_ip_from nginx keeps the peer's address for allow/deny, hash, limit_conn and the PROXY header it sends; l4lb believes every peer's header then: list your balancers in set_real_ip_from",
+                    );
+                }
             }
             if let Some((name, src)) = &proxy_pass {
                 s.set("proxy_pass", emit::string(name), Some(src.clone()));
@@ -266,8 +272,9 @@ impl Converter {
                 return None;
             }
         };
-        if upstreams.contains(&target) {
-            return Some((target.to_string(), source(d)));
+        // As nginx finds it: the name without regard to case.
+        if let Some(name) = upstreams.iter().find(|u| u.eq_ignore_ascii_case(target)) {
+            return Some((name.to_string(), source(d)));
         }
         if target.starts_with("unix:") {
             self.unsupported(

@@ -410,6 +410,45 @@ fn balancing_methods() {
     assert!(e[2].starts_with("nginx.conf:4: hash: load balancing method redefined"));
 }
 
+/// nginx without `set_real_ip_from` keeps the peer's address; l4lb then believes every
+/// header: the import says so rather than change who gets in silently.
+#[test]
+fn a_proxy_protocol_listen_without_set_real_ip_from_is_noted() {
+    let i = convert(
+        "stream {\nupstream db { server 127.0.0.1:3306; }\nserver { listen 3307 proxy_protocol; allow 10.0.0.5; deny all; proxy_pass db; }\n}",
+    );
+    assert!(
+        notes(&i).iter().any(|n| n.contains("set_real_ip_from")),
+        "{:?}",
+        notes(&i)
+    );
+    let with = convert(
+        "stream {\nset_real_ip_from 10.0.0.5;\nupstream db { server 127.0.0.1:3306; }\nserver { listen 3307 proxy_protocol; proxy_pass db; }\n}",
+    );
+    assert!(
+        !notes(&with)
+            .iter()
+            .any(|n| n.contains("believes every peer")),
+        "{:?}",
+        notes(&with)
+    );
+}
+
+/// nginx finds upstreams without regard to case, and reads `)` after a quoted string
+/// as the start of the next word (an http block's `if`, skipped, must not fail it).
+#[test]
+fn upstream_names_ignore_case_and_a_paren_may_follow_a_quote() {
+    let i = convert(
+        "http {\nserver { if ($request_method = 'OPTIONS') { return 204; } }\n}\nstream {\nupstream Backend { server 127.0.0.1:3306; }\nserver { listen 3307; proxy_pass backend; }\n}",
+    );
+    let c = load(&i);
+    assert_eq!(c.servers[0].proxy_pass.as_deref(), Some("Backend"));
+    let e = convert_err(
+        "stream {\nupstream db { server 127.0.0.1:1; }\nupstream DB { server 127.0.0.1:2; }\nserver { listen 3307; proxy_pass db; }\n}",
+    );
+    assert!(e.iter().any(|m| m.contains("duplicate")), "{e:?}");
+}
+
 #[test]
 fn upstream_show_behind_a_proxy_protocol_listen_is_refused() {
     let e = convert_err("stream {\nserver { listen 2345 proxy_protocol; upstream_show; }\n}");

@@ -18,7 +18,12 @@ impl Converter {
             [n] if !n.is_empty() => n.clone(),
             _ => return self.error(d, "takes one name"),
         };
-        if let Some((_, first)) = self.declared.iter().find(|(n, _)| *n == name) {
+        // nginx compares upstream names without regard to case.
+        if let Some((_, first)) = self
+            .declared
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(&name))
+        {
             let msg = format!("{name:?} is duplicate (first defined at {first})");
             return self.error(d, msg);
         }
