@@ -392,6 +392,54 @@ async fn restart_with_consul_down_uses_the_dump_file_then_resyncs() {
     assert!(resynced.is_some(), "{:?}", std::fs::read_to_string(&dump));
 }
 
+/// The dump file is written whenever it may not hold the set: after a reload adds
+/// `dump_path` the next answer writes it, though the set did not change. A dump that
+/// lists no servers is not applied over the configured ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dump_path_added_by_reload_is_written_and_an_empty_dump_is_not_loaded() {
+    let a = Backend::start(Behaviour::Tagged("a".into())).await;
+    let s = Backend::start(Behaviour::Tagged("static".into())).await;
+    let dumps = tempfile::tempdir().unwrap();
+    let dump = dumps.path().join("db.conf");
+    let consul = Consul::start().await;
+    consul.put(&key(&a), "");
+    let p = Ports::new();
+    let upsync = consul_upsync(&consul.kv_url(PREFIX), "");
+    let d = Daemon::start(&config(&p, "", &upsync));
+    shows(&d, &p, Duration::from_secs(3), |s| {
+        s.contains(&a.addr.to_string())
+    })
+    .await;
+    let with_dump = consul_upsync(
+        &consul.kv_url(PREFIX),
+        &format!("dump_path = \"{}\"", dump.display()),
+    );
+    d.reload(&config(&p, "", &with_dump));
+    let written = wait_until(Duration::from_secs(4), || {
+        std::fs::read_to_string(&dump).is_ok_and(|t| t.contains(&a.addr.to_string()))
+    })
+    .await;
+    assert!(written.is_some(), "no dump file: {}", d.log());
+    drop(d);
+
+    std::fs::write(
+        &dump,
+        "# l4lb: servers of upstream db from consul; rewritten on every change\n",
+    )
+    .unwrap();
+    let p = Ports::new();
+    let down = format!("http://127.0.0.1:{}/v1/kv/{PREFIX}", free_port());
+    let servers = format!("{{ address = \"{}\" }}", s.addr);
+    let upsync = consul_upsync(&down, &format!("dump_path = \"{}\"", dump.display()));
+    let d = Daemon::start(&config(&p, &servers, &upsync));
+    assert!(
+        d.wait_log("the dump file lists no servers", Duration::from_secs(2)),
+        "{}",
+        d.log()
+    );
+    assert_eq!(tags(p.lb(), 2).await, ["static", "static"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weak_dependency_without_dump_serves_the_static_servers() {
     let s = Backend::start(Behaviour::Tagged("static".into())).await;

@@ -277,10 +277,12 @@ struct Runner {
     cfg: UpsyncConfig,
     origin: Origin,
     status: Arc<TaskStatus>,
+    /// The set last written to the dump file by this task.
+    dumped: Option<Vec<ServerSpec>>,
 }
 
 impl Runner {
-    async fn apply(&self, servers: Vec<ServerSpec>, position: u64) {
+    async fn apply(&mut self, servers: Vec<ServerSpec>, position: u64) {
         let servers = normalise(servers);
         let serving = self.upstream.snapshot().peers.len();
         if servers.is_empty() && serving > 0 {
@@ -309,14 +311,21 @@ impl Runner {
         // After the set: a binary upgrade reads positions before sets, so the new
         // process never gets a position newer than the set it waits from.
         self.status.succeeded(position);
-        if !changed {
-            return;
+        if changed {
+            self.status.updates.fetch_add(1, Ordering::Relaxed);
+            info!(upstream = %self.upstream.name, source = %self.origin, servers = servers.len(), "server set updated");
         }
-        self.status.updates.fetch_add(1, Ordering::Relaxed);
-        info!(upstream = %self.upstream.name, source = %self.origin, servers = servers.len(), "server set updated");
+        // Whenever the file may not hold this set: a task's first answer (a dump_path
+        // just added, a set carried over by an upgrade) and after a failed write, not
+        // only when the set changed.
         if let Some(path) = &self.cfg.dump_path {
-            if let Err(e) = dump::write(path, &self.upstream.name, self.origin, &servers).await {
-                error!(upstream = %self.upstream.name, path = %path.display(), error = %e, "cannot write the dump file");
+            if self.dumped.as_ref() != Some(&servers) {
+                match dump::write(path, &self.upstream.name, self.origin, &servers).await {
+                    Ok(()) => self.dumped = Some(servers),
+                    Err(e) => {
+                        error!(upstream = %self.upstream.name, path = %path.display(), error = %format!("{e:#}"), "cannot write the dump file; trying again with the next answer");
+                    }
+                }
             }
         }
     }
@@ -333,7 +342,7 @@ impl Runner {
     }
 
     /// `strong_dependency`: the source must answer before l4lb serves.
-    async fn initial<S: Source>(&self, src: &mut S) -> anyhow::Result<()> {
+    async fn initial<S: Source>(&mut self, src: &mut S) -> anyhow::Result<()> {
         let mut last = None;
         for attempt in 1..=STARTUP_TRIES {
             match src.next().await {
@@ -364,6 +373,12 @@ impl Runner {
             return;
         };
         match dump::read(path, &self.upstream.name).await {
+            Ok(Some(servers))
+                if servers.is_empty() && !self.upstream.snapshot().peers.is_empty() =>
+            {
+                // An empty set is never applied over servers (as a source's answer).
+                info!(upstream = %self.upstream.name, path = %path.display(), "the dump file lists no servers; the configured ones stay");
+            }
             Ok(Some(servers)) => {
                 let n = servers.len();
                 self.upstream
@@ -377,7 +392,7 @@ impl Runner {
         }
     }
 
-    async fn run<S: Source>(self, mut src: S, stop: CancellationToken) {
+    async fn run<S: Source>(mut self, mut src: S, stop: CancellationToken) {
         loop {
             let fetched = tokio::select! {
                 _ = stop.cancelled() => break,
@@ -517,11 +532,12 @@ impl Discovery {
         cfg: UpsyncConfig,
         phase: Phase,
     ) -> anyhow::Result<()> {
-        let runner = Runner {
+        let mut runner = Runner {
             upstream: Arc::clone(&upstream),
             cfg: cfg.clone(),
             origin: origin(cfg.kind),
             status: Arc::new(TaskStatus::default()),
+            dumped: None,
         };
         info!(
             upstream = %upstream.name,
