@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use reqwest::{StatusCode, Url};
 use serde::Deserialize;
+use tracing::warn;
 
 use super::consul::BlockingQuery;
 use super::params::ServerParams;
@@ -78,35 +79,45 @@ fn parse(status: StatusCode, body: &[u8]) -> Result<Vec<ServerSpec>, SourceError
     parse_body(body)
 }
 
-/// The passing instances of a 200 answer.
+/// The passing instances of a 200 answer. An instance l4lb cannot connect to (a host
+/// name for an address, port 0: valid registrations in Consul) is left out with a
+/// warning, and the others apply: rejecting the whole answer would freeze the set
+/// until that one registration changed.
 pub(crate) fn parse_body(body: &[u8]) -> Result<Vec<ServerSpec>, SourceError> {
     let entries: Vec<Entry> = serde_json::from_slice(body).map_err(|e| {
         SourceError::bad("(response body)", format!("not a Consul health list: {e}"))
     })?;
-    entries
+    Ok(entries
         .iter()
-        .map(|e| {
-            let key = format!("node {} service {}", e.node.name, e.service.id);
-            let host = if e.service.address.is_empty() {
-                &e.node.address
-            } else {
-                &e.service.address
-            };
-            let ip: IpAddr = host.parse().map_err(|_| {
-                SourceError::bad(&key, format!("address {host:?} is not an IP address"))
-            })?;
-            if e.service.port == 0 {
-                return Err(SourceError::bad(&key, "Service.Port is 0"));
+        .filter_map(|e| match instance(e) {
+            Ok(spec) => Some(spec),
+            Err(why) => {
+                warn!(node = %e.node.name, service = %e.service.id, reason = why, "Consul instance left out");
+                None
             }
-            let addr = SocketAddr::new(ip, e.service.port);
-            let weight = e.service.weights.as_ref().map_or(1, |w| w.passing.max(1));
-            let params = ServerParams {
-                weight: Some(weight),
-                ..ServerParams::default()
-            };
-            Ok(params.to_spec(addr.to_string(), addr))
         })
-        .collect()
+        .collect())
+}
+
+fn instance(e: &Entry) -> Result<ServerSpec, String> {
+    let host = if e.service.address.is_empty() {
+        &e.node.address
+    } else {
+        &e.service.address
+    };
+    let ip: IpAddr = host
+        .parse()
+        .map_err(|_| format!("address {host:?} is not an IP address"))?;
+    if e.service.port == 0 {
+        return Err("Service.Port is 0".into());
+    }
+    let addr = SocketAddr::new(ip, e.service.port);
+    let weight = e.service.weights.as_ref().map_or(1, |w| w.passing.max(1));
+    let params = ServerParams {
+        weight: Some(weight),
+        ..ServerParams::default()
+    };
+    Ok(params.to_spec(addr.to_string(), addr))
 }
 
 impl Source for ConsulHealth {
@@ -141,10 +152,15 @@ mod tests {
     }
 
     #[test]
-    fn a_host_name_is_bad_data_naming_the_instance() {
-        let body =
-            br#"[{"Node":{"Node":"n1","Address":"db.example"},"Service":{"ID":"a","Port":1}}]"#;
-        let e = parse(StatusCode::OK, body).unwrap_err();
-        assert!(e.to_string().contains("node n1 service a"), "{e}");
+    fn an_instance_without_an_ip_address_or_port_is_left_out() {
+        let body = br#"[
+          {"Node":{"Node":"n1","Address":"db.example"},"Service":{"ID":"a","Port":1}},
+          {"Node":{"Node":"n2","Address":"10.0.0.2"},"Service":{"ID":"b","Port":0}},
+          {"Node":{"Node":"n3","Address":"10.0.0.3"},"Service":{"ID":"c","Port":3306}}
+        ]"#;
+        let servers = parse(StatusCode::OK, body).unwrap();
+        assert_eq!(servers.len(), 1);
+        assert_eq!(servers[0].addr, "10.0.0.3:3306".parse().unwrap());
+        assert!(parse(StatusCode::OK, b"{}").is_err());
     }
 }
