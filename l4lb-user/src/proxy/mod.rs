@@ -92,10 +92,11 @@ impl HandedOver {
     }
 }
 
-/// Out of descriptors or memory on this host: not a peer's fault.
+/// Out of descriptors, memory or local ports (a connect's EADDRNOTAVAIL: every port
+/// of the local range is in use or in TIME_WAIT) on this host: not a peer's fault.
 pub fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
     )
 }
