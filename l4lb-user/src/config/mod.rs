@@ -757,10 +757,28 @@ impl Validator<'_> {
             Some(list) => match list.get_ref().as_array() {
                 Some(entries) => {
                     listed = entries.len();
+                    // Each address with the entry it came from (a name may resolve to
+                    // several, and two spellings to one).
+                    let mut first: HashMap<SocketAddr, (usize, String)> = HashMap::new();
                     for (i, pnode) in entries.iter().enumerate() {
                         let ppath = format!("{path}.servers[{i}]");
-                        if let Some(peer) = self.section::<RawPeer>(pnode, &ppath) {
-                            servers.extend(self.peer(pnode, &ppath, peer));
+                        let Some(peer) = self.section::<RawPeer>(pnode, &ppath) else {
+                            continue;
+                        };
+                        for spec in self.peer(pnode, &ppath, peer) {
+                            match first.get(&spec.addr) {
+                                Some((j, written)) => {
+                                    let msg = format!(
+                                        "{} ({}) is already servers[{j}] ({written}): l4lb takes each server once; merge the entries (their weights add)",
+                                        spec.name, spec.addr
+                                    );
+                                    self.at(pnode, &ppath, "address", msg);
+                                }
+                                None => {
+                                    first.insert(spec.addr, (i, spec.name.clone()));
+                                    servers.push(spec);
+                                }
+                            }
                         }
                     }
                 }
@@ -771,17 +789,6 @@ impl Validator<'_> {
                     "expected a list of { address = \"host:port\", ... }",
                 ),
             },
-        }
-        let mut addrs = HashSet::new();
-        for s in &servers {
-            if !addrs.insert(s.addr) {
-                self.at(
-                    node,
-                    path,
-                    "servers",
-                    format!("server {} is listed twice", s.addr),
-                );
-            }
         }
         // A bad upsync section is reported on its own, not also as a missing source.
         let has_upsync = raw.upsync.is_some();

@@ -242,8 +242,13 @@ fn semantic_errors() {
         ),
         (
             "[upstream.u]\nservers = [{ address = \"127.0.0.1:1\" }, { address = \"127.0.0.1:1\" }]\n",
-            "upstream.u.servers",
-            "listed twice",
+            "upstream.u.servers[1].address",
+            "is already servers[0] (127.0.0.1:1)",
+        ),
+        (
+            "[upstream.u]\nservers = [{ address = \"127.0.0.1:1\" }, { address = \"localhost:1\" }]\n",
+            "upstream.u.servers[1].address",
+            "localhost:1 (127.0.0.1:1) is already servers[0]",
         ),
         ("[[server]]\nlisten = \"127.0.0.1:1\"\n", "server[0].proxy_pass", "missing proxy_pass"),
         (

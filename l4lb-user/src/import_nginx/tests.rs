@@ -434,6 +434,21 @@ fn a_proxy_protocol_listen_without_set_real_ip_from_is_noted() {
     );
 }
 
+/// Without a zone nginx keeps max_conns per worker: the import says l4lb counts once.
+#[test]
+fn max_conns_without_a_zone_is_noted() {
+    let text = |zone: &str| {
+        format!("stream {{\nupstream db {{ {zone} server 127.0.0.1:3306 max_conns=100; }}\nserver {{ listen 3307; proxy_pass db; }}\n}}")
+    };
+    let noted = |i: &Imported| notes(i).iter().any(|n| n.contains("each worker process"));
+    assert!(
+        noted(&convert(&text(""))),
+        "{:?}",
+        notes(&convert(&text("")))
+    );
+    assert!(!noted(&convert(&text("zone db 64k;"))));
+}
+
 /// nginx finds upstreams without regard to case, and reads `)` after a quoted string
 /// as the start of the next word (an http block's `if`, skipped, must not fail it).
 #[test]

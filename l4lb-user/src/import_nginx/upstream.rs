@@ -39,11 +39,16 @@ impl Converter {
         let mut method: Option<&Directive> = None;
         let mut upsync: Option<Section> = None;
         let mut dump: Option<&Directive> = None;
+        let mut zone = false;
+        let mut capped: Option<&Directive> = None;
         for x in block {
             match x.name.as_str() {
                 "server" => {
                     server_lines += 1;
                     let Some(peer) = self.peer(x) else { continue };
+                    if capped.is_none() && x.args.iter().any(|a| a.starts_with("max_conns=")) {
+                        capped = Some(x);
+                    }
                     let address = x.args.first().map_or("", String::as_str);
                     let key = same_server(address);
                     match listed.iter().find(|(k, _)| *k == key) {
@@ -83,10 +88,13 @@ impl Converter {
                     x,
                     "the upsync dump file: l4lb reads dump_path itself at start (strong_dependency off)",
                 ),
-                "zone" => self.ignore(
-                    x,
-                    "l4lb shares an upstream's state between its threads without a zone",
-                ),
+                "zone" => {
+                    zone = true;
+                    self.ignore(
+                        x,
+                        "l4lb shares an upstream's state between its threads without a zone",
+                    );
+                }
                 "least_time" => self.unsupported(x, "least_time (NGINX Plus)"),
                 "state" => self.unsupported(x, "state files (NGINX Plus)"),
                 n if n == "check" || n.starts_with("check_") => self.unsupported(
@@ -95,6 +103,12 @@ impl Converter {
                 ),
                 _ => self.error(x, "unknown directive in upstream"),
             }
+        }
+        if let (false, Some(x)) = (zone, capped) {
+            self.warn(
+                x,
+                "without a zone nginx counts max_conns in each worker process; l4lb counts it once for the whole daemon",
+            );
         }
         // A bad upsync line is reported once too.
         let has_upsync = block.iter().any(|x| x.name == "upsync");
