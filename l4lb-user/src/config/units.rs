@@ -13,8 +13,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err("empty duration".into());
     }
     let mut total_ms: u128 = 0;
+    // As nginx: units from the largest down, each once (`1h30m`, not `30m1h`).
+    let mut previous_unit = u128::MAX;
     let mut rest = s;
     while !rest.is_empty() {
+        rest = rest.trim_start();
         let digits = rest
             .find(|c: char| !c.is_ascii_digit())
             .unwrap_or(rest.len());
@@ -28,7 +31,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             .map_err(|_| format!("invalid duration {s:?}: number too large"))?;
         rest = &rest[digits..];
         let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
+            .find(|c: char| c.is_ascii_digit() || c.is_whitespace())
             .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
@@ -47,6 +50,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
                 ))
             }
         };
+        if ms_per_unit >= previous_unit {
+            return Err(format!(
+                "invalid duration {s:?}: units go from the largest down, each once (e.g. \"1h30m\")"
+            ));
+        }
+        previous_unit = ms_per_unit;
         total_ms = n
             .checked_mul(ms_per_unit)
             .and_then(|v| v.checked_add(total_ms))
@@ -147,6 +156,13 @@ mod tests {
         assert!(parse_duration("10x").is_err());
         assert!(parse_duration("ms").is_err());
         assert!(parse_duration("").is_err());
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1m30"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1s500ms"), Ok(Duration::from_millis(1500)));
+        for out_of_order in ["30m1h", "1m1m", "30s1m", "1 2"] {
+            let e = parse_duration(out_of_order).unwrap_err();
+            assert!(e.contains("largest down"), "{out_of_order}: {e}");
+        }
         assert!(parse_duration("99999999999999999999d").is_err());
         assert_eq!(seconds(90), Ok(Duration::from_secs(90)));
         assert_eq!(
