@@ -157,14 +157,16 @@ async fn unreachable_udp_server_is_counted_and_others_served() {
 async fn a_udp_server_that_answers_has_its_failures_forgotten() {
     let port = free_udp_port();
     let later = free_udp_port();
+    let spare = free_udp_port();
     let admin = support::free_port();
+    // A backup beside it: the lone server of an upstream counts no failures (nginx).
     let cfg = format!(
         r#"
 [admin]
 listen = "127.0.0.1:{admin}"
 
 [upstream.u]
-servers = [{{ address = "127.0.0.1:{later}", max_fails = 3, fail_timeout = "30s" }}]
+servers = [{{ address = "127.0.0.1:{later}", max_fails = 3, fail_timeout = "30s" }}, {{ address = "127.0.0.1:{spare}", backup = true }}]
 
 [[server]]
 listen = "127.0.0.1:{port}"
