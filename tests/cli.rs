@@ -129,6 +129,33 @@ fn run_refuses_an_invalid_config() {
     );
 }
 
+/// A pid file left behind by a killed daemon may name another process: `l4lb upgrade`
+/// refuses to send it SIGUSR2 (whose default action would end it).
+#[test]
+fn upgrade_does_not_signal_a_process_that_is_not_l4lb() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut other = Command::new("sleep").arg("30").spawn().unwrap();
+    let pid_file = dir.path().join("l4lb.pid");
+    std::fs::write(&pid_file, format!("{}\n", other.id())).unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        format!("[global]\npid_file = \"{}\"\n", pid_file.display()),
+    )
+    .unwrap();
+    let out = Command::new(l4lb_bin())
+        .args(["upgrade", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("the pid file is stale"), "{err}");
+    assert!(other.try_wait().unwrap().is_none(), "the process was ended");
+    other.kill().unwrap();
+    let _ = other.wait();
+}
+
 #[test]
 fn health_check_errors_name_file_line_and_key() {
     let (ok, _, err) = check(

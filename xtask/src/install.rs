@@ -171,7 +171,7 @@ fn next_steps(binary: &Path) {
     if systemd {
         eprintln!("xtask: first install: systemctl daemon-reload && systemctl enable --now l4lb");
         eprintln!(
-            "xtask: upgrade: systemctl daemon-reload && systemctl restart l4lb (sessions drain)"
+            "xtask: upgrade without ending a session: systemctl kill -s USR2 --kill-whom=main l4lb (a changed unit file: systemctl daemon-reload first; a restart would refuse new clients while sessions drain)"
         );
     } else {
         eprintln!(

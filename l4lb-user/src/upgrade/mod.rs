@@ -248,6 +248,16 @@ pub fn request(config: &std::path::Path, limit: Duration) -> anyhow::Result<(u32
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .with_context(|| format!("no pid in {}", path.display()))?;
+    // A pid file left by a daemon that was killed may name another process by now, and
+    // SIGUSR2 would end it.
+    let comm = std::fs::read_to_string(format!("/proc/{old}/comm")).unwrap_or_default();
+    if !comm.trim_end().starts_with("l4lb") {
+        bail!(
+            "process {old} (from {}) is {:?}, not l4lb: the pid file is stale",
+            path.display(),
+            comm.trim_end()
+        );
+    }
     let status = status_path(&path);
     let _ = std::fs::remove_file(&status);
     let target = nix::unistd::Pid::from_raw(i32::try_from(old)?);
