@@ -292,6 +292,36 @@ async fn strong_dependency_exits_when_the_source_is_unreachable() {
     );
 }
 
+/// SIGHUP, SIGUSR1 and SIGUSR2 are caught from the start: one sent while the daemon
+/// still waits for its source (a reload, a log rotation) no longer ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_during_a_slow_start_does_not_end_the_daemon() {
+    let p = Ports::new();
+    let url = format!("http://127.0.0.1:{}/v1/kv/{PREFIX}", free_port());
+    let upsync = format!(
+        "type = \"consul\"\nurl = \"{url}\"\ninterval = \"1s\"\ntimeout = \"1s\"\nstrong_dependency = true"
+    );
+    let d = Daemon::spawn(&config(&p, "", &upsync), &[]);
+    assert!(
+        d.wait_log("discovery fetch failed", Duration::from_secs(5)),
+        "{}",
+        d.log()
+    );
+    d.signal(libc::SIGHUP);
+    d.signal(libc::SIGUSR1);
+    let status = d
+        .wait_exit(Duration::from_secs(10))
+        .expect("l4lb kept running");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), None, "ended by a signal: {}", d.log());
+    assert!(
+        d.log()
+            .contains("did not answer after 3 tries and strong_dependency = true"),
+        "{}",
+        d.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strong_dependency_serves_the_source_set_from_the_first_connection() {
     let a = Backend::start(Behaviour::Tagged("consul".into())).await;

@@ -199,13 +199,14 @@ fn run_cmd(path: &Path) -> ExitCode {
         }
     };
     let result = rt.block_on(async {
+        let signals = daemon::EarlySignals::catch()?;
         let daemon = daemon::Daemon::start(path, config, access_log, exe, predecessor).await?;
         // Loading the kernel path parsed the kernel's BTF (megabytes, freed at once):
         // give those pages back now, not whenever this thread next allocates (they
         // showed as 8 MiB of RSS on an idle daemon).
         // SAFETY: no arguments; collects this thread's heap.
         unsafe { libmimalloc_sys::mi_collect(false) };
-        daemon.run().await
+        daemon.run(signals).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

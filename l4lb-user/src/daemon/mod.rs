@@ -465,19 +465,17 @@ impl Daemon {
 
     /// Runs until SIGTERM or SIGINT, reloading on SIGHUP and reopening the access log
     /// file on SIGUSR1 (whose default action would end the process).
-    pub async fn run(mut self) -> anyhow::Result<()> {
+    pub async fn run(mut self, early: EarlySignals) -> anyhow::Result<()> {
         let mut sig = Signals {
-            hup: signal(SignalKind::hangup())?,
-            usr1: signal(SignalKind::user_defined1())?,
-            usr2: signal(SignalKind::user_defined2())?,
+            hup: early.hup,
+            usr1: early.usr1,
+            usr2: early.usr2,
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
         };
         if let Some(channel) = self.predecessor.take() {
             self.take_sessions(channel).await;
         }
-        // Only now: a SIGHUP before its handler exists would end the process, and a
-        // service manager may send one as soon as it sees READY=1.
         notify::ready(&self.status());
         let ending = loop {
             tokio::select! {
@@ -506,8 +504,11 @@ impl Daemon {
                 _ = sig.int.recv() => {}
             }
         };
-        self.drain(matches!(ending, Ending::Replaced).then_some(stop_signal))
-            .await;
+        self.drain(
+            matches!(ending, Ending::Replaced).then_some(stop_signal),
+            &mut sig.usr1,
+        )
+        .await;
         Ok(())
     }
 
@@ -645,7 +646,10 @@ impl Daemon {
 
     /// Stops accepting and lets the sessions end: within `worker_shutdown_timeout`, or
     /// after a binary upgrade (`until_stopped`) at their own pace until that resolves.
-    async fn drain(mut self, until_stopped: Option<impl Future<Output = ()>>) {
+    /// Stops accepting and lets the sessions end: at their own pace while `until_stopped`
+    /// is pending (a replaced process), then within the grace period. SIGUSR1 still
+    /// reopens the access log meanwhile: a replaced process may serve for days.
+    async fn drain(mut self, until_stopped: Option<impl Future<Output = ()>>, usr1: &mut Signal) {
         let grace = self.config.global.worker_shutdown_timeout;
         self.discovery.stop_all();
         self.health.stop_all();
@@ -666,19 +670,28 @@ impl Daemon {
                 sessions = self.dp.sessions.len(),
                 "replaced: serving the sessions that stayed here until they end"
             );
-            tokio::select! {
-                () = self.dp.sessions.wait() => {
-                    info!("stopped");
-                    return;
+            tokio::pin!(stopped);
+            loop {
+                tokio::select! {
+                    () = self.dp.sessions.wait() => {
+                        info!("stopped");
+                        return;
+                    }
+                    () = &mut stopped => break,
+                    _ = usr1.recv() => self.reopen_logs(),
                 }
-                () = stopped => {}
             }
         }
         info!(sessions = self.dp.sessions.len(), grace = ?grace, "stopping: no new connections, draining sessions");
-        if tokio::time::timeout(grace, self.dp.sessions.wait())
-            .await
-            .is_err()
-        {
+        let deadline = tokio::time::Instant::now() + grace;
+        let in_time = loop {
+            tokio::select! {
+                () = self.dp.sessions.wait() => break true,
+                () = tokio::time::sleep_until(deadline) => break false,
+                _ = usr1.recv() => self.reopen_logs(),
+            }
+        };
+        if !in_time {
             warn!(
                 sessions = self.dp.sessions.len(),
                 "grace period over; closing remaining sessions"
@@ -688,6 +701,27 @@ impl Daemon {
             self.dp.sessions.wait().await;
         }
         info!("stopped");
+    }
+}
+
+/// SIGHUP, SIGUSR1 and SIGUSR2, caught before the daemon starts: their default action
+/// ends the process, and a reload, a log rotation or an upgrade request may come while
+/// it starts (DNS, the kernel path, discovery with strong_dependency). One that came
+/// then is acted on once it serves. SIGTERM and SIGINT keep their default until then:
+/// a start has nothing to drain.
+pub struct EarlySignals {
+    hup: Signal,
+    usr1: Signal,
+    usr2: Signal,
+}
+
+impl EarlySignals {
+    pub fn catch() -> std::io::Result<EarlySignals> {
+        Ok(EarlySignals {
+            hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
+            usr2: signal(SignalKind::user_defined2())?,
+        })
     }
 }
 
