@@ -28,6 +28,18 @@ use units::{NgxDuration, NgxSize};
 pub const DEFAULT_WEIGHT: u32 = 1;
 pub const DEFAULT_MAX_FAILS: u32 = 1;
 pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Whether two listening sockets of one protocol cannot both be bound: one address, or
+/// a wildcard and a specific address on one port (Linux refuses the second), or `[::]`
+/// and an IPv4 address (an IPv6 wildcard takes IPv4 too, net.ipv6.bindv6only=0). nginx
+/// binds only the wildcard then and sorts connections by address; l4lb does not.
+pub fn listens_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers =
+        |x: SocketAddr, y: SocketAddr| x.ip().is_unspecified() && (x.is_ipv6() || y.is_ipv4());
+    a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
+const CLASH: &str = "a wildcard and a specific address on one port (or [::] and an IPv4 address) cannot both listen; use one";
+
 /// `log_level` values (the error log's levels).
 const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 /// The most `max_connections` may be: far above what the kernel path's maps and a
@@ -512,6 +524,7 @@ impl Validator<'_> {
         let mut global = None;
         let mut global_node = None;
         let mut admin = None;
+        let mut admin_node = None;
         let mut upstreams = BTreeMap::new();
         // Names declared, valid or not, so proxy_pass to a broken upstream is not
         // reported a second time as undefined.
@@ -527,6 +540,7 @@ impl Validator<'_> {
                 "admin" => {
                     if let Some(raw) = self.section::<RawAdmin>(node, "admin") {
                         admin = self.admin(node, raw);
+                        admin_node = Some(node.clone());
                     }
                 }
                 "upstream" => {
@@ -569,22 +583,41 @@ impl Validator<'_> {
             }
         }
         let global = self.global(global_node.as_ref(), global.unwrap_or_default());
-        let mut listeners = Vec::new();
-        let mut seen = HashSet::new();
+        let mut listeners: Vec<(ServerConfig, String)> = Vec::new();
         for ((path, raw), node) in servers.into_iter().zip(&server_nodes) {
             if let Some(s) = self.server(node, &path, raw, &global, &declared) {
-                if !seen.insert(s.key()) {
-                    self.at(
-                        node,
-                        &path,
-                        "listen",
-                        format!("{} is already used by another [[server]] block", s.listen),
-                    );
-                } else {
-                    listeners.push(s);
+                let taken = listeners
+                    .iter()
+                    .find(|(o, _)| o.protocol == s.protocol && listens_clash(o.listen, s.listen));
+                match taken {
+                    Some((o, at)) if o.listen == s.listen => {
+                        let msg = format!("{} is already used by {at}", s.listen);
+                        self.at(node, &path, "listen", msg);
+                    }
+                    Some((o, at)) => {
+                        let msg = format!(
+                            "{} cannot be bound beside {} ({at}): {CLASH}",
+                            s.listen, o.listen
+                        );
+                        self.at(node, &path, "listen", msg);
+                    }
+                    None => listeners.push((s, path)),
                 }
             }
         }
+        if let (Some(a), Some(anode)) = (&admin, &admin_node) {
+            let taken = listeners
+                .iter()
+                .find(|(o, _)| o.protocol == Protocol::Tcp && listens_clash(o.listen, a.listen));
+            if let Some((o, at)) = taken {
+                let msg = format!(
+                    "{} cannot be bound beside {} ({at}): {CLASH}",
+                    a.listen, o.listen
+                );
+                self.at(anode, "admin", "listen", msg);
+            }
+        }
+        let listeners = listeners.into_iter().map(|(s, _)| s).collect();
         Some(Config {
             global,
             admin,

@@ -221,6 +221,21 @@ fn semantic_errors() {
         ),
         ("[upstream.u]\nservers = []\n", "upstream.u.servers", "needs servers"),
         (
+            "[upstream.u]\nservers = [{ address = \"127.0.0.1:1\" }]\n[[server]]\nlisten = \"0.0.0.0:7000\"\nproxy_pass = \"u\"\n[[server]]\nlisten = \"127.0.0.1:7000\"\nproxy_pass = \"u\"\n",
+            "server[1].listen",
+            "cannot be bound beside 0.0.0.0:7000 (server[0])",
+        ),
+        (
+            "[upstream.u]\nservers = [{ address = \"127.0.0.1:1\" }]\n[[server]]\nlisten = \"[::]:7000\"\nproxy_pass = \"u\"\n[[server]]\nlisten = \"0.0.0.0:7000\"\nproxy_pass = \"u\"\n",
+            "server[1].listen",
+            "cannot be bound beside [::]:7000",
+        ),
+        (
+            "[admin]\nlisten = \"127.0.0.1:7000\"\n[upstream.u]\nservers = [{ address = \"127.0.0.1:1\" }]\n[[server]]\nlisten = \"0.0.0.0:7000\"\nproxy_pass = \"u\"\n",
+            "admin.listen",
+            "cannot be bound beside 0.0.0.0:7000 (server[0])",
+        ),
+        (
             "[global]\nlog_level = \"warning\"\n",
             "global.log_level",
             "expected one of error, warn, info, debug, trace",

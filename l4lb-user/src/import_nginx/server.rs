@@ -16,16 +16,6 @@ struct Listen {
     directive: Directive,
 }
 
-/// Whether two listening sockets on one protocol would clash. Linux refuses a wildcard
-/// and a specific address on one port, and `[::]` takes IPv4 too by default
-/// (net.ipv6.bindv6only=0); nginx binds only the wildcard then and sorts connections by
-/// address, which l4lb does not do.
-fn clash(a: SocketAddr, b: SocketAddr) -> bool {
-    let covers =
-        |x: SocketAddr, y: SocketAddr| x.ip().is_unspecified() && (x.is_ipv6() || y.is_ipv4());
-    a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
-}
-
 impl Converter {
     pub fn server(&mut self, d: &Directive, inherited: &[Setting], upstreams: &[&str]) {
         let block = self.block_of(d);
@@ -92,7 +82,7 @@ impl Converter {
             let other = self
                 .listening
                 .iter()
-                .find(|(a, udp, _)| *udp == l.udp && clash(*a, l.addr))
+                .find(|(a, udp, _)| *udp == l.udp && crate::config::listens_clash(*a, l.addr))
                 .map(|(a, _, o)| (*a, o.loc.clone()));
             if let Some((a, at)) = other {
                 let msg = if a == l.addr {
