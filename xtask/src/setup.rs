@@ -49,7 +49,34 @@ pub fn all(purpose: Purpose) -> Result<()> {
     }
     apt_install(&packages)?;
     nightly_rust_src()?;
+    nightly_llvm_is_22()?;
     bpf_linker()
+}
+
+/// bpf-linker is built against Debian's LLVM 22 and reads the bitcode rustc emits:
+/// a nightly on a newer LLVM (rustup installs the latest) makes it fail with an
+/// obscure bitcode error. Said here plainly, with the way out.
+fn nightly_llvm_is_22() -> Result<()> {
+    let out = Command::new("rustc")
+        .args(["+nightly", "-vV"])
+        .output()
+        .context("cannot run rustc +nightly")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let major = text
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .map(str::to_string);
+    match major.as_deref() {
+        Some("22") => Ok(()),
+        other => bail!(
+            "the nightly toolchain uses LLVM {}, but bpf-linker is built against Debian's LLVM 22: \
+             install a nightly on LLVM 22 under the name nightly (e.g. rustup toolchain install \
+             nightly-2026-05-20 --profile minimal -c rust-src, then rustup toolchain link nightly \
+             \"$(rustc +nightly-2026-05-20 --print sysroot)\")",
+            other.unwrap_or("(unknown)")
+        ),
+    }
 }
 
 fn succeeds(cmd: &mut Command) -> bool {
