@@ -58,6 +58,12 @@ static L4LB_TCP_SND_UNA_OFF: u32 = 0;
 
 /// `TCP_ESTABLISHED` of the kernel's TCP states.
 const TCP_ESTABLISHED: u32 = 1;
+const TCP_TIME_WAIT: u32 = 6;
+const TCP_CLOSE_WAIT: u32 = 8;
+const TCP_LAST_ACK: u32 = 9;
+const TCP_CLOSING: u32 = 11;
+/// The part of a setsockopt value a cgroup program sees (x86_64's page).
+const PAGE_SIZE: i32 = 4096;
 /// `bpf_skb_adjust_room` cuts at most this much per call.
 const TRIM_STEP: u32 = 0xfff;
 /// Bounds the trimming loop: 192 steps cut 768 KiB. An skb that waited in a paused
@@ -287,6 +293,12 @@ pub fn l4lb_segments(ctx: SockoptContext) -> i32 {
     // SAFETY: `sockopt` is the kernel's context, valid for the program's run.
     let opt = unsafe { &mut *ctx.sockopt };
     if opt.level != IPPROTO_TCP || opt.optname != SEGMENTS_SOCKOPT {
+        // Untouched. A value over a page reaches the program cut to its first page;
+        // optlen 0 has the kernel use the caller's own (kernels before 6.5 failed
+        // such a call with EFAULT otherwise: iptables-legacy in the same cgroup).
+        if opt.optlen > PAGE_SIZE {
+            opt.optlen = 0;
+        }
         return 1;
     }
     // SAFETY: as above; the kernel always gives this hook its socket.
@@ -341,7 +353,14 @@ fn detach_if_asked(ctx: &SockOpsContext) -> bool {
         return false;
     }
     // SAFETY: `ops` is the kernel's context, valid for the program's run.
-    let received = unsafe { (*ctx.ops).bytes_received };
+    let ops = unsafe { &*ctx.ops };
+    // A FIN takes one sequence number, counted in `bytes_received`: without taking it
+    // off, a half-closed socket (its peer's FIN in) could never leave.
+    let fin = u64::from(matches!(
+        ops.state,
+        TCP_TIME_WAIT | TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING
+    ));
+    let received = ops.bytes_received.wrapping_sub(fin);
     if flow.base + flow.redirected + flow.passed != received {
         return true;
     }

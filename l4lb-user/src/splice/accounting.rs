@@ -259,6 +259,17 @@ impl Session {
                 check.reset();
                 return Ok(());
             }
+            // A pause whose event was lost: the program asks for a pause once and then
+            // waits for the resume, so without this the direction would never pause
+            // again and would reach the lag cap.
+            let ctl = self
+                .maps
+                .ctl(self.socks[i].cookie)
+                .map_err(|e| End::Session(SessionEnd::Error(self.socks[i].side, e.to_string())))?;
+            if f.pauses != ctl.resumes {
+                check.paused();
+                return self.paused_by_program(i);
+            }
             if f.redirected == check.last_redirected && check.last_backlog == 0 {
                 check.interval = (check.interval * 2).min(MAX_CHECK);
                 if check.interval == MAX_CHECK {

@@ -73,8 +73,10 @@ impl Dormant {
             timeout_ns,
             next_check_ns,
         };
+        // Handed back at once (an event was waiting, a handover or shutdown began): it
+        // never slept, so it is no wake-up either.
         if let Some(woken) = watcher.sleep(sleeper, rx, stay_awake) {
-            resume(vec![woken]);
+            carry_on(woken);
         }
     }
 }
@@ -125,12 +127,16 @@ pub fn resume(woken: Vec<Woken>) {
     STATS
         .wakeups
         .fetch_add(woken.len() as u64, Ordering::Relaxed);
-    for (sleeper, rx) in woken {
-        sleeper.cont.resume(Awake {
-            session: sleeper.session,
-            rx,
-        });
+    for w in woken {
+        carry_on(w);
     }
+}
+
+fn carry_on((sleeper, rx): Woken) {
+    sleeper.cont.resume(Awake {
+        session: sleeper.session,
+        rx,
+    });
 }
 
 /// What the sweep needs of a dormant session, copied out under the table's lock.

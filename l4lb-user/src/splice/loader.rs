@@ -4,7 +4,7 @@
 //! process loaded from the same object (binary upgrade), from its descriptors.
 
 use std::hash::{Hash, Hasher};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use anyhow::Context;
 use aya::maps::sock::SockMapFd;
@@ -134,6 +134,22 @@ pub fn adopt(shared: &Shared, params: &Params) -> anyhow::Result<Adopted> {
         ),
         links: [sockops_link, segments_link],
     })
+}
+
+/// Kernels before 6.12 load the programs but refuse the socket option the setsockopt
+/// program sets from its cgroup hook (TCP_BPF_SOCK_OPS_CB_FLAGS), which every move into
+/// the kernel needs: found once here, so the kernel path counts as unavailable, rather
+/// than as a failed move per session.
+fn probe_segments() -> anyhow::Result<()> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .context("a TCP socket to probe the setsockopt program with")?;
+    super::sys::watch_segments(socket.as_raw_fd()).context(
+        "this kernel lets the setsockopt program load but not set the socket option every move into the kernel needs (TCP_BPF_SOCK_OPS_CB_FLAGS from a setsockopt program: Linux 6.12 or later)",
+    )
 }
 
 /// The events ring buffer from its descriptor. Its reader's position is read from the
@@ -290,6 +306,7 @@ pub fn load(params: &Params) -> anyhow::Result<Loaded> {
             .try_clone_to_owned()
             .context("duplicating the setsockopt program's fd")?
     };
+    probe_segments()?;
     let flows = data(take(&mut ebpf, FLOWS_MAP)?, FLOWS_MAP)?;
     let ctl = data(take(&mut ebpf, CTL_MAP)?, CTL_MAP)?;
     let targets = data(take(&mut ebpf, TARGETS_MAP)?, TARGETS_MAP)?;

@@ -93,7 +93,21 @@ impl Snapshot {
     pub fn take(stream: &StdTcpStream, side: Side) -> io::Result<Snapshot> {
         let fd = stream.as_raw_fd();
         let cookie = sys::socket_cookie(fd)?;
-        let queued0 = sys::tcp_progress(fd)?.queued_total;
+        // The starting point of every later "has the peer taken it all" judgement: an
+        // ACK between the two reads making up `queued_total` would leave it low for
+        // good, and each drain would then end that many bytes early (they would be
+        // dropped with the socket's redirect queue). Repeat until the acked count holds.
+        let mut queued0 = None;
+        for _ in 0..8 {
+            let before = sys::tcp_progress(fd)?;
+            let acked = before.queued_total - before.outq;
+            let after = sys::tcp_progress(fd)?;
+            if after.queued_total - after.outq == acked {
+                queued0 = Some(acked + before.outq);
+                break;
+            }
+        }
+        let queued0 = queued0.ok_or_else(|| io::Error::other("send counters kept moving"))?;
         // Bytes may arrive between the two reads: repeat until they agree.
         let mut consumed0 = None;
         for _ in 0..8 {
@@ -324,12 +338,16 @@ impl Session {
             session.watcher.add(s.fd, s.cookie, route)?;
             session.mark(i, |m| m.watched = true);
         }
-        for i in Way::BOTH {
-            let attached = session.maps.is_attached(session.socks[i].cookie)?;
+        // Both looked up before either is marked: a lookup that fails then leaves
+        // nothing marked, and dropping the session does not tear down the shared map
+        // entries the old process still uses.
+        let up = session.maps.is_attached(session.socks[Way::Up].cookie)?;
+        let down = session.maps.is_attached(session.socks[Way::Down].cookie)?;
+        for (i, a) in [(Way::Up, up), (Way::Down, down)] {
             session.mark(i, |m| {
                 m.state = true;
                 m.target = true;
-                m.attached = attached;
+                m.attached = a;
             });
         }
         Ok((session, rx))
@@ -773,6 +791,8 @@ impl Session {
                     check.reset();
                 }
                 Some(Event::Progress) => self.regulate(i, &mut check)?,
+                // Already paused: a tick found this pause first (see `tick`).
+                Some(Event::Paused) if self.paused(i) => {}
                 Some(Event::Paused) => {
                     check.paused();
                     self.paused_by_program(i)?;
