@@ -304,3 +304,66 @@ async fn a_listener_added_back_while_it_drains_takes_its_sessions_back() {
         d.log()
     );
 }
+
+/// A UDP server that never answers (syslog, statsd) comes back after it was taken out:
+/// a session that ends without an error from it counts as a success, as in nginx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_server_that_never_answers_comes_back_after_an_error() {
+    let port = free_udp_port();
+    let later = free_udp_port();
+    let spare = free_udp_port();
+    let admin = support::free_port();
+    let cfg = format!(
+        r#"
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[upstream.u]
+servers = [{{ address = "127.0.0.1:{later}", fail_timeout = "1s" }}, {{ address = "127.0.0.1:{spare}", backup = true }}]
+
+[[server]]
+listen = "127.0.0.1:{port}"
+protocol = "udp"
+proxy_pass = "u"
+proxy_timeout = "1s"
+"#
+    );
+    let d = Daemon::start(&cfg);
+    let state = || {
+        let (status, body) = support::http_get(
+            SocketAddr::from(([127, 0, 0, 1], admin)),
+            &format!("/api/upstreams/u/servers/127.0.0.1:{later}"),
+        );
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        (
+            v["fails"].as_u64().expect("fails"),
+            v["available"].as_bool().expect("available"),
+        )
+    };
+    // Nothing listens yet: ICMP unreachable takes it out.
+    client(port).await.send(b"x").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while state().0 != 1 {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // It comes up, takes datagrams and never answers.
+    let server = UdpSocket::bind(("127.0.0.1", later)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    client(port).await.send(b"y").await.unwrap();
+    let mut buf = [0u8; 16];
+    let got = tokio::time::timeout(Duration::from_secs(3), server.recv_from(&mut buf)).await;
+    assert!(got.is_ok(), "its one try never came: {}", d.log());
+    // That session runs out at proxy_timeout with no error: the server is back.
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    while state() != (0, true) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?} {}",
+            state(),
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -33,15 +33,36 @@ pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 /// and an IPv4 address (an IPv6 wildcard takes IPv4 too, net.ipv6.bindv6only=0). nginx
 /// binds only the wildcard then and sorts connections by address; l4lb does not.
 pub fn listens_clash(a: SocketAddr, b: SocketAddr) -> bool {
-    let covers =
-        |x: SocketAddr, y: SocketAddr| x.ip().is_unspecified() && (x.is_ipv6() || y.is_ipv4());
+    let v6_takes_v4 = v6_wildcard_takes_v4();
+    let covers = |x: SocketAddr, y: SocketAddr| {
+        x.ip().is_unspecified() && (x.is_ipv6() == y.is_ipv6() || (x.is_ipv6() && v6_takes_v4))
+    };
     a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
+/// Whether an IPv6 wildcard socket also takes IPv4 here (net.ipv6.bindv6only = 0, the
+/// default; l4lb leaves IPV6_V6ONLY as the host sets it).
+fn v6_wildcard_takes_v4() -> bool {
+    static TAKES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TAKES.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").map_or(true, |v| v.trim() == "0")
+    })
 }
 
 const CLASH: &str = "a wildcard and a specific address on one port (or [::] and an IPv4 address) cannot both listen; use one";
 
 /// `log_level` values (the error log's levels).
-const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+const LOG_LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+
+/// The first part of a `log_level` (a tracing filter: `LEVEL` or `TARGET=LEVEL`, comma
+/// separated) that names no level. A bare word is a level to tracing only if it is one;
+/// any other it takes for a target, and the filter then lets nothing through.
+fn not_a_level(filter: &str) -> Option<&str> {
+    filter.split(',').map(str::trim).find(|part| {
+        let level = part.rsplit_once('=').map_or(*part, |(_, l)| l);
+        !LOG_LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level))
+    })
+}
 /// The most `max_connections` may be: far above what the kernel path's maps and a
 /// process's descriptors allow in practice, far below what would overflow a count.
 pub const MAX_CONNECTIONS: usize = 1 << 24;
@@ -646,9 +667,12 @@ impl Validator<'_> {
             },
         };
         let log_level = raw.log_level.unwrap_or_else(|| "info".into());
-        if !LOG_LEVELS.contains(&log_level.as_str()) {
+        if let Some(word) = not_a_level(&log_level) {
             // tracing would read an unknown word as a target name and log nothing.
-            let msg = format!("{log_level:?}: expected one of {}", LOG_LEVELS.join(", "));
+            let msg = format!(
+                "{word:?} is not a level: expected one of {} (or a tracing filter such as \"info,l4lb::discovery=debug\")",
+                LOG_LEVELS.join(", ")
+            );
             match node {
                 Some(n) => self.at(n, "global", "log_level", msg),
                 None => self.push_span(None, "global.log_level", msg),

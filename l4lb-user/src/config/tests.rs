@@ -238,7 +238,12 @@ fn semantic_errors() {
         (
             "[global]\nlog_level = \"warning\"\n",
             "global.log_level",
-            "expected one of error, warn, info, debug, trace",
+            "\"warning\" is not a level: expected one of error, warn, info, debug, trace, off",
+        ),
+        (
+            "[global]\nlog_level = \"info,aya=verbose\"\n",
+            "global.log_level",
+            "\"aya=verbose\" is not a level",
         ),
         (
             "[global]\nmax_connections = 0\n",
@@ -361,4 +366,19 @@ fn display_names_file_line_and_key() {
         text.starts_with("/etc/l4lb.toml:2:1: global.foo: unknown field"),
         "{text}"
     );
+}
+
+/// Any spelling tracing reads as a level, and filters of targets and levels, pass.
+#[test]
+fn log_levels_and_filters_that_tracing_reads() {
+    for level in [
+        "WARN",
+        "Info",
+        "off",
+        "info,l4lb::discovery=debug",
+        "warn, aya=off",
+    ] {
+        let text = format!("[global]\nlog_level = \"{level}\"\n{MINIMAL}");
+        assert!(parse(&text).is_ok(), "{level}");
+    }
 }

@@ -64,6 +64,9 @@ struct UdpListener {
 /// socket stays bound until the last one ends, so a reload that adds the address back
 /// takes the socket and the sessions over rather than fail to bind it.
 struct DrainingUdp {
+    /// Its settings: what outlives a reload (open sessions per client for `limit_conn`,
+    /// metric handles) goes on with the listener that takes it back.
+    ctx: SharedCtx,
     socket: Weak<UdpSocket>,
     sessions: udp::Sessions,
     pause: CancellationToken,
@@ -373,7 +376,11 @@ impl Daemon {
                         udp::Sessions::default(),
                     ),
                     None => match self.take_back_udp(server.listen).await {
-                        Some(back) => back,
+                        Some((socket, sessions, old)) => {
+                            let next = self.ctx_for(server, Some(&old.load()));
+                            ctx.store(Arc::new(next));
+                            (socket, sessions)
+                        }
                         None => (
                             Arc::new(
                                 UdpSocket::bind(server.listen)
@@ -432,6 +439,7 @@ impl Daemon {
                 self.draining_udp.insert(
                     key.1,
                     DrainingUdp {
+                        ctx: l.ctx,
                         socket: Arc::downgrade(&udp.socket),
                         sessions: udp.sessions,
                         pause: udp.pause,
@@ -449,7 +457,7 @@ impl Daemon {
     async fn take_back_udp(
         &mut self,
         listen: SocketAddr,
-    ) -> Option<(Arc<UdpSocket>, udp::Sessions)> {
+    ) -> Option<(Arc<UdpSocket>, udp::Sessions, SharedCtx)> {
         let draining = self.draining_udp.remove(&listen)?;
         let socket = draining.socket.upgrade()?;
         draining.pause.cancel();
@@ -460,7 +468,7 @@ impl Daemon {
         }
         let sessions = udp::rejoin(&draining.sessions);
         info!(%listen, sessions, "UDP listener added back while it drained: its open sessions go on with it");
-        Some((socket, draining.sessions))
+        Some((socket, draining.sessions, draining.ctx))
     }
 
     /// Runs until SIGTERM or SIGINT, reloading on SIGHUP and reopening the access log

@@ -27,7 +27,9 @@ pub async fn check(
     let deadline = Instant::now() + timeout;
     let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
         Ok(Ok(stream)) => stream,
-        Ok(Err(e)) if crate::proxy::is_resource_exhaustion(&e) => {
+        Ok(Err(e))
+            if crate::proxy::is_resource_exhaustion(&e) || crate::proxy::is_port_shortage(&e) =>
+        {
             return Err(format!("connect: {e}"))
         }
         Ok(Err(e)) => return Ok(Outcome::Fail(format!("connect: {e}"))),

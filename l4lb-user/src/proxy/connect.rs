@@ -64,10 +64,20 @@ pub async fn connect(
                     source: e,
                 });
             }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("timed out after {:?}", server.proxy_connect_timeout),
+            // Not counted against the server (see `is_port_shortage`), but the next
+            // server may still be reached.
+            Ok(Err(e)) if super::is_port_shortage(&e) => {
+                format!("{e} (no local port free towards it; not counted against it)")
+            }
+            Ok(Err(e)) => {
+                lease.connect_failed(&upstream.name);
+                e.to_string()
+            }
+            Err(_) => {
+                lease.connect_failed(&upstream.name);
+                format!("timed out after {:?}", server.proxy_connect_timeout)
+            }
         };
-        lease.connect_failed(&upstream.name);
         warn!(%client, upstream = %upstream.name, server = %addr, error = %err, "connect to upstream failed");
         drop(lease);
         let tries_left = server.proxy_next_upstream_tries == 0

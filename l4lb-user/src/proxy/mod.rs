@@ -92,11 +92,17 @@ impl HandedOver {
     }
 }
 
-/// Out of descriptors, memory or local ports (a connect's EADDRNOTAVAIL: every port
-/// of the local range is in use or in TIME_WAIT) on this host: not a peer's fault.
+/// Out of descriptors or memory on this host: not a peer's fault.
 pub fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
+}
+
+/// A connect's EADDRNOTAVAIL: no local port is free towards that server (all in use or
+/// in TIME_WAIT). Not the server's fault, but only that destination's: another server
+/// may still be reached.
+pub fn is_port_shortage(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
 }

@@ -462,6 +462,13 @@ async fn replies(
             break "responses".to_string();
         }
         tokio::select! {
+            // A pause (a binary upgrade, a listener taken back by a reload): the session
+            // stays in the table for whoever carries it on. Looked at first, so this
+            // task stops at its next turn rather than handle one more reply or timeout
+            // beside the task that took over.
+            biased;
+            () = pause.cancelled() => return,
+            () = shutdown.cancelled() => break "shutdown".to_string(),
             r = reply(&session.backend, &listener, client) => match r {
                 Ok(reply) => {
                     let n = match reply {
@@ -491,12 +498,14 @@ async fn replies(
                 }
             },
             () = idle(&session.last_activity, session.start, server.proxy_timeout) => break "idle_timeout".to_string(),
-            () = shutdown.cancelled() => break "shutdown".to_string(),
-            // A binary upgrade: the session stays in the table, for the new process or
-            // for this one to resume.
-            () = pause.cancelled() => return,
         }
     };
+    if end == "idle_timeout" {
+        // As nginx frees a UDP peer whose session saw no error: the server took the
+        // datagrams without an ICMP error. One that never answers (syslog, statsd)
+        // would otherwise stay out for good once taken out.
+        lease.connect_succeeded();
+    }
     forget(&sessions, client, &session);
     lease.add_bytes(
         session.upload.load(Ordering::Relaxed),

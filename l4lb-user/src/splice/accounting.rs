@@ -197,6 +197,17 @@ impl Session {
             .map_err(|e| End::Session(SessionEnd::Error(self.socks[i].side, e.to_string())))
     }
 
+    /// Whether the program asked for a pause of direction `i` that no resume ended.
+    pub(super) fn pause_requested(&self, i: Way) -> Result<bool, End> {
+        let cookie = self.socks[i].cookie;
+        let side = self.socks[i].side;
+        let ctl = self
+            .maps
+            .ctl(cookie)
+            .map_err(|e| End::Session(SessionEnd::Error(side, e.to_string())))?;
+        Ok(self.flow(i)?.pauses != ctl.resumes)
+    }
+
     fn peer_progress(&self, j: Way) -> Result<TcpProgress, End> {
         let p = self
             .progress(j)
@@ -262,11 +273,7 @@ impl Session {
             // A pause whose event was lost: the program asks for a pause once and then
             // waits for the resume, so without this the direction would never pause
             // again and would reach the lag cap.
-            let ctl = self
-                .maps
-                .ctl(self.socks[i].cookie)
-                .map_err(|e| End::Session(SessionEnd::Error(self.socks[i].side, e.to_string())))?;
-            if f.pauses != ctl.resumes {
+            if self.pause_requested(i)? {
                 check.paused();
                 return self.paused_by_program(i);
             }

@@ -791,11 +791,14 @@ impl Session {
                     check.reset();
                 }
                 Some(Event::Progress) => self.regulate(i, &mut check)?,
-                // Already paused: a tick found this pause first (see `tick`).
-                Some(Event::Paused) if self.paused(i) => {}
                 Some(Event::Paused) => {
-                    check.paused();
-                    self.paused_by_program(i)?;
+                    // Acted on only while the program's request is open: a tick may
+                    // have found this pause first (see `tick`), and even ended it
+                    // since; an event that late must not pause again.
+                    if !self.paused(i) && self.pause_requested(i)? {
+                        check.paused();
+                        self.paused_by_program(i)?;
+                    }
                 }
                 Some(Event::Detached) => {
                     self.mark(i, |m| m.attached = false);
