@@ -155,43 +155,9 @@ async fn unreachable_udp_server_is_counted_and_others_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_udp_server_that_answers_has_its_failures_forgotten() {
-    let port = free_udp_port();
-    let later = free_udp_port();
-    let spare = free_udp_port();
-    let admin = support::free_port();
-    // A backup beside it: the lone server of an upstream counts no failures (nginx).
-    let cfg = format!(
-        r#"
-[admin]
-listen = "127.0.0.1:{admin}"
-
-[upstream.u]
-servers = [{{ address = "127.0.0.1:{later}", max_fails = 3, fail_timeout = "30s" }}, {{ address = "127.0.0.1:{spare}", backup = true }}]
-
-[[server]]
-listen = "127.0.0.1:{port}"
-protocol = "udp"
-proxy_pass = "u"
-proxy_timeout = "2s"
-"#
-    );
-    let d = Daemon::start(&cfg);
-    let fails = || {
-        let (status, body) = support::http_get(
-            SocketAddr::from(([127, 0, 0, 1], admin)),
-            &format!("/api/upstreams/u/servers/127.0.0.1:{later}"),
-        );
-        assert_eq!(status, 200, "{body}");
-        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-        v["fails"].as_u64().expect("fails")
-    };
-    // Nothing listens yet: ICMP unreachable counts one failure.
-    client(port).await.send(b"x").await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while fails() != 1 {
-        assert!(std::time::Instant::now() < deadline, "{}", d.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (d, port, later, admin) =
+        with_a_failed_udp_server("max_fails = 3, fail_timeout = \"30s\"", "2s").await;
+    let fails = || server_state(admin, later).0;
     // The server comes up and answers a new session: the failure no longer counts.
     let server = UdpSocket::bind(("127.0.0.1", later)).await.unwrap();
     let c = client(port).await;
@@ -309,45 +275,8 @@ async fn a_listener_added_back_while_it_drains_takes_its_sessions_back() {
 /// a session that ends without an error from it counts as a success, as in nginx.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_udp_server_that_never_answers_comes_back_after_an_error() {
-    let port = free_udp_port();
-    let later = free_udp_port();
-    let spare = free_udp_port();
-    let admin = support::free_port();
-    let cfg = format!(
-        r#"
-[admin]
-listen = "127.0.0.1:{admin}"
-
-[upstream.u]
-servers = [{{ address = "127.0.0.1:{later}", fail_timeout = "1s" }}, {{ address = "127.0.0.1:{spare}", backup = true }}]
-
-[[server]]
-listen = "127.0.0.1:{port}"
-protocol = "udp"
-proxy_pass = "u"
-proxy_timeout = "1s"
-"#
-    );
-    let d = Daemon::start(&cfg);
-    let state = || {
-        let (status, body) = support::http_get(
-            SocketAddr::from(([127, 0, 0, 1], admin)),
-            &format!("/api/upstreams/u/servers/127.0.0.1:{later}"),
-        );
-        assert_eq!(status, 200, "{body}");
-        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-        (
-            v["fails"].as_u64().expect("fails"),
-            v["available"].as_bool().expect("available"),
-        )
-    };
-    // Nothing listens yet: ICMP unreachable takes it out.
-    client(port).await.send(b"x").await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while state().0 != 1 {
-        assert!(std::time::Instant::now() < deadline, "{}", d.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (d, port, later, admin) = with_a_failed_udp_server("fail_timeout = \"1s\"", "1s").await;
+    let state = || server_state(admin, later);
     // It comes up, takes datagrams and never answers.
     let server = UdpSocket::bind(("127.0.0.1", later)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -366,4 +295,51 @@ proxy_timeout = "1s"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A daemon whose UDP upstream's primary (with `params`) has no socket yet, beside a
+/// backup (the lone server of an upstream counts no failures, as in nginx), once a
+/// datagram sent its way failed (ICMP unreachable). Returns the daemon, its port, the
+/// primary's port and the admin API's port.
+async fn with_a_failed_udp_server(params: &str, proxy_timeout: &str) -> (Daemon, u16, u16, u16) {
+    let port = free_udp_port();
+    let later = free_udp_port();
+    let spare = free_udp_port();
+    let admin = support::free_port();
+    let d = Daemon::start(&format!(
+        r#"
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[upstream.u]
+servers = [{{ address = "127.0.0.1:{later}", {params} }}, {{ address = "127.0.0.1:{spare}", backup = true }}]
+
+[[server]]
+listen = "127.0.0.1:{port}"
+protocol = "udp"
+proxy_pass = "u"
+proxy_timeout = "{proxy_timeout}"
+"#
+    ));
+    client(port).await.send(b"x").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while server_state(admin, later).0 != 1 {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (d, port, later, admin)
+}
+
+/// The failures and availability the admin API shows for the server on `port`.
+fn server_state(admin: u16, port: u16) -> (u64, bool) {
+    let (status, body) = support::http_get(
+        SocketAddr::from(([127, 0, 0, 1], admin)),
+        &format!("/api/upstreams/u/servers/127.0.0.1:{port}"),
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    (
+        v["fails"].as_u64().expect("fails"),
+        v["available"].as_bool().expect("available"),
+    )
 }

@@ -294,6 +294,26 @@ pub struct UpsyncConfig {
     pub consistency: Consistency,
 }
 
+#[cfg(test)]
+impl UpsyncConfig {
+    /// A source of `kind` at `url` with nginx-upsync's usual settings, for unit tests.
+    pub fn for_test(kind: UpsyncKind, url: &str) -> UpsyncConfig {
+        UpsyncConfig {
+            kind,
+            url: url.into(),
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(360),
+            strong_dependency: false,
+            dump_path: None,
+            token: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            consistency: Consistency::Default,
+        }
+    }
+}
+
 /// One `[[server]]` block: a listener.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServerConfig {

@@ -218,17 +218,8 @@ mod tests {
 
     fn cfg(url: &str, consistency: Consistency) -> UpsyncConfig {
         UpsyncConfig {
-            kind: crate::config::UpsyncKind::Consul,
-            url: url.into(),
-            interval: Duration::from_secs(5),
-            timeout: Duration::from_secs(360),
-            strong_dependency: false,
-            dump_path: None,
-            token: None,
-            ca_file: None,
-            client_cert: None,
-            client_key: None,
             consistency,
+            ..UpsyncConfig::for_test(crate::config::UpsyncKind::Consul, url)
         }
     }
 

@@ -381,19 +381,10 @@ mod tests {
     /// As the Consul source reads its prefix: escaped characters are the key's.
     #[test]
     fn the_key_prefix_is_decoded() {
-        let etcd = Etcd::new(&UpsyncConfig {
-            kind: crate::config::UpsyncKind::Etcd,
-            url: "http://127.0.0.1:2379/up%20stream/db".into(),
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_secs(60),
-            strong_dependency: false,
-            dump_path: None,
-            token: None,
-            ca_file: None,
-            client_cert: None,
-            client_key: None,
-            consistency: crate::config::Consistency::Default,
-        })
+        let etcd = Etcd::new(&UpsyncConfig::for_test(
+            crate::config::UpsyncKind::Etcd,
+            "http://127.0.0.1:2379/up%20stream/db",
+        ))
         .unwrap();
         assert_eq!(etcd.prefix, "up stream/db/");
     }

@@ -270,19 +270,10 @@ fn live_state_survives_snapshot_swaps() {
 
 #[test]
 fn reload_keeps_a_discovered_set_when_upsync_is_unchanged() {
-    let upsync = Some(crate::config::UpsyncConfig {
-        kind: crate::config::UpsyncKind::Consul,
-        url: "http://127.0.0.1:8500/v1/kv/u/".into(),
-        interval: Duration::from_secs(1),
-        timeout: Duration::from_secs(60),
-        strong_dependency: false,
-        dump_path: None,
-        token: None,
-        ca_file: None,
-        client_cert: None,
-        client_key: None,
-        consistency: crate::config::Consistency::Default,
-    });
+    let upsync = Some(crate::config::UpsyncConfig::for_test(
+        crate::config::UpsyncKind::Consul,
+        "http://127.0.0.1:8500/v1/kv/u/",
+    ));
     let cfg = UpstreamConfig {
         name: "u".into(),
         balance: Balance::RoundRobin,
