@@ -483,6 +483,15 @@ impl Daemon {
         };
         if let Some(channel) = self.predecessor.take() {
             self.take_sessions(channel).await;
+            // A SIGUSR2 that reached this process while it started was the one that
+            // started it, sent to the whole unit (`systemctl kill` without
+            // --kill-whom=main): acted on, it would start a second upgrade at once.
+            if tokio::time::timeout(std::time::Duration::ZERO, sig.usr2.recv())
+                .await
+                .is_ok()
+            {
+                info!("SIGUSR2 received while taking over ignored: it asked for this upgrade");
+            }
         }
         notify::ready(&self.status());
         let ending = loop {
