@@ -292,6 +292,39 @@ async fn strong_dependency_exits_when_the_source_is_unreachable() {
     );
 }
 
+/// Several strong_dependency sources are waited for together: each one's tries, not
+/// their sum, bound the start, and every one that fails is named before it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strong_dependency_sources_are_waited_for_together() {
+    let p = Ports::new();
+    let upsync = |name: &str| {
+        format!(
+            "[upstream.{name}.upsync]\ntype = \"consul\"\nurl = \"http://127.0.0.1:{}/v1/kv/{name}/\"\ninterval = \"500ms\"\ntimeout = \"1s\"\nstrong_dependency = true\n",
+            free_port()
+        )
+    };
+    let cfg = format!(
+        "[upstream.one]\nservers = []\n{}\n[upstream.two]\nservers = []\n{}\n[[server]]\nlisten = \"127.0.0.1:{}\"\nproxy_pass = \"one\"\n",
+        upsync("one"),
+        upsync("two"),
+        p.lb().port()
+    );
+    let d = Daemon::spawn(&cfg, &[]);
+    let status = d
+        .wait_exit(Duration::from_secs(10))
+        .expect("l4lb kept running");
+    assert!(!status.success(), "{status}");
+    let log = d.log();
+    for name in ["one", "two"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("discovery fetch failed")
+                    && l.contains(&format!("upstream={name}"))),
+            "{name} was never asked:\n{log}"
+        );
+    }
+}
+
 /// SIGHUP, SIGUSR1 and SIGUSR2 are caught from the start: one sent while the daemon
 /// still waits for its source (a reload, a log rotation) no longer ends it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

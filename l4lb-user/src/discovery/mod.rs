@@ -446,11 +446,19 @@ impl Discovery {
         upstreams: &Upstreams,
         handed: &HashMap<String, Position>,
     ) -> anyhow::Result<()> {
+        // All at once: a strong_dependency source that does not answer takes its tries
+        // (tens of seconds), and several in a row would outlast a service manager's
+        // start timeout before the daemon could say which failed.
+        let mut starting = tokio::task::JoinSet::new();
         for (name, up) in upstreams.all().iter() {
             if let Some(cfg) = up.config().upsync.clone() {
                 let from = handed.get(name).filter(|p| p.url == cfg.url).map(|p| p.at);
-                self.launch(Arc::clone(up), cfg, Phase::Start(from)).await?;
+                starting.spawn(prepare(Arc::clone(up), cfg, Phase::Start(from)));
             }
+        }
+        while let Some(joined) = starting.join_next().await {
+            let started = joined.context("a discovery task failed to start")??;
+            self.register(started);
         }
         Ok(())
     }
@@ -491,8 +499,11 @@ impl Discovery {
             if self.tasks.contains_key(name) {
                 continue;
             }
-            if let Err(e) = self.launch(Arc::clone(up), cfg, Phase::Reload).await {
-                error!(upstream = %name, error = %format!("{e:#}"), "cannot start discovery");
+            match prepare(Arc::clone(up), cfg, Phase::Reload).await {
+                Ok(started) => self.register(started),
+                Err(e) => {
+                    error!(upstream = %name, error = %format!("{e:#}"), "cannot start discovery")
+                }
             }
         }
     }
@@ -511,72 +522,77 @@ impl Discovery {
         }
     }
 
-    async fn launch(
-        &mut self,
-        up: Arc<Upstream>,
-        cfg: UpsyncConfig,
-        phase: Phase,
-    ) -> anyhow::Result<()> {
-        let context = || format!("upstream {}: upsync {}", up.name, shown_url(&cfg.url));
-        match Built::new(&cfg).with_context(context)? {
-            Built::Kv(src) => self.launch_with(src, up, cfg, phase).await,
-            Built::Health(src) => self.launch_with(src, up, cfg, phase).await,
-            Built::Etcd(src) => self.launch_with(*src, up, cfg, phase).await,
-        }
+    fn register(&mut self, started: Started) {
+        let name = started.task.upstream.name.clone();
+        self.board.lock().insert(name.clone(), started.status);
+        self.tasks.insert(name, started.task);
     }
+}
 
-    async fn launch_with<S: Source>(
-        &mut self,
-        mut src: S,
-        upstream: Arc<Upstream>,
-        cfg: UpsyncConfig,
-        phase: Phase,
-    ) -> anyhow::Result<()> {
-        let mut runner = Runner {
-            upstream: Arc::clone(&upstream),
-            cfg: cfg.clone(),
-            origin: origin(cfg.kind),
-            status: Arc::new(TaskStatus::default()),
-            dumped: None,
-        };
-        info!(
-            upstream = %upstream.name,
-            source = %runner.origin,
-            url = %shown_url(&cfg.url),
-            strong_dependency = cfg.strong_dependency,
-            "discovery started"
-        );
-        // A set handed over by a binary upgrade is already the source's last answer:
-        // the new process does not wait for it again (nor fail if it is down now).
-        let has_set = upstream.snapshot().source != Origin::Config;
-        if has_set {
-            if let Phase::Start(Some(at)) = phase {
-                // Its answer came with the set: wait for the next change from there.
-                info!(upstream = %upstream.name, position = at, "discovery continues from the position the previous process reached");
-                src.resume_at(at);
-                runner.status.position.store(at, Ordering::Relaxed);
-            }
-        } else if cfg.strong_dependency && matches!(phase, Phase::Start(_)) {
-            runner.initial(&mut src).await?;
-        } else {
-            // Only when nothing was discovered yet: on reload a discovered set is newer.
-            runner.load_dump().await;
-        }
-        let stop = CancellationToken::new();
-        self.board
-            .lock()
-            .insert(upstream.name.clone(), Arc::clone(&runner.status));
-        tokio::spawn(runner.run(src, stop.clone()));
-        self.tasks.insert(
-            upstream.name.clone(),
-            Task {
-                cfg,
-                upstream,
-                stop,
-            },
-        );
-        Ok(())
+/// A discovery task that runs, for [`Discovery`] to keep.
+struct Started {
+    task: Task,
+    status: Arc<TaskStatus>,
+}
+
+/// Starts the task of `up`'s source (with `strong_dependency` at start: once it
+/// answered).
+async fn prepare(up: Arc<Upstream>, cfg: UpsyncConfig, phase: Phase) -> anyhow::Result<Started> {
+    let context = || format!("upstream {}: upsync {}", up.name, shown_url(&cfg.url));
+    match Built::new(&cfg).with_context(context)? {
+        Built::Kv(src) => prepare_with(src, up, cfg, phase).await,
+        Built::Health(src) => prepare_with(src, up, cfg, phase).await,
+        Built::Etcd(src) => prepare_with(*src, up, cfg, phase).await,
     }
+}
+
+async fn prepare_with<S: Source>(
+    mut src: S,
+    upstream: Arc<Upstream>,
+    cfg: UpsyncConfig,
+    phase: Phase,
+) -> anyhow::Result<Started> {
+    let mut runner = Runner {
+        upstream: Arc::clone(&upstream),
+        cfg: cfg.clone(),
+        origin: origin(cfg.kind),
+        status: Arc::new(TaskStatus::default()),
+        dumped: None,
+    };
+    info!(
+        upstream = %upstream.name,
+        source = %runner.origin,
+        url = %shown_url(&cfg.url),
+        strong_dependency = cfg.strong_dependency,
+        "discovery started"
+    );
+    // A set handed over by a binary upgrade is already the source's last answer:
+    // the new process does not wait for it again (nor fail if it is down now).
+    let has_set = upstream.snapshot().source != Origin::Config;
+    if has_set {
+        if let Phase::Start(Some(at)) = phase {
+            // Its answer came with the set: wait for the next change from there.
+            info!(upstream = %upstream.name, position = at, "discovery continues from the position the previous process reached");
+            src.resume_at(at);
+            runner.status.position.store(at, Ordering::Relaxed);
+        }
+    } else if cfg.strong_dependency && matches!(phase, Phase::Start(_)) {
+        runner.initial(&mut src).await?;
+    } else {
+        // Only when nothing was discovered yet: on reload a discovered set is newer.
+        runner.load_dump().await;
+    }
+    let stop = CancellationToken::new();
+    let status = Arc::clone(&runner.status);
+    tokio::spawn(runner.run(src, stop.clone()));
+    Ok(Started {
+        task: Task {
+            cfg,
+            upstream,
+            stop,
+        },
+        status,
+    })
 }
 
 #[cfg(test)]
