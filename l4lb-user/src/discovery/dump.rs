@@ -61,8 +61,16 @@ fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
         });
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
+        return written;
     }
-    written
+    // The rename itself reaches the disk only with its directory: after a power loss
+    // the start that falls back to this file would otherwise find the older set.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot sync directory {}", dir.display()))?;
+    }
+    Ok(())
 }
 
 /// The servers of `upstream`'s dump file; `None` when there is no file. A file l4lb
