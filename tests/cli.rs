@@ -156,6 +156,26 @@ fn upgrade_does_not_signal_a_process_that_is_not_l4lb() {
     let _ = other.wait();
 }
 
+/// An access log file the daemon could not open fails check (which the unit's reload
+/// runs), as `nginx -t` opens its logs: it used to pass, and every start then failed.
+#[test]
+fn check_opens_the_access_log_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir").join("access.log");
+    let (ok, _, err) = check(&format!(
+        "[global]\naccess_log = \"{}\"\n[upstream.u]\nservers = [{{ address = \"127.0.0.1:1\" }}]\n[[server]]\nlisten = \"127.0.0.1:1\"\nproxy_pass = \"u\"\n",
+        missing.display()
+    ));
+    assert!(!ok, "{err}");
+    assert!(err.contains("global.access_log: cannot open"), "{err}");
+    let writable = dir.path().join("access.log");
+    let (ok, _, err) = check(&format!(
+        "[global]\naccess_log = \"{}\"\n[upstream.u]\nservers = [{{ address = \"127.0.0.1:1\" }}]\n[[server]]\nlisten = \"127.0.0.1:1\"\nproxy_pass = \"u\"\n",
+        writable.display()
+    ));
+    assert!(ok, "{err}");
+}
+
 #[test]
 fn health_check_errors_name_file_line_and_key() {
     let (ok, _, err) = check(

@@ -91,6 +91,31 @@ impl AccessSink {
     }
 }
 
+/// Whether the access log `target` can be opened: an existing file for appending, or
+/// else its directory. Nothing is created: a file `l4lb check` made as root would then
+/// be one the daemon's own user could not open.
+pub fn can_open(target: &AccessLog) -> io::Result<()> {
+    let AccessLog::File(path) = target else {
+        return Ok(());
+    };
+    let failed =
+        |e: io::Error| io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display()));
+    if path.exists() {
+        return OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map(drop)
+            .map_err(failed);
+    }
+    match path.parent() {
+        Some(dir) if dir.is_dir() => Ok(()),
+        _ => Err(failed(io::Error::new(
+            io::ErrorKind::NotFound,
+            "its directory does not exist",
+        ))),
+    }
+}
+
 /// A handle on the sink as it was when one line began.
 pub struct SinkWriter(Arc<Sink>);
 

@@ -136,7 +136,15 @@ fn main() -> ExitCode {
 }
 
 fn check_cmd(config: &Path) -> ExitCode {
-    let errors = daemon::load_checked(config).err().unwrap_or_default();
+    let errors = match daemon::load_checked(config) {
+        // As `nginx -t` opens its log files: a path the daemon cannot write would
+        // otherwise pass here and stop every start.
+        Ok(loaded) => logging::can_open(&loaded.global.access_log)
+            .err()
+            .map(|e| vec![format!("{}: global.access_log: {e}", config.display())])
+            .unwrap_or_default(),
+        Err(errors) => errors,
+    };
     if errors.is_empty() {
         println!("l4lb: configuration file {} syntax is ok", config.display());
         return ExitCode::SUCCESS;
