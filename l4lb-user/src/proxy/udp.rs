@@ -398,6 +398,28 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; MAX_DATAGRAM]);
 }
 
+/// How a UDP session ended, as the access log's `end` says it.
+enum UdpEnd {
+    /// Every client datagram has its `proxy_responses` replies.
+    Responses,
+    IdleTimeout,
+    Shutdown,
+    ClientError(std::io::Error),
+    BackendError(std::io::Error),
+}
+
+impl std::fmt::Display for UdpEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UdpEnd::Responses => f.write_str("responses"),
+            UdpEnd::IdleTimeout => f.write_str("idle_timeout"),
+            UdpEnd::Shutdown => f.write_str("shutdown"),
+            UdpEnd::ClientError(e) => write!(f, "client_error({e})"),
+            UdpEnd::BackendError(e) => write!(f, "backend_error({e})"),
+        }
+    }
+}
+
 /// What became of the server's next datagram.
 enum Reply {
     /// Sent on to the client straight from the thread's buffer (nearly always).
@@ -459,7 +481,7 @@ async fn replies(
         if session.answered(limit)
             && forget_if(&sessions, client, &session, || session.answered(limit))
         {
-            break "responses".to_string();
+            break UdpEnd::Responses;
         }
         tokio::select! {
             // A pause (a binary upgrade, a listener taken back by a reload): the session
@@ -468,18 +490,18 @@ async fn replies(
             // beside the task that took over.
             biased;
             () = pause.cancelled() => return,
-            () = shutdown.cancelled() => break "shutdown".to_string(),
+            () = shutdown.cancelled() => break UdpEnd::Shutdown,
             r = reply(&session.backend, &listener, client) => match r {
                 Ok(reply) => {
                     let n = match reply {
                         Reply::Sent(n) => n,
                         Reply::Later(datagram) => {
                             if let Err(e) = listener.send_to(&datagram, client).await {
-                                break format!("client_error({e})");
+                                break UdpEnd::ClientError(e);
                             }
                             datagram.len()
                         }
-                        Reply::Failed(e) => break format!("client_error({e})"),
+                        Reply::Failed(e) => break UdpEnd::ClientError(e),
                     };
                     session.touch();
                     if session.responses.fetch_add(1, Ordering::Relaxed) == 0 {
@@ -494,13 +516,13 @@ async fn replies(
                     if let Some(up) = ctx.upstream.as_ref() {
                         lease.connect_failed(&up.name);
                     }
-                    break format!("backend_error({e})");
+                    break UdpEnd::BackendError(e);
                 }
             },
-            () = idle(&session.last_activity, session.start, server.proxy_timeout) => break "idle_timeout".to_string(),
+            () = idle(&session.last_activity, session.start, server.proxy_timeout) => break UdpEnd::IdleTimeout,
         }
     };
-    if end == "idle_timeout" {
+    if matches!(end, UdpEnd::IdleTimeout) {
         // As nginx frees a UDP peer whose session saw no error: the server took the
         // datagrams without an ICMP error. One that never answers (syslog, statsd)
         // would otherwise stay out for good once taken out.
